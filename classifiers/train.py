@@ -1,0 +1,119 @@
+"""Training probes on a store's train split and evaluating them honestly on its test split."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+
+from classifiers.persist import save_classifier
+from classifiers.probes import DEFAULT_PROBES, make_probe
+from features.store import Features
+
+
+class TrainingError(ValueError):
+    """Features that cannot be trained on: the message says why and what to do."""
+
+
+@dataclass
+class ProbeResult:
+    name: str
+    metrics: dict
+    confusion: np.ndarray
+    y_pred: np.ndarray
+    directory: Path | None = None
+
+
+def check_trainable(features: Features) -> None:
+    labelled = features.y >= 0
+    if not labelled.any():
+        raise TrainingError(
+            f"{features.path}: no sample has a label; put images in one subfolder per class, "
+            "or give a manifest with a 'label' column"
+        )
+    classes = np.unique(features.y[labelled])
+    if len(classes) < 2:
+        raise TrainingError(f"{features.path}: only one class ({features.class_names[classes[0]]}); "
+                            "a classifier needs at least two")
+    train = labelled & (features.splits == "train")
+    test = labelled & (features.splits == "test")
+    if len(np.unique(features.y[train])) < 2:
+        raise TrainingError(f"{features.path}: the train split holds fewer than two classes; add images")
+    if not test.any():
+        raise TrainingError(f"{features.path}: the test split is empty; add images or give splits in a manifest")
+
+
+def evaluate(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict, np.ndarray]:
+    labels = np.arange(n_classes)
+    per_class_f1 = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    metrics = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "n_test": int(len(y_true)),
+        "per_class_f1": [float(v) for v in per_class_f1],
+    }
+    return metrics, confusion_matrix(y_true, y_pred, labels=labels)
+
+
+def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.PathLike | None = None,
+                 say=print) -> list[ProbeResult]:
+    """Fit each probe on the labelled train rows, score it on the labelled test rows, save it."""
+    check_trainable(features)
+    labelled = features.y >= 0
+    train = features.subset(labelled & (features.splits == "train"))
+    test = features.subset(labelled & (features.splits == "test"))
+    results = []
+    for name in probes:
+        probe = make_probe(name)
+        t0 = time.perf_counter()
+        probe.fit(train.X, train.y)
+        fit_seconds = time.perf_counter() - t0
+        y_pred = probe.predict(test.X)
+        metrics, cm = evaluate(test.y, y_pred, len(features.class_names))
+        metrics.update(fit_seconds=round(fit_seconds, 3), n_train=int(len(train.y)))
+        directory = None
+        if out_dir is not None:
+            directory = save_classifier(
+                probe, Path(out_dir) / "classifiers" / name, classes=features.class_names,
+                store_fingerprint=features.fingerprint, backbone=str(features.attrs.get("backbone", "")),
+                metrics=metrics, extra={"probe": name, "store": str(features.path)},
+            )
+        say(f"  {name:<10} test accuracy {metrics['accuracy']:.4f}  (fit {fit_seconds:.1f} s)")
+        results.append(ProbeResult(name, metrics, cm, y_pred, directory))
+    return results
+
+
+def pixel_features(features: Features, root: str | os.PathLike, size: int = 28) -> np.ndarray:
+    """Raw-pixel baseline features: each image as ``size`` x ``size`` grey pixels in [0, 1]."""
+    from data.sources import unescape_id
+    from features.images import load_image
+
+    out = np.zeros((len(features.ids), size * size), np.float32)
+    for k, sample_id in enumerate(features.ids):
+        img = load_image(Path(root) / unescape_id(sample_id)).convert("L").resize((size, size))
+        out[k] = np.asarray(img, np.float32).ravel() / 255.0
+    return out
+
+
+def pixel_baseline(features: Features, root: str | os.PathLike, size: int = 28, say=print) -> ProbeResult:
+    """Logistic regression on raw pixels: the bar the pretrained embeddings must clear."""
+    from sklearn.linear_model import LogisticRegression
+
+    check_trainable(features)
+    labelled = features.y >= 0
+    X = pixel_features(features, root, size)
+    train = labelled & (features.splits == "train")
+    test = labelled & (features.splits == "test")
+    t0 = time.perf_counter()
+    model = LogisticRegression(max_iter=1000, C=0.1).fit(X[train], features.y[train])
+    fit_seconds = time.perf_counter() - t0
+    y_pred = model.predict(X[test])
+    metrics, cm = evaluate(features.y[test], y_pred, len(features.class_names))
+    metrics.update(fit_seconds=round(fit_seconds, 3), n_train=int(train.sum()))
+    say(f"  {'pixels':<10} test accuracy {metrics['accuracy']:.4f}  (raw-pixel baseline)")
+    return ProbeResult("pixels", metrics, cm, y_pred)

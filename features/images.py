@@ -1,0 +1,115 @@
+"""Decoding image files into RGB pictures, robustly.
+
+Every file either decodes into a correct RGB image or raises :class:`ImageError` with a one-line
+reason: the engine records the reason and goes on. Valid but unusual files are decoded *correctly*:
+EXIF orientation applied, 16-bit scaled to 8-bit, CMYK/palette/alpha converted, first frame of an
+animation. A header that claims more pixels than ``MAX_PIXELS`` is refused before any allocation.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 120_000_000  # a 12000 x 10000 photo; above this a header is treated as a decompression bomb
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """A file that cannot be used as an image; the message is the reason recorded in the store."""
+
+
+def content_fingerprint(path: str | os.PathLike, content_hash: bool = False) -> str:
+    """A cheap per-file fingerprint (size and mtime), or the sha256 of the bytes when asked."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"missing:{exc.strerror or exc}"
+    if content_hash and stat.S_ISREG(st.st_mode):
+        import hashlib
+
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as exc:
+            return f"unreadable:{exc.strerror or exc}"
+        return "sha256:" + h.hexdigest()
+    return f"stat:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (or 32-bit integer) grey: scale the full range to 8 bits; a plain convert("RGB")
+        # clips at 255 and turns most 16-bit images white
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or a.max() <= 65535 else float(a.max())
+        a = np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
+        return Image.fromarray(np.nan_to_num(a).round().astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode in ("RGB;16", "RGBA;16") or img.mode.endswith(";16"):
+        return img.convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
+    """Decode a file into an RGB PIL image, or raise ImageError with the reason.
+
+    ``min_size``: the smallest side the caller needs; large JPEGs are then decoded at a reduced
+    scale (DCT scaling) that still covers it, which is several times faster.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError("file not found (dangling link or removed)") from None
+    except OSError as exc:
+        raise ImageError(f"cannot stat: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError("is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file")
+    if st.st_size == 0:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"image claims {w}x{h} pixels, above the {MAX_PIXELS:,} limit (decompression bomb?)")
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)
+                if min_size and img.format == "JPEG":
+                    orientation = img.getexif().get(0x0112, 1)
+                    need = (min_size, min_size)
+                    img.draft("RGB", need if orientation in (1, 2, 3, 4) else need[::-1])
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"decompression bomb refused: {exc}") from None
+    except Image.DecompressionBombWarning as exc:
+        raise ImageError(f"decompression bomb refused: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not a recognised image format") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"cannot decode: {msg}") from None

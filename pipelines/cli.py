@@ -1,0 +1,162 @@
+"""The ``featurebank`` command line: extract, train, predict, run, demo.
+
+Parameters are checked (pydantic) before anything starts, Prefect's server included, so a mistyped
+option answers at once with one line and exit status 2. Known failures (a bad file, a damaged store,
+a classifier from another backbone) print one line and exit 1; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        sys.stderr.write(f"featurebank: error: {message} (see 'featurebank {self.prog.split()[-1]} --help')\n"
+                         if " " in self.prog else f"featurebank: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _extract_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="efficientnet_lite0 (bundled), efficientnet_lite2, tv:NAME[:WEIGHTS], timm:NAME, or a checkpoint path")
+    p.add_argument("--layer", help="embed an intermediate layer by node name (global-average-pooled)")
+    p.add_argument("--arch", help="architecture of a state_dict checkpoint (tv:NAME or timm:NAME)")
+    p.add_argument("--store", dest="store_dir", default="featurebank-store", help="folder of HDF5 stores")
+    p.add_argument("--dataset", help="dataset name in the store file name (default: the folder's name)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--workers", type=int, help="decoding worker processes (default: chosen from the machine)")
+    p.add_argument("--dtype", default="float32", help="stored embedding type: float32 or float16")
+    p.add_argument("--content-hash", action="store_true", help="fingerprint files by sha256, not size+mtime")
+    p.add_argument("--retry-failures", action="store_true", help="try again the files recorded as unusable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="featurebank", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("extract", help="embed a folder or manifest into an HDF5 store; prints its path")
+    p.add_argument("source", help="image folder (one subfolder per class) or .csv/.parquet manifest")
+    _extract_options(p)
+    p.add_argument("--prefect", action="store_true", help="run as a Prefect flow")
+
+    p = sub.add_parser("train", help="train probes on a store and write a report; prints the metrics")
+    p.add_argument("store", help="an HDF5 store file written by 'extract'")
+    p.add_argument("--out", dest="out_dir", default="featurebank-runs", help="folder for runs (reports, classifiers)")
+    p.add_argument("--probes", default="logreg,knn", help="comma-separated probe names")
+    p.add_argument("--prefect", action="store_true", help="run as a Prefect flow")
+
+    p = sub.add_parser("predict", help="classify images with a saved classifier; writes a CSV")
+    p.add_argument("classifier", help="a classifier folder written by 'train' (…/classifiers/logreg)")
+    p.add_argument("source", help="image folder or manifest")
+    p.add_argument("--out", default="predictions.csv", help="CSV file to write")
+    p.add_argument("--store", dest="store_dir", default="featurebank-store")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device")
+    p.add_argument("--prefect", action="store_true", help="run as a Prefect flow")
+
+    for name, helptext in (("run", "extract, train and report in one Prefect flow"),
+                           ("demo", "build a bundled demo dataset and run the whole pipeline on it")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "run":
+            p.add_argument("source", help="image folder or manifest")
+        else:
+            p.add_argument("demo", nargs="?", default="mnist5k", help="mnist5k (default), digits or fashion-mnist")
+            p.add_argument("--size", type=int, help="fashion-mnist: number of images (default 5000)")
+            p.add_argument("--data-dir", default="featurebank-data", help="where demo images are written")
+        _extract_options(p)
+        p.add_argument("--out", dest="out_dir", default="featurebank-runs")
+        p.add_argument("--probes", default="logreg,knn")
+        p.add_argument("--pixel-baseline", action="store_true", default=name == "demo",
+                       help="also train logistic regression on raw pixels (default for demo)")
+        p.add_argument("--no-prefect", action="store_true", help="run the same steps without Prefect")
+    return parser
+
+
+def _params(args: argparse.Namespace):
+    from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
+
+    d = {k: v for k, v in vars(args).items() if v is not None}
+    if "probes" in d:
+        d["probes"] = [x.strip() for x in d["probes"].split(",") if x.strip()]
+    pick = lambda model: model(**{k: v for k, v in d.items() if k in model.model_fields})
+    return {"extract": lambda: pick(ExtractParams), "train": lambda: pick(TrainParams),
+            "predict": lambda: pick(PredictParams), "run": lambda: pick(RunParams)}[args.command]()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from classifiers.persist import ClassifierError
+    from classifiers.train import TrainingError
+    from data.demo import DemoError
+    from data.sources import SourceError
+    from features.backbones import BackboneError
+    from features.store import StoreError
+    from pipelines.params import one_line
+
+    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError)
+    try:
+        if args.command == "demo":
+            from data.demo import build
+
+            if args.size is not None and args.size < 10:
+                raise DemoError(f"--size must be at least 10, not {args.size}")
+            source = build(args.demo, args.data_dir, args.size)
+            print(f"demo dataset: {source}")
+            args.source, args.command = str(source), "run"
+            args.dataset = None
+        params = _params(args)
+    except ValidationError as exc:
+        print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except known as exc:
+        print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        return _dispatch(args, params)
+    except known as exc:
+        print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("featurebank: interrupted; committed work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args, params) -> int:
+    import json
+
+    from pipelines import jobs
+
+    use_prefect = getattr(args, "prefect", False) or (args.command == "run" and not args.no_prefect)
+    if use_prefect:
+        from pipelines import flows
+
+        flow = {"extract": flows.extract_flow, "train": flows.train_flow,
+                "predict": flows.predict_flow, "run": flows.run_flow}[args.command]
+        state = flow(params, return_state=True)
+        if not state.is_completed():
+            exc = state.result(raise_on_failure=False)
+            raise exc if isinstance(exc, Exception) else RuntimeError(f"flow ended {state.name}")
+        out = state.result()
+    else:
+        out = {"extract": jobs.run_extract, "train": jobs.run_train, "predict": jobs.run_predict,
+               "run": jobs.run_all}[args.command](params)
+    if args.command == "extract":
+        print(out["path"] if isinstance(out, dict) else out.path)
+    elif args.command in ("train", "run"):
+        rows = out["rows"]
+        print(json.dumps({r["probe"]: round(r["accuracy"], 4) for r in rows}))
+        print(f"report: {out['html']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

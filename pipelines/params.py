@@ -1,0 +1,121 @@
+"""Typed parameters for every job: a bad value fails here, before any work or Prefect server starts."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from classifiers.probes import DEFAULT_PROBES, PROBES
+from features.engine import DEFAULT_STORE_DIR
+
+BACKBONE_PATTERN = re.compile(r"^(efficientnet_lite[02]|tv:[A-Za-z0-9_]+(:[A-Za-z0-9_]+)?|timm:[A-Za-z0-9_.\-]+)$")
+
+
+def check_backbone_name(name: str) -> str:
+    if BACKBONE_PATTERN.match(name) or os.path.sep in name or name.endswith((".pt", ".pth", ".ts")):
+        return name
+    raise ValueError(
+        f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite2, tv:<torchvision name>, "
+        "timm:<timm name>, or a checkpoint path"
+    )
+
+
+def _source_exists(v: str) -> str:
+    if not Path(v).exists():
+        raise ValueError(f"source {v} does not exist: give a folder of images or a .csv/.parquet manifest")
+    return v
+
+
+def _known_probes(v: list[str]) -> list[str]:
+    unknown = [p for p in v if p not in PROBES]
+    if unknown or not v:
+        raise ValueError(f"unknown probe(s) {unknown or v}: choose from {', '.join(PROBES)}")
+    return v
+
+
+SourcePath = Annotated[str, AfterValidator(_source_exists)]
+ProbeNames = Annotated[list[str], AfterValidator(_known_probes)]
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExtractParams(_Params):
+    source: SourcePath
+    backbone: str = "efficientnet_lite0"
+    store_dir: str = DEFAULT_STORE_DIR
+    dataset: str | None = None
+    batch_size: int = Field(32, ge=1, le=4096)
+    device: str | None = None
+    workers: int | None = Field(None, ge=0, le=64)
+    dtype: Literal["float32", "float16"] = "float32"
+    content_hash: bool = False
+    retry_failures: bool = False
+    layer: str | None = None
+    arch: str | None = None
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, v: str) -> str:
+        return check_backbone_name(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v is None or v in ("auto", "cpu", "mps") or re.match(r"^cuda(:\d+)?$", v):
+            return v
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, not '{v}'")
+
+
+class TrainParams(_Params):
+    store: str
+    out_dir: str = "featurebank-runs"
+    probes: ProbeNames = Field(default_factory=lambda: list(DEFAULT_PROBES))
+
+    @field_validator("store")
+    @classmethod
+    def _store_exists(cls, v: str) -> str:
+        if not Path(v).is_file():
+            raise ValueError(f"store {v} does not exist: run 'featurebank extract' first")
+        return v
+
+
+class PredictParams(_Params):
+    classifier: str
+    source: SourcePath
+    out: str = "predictions.csv"
+    store_dir: str = DEFAULT_STORE_DIR
+    batch_size: int = Field(32, ge=1, le=4096)
+    device: str | None = None
+
+    @field_validator("classifier")
+    @classmethod
+    def _classifier_exists(cls, v: str) -> str:
+        if not (Path(v) / "manifest.json").is_file():
+            raise ValueError(f"{v} is not a classifier directory (no manifest.json): use one written by 'train'")
+        return v
+
+
+class RunParams(ExtractParams):
+    out_dir: str = "featurebank-runs"
+    probes: ProbeNames = Field(default_factory=lambda: list(DEFAULT_PROBES))
+    pixel_baseline: bool = False
+
+
+def one_line(exc: Exception) -> str:
+    """A pydantic ValidationError as one line: 'field: message; field: message'."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}" if where and where not in msg else msg)
+        return "; ".join(parts)
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
