@@ -16,7 +16,7 @@ BACKBONE_PATTERN = re.compile(r"^(efficientnet_lite[02]|tv:[A-Za-z0-9_]+(:[A-Za-
 
 
 def check_backbone_name(name: str) -> str:
-    if BACKBONE_PATTERN.match(name) or os.path.sep in name or name.endswith((".pt", ".pth", ".ts")):
+    if BACKBONE_PATTERN.match(name) or os.path.sep in name or name.endswith((".pt", ".pth", ".pt2", ".ts")):
         return name
     raise ValueError(
         f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite2, tv:<torchvision name>, "
