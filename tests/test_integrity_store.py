@@ -191,17 +191,29 @@ def test_second_writer_waits_with_a_message_or_stops_clearly(tmp_path, backbone)
         holder.wait()
 
 
-def _extract_cli_with_file_size_limit(source: Path, store_dir: Path, limit: int) -> subprocess.CompletedProcess:
+def _start_cli_under_file_size_limits(source: Path, store_dir: Path, limits: list[int]) -> subprocess.Popen:
+    """One process that runs 'featurebank extract' once per limit, each after a line on its stdin."""
     code = (
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
         "from pipelines.cli import main\n"
-        f"sys.exit(main(['extract', {str(source)!r}, '--store', {str(store_dir)!r}, '--workers', '0']))\n"
+        f"for limit in {limits!r}:\n"
+        "    sys.stdin.readline()\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))\n"
+        f"    code = main(['extract', {str(source)!r}, '--store', {str(store_dir)!r}, '--workers', '0'])\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
+        "    sys.stderr.write('--- end of run\\n')\n"
+        "    print(code, flush=True)\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _next_run(proc: subprocess.Popen) -> int:
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    return int(proc.stdout.readline().split()[-1])
 
 
 def test_a_full_disk_gives_a_clear_error_and_keeps_what_was_committed(tmp_path, backbone):
@@ -212,20 +224,25 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_what_was_committed(tmp_path, 
     before_ids, before_X = snapshot(r.path)["ids"], snapshot(r.path)["X"]
     for k in range(2):
         picture(10 + k).save(source / "b" / f"new{k}.png")
-    # the limit lets the new part (2 rows) be written, not the merged store (8 rows): the merge fails
-    proc = _extract_cli_with_file_size_limit(source, store_dir, len(store_bytes) + 1000)
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and err[-1].startswith("featurebank: error: could not write"), proc.stderr
-    assert "Traceback" not in proc.stderr and "rerun" in err[-1]
-    assert r.path.read_bytes() == store_bytes, "the committed store was altered"
-    assert len(list(store_dir.glob("*.parts/part-*.h5"))) == 1 and not list(store_dir.glob(".*.tmp"))
-    # a part cannot be written at all: nothing more is committed, nothing is altered
-    (source / "b" / "new1.png").unlink()
-    picture(12).save(source / "a" / "new2.png")
-    before = listing(store_dir)
-    proc = _extract_cli_with_file_size_limit(source, store_dir, 2000)
-    assert proc.returncode == 1 and "could not write" in proc.stderr and "Traceback" not in proc.stderr
-    assert listing(store_dir) == before
+    # first limit: the new part (2 rows) can be written, not the merged store (8 rows): the merge fails;
+    # second limit: not even a part can be written
+    proc = _start_cli_under_file_size_limits(source, store_dir, [len(store_bytes) + 1000, 2000])
+    try:
+        assert _next_run(proc) == 1
+        assert r.path.read_bytes() == store_bytes, "the committed store was altered"
+        assert len(list(store_dir.glob("*.parts/part-*.h5"))) == 1 and not list(store_dir.glob(".*.tmp"))
+        (source / "b" / "new1.png").unlink()
+        picture(12).save(source / "a" / "new2.png")
+        before = listing(store_dir)
+        assert _next_run(proc) == 1
+        assert listing(store_dir) == before
+    finally:
+        _, err = proc.communicate(timeout=60)
+    first, second = err.split("--- end of run\n")[:2]
+    for output, what in ((first, "could not write " + str(r.path)), (second, "could not write to")):
+        last = output.strip().splitlines()[-1]
+        assert last.startswith(f"featurebank: error: {what}") and "rerun" in last, output
+        assert "Traceback" not in output and "file too large" in last.lower()
     # with space again, the same command finishes the job from what was committed
     done = run(source, backbone, store_dir)
     assert (done.embedded, done.reused, done.rows) == (1, 7, 8)
