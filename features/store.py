@@ -572,7 +572,7 @@ class StoreWriter:
             lab = f.create_dataset("labels", data=np.array(
                 [class_index[labels[k]] if labels[k] is not None else -1 for k in keep], dtype=np.int64),
                 maxshape=(None,))
-            lab.attrs["class_names"] = np.array(class_names, dtype=object)
+            lab.attrs.create("class_names", data=np.array(class_names, dtype=object), shape=(len(class_names),), dtype=STR)
             f.create_dataset("splits", data=np.array([splits[k] for k in keep], dtype=object), dtype=STR,
                              maxshape=(None,))
             _write_failures(f, fails)
