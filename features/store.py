@@ -121,8 +121,8 @@ def open_store(path: str | os.PathLike) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise StoreError(
-            f"{path} is not a readable HDF5 file ({_first_line(exc)}): it is damaged or not a store; "
-            "delete it and extract again"
+            f"{path} is not a readable HDF5 file ({_first_line(exc)}): give a store written by "
+            "'featurebank extract' (if it is one, it is damaged: delete it and extract again)"
         ) from None
     try:
         if f.attrs.get("format") != STORE_FORMAT:

@@ -305,3 +305,20 @@ def test_weights_are_loaded_without_running_code(tmp_path):
     torch.save({"state_dict": {"w": _RunsCode()}}, evil)
     with pytest.raises(BackboneError, match="cannot be loaded as a state_dict"):
         create_backbone(str(evil), arch="tv:resnet18")
+
+
+def test_manifest_rows_are_embedded_recorded_or_dropped_never_kept_stale(tmp_path, backbone):
+    folder = make_folder(tmp_path / "pets", n_per_class=1)
+    table = tmp_path / "pets.csv"
+    table.write_text("path,label\npets/a/0.png,a\npets/b/0.png,b\npets/b/gone.png,b\n")
+    r = run(table, backbone, tmp_path / "store")
+    assert (r.embedded, r.failed) == (2, 1) and "not found" in dict(r.failures)["pets/b/gone.png"]
+    # the file listed in the table disappears: marked as a failure, its old row is not kept as if present
+    (folder / "a" / "0.png").unlink()
+    r = run(table, backbone, tmp_path / "store")
+    assert (r.embedded, r.failed, r.rows, r.failed_total) == (0, 1, 1, 2)
+    assert read_features(r.path).ids == ["pets/b/0.png"]
+    # a row removed from the table is dropped from the store
+    table.write_text("path,label\npets/b/0.png,b\n")
+    r = run(table, backbone, tmp_path / "store")
+    assert (r.rows, r.failed_total, r.removed) == (1, 0, 0)
