@@ -94,13 +94,11 @@ def load_image(path: str | os.PathLike, min_size: int | None = None) -> Image.Im
                     raise ImageError(
                         f"image claims {w}x{h} pixels, above the {MAX_PIXELS:,} limit (decompression bomb?)"
                     )
-                if getattr(img, "n_frames", 1) > 1:
-                    img.seek(0)
                 if min_size and img.format == "JPEG":
                     orientation = img.getexif().get(0x0112, 1)
                     need = (min_size, min_size)
                     img.draft("RGB", need if orientation in (1, 2, 3, 4) else need[::-1])
-                img.load()
+                img.load()  # an animation (GIF, APNG, WebP, multi-page TIFF) opens at its first frame
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
     except ImageError:

@@ -18,7 +18,29 @@ BACKBONE_PATTERN = re.compile(r"^(efficientnet_lite[02]|tv:[A-Za-z0-9_]+(:[A-Za-
 
 
 def check_backbone_name(name: str) -> str:
-    if BACKBONE_PATTERN.match(name) or os.path.sep in name or name.endswith((".pt", ".pth", ".ts")):
+    if name.startswith("tv:") and BACKBONE_PATTERN.match(name):
+        import torchvision
+
+        model, _, weights = name[3:].partition(":")
+        if model not in torchvision.models.list_models():
+            raise ValueError(f"unknown backbone '{name}': torchvision has no model '{model}' "
+                             "(see torchvision.models.list_models())")
+        known = torchvision.models.get_model_weights(model).__members__
+        if weights and weights not in known:
+            raise ValueError(f"unknown backbone '{name}': {model} has no weights '{weights}' "
+                             f"(choose from {', '.join(known)})")
+        return name
+    if name.startswith("timm:") and BACKBONE_PATTERN.match(name):
+        import timm
+
+        if not timm.is_model(name[5:]):
+            raise ValueError(f"unknown backbone '{name}': timm has no model '{name[5:]}' (see timm.list_models())")
+        return name
+    if BACKBONE_PATTERN.match(name):
+        return name
+    if os.path.sep in name or name.endswith((".pt", ".pth", ".ts")):
+        if not Path(name).is_file():
+            raise ValueError(f"backbone checkpoint {name} does not exist: give a TorchScript or state_dict file")
         return name
     raise ValueError(
         f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite2, tv:<torchvision name>, "

@@ -75,6 +75,10 @@ def files(tmp_path_factory) -> Path:
 
 CASES = {
     "unknown backbone": (["extract", "{w}/pets", "--backbone", "resnet_bogus", "--store", "{w}/out"], "unknown backbone"),
+    "unknown torchvision model": (["extract", "{w}/pets", "--backbone", "tv:resnet_bogus", "--store", "{w}/out"],
+                                  "torchvision has no model"),
+    "missing checkpoint": (["extract", "{w}/pets", "--backbone", "{w}/nothing.pt", "--store", "{w}/out"],
+                           "does not exist"),
     "missing source": (["extract", "{w}/no-such-folder", "--store", "{w}/out"], "does not exist"),
     "empty source": (["extract", "{w}/empty", "--store", "{w}/out"], "holds no image files"),
     "mistyped option": (["extract", "{w}/pets", "--batch-size", "many"], "invalid int value"),
