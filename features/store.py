@@ -17,6 +17,13 @@ file: it commits its work as small *part* files (written to a temporary name, fl
 renamed) in ``<store>.parts/``, and at the end merges the store and its parts into a new file that
 atomically replaces the old one. A killed run leaves the old store plus the parts it committed; the
 next run reuses those parts and only embeds the rest.
+
+Parts are named ``part-<sequence>-<pid>-<time>.h5``: their names sort in commit order, and a later
+part's rows win. The store's ``merged_parts`` attribute lists the parts it holds, so a part left by a
+kill between the merge and the parts' deletion is never applied twice. A new writer, holding the
+lock, deletes what killed writers left: temporary files (``.<name>.<pid>.tmp``) and merged parts.
+A failed write (a full disk) is kept from HDF5, which cannot recover from one: the file being written
+is discarded and a one-line StoreError says what happened; what was committed before is untouched.
 """
 
 from __future__ import annotations
@@ -403,7 +410,9 @@ class StoreWriter:
         self._content: list[str] = []
         self._fail: list[tuple[str, str, str]] = []
         self._last_flush = time.monotonic()
-        self._seq = 0
+        # parts are named by a sequence number that continues the parts already there, so that their
+        # names sort in commit order whatever the clock does (a later part's rows win over an earlier's)
+        self._seq = 1 + max((int(p.name.split("-")[1]) for p in self._part_files()), default=-1)
         self.committed_rows = 0
         self.added_rows = 0  # rows handed to this writer
         self.added_failures: list[tuple[str, str]] = []  # (escaped id, reason) handed to this writer
@@ -492,7 +501,7 @@ class StoreWriter:
             return
         ids, content, fail = self._ids, self._content, self._fail
         emb = np.concatenate(self._emb) if self._emb else np.zeros((0, self.config.dim), np.float32)
-        name = f"part-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.h5"
+        name = f"part-{self._seq:012d}-{os.getpid()}-{time.time_ns()}.h5"
 
         def fill(f):
             f.attrs["fingerprint"] = self.config.fingerprint
@@ -517,7 +526,7 @@ class StoreWriter:
             return []
         merged = self._merged_parts()
         parts = []
-        for p in sorted(self.parts_dir.glob("part-*.h5")):
+        for p in self._part_files():
             if p.name in merged:
                 continue
             try:
@@ -528,6 +537,12 @@ class StoreWriter:
             if ok:
                 parts.append(p)
         return parts
+
+    def _part_files(self) -> list[Path]:
+        """Part files in commit order (``part-<sequence>-<pid>-<time>.h5``)."""
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(p for p in self.parts_dir.glob("part-*.h5") if p.name.split("-")[1].isdigit())
 
     def _sources(self) -> list[Path]:
         return ([self.path] if self.path.exists() else []) + self._parts()
