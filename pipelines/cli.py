@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     from features.store import StoreError
     from pipelines.params import one_line
 
-    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError)
+    # a file system error (disk full, permission denied) is reported like the others: one line, exit 1
+    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, OSError)
     try:
         if args.command == "demo":
             from data.demo import build

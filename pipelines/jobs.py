@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from classifiers.persist import ClassifierError, load_classifier, read_manifest
+from classifiers.persist import check_store_fingerprint, load_classifier, verify_classifier
 from classifiers.report import write_report
 from classifiers.train import pixel_baseline, train_probes
 from features.backbones import create_backbone
 from features.engine import ExtractResult, extract
-from features.store import read_features
+from features.store import StoreConfig, read_features
 from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
 
 
@@ -61,17 +61,17 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | 
 
 def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     """Embed ``source`` with the classifier's backbone (reusing the store) and write a predictions CSV."""
-    manifest = read_manifest(p.classifier)
+    manifest = verify_classifier(p.classifier)  # a tampered file is refused before any work
     backbone = create_backbone(manifest["backbone"])
-    result = extract(p.source, backbone, p.store_dir, batch_size=p.batch_size, device=p.device,
+    # the classifier's store fingerprint says which configuration to extract; none fits: refuse now
+    dtype = next((d for d in ("float32", "float16")
+                  if StoreConfig.for_backbone(backbone, d).fingerprint == manifest["store_fingerprint"]), None)
+    if dtype is None:
+        check_store_fingerprint(p.classifier, manifest, StoreConfig.for_backbone(backbone).fingerprint)
+    result = extract(p.source, backbone, p.store_dir, batch_size=p.batch_size, device=p.device, dtype=dtype,
                      progress=progress, say=say)
     say(result.summary())
     features = read_features(result.path)
-    if features.fingerprint != manifest["store_fingerprint"]:
-        raise ClassifierError(
-            f"classifier {p.classifier} was trained on store {manifest['store_fingerprint'][:16]}, but "
-            f"{manifest['backbone']} now gives store {features.fingerprint[:16]}: retrain the classifier"
-        )
     model, manifest = load_classifier(p.classifier, features.fingerprint)
     proba = model.predict_proba(features.X) if len(features.ids) else np.zeros((0, len(manifest["classes"])))
     classes = list(manifest["classes"])
