@@ -1,0 +1,91 @@
+"""Scale-out: shards of a source embedded as Prefect tasks on a 2-worker Dask LocalCluster, joined by an
+HDF5 virtual dataset into one store that reads like a single-process store and refuses a lost shard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from ops_images import write_folder
+
+from features.engine import extract
+from features.store import StoreError, read_features
+from pipelines.params import ExtractParams
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ops-dask") / "digits"
+    write_folder(root, n_per_class=12)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sharded(folder, prefect_api, tmp_path_factory):
+    """The sharded extraction flow on a LocalCluster of 2 worker processes, through prefect-dask."""
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from pipelines.flows import sharded_extract_flow
+
+    store_dir = tmp_path_factory.mktemp("sharded-store")
+    params = ExtractParams(source=str(folder), store_dir=str(store_dir), batch_size=8)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster:
+        runner = DaskTaskRunner(address=cluster.scheduler_address)
+        result = sharded_extract_flow.with_options(task_runner=runner)(params, 3)
+        with cluster.get_client() as client:  # both workers ran shards
+            workers = {w["name"] for w in client.scheduler_info()["workers"].values()}
+    assert len(workers) == 2
+    return result
+
+
+def _copy(tmp_path, result):
+    """A private copy of the joined store and its shards, to damage."""
+    src = read_features(result["path"]).path
+    shutil.copytree(src.parent, tmp_path / "store")
+    return tmp_path / "store" / src.name
+
+
+def test_sharded_store_equals_single_process_store(folder, sharded, tmp_path):
+    single = read_features(extract(folder, "efficientnet_lite0", tmp_path / "single", progress=False, workers=0).path)
+    joined = read_features(sharded["path"])
+    assert sharded["embedded"] == 24 and sharded["rows"] == 24 and sharded["shards"] == 3
+    with h5py.File(sharded["path"], "r") as f:
+        assert f["embeddings"].is_virtual  # joined without copying
+        assert len(json.loads(f.attrs["shards"])) == 3
+    assert joined.fingerprint == single.fingerprint and joined.class_names == single.class_names
+    assert sorted(joined.ids) == sorted(single.ids)
+    row = {i: k for k, i in enumerate(single.ids)}
+    order = [row[i] for i in joined.ids]
+    np.testing.assert_allclose(joined.X, single.X[order], atol=1e-4)
+    assert (joined.y == single.y[order]).all() and (joined.splits == single.splits[order]).all()
+
+
+def test_missing_shard_fails_loudly(sharded, tmp_path):
+    store = _copy(tmp_path, sharded)
+    shard = sorted((store.parent / "digits.shards").glob("*.h5"))[1]
+    shard.unlink()
+    with pytest.raises(StoreError, match="missing"):
+        read_features(store)
+
+
+def test_damaged_shard_fails_loudly(sharded, tmp_path):
+    store = _copy(tmp_path, sharded)
+    shard = sorted((store.parent / "digits.shards").glob("*.h5"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-64:-32] = bytes(b ^ 0xFF for b in data[-64:-32])
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged"):
+        read_features(store)
+
+
+def test_classifiers_train_on_the_joined_store(sharded, tmp_path):
+    from pipelines.jobs import run_train
+    from pipelines.params import TrainParams
+
+    report = run_train(TrainParams(store=sharded["path"], out_dir=str(tmp_path / "runs"), probes=["knn"]))
+    assert report["rows"][0]["accuracy"] >= 0.5
