@@ -2,11 +2,11 @@
 
 Tasks are coarse (a whole extraction, a shard, a whole training) because each Prefect task costs tens
 of milliseconds. Reuse of features is decided by the store's fingerprints, never by Prefect's cache.
-Limits and retries are declared here, not coded: shard tasks carry the tag ``featurebank-gpu`` (limit
-them with ``prefect concurrency-limit create featurebank-gpu N``) and are retried by Prefect.
+Limits and retries are declared here, not coded: extraction and shard tasks carry the tag
+``featurebank-gpu`` (limit them with ``prefect concurrency-limit create featurebank-gpu N``) and are
+retried by Prefect. No ``from __future__ import annotations`` here: a deployment's runs validate their
+parameters against these annotations, which must be real classes.
 """
-
-from __future__ import annotations
 
 import os
 
