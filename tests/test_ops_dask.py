@@ -24,23 +24,26 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sharded(folder, prefect_api, tmp_path_factory):
-    """The sharded extraction flow on a LocalCluster of 2 worker processes, through prefect-dask."""
+def cluster(prefect_api):
+    """A LocalCluster of 2 worker processes (started after PREFECT_API_URL is exported)."""
     from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def sharded(folder, cluster, tmp_path_factory):
+    """The sharded extraction flow on the cluster, through prefect-dask's task runner."""
     from prefect_dask import DaskTaskRunner
 
     from pipelines.flows import sharded_extract_flow
 
     store_dir = tmp_path_factory.mktemp("sharded-store")
     params = ExtractParams(source=str(folder), store_dir=str(store_dir), batch_size=8)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      host="127.0.0.1") as cluster:
-        runner = DaskTaskRunner(address=cluster.scheduler_address)
-        result = sharded_extract_flow.with_options(task_runner=runner)(params, 3)
-        with cluster.get_client() as client:  # both workers ran shards
-            workers = {w["name"] for w in client.scheduler_info()["workers"].values()}
-    assert len(workers) == 2
-    return result
+    runner = DaskTaskRunner(address=cluster.scheduler_address)
+    return sharded_extract_flow.with_options(task_runner=runner)(params, 3)
 
 
 def _copy(tmp_path, result):
@@ -89,3 +92,18 @@ def test_classifiers_train_on_the_joined_store(sharded, tmp_path):
 
     report = run_train(TrainParams(store=sharded["path"], out_dir=str(tmp_path / "runs"), probes=["knn"]))
     assert report["rows"][0]["accuracy"] >= 0.5
+
+
+def test_probe_search_runs_on_the_same_cluster(sharded, cluster):
+    import joblib
+    from distributed import Client, get_task_stream
+    from sklearn.model_selection import GridSearchCV
+
+    from classifiers.probes import WeightedKNNProbe
+
+    train = read_features(sharded["path"]).train
+    with Client(cluster.scheduler_address) as client, joblib.parallel_backend("dask"), \
+            get_task_stream(client) as stream:
+        search = GridSearchCV(WeightedKNNProbe(), {"k": [1, 3, 5]}, cv=2, n_jobs=-1).fit(train.X, train.y)
+    assert search.best_params_["k"] in (1, 3, 5)
+    assert stream.data, "the search did not run on the cluster"
