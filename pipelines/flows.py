@@ -9,6 +9,7 @@ parameters against these annotations, which must be real classes.
 """
 
 import os
+from contextlib import contextmanager
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -92,13 +93,25 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None):
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if not os.environ.get("PREFECT_API_URL"):  # local workers must reach this flow's API before they start
+    workers = gpus if gpus > 1 else max(1, min(n_workers or 2, os.cpu_count() or 1))
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
+@contextmanager
+def _api_url_exported():
+    """Local Dask workers inherit the environment when they start: give them this flow's API
+    (a temporary server's address is not in the environment otherwise)."""
+    saved = os.environ.get("PREFECT_API_URL")
+    if not saved:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
             os.environ["PREFECT_API_URL"] = str(client.api_url)
-    workers = gpus if gpus > 1 else max(1, min(n_workers or 2, os.cpu_count() or 1))
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    try:
+        yield
+    finally:
+        if not saved:
+            os.environ.pop("PREFECT_API_URL", None)
 
 
 @flow(name="run", log_prints=True)
@@ -108,7 +121,8 @@ def run_flow(params: RunParams) -> dict:
     extract_params = ExtractParams(**params.model_dump(include=set(ExtractParams.model_fields)))
     if params.shards > 1 or params.dask_address:
         runner = dask_task_runner(params.dask_address, n_workers=params.shards)
-        extraction = sharded_extract_flow.with_options(task_runner=runner)(extract_params, params.shards)
+        with _api_url_exported():
+            extraction = sharded_extract_flow.with_options(task_runner=runner)(extract_params, params.shards)
     else:
         extraction = extract_task(extract_params)
     train = TrainParams(store=extraction["path"], out_dir=params.out_dir, probes=params.probes)
