@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -122,7 +123,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLike, dataset: str) -> Path:
     """Write the joined store for ``dataset`` over ``shard_paths`` (all of one configuration); return its path."""
-    from features.store import store_path
+    from features.store import StoreConfig, store_path
 
     shard_paths = [Path(p) for p in shard_paths]
     if not shard_paths:
@@ -135,11 +136,7 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
         first = dict(handles[0].attrs)
         config = json.loads(first["config"])
         dim, dtype = int(first["dim"]), str(first["dtype"])
-
-        class _Config:  # just what store_path needs
-            fingerprint = str(first["fingerprint"])
-
-        path = store_path(store_dir, dataset, _Config)
+        path = store_path(store_dir, dataset, StoreConfig(**{k: config[k] for k in StoreConfig.__dataclass_fields__}))
         rows = [h["embeddings"].shape[0] for h in handles]
         n = sum(rows)
         class_names = sorted({str(c) for h in handles for c in h["labels"].attrs.get("class_names", [])})
@@ -190,7 +187,7 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
             "library_versions": json.dumps(library_versions(), sort_keys=True),
             "merged_parts": "[]",
             "shards": json.dumps(listing),
-            "updated_utc": first.get("updated_utc", ""),
+            "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
 
     path.parent.mkdir(parents=True, exist_ok=True)

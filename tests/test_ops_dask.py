@@ -15,6 +15,8 @@ from features.engine import extract
 from features.store import StoreError, read_features
 from pipelines.params import ExtractParams
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

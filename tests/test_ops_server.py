@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from ops_images import write_folder
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENT = "featurebank-test-schedule"
 DELTA = re.compile(r"embeddings \(previous run (\d+)\)")
