@@ -109,3 +109,18 @@ def test_probe_search_runs_on_the_same_cluster(sharded, cluster):
         search = GridSearchCV(WeightedKNNProbe(), {"k": [1, 3, 5]}, cv=2, n_jobs=-1).fit(train.X, train.y)
     assert search.best_params_["k"] in (1, 3, 5)
     assert stream.data, "the search did not run on the cluster"
+
+
+def test_a_grown_folder_embeds_only_the_new_images(folder, sharded, cluster, tmp_path):
+    from prefect_dask import DaskTaskRunner
+
+    from pipelines.flows import sharded_extract_flow
+
+    grown = tmp_path / "digits"
+    shutil.copytree(folder, grown)  # copies keep size and mtime: their fingerprints match the store's
+    shutil.copytree(read_features(sharded["path"]).path.parent, tmp_path / "store")
+    write_folder(grown, n_per_class=1, offset=40)
+    params = ExtractParams(source=str(grown), store_dir=str(tmp_path / "store"), batch_size=8)
+    again = sharded_extract_flow.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(params, 3)
+    assert (again["embedded"], again["reused"], again["rows"]) == (2, 24, 26)
+    assert len(read_features(again["path"]).ids) == 26
