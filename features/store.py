@@ -155,6 +155,14 @@ def open_store(path: str | os.PathLike) -> h5py.File:
     except StoreError:
         f.close()
         raise
+    if "shards" in f.attrs:  # a joined store: refuse to read a missing or damaged shard as fill values
+        from features.shards import verify_shards
+
+        try:
+            verify_shards(f, path)
+        except StoreError:
+            f.close()
+            raise
     return f
 
 

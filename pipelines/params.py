@@ -150,10 +150,13 @@ class PredictParams(_Params):
     @field_validator("classifier")
     @classmethod
     def _classifier_exists(cls, v: str) -> str:
-        if not (Path(v) / "manifest.json").is_file():
-            raise ValueError(f"{v} is not a classifier directory (no manifest.json): use one written by 'train'")
+        from classifiers.versions import CURRENT, resolve_classifier
+
+        if not (Path(v) / "manifest.json").is_file() and not (Path(v) / CURRENT).is_file():
+            raise ValueError(f"{v} is not a classifier directory (no manifest.json) nor a probe folder with a "
+                             f"'{CURRENT}' version: use one written by 'train' or 'run'")
         try:
-            verify_classifier(v)  # a tampered model file is refused before any work
+            verify_classifier(resolve_classifier(v))  # a tampered model file is refused before any work
         except ClassifierError as exc:
             raise ValueError(str(exc)) from None
         return v
@@ -163,6 +166,15 @@ class RunParams(ExtractParams):
     out_dir: str = "featurebank-runs"
     probes: ProbeNames = Field(default_factory=lambda: list(DEFAULT_PROBES))
     pixel_baseline: bool = False
+    shards: int = Field(1, ge=1, le=999)  # > 1: shards run as tasks on a Dask cluster (see docs/operations.md)
+    dask_address: str | None = None  # an existing Dask scheduler; None: a local cluster when shards > 1
+
+    @field_validator("dask_address")
+    @classmethod
+    def _dask_address(cls, v: str | None) -> str | None:
+        if v is None or re.match(r"^[a-z][a-z0-9+]*://\S+$", v):
+            return v
+        raise ValueError(f"dask_address must be a scheduler address such as tcp://host:8786, not '{v}'")
 
     @model_validator(mode="after")
     def _two_classes(self) -> RunParams:

@@ -21,12 +21,23 @@ def lite0():
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One temporary Prefect server for the whole session (it takes 15-20 s to start)."""
+def prefect_api() -> str:
+    """One temporary Prefect server and database for the whole session (it takes 15-20 s to start);
+    yields its API URL. Only tests that run flows ask for it."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        url = PREFECT_API_URL.value()
+        saved = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url  # processes started by tests (Dask workers) need it before they start
+        try:
+            yield url
+        finally:
+            if saved is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = saved
 
 
 def write_digits_folder(root: Path, per_class: int = 6, classes=(0, 1, 7)) -> Path:

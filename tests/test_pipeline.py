@@ -12,7 +12,7 @@ from pathlib import Path
 from pipelines.cli import main
 
 
-def test_run_flow_end_to_end_on_a_real_prefect_server(tmp_path, prefect_server, digits_folder):
+def test_run_flow_end_to_end_on_a_real_prefect_api(tmp_path, prefect_api, digits_folder):
     from prefect.client.orchestration import get_client
 
     from pipelines.flows import run_flow
