@@ -70,12 +70,16 @@ def test_sharded_store_equals_single_process_store(folder, sharded, tmp_path):
     assert (joined.y == single.y[order]).all() and (joined.splits == single.splits[order]).all()
 
 
-def test_missing_shard_fails_loudly(sharded, tmp_path):
+def test_missing_shard_fails_loudly(folder, sharded, tmp_path):
     store = _copy(tmp_path, sharded)
     shard = sorted((store.parent / "digits.shards").glob("*.h5"))[1]
     shard.unlink()
     with pytest.raises(StoreError, match="missing"):
         read_features(store)
+    before = store.stat().st_mtime_ns
+    with pytest.raises(StoreError, match="missing"):  # a plain rerun must not rewrite it with fill values
+        extract(folder, "efficientnet_lite0", store.parent, progress=False, workers=0)
+    assert store.stat().st_mtime_ns == before
 
 
 def test_damaged_shard_fails_loudly(sharded, tmp_path):
