@@ -48,45 +48,73 @@ def validation_split(y: np.ndarray, fraction: float, random_state: int) -> tuple
     return np.sort(tr), np.sort(va)
 
 
-def clip_search(fit: Callable[[float, object], tuple[object, int]], score: Callable[[object], float],
-                grid=CLIP_C_GRID, bisections: int = 3, patience: int = 2) -> tuple[float, dict, list, dict]:
+def clip_search(fit: Callable[[float, object, str], tuple[object, int]], score: Callable[[object], float],
+                grid=CLIP_C_GRID, bisections: int = 3, patience: int = 2, start: float = 1e-2,
+                one_sided: bool = False, blend: Callable | None = None) -> tuple[float, dict, list, dict]:
     """CLIP's search for the inverse L2 strength ``C``, with warm starts.
 
-    ``fit(C, init)`` trains at ``C`` starting from the solution ``init`` (None: cold) and returns
-    ``(solution, lbfgs_iterations)``; ``score(solution)`` is its validation accuracy.
+    ``fit(C, init, phase)`` trains at ``C`` starting from the solution ``init`` (None: cold) and returns
+    ``(solution, lbfgs_iterations)``; ``phase`` is "coarse" or "bisection"; ``score(solution)`` is its
+    validation accuracy.
 
-    1. Coarse: walk ``grid`` upwards (strong to weak regularisation), each fit warm-started from the
-       previous one; stop after ``patience`` grid points without a strict improvement.
+    1. Coarse: walk ``grid`` upwards from ``start`` (from strong to weak regularisation), each fit warm-
+       started from the previous one, stopping after ``patience`` grid points without a strict
+       improvement. If ``start`` itself stays the best, walk downwards from it the same way. For a
+       validation curve with one peak this finds the best point of the whole grid, without paying for
+       the far ends.
     2. Bisection: ``bisections`` times, fit at the log-midpoints between the best C and its two bracket
-       ends, warm-started from the nearest C already fitted; the best of the three becomes the centre
-       and the bracket halves.
+       ends (only towards the better coarse neighbour when ``one_sided``), warm-started from
+       ``blend(a, b, t)``, the log-linear interpolation of the solutions of the fitted C values on either
+       side (or from the nearest one without ``blend``); the best of the three becomes the centre and the
+       bracket halves.
     Ties go to the smaller C (stronger regularisation). Returns ``(best C, {C: score}, path, {C: solution})``
     where ``path`` lists ``(C, iterations, score)`` of every fit in order.
     """
     solutions, scores, path = {}, {}, []
+    grid = sorted(float(c) for c in grid)
 
-    def run(C, init):
-        sol, it = fit(C, init)
+    def run(C, init, phase):
+        sol, it = fit(C, init, phase)
         solutions[C], scores[C] = sol, score(sol)
-        path.append((C, int(it), scores[C]))
+        path.append((float(C), int(it), float(scores[C])))
 
-    prev, best, since = None, None, 0
-    for C in grid:
-        run(C, solutions.get(prev))
-        if best is None or scores[C] > scores[best]:
-            best, since = C, 0
-        else:
-            since += 1
-            if since >= patience:
-                break
-        prev = C
-    log_c, half = np.log10(best), 1.0
+    def walk(points, best):
+        prev, since = None, 0
+        for C in points:
+            run(C, solutions.get(prev, solutions.get(best)) if best is not None else None, "coarse")
+            if best is None or scores[C] > scores[best] or (scores[C] == scores[best] and C < best):
+                best, since = C, 0
+            else:
+                since += 1
+                if since >= patience:
+                    break
+            prev = C
+        return best
+
+    first = min(range(len(grid)), key=lambda i: abs(np.log10(grid[i]) - np.log10(start)))
+    best = walk(grid[first:], None)
+    if best == grid[first] and first > 0:
+        best = walk(grid[first - 1::-1], best)
+    step = np.log10(grid[1] / grid[0]) if len(grid) > 1 else 1.0
+    log_c, half = np.log10(best), step
     for _ in range(bisections):
         half /= 2
-        for C in (10 ** (log_c - half), 10 ** (log_c + half)):
+        sides = (-half, half)
+        if one_sided:
+            lo, hi = scores.get(10 ** (log_c - 2 * half), -1.0), scores.get(10 ** (log_c + 2 * half), -1.0)
+            sides = (-half,) if lo >= hi else (half,)
+        for d in sides:
+            C = 10 ** (log_c + d)
             if C not in solutions:
-                nearest = min(solutions, key=lambda c: abs(np.log10(c) - np.log10(C)))
-                run(C, solutions[nearest])
+                below = [c for c in solutions if c < C]
+                above = [c for c in solutions if c > C]
+                if blend is not None and below and above:
+                    a, b = max(below), min(above)
+                    t = (np.log10(C) - np.log10(a)) / (np.log10(b) - np.log10(a))
+                    init = blend(solutions[a], solutions[b], t)
+                else:
+                    init = solutions[min(solutions, key=lambda c: abs(np.log10(c) - np.log10(C)))]
+                run(C, init, "bisection")
         best = min((c for c in (10 ** (log_c - half), 10 ** log_c, 10 ** (log_c + half)) if c in scores),
                    key=lambda c: (-scores[c], c))
         log_c = np.log10(best)
@@ -100,8 +128,9 @@ class CLIPLogisticProbe(ClassifierMixin, BaseEstimator):
     ``validation_fraction`` of the training set (``random_state``) is held out; :func:`clip_search`
     picks ``C`` on it (L-BFGS, at most ``max_iter`` iterations per fit, every fit after the first warm-
     started); the probe is then refit on training + validation at that ``C``, warm-started from the
-    validation-search solution. ``C`` given: no search. Too few samples for a validation split:
-    ``C = DEFAULT_C``.
+    validation-search solution. Every fit uses ``LogisticRegression``'s defaults otherwise (lbfgs,
+    ``tol=1e-4``, multinomial). ``C`` given: no search.
+    Too few samples for a validation split: ``C = DEFAULT_C``.
 
     Learned: ``C_``, ``validation_scores_`` ({C: accuracy}), ``search_path_`` ([(C, iterations, accuracy)]),
     ``search_iterations_`` (L-BFGS iterations of the whole search including the refit), and with
@@ -146,14 +175,23 @@ class CLIPLogisticProbe(ClassifierMixin, BaseEstimator):
         else:
             tr, va = split
 
-            def fit_at(C, sol):
-                return self._fit_at(Xs[tr], y[tr], C, None if sol is None else (sol.coef_, sol.intercept_))
+            def fit_at(C, init, phase):
+                model, it = self._fit_at(Xs[tr], y[tr], C, init)
+                return (model.coef_, model.intercept_), it
 
+            seen = np.unique(y[tr])
+
+            def score(sol):  # validation accuracy, as LogisticRegression.score would give it
+                z = Xs[va] @ sol[0].T + sol[1]
+                pred = (z[:, 0] > 0).astype(int) if z.shape[1] == 1 else np.argmax(z, axis=1)
+                return float(np.mean(seen[pred] == y[va]))
+
+            blend = lambda a, b, t: ((1 - t) * a[0] + t * b[0], (1 - t) * a[1] + t * b[1])
             C, self.validation_scores_, self.search_path_, solutions = clip_search(
-                fit_at, lambda m: m.score(Xs[va], y[va]), self.C_grid, self.bisections)
+                fit_at, score, self.C_grid, self.bisections, blend=blend)
             self.C_ = float(C)
             self.search_iterations_ = sum(it for _, it, _ in self.search_path_)
-            init = (solutions[C].coef_, solutions[C].intercept_)
+            init = solutions[C]
         self.model_, it = self._fit_at(Xs, y, self.C_, init)
         self.search_iterations_ += it
         self.n_iter_ = it
