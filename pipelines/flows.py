@@ -7,7 +7,7 @@ milliseconds. Reuse of features is decided by the store's fingerprints, never by
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines import jobs
 from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
@@ -25,6 +25,9 @@ def train_task(params: TrainParams, baseline_root: str | None = None, extraction
     report = jobs.run_train(params, baseline_root=baseline_root, extraction=extraction)
     create_markdown_artifact(key="featurebank-report", markdown=report["markdown_text"],
                              description="featurebank probe comparison")
+    create_table_artifact(key="featurebank-probes", description="test-split metrics of every probe",
+                          table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "chosen"}
+                                 for r in report["rows"]])
     return {k: str(v) for k, v in report.items() if k in ("dir", "metrics", "markdown", "html")} | {"rows": report["rows"]}
 
 
