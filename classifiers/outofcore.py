@@ -70,6 +70,15 @@ class _Rows:
             start = stop
 
 
+def split_mask(splits: h5py.Dataset, name: str, block: int = 4096) -> np.ndarray:
+    """Boolean mask of the rows whose split is ``name``, read in blocks (reading a whole column of
+    variable-length strings at once costs about 250 bytes a row)."""
+    out = np.zeros(len(splits), bool)
+    for lo in range(0, len(splits), block):
+        out[lo:lo + block] = [(s.decode() if isinstance(s, bytes) else s) == name for s in splits[lo:lo + block]]
+    return out
+
+
 def _budget_rows(budget_bytes: float, dim: int, itemsize: int, n_classes: int, n_rows: int) -> int:
     """Rows per block that keep a fit within ``budget_bytes``: fixed state first, then per-row buffers."""
     n_params = n_classes * (dim + 1)
@@ -120,8 +129,7 @@ class OutOfCoreLogisticProbe(ClassifierMixin, BaseEstimator):
         with h5py.File(path, "r", rdcc_nbytes=0) as f:  # no chunk cache: HDF5 would keep whole 1024-row chunks
             labels = f["labels"][()].astype(np.int64)
             if rows is None:
-                splits = np.array([s.decode() if isinstance(s, bytes) else s for s in f["splits"][()]])
-                rows = np.flatnonzero((labels >= 0) & (splits == "train"))
+                rows = np.flatnonzero((labels >= 0) & split_mask(f["splits"], "train"))
             rows = np.sort(np.asarray(rows, np.int64))
             self.n_features_in_ = f[dataset].shape[1]
             return self._fit(f[dataset], rows, labels[rows])
