@@ -24,13 +24,14 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from classifiers.train import TrainingError
 from classifiers.probes import CLIP_C_GRID, DEFAULT_C, clip_search, validation_split
 
 LBFGS_HISTORY = 10  # scipy's default number of correction pairs
 NATIVE_BYTES = 8 << 20
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(TrainingError):
     """A memory budget too small to hold even the optimiser's state and one row."""
 
 
