@@ -25,7 +25,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from classifiers.train import TrainingError
-from classifiers.probes import CLIP_C_GRID, DEFAULT_C, clip_search, validation_split
+from classifiers.probes import CLIP_C_GRID, DEFAULT_C, clip_search, search_start, validation_split
 
 LBFGS_HISTORY = 10  # scipy's default number of correction pairs
 NATIVE_BYTES = 8 << 20
@@ -154,7 +154,7 @@ class OutOfCoreLogisticProbe(ClassifierMixin, BaseEstimator):
             C, self.validation_scores_, self.search_path_, solutions = clip_search(
                 lambda C, init, phase: self._lbfgs(source, tr, codes[tr], K, C, init, self.tol),
                 lambda theta: float(np.mean(self._argmax(source, va, theta, K) == codes[va])),
-                self.C_grid, self.bisections, blend=lambda a, b, t: (1 - t) * a + t * b)
+                self.C_grid, self.bisections, start=search_start(len(tr), D), blend=lambda a, b, t: (1 - t) * a + t * b)
             self.C_ = float(C)
             self.search_iterations_ = sum(it for _, it, _ in self.search_path_)
             theta0 = solutions[C]

@@ -121,6 +121,14 @@ def clip_search(fit: Callable[[float, object, str], tuple[object, int]], score: 
     return best, scores, path, solutions
 
 
+def search_start(n_samples: int, n_features: int) -> float:
+    """Where the coarse walk starts. With at least as many features as samples the classes are linearly
+    separable: fits at weak regularisation reach the gradient tolerance within a few iterations, so the
+    walk starts at C = 1. Otherwise it starts at C = 0.01, where fits are well conditioned. (A start
+    only changes the cost of the search: the walk goes both ways, see :func:`clip_search`.)"""
+    return 1.0 if n_samples <= n_features else 1e-2
+
+
 class CLIPLogisticProbe(ClassifierMixin, BaseEstimator):
     """Logistic regression by the CLIP linear-probe protocol.
 
@@ -188,7 +196,7 @@ class CLIPLogisticProbe(ClassifierMixin, BaseEstimator):
 
             blend = lambda a, b, t: ((1 - t) * a[0] + t * b[0], (1 - t) * a[1] + t * b[1])
             C, self.validation_scores_, self.search_path_, solutions = clip_search(
-                fit_at, score, self.C_grid, self.bisections, blend=blend)
+                fit_at, score, self.C_grid, self.bisections, start=search_start(len(tr), X.shape[1]), blend=blend)
             self.C_ = float(C)
             self.search_iterations_ = sum(it for _, it, _ in self.search_path_)
             init = solutions[C]
