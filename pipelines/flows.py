@@ -58,5 +58,6 @@ def predict_flow(params: PredictParams) -> str:
 def run_flow(params: RunParams) -> dict:
     """Extract new embeddings, retrain the probes on the stored split, and report."""
     extraction = extract_task(ExtractParams(**params.model_dump(include=set(ExtractParams.model_fields))))
-    train = TrainParams(store=extraction["path"], out_dir=params.out_dir, probes=params.probes)
+    train = TrainParams(store=extraction["path"], out_dir=params.out_dir, probes=params.probes,
+                        memory_budget_mb=params.memory_budget_mb)
     return train_task(train, baseline_root=params.source if params.pixel_baseline else None, extraction=extraction)
