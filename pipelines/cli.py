@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", default=_DEFAULT_PROBES, help=_PROBES_HELP)
     p.add_argument("--memory-budget", dest="memory_budget_mb", type=float,
                    help="MB: when the embeddings exceed it, train the logistic probe out of core within it")
+    p.add_argument("--shots", help="also add a few-shot table (logreg, knn) to the report, e.g. 1,5,10")
+    p.add_argument("--seeds", type=int, help="few-shot draws per number of shots (default 5)")
     p.add_argument("--prefect", action="store_true", help="run as a Prefect flow")
 
     p = sub.add_parser("fewshot", help="few-shot accuracy (mean ± 95%% CI over seeds); writes fewshot.json/.md")

@@ -62,7 +62,14 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | 
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
     if baseline_root:
         results.append(pixel_baseline(features, baseline_root, say=say))
-    report = write_report(run_dir, results, features, extraction)
+    fewshot = None
+    if p.shots:
+        from classifiers.fewshot import evaluate_fewshot
+
+        labelled = features.subset(features.y >= 0)
+        say(f"few-shot: shots {p.shots}, {p.seeds} seeds")
+        fewshot = evaluate_fewshot(labelled.train, labelled.test, p.shots, p.seeds, say=say)
+    report = write_report(run_dir, results, features, extraction, fewshot=fewshot)
     return report
 
 

@@ -72,11 +72,19 @@ class ExtractParams(_Params):
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, not '{v}'")
 
 
+def _shots(v: list[int]) -> list[int]:
+    if not v or any(k < 1 for k in v):
+        raise ValueError(f"shots must be positive integers, got {v}")
+    return sorted(set(v))
+
+
 class TrainParams(_Params):
     store: str
     out_dir: str = "featurebank-runs"
     probes: ProbeNames = Field(default_factory=lambda: list(DEFAULT_PROBES))
     memory_budget_mb: float | None = Field(None, gt=0)
+    shots: Annotated[list[int], AfterValidator(lambda v: _shots(v) if v else v)] = Field(default_factory=list)
+    seeds: int = Field(5, ge=1, le=100)
 
     @field_validator("store")
     @classmethod
@@ -84,12 +92,6 @@ class TrainParams(_Params):
         if not Path(v).is_file():
             raise ValueError(f"store {v} does not exist: run 'featurebank extract' first")
         return v
-
-
-def _shots(v: list[int]) -> list[int]:
-    if not v or any(k < 1 for k in v):
-        raise ValueError(f"shots must be positive integers, got {v}")
-    return sorted(set(v))
 
 
 def _fewshot_probes(v: list[str]) -> list[str]:

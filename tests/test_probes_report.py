@@ -66,6 +66,12 @@ def test_fewshot_and_out_of_core_train_commands(tmp_path, capsys):
     assert [r["shots"] for r in saved["rows"]] == [1, 5]
     assert main(["fewshot", str(store), "--shots", "0"]) == 2
     assert "shots must be positive" in capsys.readouterr().err
+    # the same table inside a training run's report
+    assert main(["train", str(store), "--out", str(tmp_path / "runs2"), "--probes", "knn", "--shots", "1,5",
+                 "--seeds", "2"]) == 0
+    run = next((tmp_path / "runs2").glob("*/"))
+    assert [r["shots"] for r in json.loads((run / "metrics.json").read_text())["fewshot"]] == [1, 5, 1, 5]
+    assert "## Few-shot" in (run / "report.md").read_text() and "Few-shot" in (run / "report.html").read_text()
 
 
 def test_train_streams_a_store_larger_than_its_memory_budget(tmp_path, capsys):
