@@ -42,7 +42,8 @@ def test_report_has_all_probes_per_class_metrics_and_plots(small, tmp_path):
             assert img.size[0] > 400 and img.size[1] > 400
 
 
-def test_compare_tabulates_runs_side_by_side(small, tmp_path, capsys):
+def test_compare_tabulates_runs_side_by_side(tmp_path, capsys):
+    small = digits_features(250)
     for name, probes in (("run-a", ("logreg",)), ("run-b", ("logreg", "knn"))):
         write_report(tmp_path / name, train_probes(small, probes, say=lambda *_: None), small)
     assert main(["compare", str(tmp_path / "run-a"), str(tmp_path / "run-b")]) == 0
