@@ -1,4 +1,8 @@
-"""Run reports: metrics.json, report.md, report.html, a confusion-matrix PNG and an embedding map."""
+"""Run reports: metrics.json, report.md, report.html, a confusion-matrix PNG and an embedding map.
+
+The HTML and markdown reports link the PNGs by relative path, so a run folder can be moved or zipped
+whole. ``compare_runs`` tabulates the metrics.json of several runs side by side.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +15,18 @@ import numpy as np
 
 from features.store import Features
 
+TSNE_MAX_SAMPLES = 2000  # t-SNE up to this many labelled samples, PCA above
+METRIC_COLUMNS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"),
+                  ("fit_seconds", "fit (s)"))
 
-def _plots(run_dir: Path, best, features: Features) -> dict[str, str]:
-    import matplotlib
 
-    matplotlib.use("Agg")
+def _confusion_plot(path: Path, best, names: list[str]) -> None:
     import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
 
-    names = features.class_names
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(names), 1.0 + 0.5 * len(names)))
     cm = best.confusion
-    ax.imshow(cm, cmap="Blues")
+    side = max(4.5, 1.2 + 0.55 * len(names))
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    im = ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > cm.max() / 2 else "black")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
@@ -30,51 +34,104 @@ def _plots(run_dir: Path, best, features: Features) -> dict[str, str]:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"confusion matrix: {best.name} (accuracy {best.metrics['accuracy']:.3f})")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(run_dir / "confusion_matrix.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
-    labelled = np.flatnonzero(features.y >= 0)
-    rng = np.random.default_rng(0)
-    pick = np.sort(rng.permutation(labelled)[:3000])
-    xy = PCA(n_components=2, random_state=0).fit_transform(features.X[pick])
-    fig, ax = plt.subplots(figsize=(7, 6))
+
+def embedding_map(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates of ``X``: t-SNE (on a 50-D PCA) for at most ``TSNE_MAX_SAMPLES`` rows, else PCA."""
+    from sklearn.decomposition import PCA
+
+    if len(X) <= TSNE_MAX_SAMPLES and len(X) > 5:
+        from sklearn.manifold import TSNE
+
+        Z = PCA(n_components=min(50, X.shape[1], len(X)), random_state=seed).fit_transform(X)
+        perplexity = float(min(30.0, (len(X) - 1) / 3))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(Z), "t-SNE"
+    return PCA(n_components=2, random_state=seed).fit_transform(X), "PCA"
+
+
+def _map_plot(path: Path, X: np.ndarray, y: np.ndarray, names: list[str]) -> str:
+    import matplotlib.pyplot as plt
+
+    xy, method = embedding_map(X)
+    fig, ax = plt.subplots(figsize=(8, 6.5))
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     for c, name in enumerate(names):
-        m = features.y[pick] == c
-        ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, color=cmap(c % cmap.N), label=name)
-    ax.legend(markerscale=3, fontsize=8, loc="best")
-    ax.set_title(f"embeddings, PCA to 2-D ({len(pick)} samples)")
+        m = y == c
+        if m.any():
+            ax.scatter(xy[m, 0], xy[m, 1], s=7, alpha=0.75, color=cmap(c % cmap.N), label=name)
+    ax.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_title(f"embeddings, {method} to 2-D ({len(y)} samples, coloured by class)")
+    ax.set_xticks([])
+    ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(run_dir / "embedding_map.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {"confusion_matrix": "confusion_matrix.png", "embedding_map": "embedding_map.png"}
+    return method
+
+
+def _plots(run_dir: Path, best, features: Features) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    _confusion_plot(run_dir / "confusion_matrix.png", best, features.class_names)
+    labelled = np.flatnonzero(features.y >= 0)
+    limit = TSNE_MAX_SAMPLES if len(labelled) <= TSNE_MAX_SAMPLES else 3000
+    pick = np.sort(np.random.default_rng(0).permutation(labelled)[:limit])
+    method = _map_plot(run_dir / "embedding_map.png", features.X[pick], features.y[pick], features.class_names)
+    return {"confusion_matrix": "confusion_matrix.png", "embedding_map": "embedding_map.png", "map_method": method}
 
 
 def summary_table(results) -> list[dict]:
-    return [{"probe": r.name, **{k: r.metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "fit_seconds")}}
+    return [{"probe": r.name, **{k: r.metrics[k] for k, _ in METRIC_COLUMNS}, "chosen": r.metrics.get("chosen", {})}
             for r in results]
 
 
+def _chosen(row: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.get("chosen", {}).items())
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = "| probe | accuracy | balanced accuracy | macro-F1 | fit (s) |\n|---|---:|---:|---:|---:|\n"
+    head = "| probe | accuracy | balanced accuracy | macro-F1 | fit (s) | chosen |\n|---|---:|---:|---:|---:|---|\n"
     return head + "".join(
-        f"| {r['probe']} | {r['accuracy']:.4f} | {r['balanced_accuracy']:.4f} | {r['macro_f1']:.4f} | {r['fit_seconds']:.2f} |\n"
+        f"| {r['probe']} | {r['accuracy']:.4f} | {r['balanced_accuracy']:.4f} | {r['macro_f1']:.4f} | "
+        f"{r['fit_seconds']:.2f} | {_chosen(r)} |\n"
         for r in rows
     )
 
 
-def write_report(run_dir: str | os.PathLike, results, features: Features, extraction: dict | None = None) -> dict:
-    """Write the run's report files; returns their paths and the summary rows."""
+def per_class_rows(results, names: list[str]) -> list[dict]:
+    """One row per (class, probe): precision, recall, F1, support."""
+    rows = []
+    for c, name in enumerate(names):
+        for r in results:
+            m = r.metrics
+            rows.append({"class": name, "probe": r.name, "precision": m["per_class_precision"][c],
+                         "recall": m["per_class_recall"][c], "f1": m["per_class_f1"][c],
+                         "support": m["per_class_support"][c]})
+    return rows
+
+
+def _html_table(header: list[str], rows: list[list]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def write_report(run_dir: str | os.PathLike, results, features: Features, extraction: dict | None = None,
+                 fewshot: dict | None = None, counts: dict | None = None) -> dict:
+    """Write the run's report files; returns their paths and the summary rows. ``counts`` overrides the
+    train/test counts when ``features`` holds only a sample of the store (out-of-core runs)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     probes = [r for r in results if r.name != "pixels"] or results
     best = max(probes, key=lambda r: r.metrics["accuracy"])
     plots = _plots(run_dir, best, features)
     rows = summary_table(results)
-    per_class = "| class | " + " | ".join(r.name for r in results) + " |\n|---|" + "---:|" * len(results) + "\n"
-    for c, name in enumerate(features.class_names):
-        per_class += f"| {name} | " + " | ".join(f"{r.metrics['per_class_f1'][c]:.3f}" for r in results) + " |\n"
+    pc_rows = per_class_rows(results, features.class_names)
     metrics = {
         "store": str(features.path),
         "store_fingerprint": features.fingerprint,
@@ -82,32 +139,90 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         "classes": features.class_names,
         "n_train": int(((features.splits == "train") & (features.y >= 0)).sum()),
         "n_test": int(((features.splits == "test") & (features.y >= 0)).sum()),
+        "best_probe": best.name,
         "probes": {r.name: r.metrics for r in results},
         "extraction": extraction or {},
+        "embedding_map": plots["map_method"],
+        **(counts or {}),
     }
+    if fewshot is not None:
+        metrics["fewshot"] = fewshot["rows"]
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    per_class_md = "| class | probe | precision | recall | F1 | support |\n|---|---|---:|---:|---:|---:|\n" + "".join(
+        f"| {r['class']} | {r['probe']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |\n"
+        for r in pc_rows)
+    fewshot_md = ""
+    if fewshot is not None:
+        from classifiers.fewshot import fewshot_markdown
+
+        fewshot_md = ("## Few-shot (test split; examples and validation from the train split only)\n\n"
+                      f"{fewshot_markdown(fewshot)}\n")
     md = (
         f"# featurebank report\n\nStore: `{features.path}` (backbone `{metrics['backbone']}`, "
         f"fingerprint `{features.fingerprint[:16]}`)\n\n"
-        f"Train {metrics['n_train']} / test {metrics['n_test']} samples, {len(features.class_names)} classes.\n\n"
+        f"Train {metrics['n_train']} / test {metrics['n_test']} samples, {len(features.class_names)} classes. "
+        f"Best probe: **{best.name}**.\n\n"
         f"## Probes (test split)\n\n{markdown_table(rows)}\n"
-        f"## Per-class F1\n\n{per_class}\n"
-        f"## Plots\n\n![confusion matrix]({plots['confusion_matrix']})\n\n![embedding map]({plots['embedding_map']})\n"
+        f"{fewshot_md}"
+        f"## Per-class metrics (test split)\n\n{per_class_md}\n"
+        f"## Plots\n\n![confusion matrix of {best.name}]({plots['confusion_matrix']})\n\n"
+        f"![embedding map ({plots['map_method']})]({plots['embedding_map']})\n"
     )
     (run_dir / "report.md").write_text(md)
-    table_html = "".join(
-        f"<tr><td>{html.escape(r['probe'])}</td><td>{r['accuracy']:.4f}</td><td>{r['balanced_accuracy']:.4f}</td>"
-        f"<td>{r['macro_f1']:.4f}</td><td>{r['fit_seconds']:.2f}</td></tr>" for r in rows
-    )
+
+    summary_html = _html_table(
+        ["probe", *[label for _, label in METRIC_COLUMNS], "chosen"],
+        [[r["probe"], *[f"{r[k]:.4f}" if k != "fit_seconds" else f"{r[k]:.2f}" for k, _ in METRIC_COLUMNS], _chosen(r)]
+         for r in rows])
+    per_class_html = _html_table(
+        ["class", "probe", "precision", "recall", "F1", "support"],
+        [[r["class"], r["probe"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+         for r in pc_rows])
+    fewshot_html = ""
+    if fewshot is not None:
+        fewshot_html = "<h2>Few-shot (examples and validation from the train split only)</h2>" + _html_table(
+            ["probe", "shots", "accuracy (mean ± 95% CI)", "seeds", "validation"],
+            [[r["probe"], r["shots"], f"{100 * r['mean_accuracy']:.2f} ± {100 * r['ci95']:.2f}", r["seeds"], r["validation"]]
+             for r in fewshot["rows"]])
     (run_dir / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>featurebank report</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{padding:.2em .8em;text-align:right}"
-        "td:first-child{text-align:left}table{border-collapse:collapse}tr:nth-child(even){background:#f4f4f4}</style>"
+        "<style>body{font-family:sans-serif;max-width:64em;margin:2em auto}td,th{padding:.2em .8em;text-align:right}"
+        "td:first-child,td:nth-child(2){text-align:left}table{border-collapse:collapse}"
+        "tr:nth-child(even){background:#f4f4f4}img{max-width:100%}</style>"
         f"</head><body><h1>featurebank report</h1><p>Store <code>{html.escape(str(features.path))}</code>, backbone "
-        f"<code>{html.escape(str(metrics['backbone']))}</code>; train {metrics['n_train']}, test {metrics['n_test']}.</p>"
-        "<table><tr><th>probe</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th><th>fit (s)</th></tr>"
-        f"{table_html}</table><h2>Confusion matrix ({html.escape(best.name)})</h2>"
-        f"<img src='{plots['confusion_matrix']}'><h2>Embedding map</h2><img src='{plots['embedding_map']}'></body></html>"
+        f"<code>{html.escape(str(metrics['backbone']))}</code>; train {metrics['n_train']}, test {metrics['n_test']}, "
+        f"{len(features.class_names)} classes. Best probe: <b>{html.escape(best.name)}</b>.</p>"
+        f"<h2>Probes (test split)</h2>{summary_html}{fewshot_html}"
+        f"<h2>Confusion matrix ({html.escape(best.name)})</h2><img src='{plots['confusion_matrix']}' alt='confusion matrix'>"
+        f"<h2>Embedding map ({plots['map_method']})</h2><img src='{plots['embedding_map']}' alt='embedding map'>"
+        f"<h2>Per-class metrics (test split)</h2>{per_class_html}</body></html>"
     )
     return {"dir": run_dir, "metrics": run_dir / "metrics.json", "markdown": run_dir / "report.md",
             "html": run_dir / "report.html", "rows": rows, "markdown_text": md}
+
+
+def compare_runs(run_dirs: list[str | os.PathLike]) -> str:
+    """A markdown table of several runs side by side: one row per probe, one column group per run."""
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{d} is not a featurebank run folder (no metrics.json): give folders written by 'train'")
+        try:
+            runs.append((Path(d).name, json.loads(path.read_text())))
+        except ValueError:
+            raise FileNotFoundError(f"{path} is not valid JSON; rerun 'train' for that run") from None
+    probes = list(dict.fromkeys(p for _, m in runs for p in m.get("probes", {})))
+    head = "| probe | " + " | ".join(f"{name} acc | {name} bal. acc | {name} macro-F1" for name, _ in runs) + " |\n"
+    head += "|---|" + "---:|" * (3 * len(runs)) + "\n"
+    body = ""
+    for probe in probes:
+        cells = []
+        for _, m in runs:
+            pm = m.get("probes", {}).get(probe)
+            cells += [f"{pm[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "macro_f1")] if pm else ["–"] * 3
+        body += f"| {probe} | " + " | ".join(cells) + " |\n"
+    legend = "".join(f"- {name}: store `{m.get('store')}` (backbone `{m.get('backbone')}`, "
+                     f"train {m.get('n_train')}, test {m.get('n_test')})\n" for name, m in runs)
+    return head + body + "\n" + legend

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from classifiers.persist import save_classifier
 from classifiers.probes import DEFAULT_PROBES, make_probe
@@ -49,15 +49,25 @@ def check_trainable(features: Features) -> None:
 
 def evaluate(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict, np.ndarray]:
     labels = np.arange(n_classes)
-    per_class_f1 = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     metrics = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(np.mean(f1)),
         "n_test": int(len(y_true)),
-        "per_class_f1": [float(v) for v in per_class_f1],
+        "per_class_precision": [float(v) for v in precision],
+        "per_class_recall": [float(v) for v in recall],
+        "per_class_f1": [float(v) for v in f1],
+        "per_class_support": [int(v) for v in support],
     }
     return metrics, confusion_matrix(y_true, y_pred, labels=labels)
+
+
+def chosen_hyperparameters(probe) -> dict:
+    """What a probe's own search chose (and what it cost), for the report."""
+    names = {"C_": "C", "k_": "k", "search_iterations_": "search_iterations", "block_rows_": "block_rows"}
+    return {label: (float(v) if isinstance(v, float | np.floating) else int(v))
+            for attr, label in names.items() if (v := getattr(probe, attr, None)) is not None}
 
 
 def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.PathLike | None = None,
@@ -75,7 +85,7 @@ def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.Pa
         fit_seconds = time.perf_counter() - t0
         y_pred = probe.predict(test.X)
         metrics, cm = evaluate(test.y, y_pred, len(features.class_names))
-        metrics.update(fit_seconds=round(fit_seconds, 3), n_train=int(len(train.y)))
+        metrics.update(fit_seconds=round(fit_seconds, 3), n_train=int(len(train.y)), chosen=chosen_hyperparameters(probe))
         directory = None
         if out_dir is not None:
             directory = save_classifier(
@@ -117,3 +127,60 @@ def pixel_baseline(features: Features, root: str | os.PathLike, size: int = 28, 
     metrics.update(fit_seconds=round(fit_seconds, 3), n_train=int(train.sum()))
     say(f"  {'pixels':<10} test accuracy {metrics['accuracy']:.4f}  (raw-pixel baseline)")
     return ProbeResult("pixels", metrics, cm, y_pred)
+
+
+def store_embedding_bytes(path: str | os.PathLike) -> int:
+    """Bytes the store's embeddings take in memory as float32 (how ``read_features`` would hold them)."""
+    from features.store import open_store
+
+    with open_store(path) as f:
+        n, d = f["embeddings"].shape
+    return int(n) * int(d) * 4
+
+
+def train_out_of_core(path: str | os.PathLike, memory_budget_mb: float, out_dir: str | os.PathLike | None = None,
+                      say=print) -> tuple[ProbeResult, Features, dict]:
+    """Train the out-of-core CLIP probe while streaming the store, score it on the test split (streamed
+    too), save it, and return it with a light :class:`Features`: every row's labels, ids and splits but
+    embeddings only for a sample of at most 3,000 labelled rows (for the report's embedding map), and the
+    train/test counts."""
+    import h5py
+
+    from classifiers.outofcore import OutOfCoreLogisticProbe
+    from features.store import open_store
+
+    with open_store(path) as f:
+        labels = f["labels"][()].astype(np.int64)
+        splits = np.array([s.decode() if isinstance(s, bytes) else s for s in f["splits"][()]], dtype=object)
+        ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
+        class_names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    light = Features(np.zeros((len(ids), 0), np.float32), labels, ids, class_names, splits,
+                     str(attrs["fingerprint"]), Path(path), attrs)
+    check_trainable(light)
+    train = np.flatnonzero((labels >= 0) & (splits == "train"))
+    test = np.flatnonzero((labels >= 0) & (splits == "test"))
+    probe = OutOfCoreLogisticProbe(memory_budget_mb=memory_budget_mb)
+    t0 = time.perf_counter()
+    probe.fit_store(path, train)
+    fit_seconds = time.perf_counter() - t0
+    y_pred = probe.classes_[np.argmax(probe.predict_proba_store(path, test), axis=1)]
+    metrics, cm = evaluate(labels[test], y_pred, len(class_names))
+    metrics.update(fit_seconds=round(fit_seconds, 3), n_train=int(len(train)), chosen=chosen_hyperparameters(probe),
+                   memory_budget_mb=memory_budget_mb)
+    name = "logreg-ooc"
+    directory = None
+    if out_dir is not None:
+        directory = save_classifier(probe, Path(out_dir) / "classifiers" / name, classes=class_names,
+                                    store_fingerprint=light.fingerprint, backbone=str(attrs.get("backbone", "")),
+                                    metrics=metrics, extra={"probe": name, "store": str(path)})
+    say(f"  {name:<10} test accuracy {metrics['accuracy']:.4f}  (fit {fit_seconds:.1f} s, streamed in blocks of "
+        f"{probe.block_rows_} rows within {memory_budget_mb:g} MB)")
+    labelled = np.flatnonzero(labels >= 0)
+    pick = np.sort(np.random.default_rng(0).permutation(labelled)[:3000])
+    with h5py.File(path, "r") as f:
+        sample = f["embeddings"][pick].astype(np.float32)  # h5py reads sorted unique indices directly
+    shown = Features(sample, labels[pick], [ids[i] for i in pick], class_names, splits[pick], light.fingerprint,
+                     Path(path), attrs)
+    counts = {"n_train": int(len(train)), "n_test": int(len(test))}
+    return ProbeResult(name, metrics, cm, y_pred, directory), shown, counts

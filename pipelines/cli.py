@@ -1,4 +1,4 @@
-"""The ``featurebank`` command line: extract, train, predict, run, demo, serve.
+"""The ``featurebank`` command line: extract, train, fewshot, predict, compare, run, demo, serve.
 
 Parameters are checked (pydantic) before anything starts, Prefect's server included, so a mistyped
 option answers at once with one line and exit status 2. Known failures (a bad file, a damaged store,
@@ -12,6 +12,10 @@ import os
 import sys
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+class UsageError(ValueError):
+    """An option value that argparse accepted but that does not parse."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +40,10 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failures", action="store_true", help="try again the files recorded as unusable")
 
 
+_DEFAULT_PROBES = "logreg,knn,svm,ridge"
+_PROBES_HELP = "comma-separated: logreg, knn, svm, ridge, mlp (default logreg,knn,svm,ridge)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="featurebank", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -48,8 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train probes on a store and write a report; prints the metrics")
     p.add_argument("store", help="an HDF5 store file written by 'extract'")
     p.add_argument("--out", dest="out_dir", default="featurebank-runs", help="folder for runs (reports, classifiers)")
-    p.add_argument("--probes", default="logreg,knn", help="comma-separated probe names")
+    p.add_argument("--probes", default=_DEFAULT_PROBES, help=_PROBES_HELP)
+    p.add_argument("--memory-budget", dest="memory_budget_mb", type=float,
+                   help="MB: when the embeddings exceed it, train the logistic probe out of core within it")
+    p.add_argument("--shots", help="also add a few-shot table (logreg, knn) to the report, e.g. 1,5,10")
+    p.add_argument("--seeds", type=int, help="few-shot draws per number of shots (default 5)")
     p.add_argument("--prefect", action="store_true", help="run as a Prefect flow")
+
+    p = sub.add_parser("fewshot", help="few-shot accuracy (mean ± 95%% CI over seeds); writes fewshot.json/.md")
+    p.add_argument("store", help="an HDF5 store file written by 'extract'")
+    p.add_argument("--shots", default="1,5,10", help="comma-separated examples per class (default 1,5,10)")
+    p.add_argument("--seeds", type=int, default=5, help="draws per number of shots (default 5)")
+    p.add_argument("--probes", default="logreg,knn", help="logreg and/or knn")
+    p.add_argument("--out", dest="out_dir", default="featurebank-runs", help="folder for runs")
+
+    p = sub.add_parser("compare", help="print a markdown table of several runs' metrics side by side")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by 'train' or 'run'")
 
     p = sub.add_parser("predict", help="classify images with a saved classifier; writes a CSV")
     p.add_argument("classifier", help="a classifier folder written by 'train' (…/classifiers/logreg), or a "
@@ -73,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data-dir", default="featurebank-data", help="where demo images are written")
         _extract_options(p)
         p.add_argument("--out", dest="out_dir", default="featurebank-runs")
-        p.add_argument("--probes", default="logreg,knn")
+        p.add_argument("--probes", default=_DEFAULT_PROBES, help=_PROBES_HELP)
+        p.add_argument("--memory-budget", dest="memory_budget_mb", type=float,
+                       help="MB: when the embeddings exceed it, train the logistic probe out of core within it")
         p.add_argument("--pixel-baseline", action="store_true", default=name == "demo",
                        help="also train logistic regression on raw pixels (default for demo)")
         p.add_argument("--shards", type=int, help="split extraction into this many shard tasks on a Dask cluster")
@@ -91,12 +115,19 @@ def _params(args: argparse.Namespace):
     from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
 
     d = {k: v for k, v in vars(args).items() if v is not None}
+    from pipelines.params import FewshotParams
+
     if "probes" in d:
         d["probes"] = [x.strip() for x in d["probes"].split(",") if x.strip()]
+    if "shots" in d:
+        try:
+            d["shots"] = [int(x) for x in d["shots"].split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--shots must be comma-separated integers, not '{d['shots']}'") from None
     pick = lambda model: model(**{k: v for k, v in d.items() if k in model.model_fields})
     return {"extract": lambda: pick(ExtractParams), "train": lambda: pick(TrainParams),
             "predict": lambda: pick(PredictParams), "run": lambda: pick(RunParams),
-            "serve": lambda: pick(RunParams)}[args.command]()
+            "serve": lambda: pick(RunParams), "fewshot": lambda: pick(FewshotParams)}[args.command]()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +145,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # a file system error (disk full, permission denied) is reported like the others: one line, exit 1
     known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, OSError)
+    if args.command == "compare":
+        from classifiers.report import compare_runs
+
+        try:
+            print(compare_runs(args.run_dirs), end="")
+        except FileNotFoundError as exc:
+            print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        return 0
     try:
         if args.command == "demo":
             from data.demo import build
@@ -128,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve" and (args.cron is None) == (args.interval is None):
             print("featurebank: error: give a schedule: --cron \"0 * * * *\" or --interval SECONDS", file=sys.stderr)
             return EXIT_USAGE
-    except ValidationError as exc:
+    except (ValidationError, UsageError) as exc:
         print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except known as exc:
@@ -157,6 +197,11 @@ def _dispatch(args, params) -> int:
         except RuntimeError as exc:
             print(f"featurebank: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        return 0
+    if args.command == "fewshot":
+        out = jobs.run_fewshot(params)
+        print(out["markdown_text"].split("\n\n", 2)[-1], end="")
+        print(f"few-shot table: {out['markdown']}")
         return 0
     use_prefect = getattr(args, "prefect", False) or (args.command == "run" and not args.no_prefect)
     if use_prefect:

@@ -12,7 +12,7 @@ import os
 from contextlib import contextmanager
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines import jobs
@@ -49,6 +49,9 @@ def train_task(params: TrainParams, baseline_root: str | None = None, extraction
     report = jobs.run_train(params, baseline_root=baseline_root, extraction=extraction)
     create_markdown_artifact(key="featurebank-report", markdown=report["markdown_text"],
                              description="featurebank probe comparison")
+    create_table_artifact(key="featurebank-probes", description="test-split metrics of every probe",
+                          table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "chosen"}
+                                 for r in report["rows"]])
     return ({k: str(v) for k, v in report.items() if k in ("dir", "metrics", "markdown", "html")}
             | {"rows": report["rows"], "store": params.store})
 
@@ -125,6 +128,7 @@ def run_flow(params: RunParams) -> dict:
             extraction = sharded_extract_flow.with_options(task_runner=runner)(extract_params, params.shards)
     else:
         extraction = extract_task(extract_params)
-    train = TrainParams(store=extraction["path"], out_dir=params.out_dir, probes=params.probes)
+    train = TrainParams(store=extraction["path"], out_dir=params.out_dir, probes=params.probes,
+                        memory_budget_mb=params.memory_budget_mb)
     report = train_task(train, baseline_root=params.source if params.pixel_baseline else None, extraction=extraction)
     return report | {"delta": record_task(params, report)}

@@ -15,14 +15,14 @@ import numpy as np
 from classifiers.history import record_run
 from classifiers.persist import check_store_fingerprint, load_classifier, verify_classifier
 from classifiers.report import write_report
-from classifiers.train import pixel_baseline, train_probes
+from classifiers.train import pixel_baseline, store_embedding_bytes, train_out_of_core, train_probes
 from classifiers.versions import resolve_classifier
 from data.sources import open_source
 from features.backbones import create_backbone
 from features.engine import ExtractResult, extract
 from features.shards import extract_shard, join_shards, plan_shards
 from features.store import StoreConfig, read_features
-from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
+from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, TrainParams
 
 
 def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractResult:
@@ -53,15 +53,51 @@ def new_run_dir(out_dir: str) -> Path:
 
 def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | None = None,
               extraction: dict | None = None, say=print) -> dict:
-    """Train the probes (and optionally the raw-pixel baseline) and write the run's report."""
-    features = read_features(p.store)
+    """Train the probes (and optionally the raw-pixel baseline) and write the run's report.
+
+    When the store's embeddings exceed ``p.memory_budget_mb``, only the out-of-core CLIP probe is
+    trained, streaming the store within that budget (the other probes need the features in memory)."""
     run_dir = run_dir or new_run_dir(p.out_dir)
+    if p.memory_budget_mb is not None and store_embedding_bytes(p.store) > p.memory_budget_mb * 2**20:
+        say(f"training out of core on {p.store}: its embeddings exceed the {p.memory_budget_mb:g} MB budget")
+        result, shown, counts = train_out_of_core(p.store, p.memory_budget_mb, out_dir=run_dir, say=say)
+        return write_report(run_dir, [result], shown, extraction, counts=counts)
+    features = read_features(p.store)
     say(f"training on {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
     if baseline_root:
         results.append(pixel_baseline(features, baseline_root, say=say))
-    report = write_report(run_dir, results, features, extraction)
+    fewshot = None
+    if p.shots:
+        from classifiers.fewshot import evaluate_fewshot
+
+        labelled = features.subset(features.y >= 0)
+        say(f"few-shot: shots {p.shots}, {p.seeds} seeds")
+        fewshot = evaluate_fewshot(labelled.train, labelled.test, p.shots, p.seeds, say=say)
+    report = write_report(run_dir, results, features, extraction, fewshot=fewshot)
     return report
+
+
+def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dict:
+    """Few-shot accuracy with 95 % intervals; writes fewshot.json and fewshot.md into a run folder."""
+    import json
+
+    from classifiers.fewshot import evaluate_fewshot, fewshot_markdown
+    from classifiers.train import check_trainable
+
+    features = read_features(p.store)
+    check_trainable(features)
+    labelled = features.subset(features.y >= 0)
+    run_dir = run_dir or new_run_dir(p.out_dir)
+    say(f"few-shot on {features.path.name}: shots {p.shots}, {p.seeds} seeds, probes {', '.join(p.probes)}")
+    result = evaluate_fewshot(labelled.train, labelled.test, p.shots, p.seeds, p.probes, say=say)
+    result |= {"store": str(features.path), "store_fingerprint": features.fingerprint,
+               "backbone": features.attrs.get("backbone")}
+    (run_dir / "fewshot.json").write_text(json.dumps(result, indent=2))
+    md = f"# featurebank few-shot\n\nStore `{features.path}`, test {result['n_test']} samples.\n\n{fewshot_markdown(result)}"
+    (run_dir / "fewshot.md").write_text(md)
+    return {"dir": run_dir, "json": run_dir / "fewshot.json", "markdown": run_dir / "fewshot.md",
+            "rows": result["rows"], "markdown_text": md}
 
 
 def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
@@ -137,7 +173,7 @@ def run_all(p: RunParams, progress: bool = True, say=print) -> dict:
         extraction = run_join(extract_params, [run_shard(extract_params, k, p.shards) for k in range(p.shards)])
     else:
         extraction = extraction_summary(run_extract(extract_params, progress, say))
-    train = TrainParams(store=extraction["path"], out_dir=p.out_dir, probes=p.probes)
+    train = TrainParams(store=extraction["path"], out_dir=p.out_dir, probes=p.probes, memory_budget_mb=p.memory_budget_mb)
     report = run_train(train, baseline_root=p.source if p.pixel_baseline else None, extraction=extraction, say=say)
     report["store"] = extraction["path"]
     delta = run_record(p, report)

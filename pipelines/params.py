@@ -125,10 +125,19 @@ class ExtractParams(_Params):
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, not '{v}'")
 
 
+def _shots(v: list[int]) -> list[int]:
+    if not v or any(k < 1 for k in v):
+        raise ValueError(f"shots must be positive integers, got {v}")
+    return sorted(set(v))
+
+
 class TrainParams(_Params):
     store: str
     out_dir: str = "featurebank-runs"
     probes: ProbeNames = Field(default_factory=lambda: list(DEFAULT_PROBES))
+    memory_budget_mb: float | None = Field(None, gt=0)
+    shots: Annotated[list[int], AfterValidator(lambda v: _shots(v) if v else v)] = Field(default_factory=list)
+    seeds: int = Field(5, ge=1, le=100)
 
     @field_validator("store")
     @classmethod
@@ -137,6 +146,28 @@ class TrainParams(_Params):
             raise ValueError(f"store {v} does not exist: run 'featurebank extract' first")
         check_trainable_store(v)
         return v
+
+
+def _fewshot_probes(v: list[str]) -> list[str]:
+    from classifiers.fewshot import FEWSHOT_PROBES
+
+    unknown = [p for p in v if p not in FEWSHOT_PROBES]
+    if unknown or not v:
+        raise ValueError(f"few-shot probe(s) {unknown or v} not supported: choose from {', '.join(FEWSHOT_PROBES)}")
+    return v
+
+
+class FewshotParams(_Params):
+    store: str
+    out_dir: str = "featurebank-runs"
+    shots: Annotated[list[int], AfterValidator(_shots)] = Field(default_factory=lambda: [1, 5, 10])
+    seeds: int = Field(5, ge=1, le=100)
+    probes: Annotated[list[str], AfterValidator(_fewshot_probes)] = Field(default_factory=lambda: ["logreg", "knn"])
+
+    @field_validator("store")
+    @classmethod
+    def _store_exists(cls, v: str) -> str:
+        return TrainParams._store_exists(v)
 
 
 class PredictParams(_Params):
@@ -165,6 +196,7 @@ class PredictParams(_Params):
 class RunParams(ExtractParams):
     out_dir: str = "featurebank-runs"
     probes: ProbeNames = Field(default_factory=lambda: list(DEFAULT_PROBES))
+    memory_budget_mb: float | None = Field(None, gt=0)
     pixel_baseline: bool = False
     shards: int = Field(1, ge=1, le=999)  # > 1: shards run as tasks on a Dask cluster (see docs/operations.md)
     dask_address: str | None = None  # an existing Dask scheduler; None: a local cluster when shards > 1
