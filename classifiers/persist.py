@@ -99,7 +99,7 @@ def check_store_fingerprint(directory: str | os.PathLike, manifest: dict, store_
         raise ClassifierError(
             f"classifier {directory} was trained on features of another backbone configuration "
             f"({manifest.get('backbone')}, store {manifest['store_fingerprint'][:16]}); these features are "
-            f"from store {store_fingerprint[:16]}: extract with the classifier's backbone"
+            f"from store {store_fingerprint[:16]}: extract with the classifier's configuration or retrain it on these features"
         )
 
 

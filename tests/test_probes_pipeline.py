@@ -47,8 +47,8 @@ def test_predict_writes_probabilities_and_refuses_another_configuration(tmp_path
         assert abs(sum(p) - 1) < 1e-4 and float(r["probability"]) == pytest.approx(max(p), abs=1e-6)
     assert np.mean([r["predicted"] == r["id"].split("/")[0] for r in rows]) > 0.6  # chance: 1/3
 
-    # a probe trained on float16 embeddings belongs to another configuration: predicting is refused
-    assert main(["extract", str(folder), "--store", str(tmp_path / "store16"), "--dtype", "float16",
+    # a probe trained on an intermediate layer's embeddings belongs to another configuration: refused
+    assert main(["extract", str(folder), "--store", str(tmp_path / "store16"), "--layer", "blocks.5",
                  "--workers", "0"]) == 0
     path16 = capsys.readouterr().out.strip().splitlines()[-1]
     assert main(["train", path16, "--out", str(tmp_path / "runs16"), "--probes", "logreg"]) == 0
