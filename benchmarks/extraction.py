@@ -99,6 +99,15 @@ def make_images(folder: Path, n: int, size: tuple[int, int], quality: int = 90) 
     return folder
 
 
+def random_backbone(name: str) -> Backbone:
+    """The architecture of ``name`` with random weights: throughput is the same, no download needed."""
+    from features.backbones import _architecture, _finish, _strip_head
+
+    model, pre = _architecture(name)
+    _strip_head(model)
+    return _finish(f"{name}:random-weights", model, pre, "random", None)
+
+
 # ------------------------------------------------------------------------------------ (a) bare forward
 
 
@@ -418,6 +427,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", help="a folder of images to use instead of generated ones")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the engine's choice)")
     ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="an untrained model of the backbone's architecture (throughput only; tv:/timm: names)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the engine's choice")
     ap.add_argument("--amp", default="auto", help="CUDA autocast: auto, bf16, fp16, fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
@@ -440,7 +451,8 @@ def main(argv=None) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="fb-bench-") if not a.workdir else None
     work = Path(a.workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "backbone": a.backbone, "device": dev.type, "amp": "fp32", "batch_size": a.batch_size}
+    name = a.backbone + (" (random weights)" if a.random_weights else "")
+    report = {"machine": machine(), "backbone": name, "device": dev.type, "amp": "fp32", "batch_size": a.batch_size}
     print(f"machine: {report['machine']}")
     try:
         if not a.memory_only:
@@ -470,7 +482,7 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
         desc = f"{a.images} JPEG {w}x{h}"
     src = open_source(folder)
     paths = [str(s.path) for s in src.samples]
-    backbone = create_backbone(a.backbone)
+    backbone = random_backbone(a.backbone) if a.random_weights else create_backbone(a.backbone)
     pre = backbone.preprocessing
     shape = (3, pre.size, pre.size)
     amp_dtype = pick_amp(dev, a.amp) if dev.type == "cuda" else None
