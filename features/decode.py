@@ -59,6 +59,30 @@ def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of a JPEG, 1 when it has none or it cannot be read."""
+    i, n = 2, min(len(data), 1 << 17)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            break
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\0\0":
+            tiff = data[i + 10:i + 2 + length]
+            order = "little" if tiff[:2] == b"II" else "big"
+            try:
+                ifd = int.from_bytes(tiff[4:8], order)
+                for k in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+                    e = ifd + 2 + 12 * k
+                    if int.from_bytes(tiff[e:e + 2], order) == 0x0112:
+                        value = int.from_bytes(tiff[e + 8:e + 10], order)
+                        return value if 1 <= value <= 8 else 1
+            except (IndexError, ValueError):
+                return 1
+            return 1
+        i += 2 + length
+    return 1
+
+
 def _decode_jpeg_supports_exif() -> bool:
     from torchvision.io import decode_jpeg
 
@@ -144,7 +168,9 @@ class Decoder:
         if pixels.device.type != "cpu":
             pixels = pixels.float()  # device kernels for antialiased resizing take floats
         x = F.center_crop(F.resize(pixels, [self.pre.resize], mode, antialias=True), [self.pre.size, self.pre.size])
-        scale, shift = self._scale.to(x.device), self._shift.to(x.device)
+        if x.device != self._scale.device:  # once per device, not once per image
+            self._scale, self._shift = self._scale.to(x.device), self._shift.to(x.device)
+        scale, shift = self._scale, self._shift
         if x.dtype == torch.uint8:
             x = x.float()
         else:
@@ -168,13 +194,15 @@ def pil_pixels(path, min_size: int | None = None) -> torch.Tensor:
 
 def read_for_gpu(path, decoder: Decoder):
     """On a CPU worker: ("jpeg", bytes as a uint8 tensor) for a JPEG the device can decode, or
-    ("pixels", the finished tensor) decoded on the CPU for anything else. Raises ImageError."""
+    ("pixels", the finished tensor) decoded on the CPU for anything else (other formats, CMYK, EXIF
+    orientation other than 1). Raises ImageError."""
     t0 = time.perf_counter()
     data = _read(path)
     decoder.timings["read"] += time.perf_counter() - t0
     if data is not None and data[:3] == JPEG_MAGIC:
         head = jpeg_header(data)
-        if head is not None and head[2] in (1, 3) and head[0] * head[1] > 0:
+        # the device decoder ignores EXIF orientation: rotated photos are decoded on the CPU
+        if head is not None and head[2] in (1, 3) and head[0] * head[1] > 0 and jpeg_orientation(data) == 1:
             return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return "pixels", decoder(path)
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from features.backbones import Preprocessing
-from features.decode import Decoder, jpeg_header
+from features.decode import Decoder, jpeg_header, jpeg_orientation
 from features.engine import Forward, WriterThread, _chunks, _Recorder, is_oom
 from features.runtime import choose_layout, pick_amp
 
@@ -195,6 +195,17 @@ def test_jpeg_header(w, h, mode, comps):
     assert jpeg_header(_jpeg(w, h, mode)) == (w, h, comps)
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_jpeg_orientation(orientation):
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "camera maker"
+    Image.new("RGB", (40, 30)).save(buf, "JPEG", exif=exif)
+    assert jpeg_orientation(buf.getvalue()) == orientation
+    assert jpeg_orientation(_jpeg(40, 30)) == 1
+
+
 def test_jpeg_header_of_garbage_is_none():
     assert jpeg_header(b"\xff\xd8\xff\xe0\x00") is None
     assert jpeg_header(b"\xff\xd8\xff" + bytes(100)) is None
@@ -237,3 +248,15 @@ def test_progress_shows_the_bottleneck():
     rec.time("wait for decode", 9.0)
     rec.advance(32)
     assert bar.postfix.startswith("bottleneck: wait for decode")
+
+
+def test_device_resizing_path_matches_the_uint8_path():
+    """The GPU finishes float pixels (device kernels); run that branch on the CPU against uint8."""
+    from skimage import data
+
+    pre = Preprocessing(224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    u8 = torch.from_numpy(data.coffee().copy()).permute(2, 0, 1)
+    dec = Decoder(pre)
+    a, b = dec.finish(u8), dec.finish(u8.float())
+    assert a.shape == b.shape == (3, 224, 224)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999
