@@ -273,33 +273,38 @@ def stage_breakdown(stages: dict, n: int) -> dict:
 # ------------------------------------------------------------------------------------------- memory
 
 
-def _tree_rss(pid: int) -> int:
+def _tree_rss(pid: int) -> tuple[int, int]:
+    """(resident bytes of the process tree, of its root alone)."""
     import psutil
 
     try:
         p = psutil.Process(pid)
         procs = [p, *p.children(recursive=True)]
     except psutil.Error:
-        return 0
-    total = 0
+        return 0, 0
+    total = root = 0
     for q in procs:
         try:
-            total += q.memory_info().rss
+            rss = q.memory_info().rss
         except psutil.Error:
-            pass
-    return total
+            continue
+        total += rss
+        root = rss if q.pid == pid else root
+    return total, root
 
 
-def _peak_rss_of(cmd: list[str]) -> tuple[int, float]:
-    """Run ``cmd`` and sample the resident memory of its process tree; (peak bytes, seconds)."""
+def _peak_rss_of(cmd: list[str]) -> tuple[int, int, float]:
+    """Run ``cmd`` and sample the resident memory of its process tree; (peak bytes, peak of the root
+    process alone, seconds)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    peak, stop = 0, threading.Event()
+    peak, peak_root, stop = 0, 0, threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, peak_root
         while not stop.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
+            total, root = _tree_rss(proc.pid)
+            peak, peak_root = max(peak, total), max(peak_root, root)
             stop.wait(0.02)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -309,7 +314,7 @@ def _peak_rss_of(cmd: list[str]) -> tuple[int, float]:
     th.join()
     if rc:
         raise SystemExit(f"memory run failed: {' '.join(cmd)} (exit {rc})")
-    return peak, time.perf_counter() - t0
+    return peak, peak_root, time.perf_counter() - t0
 
 
 def _memory_child(folder: str, n: int, size: int, backbone: str, batch, device) -> None:
@@ -334,8 +339,9 @@ def memory_run(work: Path, backbone: str, batch, device, small=2000, large=20000
     for n in (small, large):
         cmd = [sys.executable, __file__, "--_memory-child", str(folder), str(n), str(size), backbone,
                str(batch or 0), device or "auto"]
-        peak, secs = _peak_rss_of(cmd)
+        peak, peak_root, secs = _peak_rss_of(cmd)
         out[f"peak_rss_mb_{n}"] = round(peak / 2**20, 1)
+        out[f"peak_rss_mb_{n}_parent_only"] = round(peak_root / 2**20, 1)
         out[f"seconds_{n}"] = round(secs, 1)
     out["growth_mb"] = round(out[f"peak_rss_mb_{large}"] - out[f"peak_rss_mb_{small}"], 1)
     out["flat"] = out["growth_mb"] < 20

@@ -12,6 +12,7 @@ memory flat with bounded queues.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -259,9 +260,12 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
     from tqdm import tqdm
 
     dev = pick_device(device)
-    paths = [str(source.samples[k].path) for k in todo]
+    paths = _Paths(source, todo)
     cpu_batch = batch_size or CPU_BATCH
     layout = choose_layout(dev, len(paths), cpu_batch, workers, backbone.model, backbone.preprocessing.size)
+    if mp.current_process().daemon and (layout.replicas or layout.loader_workers):
+        # a daemonic process (a Dask or multiprocessing pool worker) may not start processes: all in here
+        layout = Layout(dev.type, 0, torch.get_num_threads() if dev.type == "cpu" else layout.threads, 0, layout.gpu_decode)
     result.layout = f"{dev.type}: {layout.describe()}"
     bar = tqdm(total=len(paths), unit="img", desc=f"embedding ({backbone.name}, {result.layout})",
                disable=not progress, dynamic_ncols=True)
@@ -295,11 +299,24 @@ def _chunks(n: int, batch: int, replicas: int) -> list[tuple[int, int]]:
     return out
 
 
-def _decode_batch(dec: Decoder, paths, start: int, stop: int):
+class _Paths:
+    """The file paths still to embed, made on demand (a list of them would grow with the dataset)."""
+
+    def __init__(self, source, todo):
+        self.source, self.todo = source, todo
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, j: int) -> str:
+        return str(self.source.samples[self.todo[j]].path)
+
+
+def _decode_batch(dec: Decoder, start: int, batch_paths: list[str]):
     tensors, idx, bad = [], [], []
-    for j in range(start, stop):
+    for j, path in enumerate(batch_paths, start):
         try:
-            tensors.append(dec(paths[j]))
+            tensors.append(dec(path))
             idx.append(j)
         except ImageError as exc:
             bad.append((j, str(exc)))
@@ -308,15 +325,16 @@ def _decode_batch(dec: Decoder, paths, start: int, stop: int):
     return tensors, idx, bad
 
 
-def _replica(rank, model, dec, paths, threads, tasks, results):
-    """One worker process: take (start, stop) ranges, decode them inline, run the model, send back."""
+def _replica(rank, model, dec, threads, tasks, results):
+    """One worker process: take batches of (first position, paths), decode them inline, run the model,
+    send the embeddings back."""
     try:
         torch.set_num_threads(threads)
         waited = 0.0
         with torch.inference_mode():
             while (task := tasks.get()) is not None:
                 before = dict(dec.timings)
-                tensors, idx, bad = _decode_batch(dec, paths, *task)
+                tensors, idx, bad = _decode_batch(dec, *task)
                 emb, t0 = None, time.perf_counter()
                 if tensors:
                     x = torch.stack(tensors).contiguous(memory_format=torch.channels_last)
@@ -342,16 +360,40 @@ def _mp_context(threads: int = 1):
 def _run_replicas(model, dec: Decoder, paths, batch: int, layout: Layout, rec: _Recorder) -> None:
     ctx = _mp_context(layout.threads)
     model = model.to("cpu").to(memory_format=torch.channels_last).eval()
-    tasks = ctx.Queue()
-    for chunk in _chunks(len(paths), batch, layout.replicas):
-        tasks.put(chunk)
-    for _ in range(layout.replicas):
-        tasks.put(None)
-    results = ctx.Queue(maxsize=2 * layout.replicas)  # bounded: memory stays flat
-    procs = [ctx.Process(target=_replica, args=(r, model, dec, paths, layout.threads, tasks, results),
+    # both queues are bounded and the paths travel with the tasks, so memory stays flat however many
+    # images there are; gc.freeze keeps the children's garbage collector off the parent's objects
+    # (touching them would copy their pages into every child)
+    tasks = ctx.Queue(maxsize=4 * layout.replicas)
+    results = ctx.Queue(maxsize=2 * layout.replicas)
+    procs = [ctx.Process(target=_replica, args=(r, model, dec, layout.threads, tasks, results),
                          name=f"featurebank-replica-{r}", daemon=True) for r in range(layout.replicas)]
-    for p in procs:
-        p.start()
+    gc.freeze()
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        gc.unfreeze()
+    stop = threading.Event()
+
+    def feed():
+        for a, b in _chunks(len(paths), batch, layout.replicas):
+            item = (a, [paths[j] for j in range(a, b)])
+            while not stop.is_set():
+                try:
+                    tasks.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    pass
+        for _ in procs:
+            while not stop.is_set():
+                try:
+                    tasks.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    pass
+
+    feeder = threading.Thread(target=feed, name="featurebank-feeder", daemon=True)
+    feeder.start()
     done = 0
     try:
         while done < len(procs):
@@ -376,11 +418,14 @@ def _run_replicas(model, dec: Decoder, paths, batch: int, layout: Layout, rec: _
                 rec.rows(idx, emb)
             rec.advance(len(idx) + len(bad))
     finally:
+        stop.set()
         for p in procs:
             if p.is_alive() and done < len(procs):
                 p.terminate()
         for p in procs:
             p.join(timeout=10)
+        feeder.join(timeout=5)
+        tasks.cancel_join_thread()
         tasks.close()
         results.close()
 

@@ -260,3 +260,30 @@ def test_device_resizing_path_matches_the_uint8_path():
     a, b = dec.finish(u8), dec.finish(u8.float())
     assert a.shape == b.shape == (3, 224, 224)
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999
+
+
+def _extract_in_daemon(folder, store, out):
+    from features.engine import extract
+
+    torch.set_num_threads(1)  # a forked child must not run OpenMP on several threads
+    try:
+        r = extract(folder, "efficientnet_lite0", store, batch_size=2, progress=False, say=lambda s: None)
+        out.put((r.layout, r.embedded))
+    except BaseException as exc:
+        out.put((repr(exc), -1))
+
+
+def test_inside_a_daemonic_worker_everything_runs_in_process(tmp_path):
+    """Dask and pool workers are daemonic and may not start processes: the engine stays in-process."""
+    import multiprocessing as mp
+
+    (tmp_path / "c").mkdir()
+    for k in range(6):
+        Image.new("RGB", (40, 30), (40 * k, 90, 200)).save(tmp_path / "c" / f"{k}.jpg")
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    p = ctx.Process(target=_extract_in_daemon, args=(tmp_path, tmp_path / "store", out), daemon=True)
+    p.start()
+    layout, n = out.get(timeout=240)
+    p.join()
+    assert n == 6 and layout.startswith("cpu: 1 process"), layout
