@@ -79,6 +79,7 @@ def extract(
     amp: str = "auto",
     compile: bool = False,
     decoder: str = "fast",
+    layout: Layout | None = None,
 ) -> ExtractResult:
     """Embed every new or changed sample of ``source`` into its store file and return what happened.
 
@@ -87,7 +88,8 @@ def extract(
     the number of DataLoader workers; None chooses from the machine (see features.runtime).
     ``amp``: autocast dtype on CUDA (auto = bf16 where supported, else fp16; fp32 turns it off).
     ``compile``: torch.compile the model (CUDA only). ``decoder``: "fast" (features.decode) or
-    "plain" (PIL and the backbone's reference transform).
+    "plain" (PIL and the backbone's reference transform). ``layout``: force a layout instead of the
+    automatic one (e.g. the GPU path's device decoding on a CPU, as the tests do).
     """
     t0 = time.perf_counter()
     if not isinstance(source, Source):
@@ -120,7 +122,7 @@ def extract(
         stale = any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
         if todo:
             _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-                   amp=amp, compile=compile, decoder=decoder)
+                   amp=amp, compile=compile, decoder=decoder, layout=layout)
         if todo or stale or writer.needs_merge() or not path.exists() or _labels_changed(path, ids, labels, splits):
             counts = writer.finish(ids, labels, splits, content)
             result.removed = counts["removed"]
@@ -256,13 +258,14 @@ class WriterThread:
 
 
 def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-           amp="auto", compile=False, decoder="fast"):
+           amp="auto", compile=False, decoder="fast", layout=None):
     from tqdm import tqdm
 
     dev = pick_device(device)
     paths = _Paths(source, todo)
     cpu_batch = batch_size or CPU_BATCH
-    layout = choose_layout(dev, len(paths), cpu_batch, workers, backbone.model, backbone.preprocessing.size)
+    if layout is None:
+        layout = choose_layout(dev, len(paths), cpu_batch, workers, backbone.model, backbone.preprocessing.size)
     if mp.current_process().daemon and (layout.replicas or layout.loader_workers):
         # a daemonic process (a Dask or multiprocessing pool worker) may not start processes: all in here
         layout = Layout(dev.type, 0, torch.get_num_threads() if dev.type == "cpu" else layout.threads, 0, layout.gpu_decode)

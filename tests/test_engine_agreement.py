@@ -18,6 +18,7 @@ from features.backbones import create_backbone
 from features.decode import Decoder, decode_on_device
 from features.engine import _collate, _Files, extract
 from features.images import load_image
+from features.runtime import Layout
 from features.store import read_features
 
 
@@ -136,6 +137,16 @@ def test_gpu_batch_decoding_logic_on_the_cpu(lite0, photos, reference):
     for p, e in zip(got, emb):
         r = reference[str(Path(p).relative_to(photos))]
         assert np.dot(r, e) / (np.linalg.norm(r) * np.linalg.norm(e)) >= 0.999, p
+
+
+def test_gpu_loop_with_device_decoding_runs_on_the_cpu(lite0, photos, reference, tmp_path):
+    """The whole one-process GPU loop (loader workers sending JPEG bytes, batch decoding and finishing
+    on the device, the CPU fallback, the writer thread), with the CPU as the device."""
+    lay = Layout("cpu", replicas=0, threads=2, loader_workers=1, gpu_decode=True)
+    r = extract(photos, lite0, tmp_path, device="cpu", batch_size=6, layout=lay, progress=False, say=lambda s: None)
+    assert "GPU JPEG decoding" in r.layout and r.stages.get("decode (device)", 0) > 0
+    assert r.stages.get("write (thread)", -1) >= 0
+    _check(r, reference, 0.999)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
