@@ -230,8 +230,9 @@ def decode_ceiling_cuda(pre: Preprocessing, paths: list[str], batch: int, worker
     t0, n = time.perf_counter(), 0
     for b in loader:
         parts = [b["pixels"].to(dev, non_blocking=True)] if b["pixels"] is not None else []
-        if b["jpegs"]:
-            ts, _ = decode_on_device(b["jpegs"], [paths[i] for i in b["jpeg_idx"]], dec, dev)
+        if b["jpeg_sizes"]:
+            jpegs = list(torch.split(b["jpeg_bytes"], b["jpeg_sizes"]))
+            ts, _ = decode_on_device(jpegs, [paths[i] for i in b["jpeg_idx"]], dec, dev)
             parts.extend(t[None] for t in ts if t is not None)
         if parts:
             torch.cat(parts).contiguous(memory_format=torch.channels_last)

@@ -461,10 +461,14 @@ class _Files(torch.utils.data.Dataset):
 
 
 def _collate(items):
+    """One batch: the JPEGs' bytes as one flat tensor with their sizes (one shared-memory block per
+    batch, not one per file), the CPU-decoded images stacked, and the failures."""
     pixels = [(i, p) for i, k, p, _, _ in items if k == "pixels"]
+    jpegs = [p for _, k, p, _, _ in items if k == "jpeg"]
     return {
         "jpeg_idx": [i for i, k, _, _, _ in items if k == "jpeg"],
-        "jpegs": [p for _, k, p, _, _ in items if k == "jpeg"],
+        "jpeg_bytes": torch.cat(jpegs) if jpegs else None,
+        "jpeg_sizes": [len(p) for p in jpegs],
         "pixel_idx": [i for i, _ in pixels],
         "pixels": torch.stack([p for _, p in pixels]) if pixels else None,
         "bad": [(i, r) for i, _, _, r, _ in items if r is not None],
@@ -555,10 +559,10 @@ def _run_in_process(backbone, dec: Decoder, paths, batch_size, dev: torch.device
                 rec.time("copy", time.perf_counter() - t1)
         if cuda:
             events[1].record()
-        if b["jpegs"]:
+        if b["jpeg_sizes"]:
             t1 = time.perf_counter()
             jpeg_paths = [paths[i] for i in b["jpeg_idx"]]
-            tensors, fails = decode_on_device(b["jpegs"], jpeg_paths, dec, dev)
+            tensors, fails = decode_on_device(list(torch.split(b["jpeg_bytes"], b["jpeg_sizes"])), jpeg_paths, dec, dev)
             bad.extend((b["jpeg_idx"][k], r) for k, r in fails)
             ok = [k for k, t in enumerate(tensors) if t is not None]
             if ok:

@@ -126,8 +126,9 @@ def test_gpu_batch_decoding_logic_on_the_cpu(lite0, photos, reference):
     paths = sorted(str(p) for p in photos.rglob("*.*"))
     dec = Decoder(lite0.preprocessing)
     batch = _collate([_Files(paths, dec, gpu_decode=True)[i] for i in range(len(paths))])
-    assert batch["jpegs"] and batch["pixels"] is not None  # JPEG bytes and the PNG decoded on the CPU
-    tensors, fails = decode_on_device(batch["jpegs"], [paths[i] for i in batch["jpeg_idx"]], dec, torch.device("cpu"))
+    assert batch["jpeg_sizes"] and batch["pixels"] is not None  # JPEG bytes and the PNG decoded on the CPU
+    jpegs = list(torch.split(batch["jpeg_bytes"], batch["jpeg_sizes"]))
+    tensors, fails = decode_on_device(jpegs, [paths[i] for i in batch["jpeg_idx"]], dec, torch.device("cpu"))
     bad = [paths[i] for i, _ in batch["bad"]] + [paths[batch["jpeg_idx"][k]] for k, _ in fails]
     assert [Path(p).name for p in bad] == ["broken.jpg"]
     got = {paths[i]: t for i, t in zip(batch["jpeg_idx"], tensors) if t is not None}
