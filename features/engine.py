@@ -537,54 +537,79 @@ def _run_in_process(backbone, dec: Decoder, paths, batch_size, dev: torch.device
         prefetch_factor=4 if layout.loader_workers else None, persistent_workers=False,
     )
     cuda = dev.type == "cuda"
-    it = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            b = next(it)
-        except StopIteration:
-            break
-        rec.time("wait for decode", time.perf_counter() - t0)
-        rec.time("read+decode (workers)", b["decode_s"])
+    pending = None  # the batch whose embeddings are still on their way back from the device
+    for b in _timed(loader, rec):
         bad = list(b["bad"])
         parts, order = [], []
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda else None
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda else None
+        t1 = time.perf_counter()
         if cuda:
-            events[0].record()
+            ev[0].record()
         if b["pixels"] is not None:
-            t1 = time.perf_counter()
             parts.append(b["pixels"].to(dev, non_blocking=True))
             order.extend(b["pixel_idx"])
-            if not cuda:
-                rec.time("copy", time.perf_counter() - t1)
         if cuda:
-            events[1].record()
+            ev[1].record()
+        else:
+            rec.time("copy", time.perf_counter() - t1)
+        t1 = time.perf_counter()
         if b["jpeg_sizes"]:
-            t1 = time.perf_counter()
-            jpeg_paths = [paths[i] for i in b["jpeg_idx"]]
-            tensors, fails = decode_on_device(list(torch.split(b["jpeg_bytes"], b["jpeg_sizes"])), jpeg_paths, dec, dev)
+            jpegs = list(torch.split(b["jpeg_bytes"], b["jpeg_sizes"]))
+            tensors, fails = decode_on_device(jpegs, [paths[i] for i in b["jpeg_idx"]], dec, dev)
             bad.extend((b["jpeg_idx"][k], r) for k, r in fails)
             ok = [k for k, t in enumerate(tensors) if t is not None]
             if ok:
                 parts.append(torch.stack([tensors[k] for k in ok]))
                 order.extend(b["jpeg_idx"][k] for k in ok)
-            if not cuda:
-                rec.time("decode (device)", time.perf_counter() - t1)
         if cuda:
-            events[2].record()
+            ev[2].record()
+        else:
+            rec.time("decode (device)", time.perf_counter() - t1)
         rec.failures(bad)
         if parts:
             x = (torch.cat(parts) if len(parts) > 1 else parts[0]).contiguous(memory_format=torch.channels_last)
             t1 = time.perf_counter()
             emb = forward(x)
             if cuda:
-                events[3].record()
-            emb = emb.cpu().numpy()
-            if cuda:
-                rec.time("copy", events[0].elapsed_time(events[1]) / 1000)
-                rec.time("decode (device)", events[1].elapsed_time(events[2]) / 1000)
-                rec.time("forward", events[2].elapsed_time(events[3]) / 1000)
+                # the copy back is queued behind the forward pass; it is collected after the next batch
+                # has been launched, so the device never waits for the host
+                host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
+                host.copy_(emb, non_blocking=True)
+                ev[3].record()
+                emb = host
             else:
                 rec.time("forward", time.perf_counter() - t1)
-            rec.rows(order, emb)
-        rec.advance(len(order) + len(bad))
+        else:
+            emb = None
+        if pending is not None:
+            _collect(pending, rec)
+        pending = (order, emb, ev, len(bad))
+    if pending is not None:
+        _collect(pending, rec)
+
+
+def _timed(loader, rec: _Recorder):
+    """Iterate the loader, timing how long the model waited for decoded batches."""
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        rec.time("wait for decode", time.perf_counter() - t0)
+        rec.time("read+decode (workers)", b["decode_s"])
+        yield b
+
+
+def _collect(pending, rec: _Recorder) -> None:
+    """Wait for a batch's embeddings, record its device timings, hand it to the writer."""
+    order, emb, ev, n_bad = pending
+    if ev is not None:
+        ev[3].synchronize()
+        rec.time("copy", ev[0].elapsed_time(ev[1]) / 1000)
+        rec.time("decode (device)", ev[1].elapsed_time(ev[2]) / 1000)
+        rec.time("forward", ev[2].elapsed_time(ev[3]) / 1000)
+    if emb is not None:
+        rec.rows(order, emb.numpy())
+    rec.advance(len(order) + n_bad)
