@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -30,7 +31,14 @@ from features.backbones import Preprocessing
 from features.images import ImageError, load_image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def complete_jpeg(data: bytes) -> bool:
+    """True when the file ends with the end-of-image marker. libjpeg decodes a truncated file into a
+    partly grey picture with only a warning; such files go to load_image, which refuses them."""
+    return data.rstrip(b"\0")[-2:] == JPEG_END
 
 
 def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
@@ -140,8 +148,8 @@ class Decoder:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         head = jpeg_header(data)
-        if head is None or head[2] not in (1, 3):
-            return None  # CMYK, odd or damaged: PIL handles it or names the problem
+        if head is None or head[2] not in (1, 3) or not complete_jpeg(data):
+            return None  # CMYK, odd, truncated or damaged: PIL handles it or names the problem
         w, h, _ = head
         if w * h == 0:
             return None
@@ -156,7 +164,12 @@ class Decoder:
         try:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             kw = {"apply_exif_orientation": True} if self._exif else {}
-            return decode_jpeg(buf, mode=ImageReadMode.RGB, **kw)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pixels = decode_jpeg(buf, mode=ImageReadMode.RGB, **kw)
+            if any(not issubclass(w.category, DeprecationWarning) for w in caught):
+                return None  # libjpeg complained about the data: let load_image judge the file
+            return pixels
         except Exception:
             return None
 
@@ -202,7 +215,8 @@ def read_for_gpu(path, decoder: Decoder):
     if data is not None and data[:3] == JPEG_MAGIC:
         head = jpeg_header(data)
         # the device decoder ignores EXIF orientation: rotated photos are decoded on the CPU
-        if head is not None and head[2] in (1, 3) and head[0] * head[1] > 0 and jpeg_orientation(data) == 1:
+        if (head is not None and head[2] in (1, 3) and head[0] * head[1] > 0 and complete_jpeg(data)
+                and jpeg_orientation(data) == 1):
             return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return "pixels", decoder(path)
 

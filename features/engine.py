@@ -328,10 +328,26 @@ def _decode_batch(dec: Decoder, start: int, batch_paths: list[str]):
     return tensors, idx, bad
 
 
+def steady_allocator() -> None:
+    """Keep freed memory in this process's heap instead of handing it back and asking for it again
+    with every batch (glibc only; elsewhere nothing happens). The resident size then rises to the
+    working set within a few batches and stays there, instead of see-sawing by tens of megabytes,
+    and the forward pass stops paying page faults for its activations."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not return the top of the heap
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MiB come from the heap
+    except (OSError, AttributeError):
+        pass
+
+
 def _replica(rank, model, dec, threads, tasks, results):
     """One worker process: take batches of (first position, paths), decode them inline, run the model,
     send the embeddings back."""
     try:
+        steady_allocator()
         torch.set_num_threads(threads)
         waited = 0.0
         with torch.inference_mode():

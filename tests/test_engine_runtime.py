@@ -287,3 +287,14 @@ def test_inside_a_daemonic_worker_everything_runs_in_process(tmp_path):
     layout, n = out.get(timeout=240)
     p.join()
     assert n == 6 and layout.startswith("cpu: 1 process"), layout
+
+
+def test_truncated_jpeg_fails_like_the_plain_path(tmp_path):
+    """libjpeg would decode a cut-off file into a half-grey picture; the engine must refuse it."""
+    from features.images import ImageError
+
+    pre = Preprocessing(224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(_jpeg(320, 240)[:-200])
+    with pytest.raises(ImageError):
+        Decoder(pre)(p)
