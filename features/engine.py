@@ -32,7 +32,7 @@ from features.backbones import Backbone, create_backbone
 from features.decode import Decoder, decode_on_device, read_for_gpu
 from features.images import ImageError, content_fingerprint
 from features.runtime import GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device, usable_cores
-from features.store import StoreConfig, StoreWriter, store_path
+from features.store import StoreConfig, StoreError, StoreWriter, store_path
 
 DEFAULT_STORE_DIR = "featurebank-store"
 
@@ -74,6 +74,8 @@ def extract(
     content_hash: bool = False,
     retry_failures: bool = False,
     lock_timeout: float | None = None,
+    rows_per_part: int = 512,
+    seconds_per_part: float = 10.0,
     progress: bool = True,
     say: Callable[[str], None] = print,
     amp: str = "auto",
@@ -82,6 +84,10 @@ def extract(
     layout: Layout | None = None,
 ) -> ExtractResult:
     """Embed every new or changed sample of ``source`` into its store file and return what happened.
+
+    A sample is reused when the store holds a row (or, unless ``retry_failures``, a failure) with the
+    same content fingerprint as its file now; rows of samples no longer listed are dropped. Work is
+    committed every ``rows_per_part`` rows or ``seconds_per_part`` seconds, so a killed run resumes.
 
     ``batch_size``: None picks it (32 on a CPU; on CUDA the largest that fits, up to 512).
     ``workers``: on a CPU the number of model replica processes (0: all in this process); on a GPU
@@ -94,35 +100,41 @@ def extract(
     t0 = time.perf_counter()
     if not isinstance(source, Source):
         source = open_source(source, dataset)
-    if not isinstance(backbone, Backbone):
-        backbone = create_backbone(backbone)
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
-    config = StoreConfig(backbone.name, backbone.weights_sha256, backbone.preprocessing.as_dict(),
-                         backbone.layer, backbone.pooling, dtype, backbone.dim)
+    if not isinstance(backbone, Backbone):
+        backbone = create_backbone(backbone)
+    config = StoreConfig.for_backbone(backbone, dtype)
     path = store_path(store_dir, dataset or source.name, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the store folder {path.parent} ({exc.strerror or exc})") from None
 
     ids = [escape_id(s.id) for s in source.samples]
     content = [content_fingerprint(s.path, content_hash) for s in source.samples]
-    labels = [s.label for s in source.samples]
+    labels = [None if s.label is None else escape_id(s.label) for s in source.samples]
     splits = [s.split or split_of(s.id) for s in source.samples]
 
-    with StoreWriter(path, config, dataset or source.name, lock_timeout=lock_timeout, say=say) as writer:
+    with StoreWriter(path, config, dataset or source.name, lock_timeout=lock_timeout,
+                     rows_per_part=rows_per_part, seconds_per_part=seconds_per_part, say=say) as writer:
         index = writer.index()
-        todo = []
+        todo, reused = [], 0
         for k, (i, c) in enumerate(zip(ids, content)):
             if index.content.get(i) == c:
-                continue
-            if not retry_failures and i in index.failures and index.failures[i][1] == c:
-                continue
-            todo.append(k)
-        result = ExtractResult(path=path, reused=len(ids) - len(todo))
+                reused += 1
+            elif retry_failures or index.failures.get(i, (None, None))[1] != c:
+                todo.append(k)
+        result = ExtractResult(path=path, reused=reused)
         listed = set(ids)
         stale = any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
         if todo:
             _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
                    amp=amp, compile=compile, decoder=decoder, layout=layout)
+        # what this run added, counted by the writer (ids escaped, so printable whatever the file name)
+        result.embedded = writer.added_rows
+        result.failures = list(writer.added_failures)
+        result.failed = len(result.failures)
         if todo or stale or writer.needs_merge() or not path.exists() or _labels_changed(path, ids, labels, splits):
             counts = writer.finish(ids, labels, splits, content)
             result.removed = counts["removed"]

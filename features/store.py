@@ -17,11 +17,20 @@ file: it commits its work as small *part* files (written to a temporary name, fl
 renamed) in ``<store>.parts/``, and at the end merges the store and its parts into a new file that
 atomically replaces the old one. A killed run leaves the old store plus the parts it committed; the
 next run reuses those parts and only embeds the rest.
+
+Parts are named ``part-<sequence>-<pid>-<time>.h5``: their names sort in commit order, and a later
+part's rows win. The store's ``merged_parts`` attribute lists the parts it holds, so a part left by a
+kill between the merge and the parts' deletion is never applied twice. A new writer, holding the
+lock, deletes what killed writers left: temporary files (``.<name>.<pid>.tmp``) and merged parts.
+A failed write (a full disk) is kept from HDF5, which cannot recover from one: the file being written
+is discarded and a one-line StoreError says what happened; what was committed before is untouched.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -70,6 +79,12 @@ class StoreConfig:
             "dim": self.dim,
         }
 
+    @classmethod
+    def for_backbone(cls, backbone, dtype: str = "float32") -> StoreConfig:
+        """The configuration of a store of ``backbone``'s embeddings stored as ``dtype``."""
+        return cls(backbone.name, backbone.weights_sha256, backbone.preprocessing.as_dict(),
+                   backbone.layer, backbone.pooling, dtype, backbone.dim)
+
     @property
     def fingerprint(self) -> str:
         blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
@@ -112,26 +127,47 @@ def open_store(path: str | os.PathLike) -> h5py.File:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise StoreError(f"{path} is not a readable HDF5 file ({exc}); delete it and extract again") from None
-    if f.attrs.get("format") != STORE_FORMAT:
-        f.close()
-        raise StoreError(f"{path} is an HDF5 file but not a featurebank store")
-    version = int(f.attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
-        f.close()
-        raise StoreError(f"{path} has store format {version}; this featurebank reads {FORMAT_VERSION}")
+        raise StoreError(
+            f"{path} is not a readable HDF5 file ({_first_line(exc)}): give a store written by "
+            "'featurebank extract' (if it is one, it is damaged: delete it and extract again)"
+        ) from None
     try:
+        if f.attrs.get("format") != STORE_FORMAT:
+            raise StoreError(f"{path} is an HDF5 file but not a featurebank store: give a store written by "
+                             "'featurebank extract'")
+        version = int(f.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{path} has store format {version}; this featurebank reads {FORMAT_VERSION}: "
+                             "extract again into a new store folder")
         n = f["embeddings"].shape[0]
-        for name in ("ids", "labels", "splits", "content"):
-            if f[name].shape[0] != n:
-                raise StoreError(f"{path} is damaged: '{name}' has {f[name].shape[0]} rows, embeddings {n}")
+        for name in ("ids", "labels", "splits", "content", "failures/ids", "failures/reasons"):
+            if name.startswith("failures/"):
+                f[name].shape  # noqa: B018 - present and readable
+            elif f[name].shape[0] != n:
+                raise StoreError(f"{path} is damaged: '{name}' has {f[name].shape[0]} rows, embeddings {n}; "
+                                 "delete it and extract again")
     except KeyError as exc:
         f.close()
         raise StoreError(f"{path} is damaged: missing {exc}; delete it and extract again") from None
+    except (OSError, ValueError, TypeError) as exc:
+        f.close()
+        raise StoreError(f"{path} is damaged ({_first_line(exc)}); delete it and extract again") from None
     except StoreError:
         f.close()
         raise
+    if "shards" in f.attrs:  # a joined store: refuse to read a missing or damaged shard as fill values
+        from features.shards import verify_shards
+
+        try:
+            verify_shards(f, path)
+        except StoreError:
+            f.close()
+            raise
     return f
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _strings(dataset) -> list[str]:
@@ -174,17 +210,20 @@ def read_features(path: str | os.PathLike) -> Features:
     >>> f.X.shape, f.y[:3], f.class_names
     """
     with open_store(path) as f:
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-        return Features(
-            X=f["embeddings"][()].astype(np.float32, copy=False),
-            y=f["labels"][()].astype(np.int64),
-            ids=_strings(f["ids"]),
-            class_names=[str(c) for c in f["labels"].attrs.get("class_names", [])],
-            splits=np.array(_strings(f["splits"]), dtype=object),
-            fingerprint=str(f.attrs["fingerprint"]),
-            path=Path(path),
-            attrs=attrs,
-        )
+        try:
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            return Features(
+                X=f["embeddings"][()].astype(np.float32, copy=False),
+                y=f["labels"][()].astype(np.int64),
+                ids=_strings(f["ids"]),
+                class_names=[str(c) for c in f["labels"].attrs.get("class_names", [])],
+                splits=np.array(_strings(f["splits"]), dtype=object),
+                fingerprint=str(f.attrs["fingerprint"]),
+                path=Path(path),
+                attrs=attrs,
+            )
+        except (OSError, KeyError, ValueError) as exc:  # a file truncated or damaged inside its data
+            raise StoreError(f"{path} is damaged ({_first_line(exc)}); delete it and extract again") from None
 
 
 @dataclass
@@ -209,6 +248,13 @@ def _write_table(group: h5py.Group, ids: Sequence[str], embeddings: np.ndarray |
     group.create_dataset("content", data=np.array(list(content), dtype=object), dtype=STR, maxshape=(None,))
 
 
+def _write_failures(group: h5py.Group, fails: Sequence[tuple[str, str, str]]) -> None:
+    """The ``failures`` table: (escaped id, one-line reason, content fingerprint) per unusable sample."""
+    g = group.create_group("failures")
+    for col, name in enumerate(("ids", "reasons", "content")):
+        g.create_dataset(name, data=np.array([x[col] for x in fails], dtype=object), dtype=STR, maxshape=(None,))
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -217,25 +263,121 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+class _WriteOnce(io.RawIOBase):
+    """The file under an HDF5 file being written: a failed write is kept from HDF5, not reported to it.
+
+    HDF5 cannot recover from a failed write (the file stays open inside the library, which can crash
+    the process at exit), so the first failure (a full disk, a file-size limit) is recorded here and
+    the rest of the file goes to memory; the caller then discards the file and raises the error.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by close()
+        self.error: OSError | None = None
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = self.file.seek(offset, whence)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        n = self.file.readinto(buffer)
+        self.pos += n or 0
+        return n
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                done += self.file.write(view[done:])
+            except OSError as exc:
+                self.error = self.error or exc
+                self._to_memory(self.pos + done)
+        self.pos += done
+        return done
+
+    def _to_memory(self, where: int) -> None:
+        """Go on in memory, from a copy of what reached the disk (this only happens on failure)."""
+        size = os.fstat(self.file.fileno()).st_size
+        memory = io.BytesIO(os.pread(self.file.fileno(), size, 0))
+        self.file.close()
+        self.file = memory
+        self.file.seek(where)
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return self.file.truncate(size)
+        except OSError as exc:
+            self.error = self.error or exc
+            self._to_memory(self.pos)
+            return self.file.truncate(size)
+
+    def flush(self) -> None:
+        pass
+
+    def fsync(self) -> None:
+        if self.error is None:
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 def _atomic_h5(path: Path, fill) -> None:
-    """Write an HDF5 file with ``fill(h5file)`` under a temporary name, fsync it, rename it into place."""
+    """Write an HDF5 file with ``fill(h5file)`` under a temporary name, fsync it, rename it into place.
+
+    Any failure (a full disk, a file-size limit) removes the temporary file and raises OSError with
+    a one-line reason; the file at ``path`` is then as it was.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-            fill(f)
-        _fsync_path(tmp)
+        raw = _WriteOnce(tmp)
+        try:
+            with h5py.File(raw, "w", libver=("v110", "latest")) as f:
+                fill(f)
+            if raw.error is not None:
+                raise raw.error
+            raw.fsync()
+        finally:
+            raw.close()
         os.replace(tmp, path)
         _fsync_path(path.parent)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):  # h5py reports some failed writes as RuntimeError
+            raise OSError(_h5_reason(exc)) from None
         raise
+
+
+def _h5_reason(exc: BaseException) -> str:
+    """One line from an HDF5 error, whose message spans lines and buries the system's reason."""
+    text = str(exc)
+    found = re.search(r"error message = '([^']*)'", text)
+    if found:
+        return found.group(1)
+    return getattr(exc, "strerror", None) or _first_line(exc)
 
 
 class StoreWriter:
     """Commits an extraction's results in parts and merges them into the store at the end.
 
     Only one writer per store at a time: the constructor takes the store's lock file, waiting up to
-    ``lock_timeout`` seconds (None: wait forever) and saying so while it waits.
+    ``lock_timeout`` seconds (None: wait forever) and saying so while it waits. Holding the lock, it
+    removes what killed writers left behind: temporary files, and parts already merged into the store.
     """
 
     def __init__(self, path: str | os.PathLike, config: StoreConfig, dataset: str,
@@ -247,25 +389,41 @@ class StoreWriter:
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self.rows_per_part = rows_per_part
         self.seconds_per_part = seconds_per_part
+        self._check_store()  # before the lock file is created: a bad store changes nothing
         self._lock = FileLock(str(self.path) + ".lock")
         try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            say(f"waiting: another extraction is writing {self.path.name} (lock {self._lock.lock_file})")
             try:
-                self._lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout)
+                self._lock.acquire(timeout=0)
             except Timeout:
-                raise StoreError(
-                    f"another extraction is still writing {self.path} after {lock_timeout:.0f} s; "
-                    "try again when it has finished"
-                ) from None
+                say(f"waiting: another extraction is writing {self.path.name} (lock {self._lock.lock_file})")
+                try:
+                    self._lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout)
+                except Timeout:
+                    raise StoreError(
+                        f"another extraction is still writing {self.path} after {lock_timeout:.0f} s; "
+                        "try again when it has finished"
+                    ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot lock {self.path} ({_first_line(exc)}): is its folder writable?") from None
+        except RuntimeError as exc:  # filelock refuses to wait for a lock this very thread holds
+            raise StoreError(f"{self.path} is already being written by this process ({_first_line(exc)})") from None
+        try:
+            self._check_store()  # another writer may have replaced it while this one waited
+            self._remove_leftovers()
+        except BaseException:
+            self.close()
+            raise
         self._ids: list[str] = []
         self._emb: list[np.ndarray] = []
         self._content: list[str] = []
         self._fail: list[tuple[str, str, str]] = []
         self._last_flush = time.monotonic()
-        self._seq = 0
+        # parts are named by a sequence number that continues the parts already there, so that their
+        # names sort in commit order whatever the clock does (a later part's rows win over an earlier's)
+        self._seq = 1 + max((int(p.name.split("-")[1]) for p in self._part_files()), default=-1)
         self.committed_rows = 0
+        self.added_rows = 0  # rows handed to this writer
+        self.added_failures: list[tuple[str, str]] = []  # (escaped id, reason) handed to this writer
 
     # -- context manager: the lock is released however the writer ends
     def __enter__(self) -> StoreWriter:
@@ -278,31 +436,66 @@ class StoreWriter:
         if self._lock.is_locked:
             self._lock.release()
 
+    def _check_store(self) -> None:
+        if self.path.exists():
+            with open_store(self.path) as f:
+                if f.attrs.get("fingerprint") != self.config.fingerprint:
+                    raise StoreError(f"{self.path} holds another backbone configuration than its name says; "
+                                     "delete it and extract again")
+
+    def _merged_parts(self) -> set[str]:
+        if not self.path.exists():
+            return set()
+        with open_store(self.path) as f:
+            return set(json.loads(f.attrs.get("merged_parts", "[]")))
+
+    def _remove_leftovers(self) -> None:
+        """Delete temporary files of killed writers and parts the store already holds (the lock is held)."""
+        for tmp in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        if self.parts_dir.is_dir():
+            for tmp in self.parts_dir.glob(".part-*.tmp"):
+                tmp.unlink(missing_ok=True)
+            for name in self._merged_parts():
+                (self.parts_dir / name).unlink(missing_ok=True)
+
     def index(self) -> StoreIndex:
         """Rows and failures already committed, in the store and in leftover parts (latest wins)."""
         content: dict[str, str] = {}
         failures: dict[str, tuple[str, str]] = {}
-        for src in self._sources():
+        for i, entry in self._latest(self._sources()).items():
+            if entry[0] == "row":
+                content[i] = entry[3]
+            else:
+                failures[i] = (entry[1], entry[2])
+        return StoreIndex(content, failures)
+
+    @staticmethod
+    def _latest(sources: Sequence[Path]) -> dict[str, tuple]:
+        """id -> ("row", source index, row, content) or ("fail", reason, content); later sources win."""
+        latest: dict[str, tuple] = {}
+        for s_idx, src in enumerate(sources):
             with h5py.File(src, "r") as f:
-                for i, c in zip(_strings(f["ids"]), _strings(f["content"])):
-                    content[i] = c
-                    failures.pop(i, None)
+                for row, (i, c) in enumerate(zip(_strings(f["ids"]), _strings(f["content"]))):
+                    latest[i] = ("row", s_idx, row, c)
                 if "failures" in f:
                     g = f["failures"]
                     for i, r, c in zip(_strings(g["ids"]), _strings(g["reasons"]), _strings(g["content"])):
-                        failures[i] = (r, c)
-                        content.pop(i, None)
-        return StoreIndex(content, failures)
+                        latest[i] = ("fail", r, c)
+        return latest
 
     def add(self, ids: Sequence[str], embeddings: np.ndarray, content: Sequence[str]) -> None:
         """Queue embedded rows (ids already escaped); a part is committed when enough have queued."""
         self._ids.extend(ids)
         self._emb.append(np.asarray(embeddings))
         self._content.extend(content)
+        self.added_rows += len(ids)
         self._maybe_flush()
 
     def add_failures(self, ids: Sequence[str], reasons: Sequence[str], content: Sequence[str]) -> None:
+        """Queue samples that could not be used, each with a one-line reason (ids already escaped)."""
         self._fail.extend(zip(ids, reasons, content))
+        self.added_failures.extend(zip(ids, reasons))
         self._maybe_flush()
 
     def _maybe_flush(self) -> None:
@@ -314,25 +507,22 @@ class StoreWriter:
         """Commit what is queued as one part file (atomically: all of it or none of it)."""
         if not self._ids and not self._fail:
             return
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
         ids, content, fail = self._ids, self._content, self._fail
         emb = np.concatenate(self._emb) if self._emb else np.zeros((0, self.config.dim), np.float32)
-        name = f"part-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.h5"
+        name = f"part-{self._seq:012d}-{os.getpid()}-{time.time_ns()}.h5"
 
         def fill(f):
             f.attrs["fingerprint"] = self.config.fingerprint
             _write_table(f, ids, emb, content, self.config.dim, self.config.dtype)
-            g = f.create_group("failures")
-            g.create_dataset("ids", data=np.array([x[0] for x in fail], dtype=object), dtype=STR)
-            g.create_dataset("reasons", data=np.array([x[1] for x in fail], dtype=object), dtype=STR)
-            g.create_dataset("content", data=np.array([x[2] for x in fail], dtype=object), dtype=STR)
+            _write_failures(f, fail)
 
         try:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
             _atomic_h5(self.parts_dir / name, fill)
         except OSError as exc:
             raise StoreError(
-                f"could not write to {self.parts_dir} ({exc}); the {self.committed_rows} rows committed "
-                "before are kept and a rerun resumes from them"
+                f"could not write to {self.parts_dir} ({_first_line(exc)}): free some space or fix the folder; "
+                f"the {self.committed_rows} rows committed before are kept and a rerun resumes from them"
             ) from None
         self._seq += 1
         self.committed_rows += len(ids)
@@ -342,12 +532,9 @@ class StoreWriter:
     def _parts(self) -> list[Path]:
         if not self.parts_dir.is_dir():
             return []
-        merged = set()
-        if self.path.exists():
-            with h5py.File(self.path, "r") as f:
-                merged = set(json.loads(f.attrs.get("merged_parts", "[]")))
+        merged = self._merged_parts()
         parts = []
-        for p in sorted(self.parts_dir.glob("part-*.h5")):
+        for p in self._part_files():
             if p.name in merged:
                 continue
             try:
@@ -359,6 +546,12 @@ class StoreWriter:
                 parts.append(p)
         return parts
 
+    def _part_files(self) -> list[Path]:
+        """Part files in commit order (``part-<sequence>-<pid>-<time>.h5``)."""
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(p for p in self.parts_dir.glob("part-*.h5") if p.name.split("-")[1].isdigit())
+
     def _sources(self) -> list[Path]:
         return ([self.path] if self.path.exists() else []) + self._parts()
 
@@ -369,86 +562,63 @@ class StoreWriter:
                content: Sequence[str], say=print) -> dict:
         """Merge the store and its parts into a new store file that lists exactly ``ids``.
 
-        ``ids``/``labels``/``splits``/``content`` describe the source as listed now (ids escaped).
-        Rows of ids no longer listed are dropped. Returns counts of what the new file holds.
+        ``ids``/``labels``/``splits`` describe the source as listed now (ids and labels escaped); each
+        row keeps the content fingerprint it was embedded from. Rows of ids no longer listed are
+        dropped; ids with neither a row nor a failure are left out (a later run embeds them).
+        Returns counts of what the new file holds.
         """
         self.flush()
         sources = self._sources()
-        parts = [p for p in sources if p != self.path]
-        latest: dict[str, tuple] = {}  # id -> ("row", source_index, row) or ("fail", reason, content)
-        for s_idx, src in enumerate(sources):
-            with h5py.File(src, "r") as f:
-                for row, i in enumerate(_strings(f["ids"])):
-                    latest[i] = ("row", s_idx, row)
-                if "failures" in f:
-                    g = f["failures"]
-                    for i, r, c in zip(_strings(g["ids"]), _strings(g["reasons"]), _strings(g["content"])):
-                        latest[i] = ("fail", r, c)
+        parts = sources[1:] if sources and sources[0] == self.path else sources
+        latest = self._latest(sources)
         listed = set(ids)
         removed = sum(1 for i, v in latest.items() if i not in listed and v[0] == "row")
         class_names = sorted({lab for lab in labels if lab is not None})
         class_index = {c: k for k, c in enumerate(class_names)}
         keep = [k for k, i in enumerate(ids) if latest.get(i, ("none",))[0] == "row"]
-        fails = [(ids[k], latest[ids[k]][1], latest[ids[k]][2]) for k, i in enumerate(ids)
-                 if latest.get(i, ("none",))[0] == "fail"]
-        missing = len(ids) - len(keep) - len(fails)
+        fails = [(i, *latest[i][1:]) for i in ids if latest.get(i, ("none",))[0] == "fail"]
         dim, dtype = self.config.dim, self.config.dtype
         handles = [h5py.File(src, "r") for src in sources]
-        row_content = {}
 
         def fill(f):
             n = len(keep)
             emb = f.create_dataset("embeddings", shape=(n, dim), dtype=dtype,
                                    chunks=(max(1, min(n, ROWS_PER_CHUNK)), dim), maxshape=(None, dim))
-            for start in range(0, n, ROWS_PER_CHUNK):
-                block = keep[start:start + ROWS_PER_CHUNK]
+            for start in range(0, n, ROWS_PER_CHUNK):  # block by block: memory stays flat
+                block = [latest[ids[k]] for k in keep[start:start + ROWS_PER_CHUNK]]
                 out = np.empty((len(block), dim), dtype)
-                by_source: dict[int, list[tuple[int, int]]] = {}
-                for j, k in enumerate(block):
-                    _, s_idx, row = latest[ids[k]]
-                    by_source.setdefault(s_idx, []).append((row, j))
-                for s_idx, pairs in by_source.items():
-                    pairs.sort()
-                    rows = [r for r, _ in pairs]
-                    out[[j for _, j in pairs]] = handles[s_idx]["embeddings"][rows]
-                    src_content = handles[s_idx]["content"]
-                    for (r, _), c in zip(pairs, src_content[rows]):
-                        row_content[r, s_idx] = c.decode() if isinstance(c, bytes) else c
+                for s_idx in {e[1] for e in block}:
+                    pairs = sorted((e[2], j) for j, e in enumerate(block) if e[1] == s_idx)
+                    out[[j for _, j in pairs]] = handles[s_idx]["embeddings"][[r for r, _ in pairs]]
                 emb[start:start + len(block)] = out
-            kept_ids = [ids[k] for k in keep]
-            f.create_dataset("ids", data=np.array(kept_ids, dtype=object), dtype=STR, maxshape=(None,))
+            _write_table(f, [ids[k] for k in keep], None, [latest[ids[k]][3] for k in keep], dim, dtype)
             lab = f.create_dataset("labels", data=np.array(
                 [class_index[labels[k]] if labels[k] is not None else -1 for k in keep], dtype=np.int64),
                 maxshape=(None,))
-            lab.attrs["class_names"] = np.array(class_names, dtype=object)
+            lab.attrs.create("class_names", data=np.array(class_names, dtype=object), shape=(len(class_names),), dtype=STR)
             f.create_dataset("splits", data=np.array([splits[k] for k in keep], dtype=object), dtype=STR,
                              maxshape=(None,))
-            f.create_dataset("content", data=np.array(
-                [row_content[latest[ids[k]][2], latest[ids[k]][1]] for k in keep], dtype=object),
-                dtype=STR, maxshape=(None,))
-            g = f.create_group("failures")
-            g.create_dataset("ids", data=np.array([x[0] for x in fails], dtype=object), dtype=STR)
-            g.create_dataset("reasons", data=np.array([x[1] for x in fails], dtype=object), dtype=STR)
-            g.create_dataset("content", data=np.array([x[2] for x in fails], dtype=object), dtype=STR)
+            _write_failures(f, fails)
             self._write_attrs(f, [p.name for p in parts])
 
         try:
             _atomic_h5(self.path, fill)
         except OSError as exc:
             raise StoreError(
-                f"could not write {self.path} ({exc}); the parts in {self.parts_dir} are kept and a rerun "
-                "finishes the merge"
+                f"could not write {self.path} ({_first_line(exc)}): free some space or fix the folder; "
+                f"the store as it was and the parts in {self.parts_dir} are kept, and a rerun finishes the merge"
             ) from None
         finally:
             for h in handles:
                 h.close()
-        for p in parts:  # oldest first; a leftover part is also skipped through merged_parts
+        for p in parts:  # a part left by a kill here is skipped through merged_parts, then deleted
             p.unlink(missing_ok=True)
         try:
             self.parts_dir.rmdir()
         except OSError:
             pass
-        return {"rows": len(keep), "failures": len(fails), "removed": removed, "unfinished": missing}
+        return {"rows": len(keep), "failures": len(fails), "removed": removed,
+                "unfinished": len(ids) - len(keep) - len(fails)}
 
     def _write_attrs(self, f: h5py.File, merged_parts: Iterable[str]) -> None:
         c = self.config

@@ -1,4 +1,4 @@
-"""The ``featurebank`` command line: extract, train, predict, run, demo.
+"""The ``featurebank`` command line: extract, train, predict, run, demo, serve.
 
 Parameters are checked (pydantic) before anything starts, Prefect's server included, so a mistyped
 option answers at once with one line and exit status 2. Known failures (a bad file, a damaged store,
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefect", action="store_true", help="run as a Prefect flow")
 
     p = sub.add_parser("predict", help="classify images with a saved classifier; writes a CSV")
-    p.add_argument("classifier", help="a classifier folder written by 'train' (…/classifiers/logreg)")
+    p.add_argument("classifier", help="a classifier folder written by 'train' (…/classifiers/logreg), or a "
+                   "probe folder of versions written by 'run' (<out>/classifiers/logreg: its current version)")
     p.add_argument("source", help="image folder or manifest")
     p.add_argument("--out", default="predictions.csv", help="CSV file to write")
     p.add_argument("--store", dest="store_dir", default="featurebank-store")
@@ -61,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefect", action="store_true", help="run as a Prefect flow")
 
     for name, helptext in (("run", "extract, train and report in one Prefect flow"),
-                           ("demo", "build a bundled demo dataset and run the whole pipeline on it")):
+                           ("demo", "build a bundled demo dataset and run the whole pipeline on it"),
+                           ("serve", "serve the run flow as a scheduled Prefect deployment (needs a Prefect server)")):
         p = sub.add_parser(name, help=helptext)
-        if name == "run":
+        if name in ("run", "serve"):
             p.add_argument("source", help="image folder or manifest")
         else:
             p.add_argument("demo", nargs="?", default="mnist5k", help="mnist5k (default), digits or fashion-mnist")
@@ -74,7 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--probes", default="logreg,knn")
         p.add_argument("--pixel-baseline", action="store_true", default=name == "demo",
                        help="also train logistic regression on raw pixels (default for demo)")
-        p.add_argument("--no-prefect", action="store_true", help="run the same steps without Prefect")
+        p.add_argument("--shards", type=int, help="split extraction into this many shard tasks on a Dask cluster")
+        p.add_argument("--dask-address", help="an existing Dask scheduler (tcp://host:8786); default: a local cluster")
+        if name == "serve":
+            p.add_argument("--cron", help='cron schedule, e.g. "0 * * * *" (hourly)')
+            p.add_argument("--interval", type=float, help="or: seconds between runs")
+            p.add_argument("--name", default="featurebank-scheduled", help="deployment name")
+        else:
+            p.add_argument("--no-prefect", action="store_true", help="run the same steps without Prefect")
     return parser
 
 
@@ -86,7 +95,8 @@ def _params(args: argparse.Namespace):
         d["probes"] = [x.strip() for x in d["probes"].split(",") if x.strip()]
     pick = lambda model: model(**{k: v for k, v in d.items() if k in model.model_fields})
     return {"extract": lambda: pick(ExtractParams), "train": lambda: pick(TrainParams),
-            "predict": lambda: pick(PredictParams), "run": lambda: pick(RunParams)}[args.command]()
+            "predict": lambda: pick(PredictParams), "run": lambda: pick(RunParams),
+            "serve": lambda: pick(RunParams)}[args.command]()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from features.store import StoreError
     from pipelines.params import one_line
 
-    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError)
+    # a file system error (disk full, permission denied) is reported like the others: one line, exit 1
+    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, OSError)
     try:
         if args.command == "demo":
             from data.demo import build
@@ -114,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             args.source, args.command = str(source), "run"
             args.dataset = None
         params = _params(args)
+        if args.command == "serve" and (args.cron is None) == (args.interval is None):
+            print("featurebank: error: give a schedule: --cron \"0 * * * *\" or --interval SECONDS", file=sys.stderr)
+            return EXIT_USAGE
     except ValidationError as exc:
         print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -135,6 +149,15 @@ def _dispatch(args, params) -> int:
 
     from pipelines import jobs
 
+    if args.command == "serve":
+        from pipelines.deploy import serve
+
+        try:
+            serve(params, cron=args.cron, interval=args.interval, name=args.name)
+        except RuntimeError as exc:
+            print(f"featurebank: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        return 0
     use_prefect = getattr(args, "prefect", False) or (args.command == "run" and not args.no_prefect)
     if use_prefect:
         from pipelines import flows
@@ -155,6 +178,9 @@ def _dispatch(args, params) -> int:
         rows = out["rows"]
         print(json.dumps({r["probe"]: round(r["accuracy"], 4) for r in rows}))
         print(f"report: {out['html']}")
+        if "delta" in out:
+            d = out["delta"]
+            print(f"delta: added {d['added']}, changed {d['changed']}, removed {d['removed']}: {d['markdown']}")
     return 0
 
 

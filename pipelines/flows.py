@@ -1,23 +1,47 @@
 """Prefect flows: thin orchestration over the plain jobs in pipelines.jobs.
 
-Tasks are coarse (a whole extraction, a whole training) because each Prefect task costs tens of
-milliseconds. Reuse of features is decided by the store's fingerprints, never by Prefect's cache.
+Tasks are coarse (a whole extraction, a shard, a whole training) because each Prefect task costs tens
+of milliseconds. Reuse of features is decided by the store's fingerprints, never by Prefect's cache.
+Limits and retries are declared here, not coded: extraction and shard tasks carry the tag
+``featurebank-gpu`` (limit them with ``prefect concurrency-limit create featurebank-gpu N``) and are
+retried by Prefect. No ``from __future__ import annotations`` here: a deployment's runs validate their
+parameters against these annotations, which must be real classes.
 """
 
-from __future__ import annotations
+import os
+from contextlib import contextmanager
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from pipelines import jobs
 from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
 
 
-@task(name="extract-embeddings", retries=1, retry_delay_seconds=5, tags=["featurebank-extract"])
+@task(name="extract-embeddings", retries=1, retry_delay_seconds=5, tags=["featurebank-extract", "featurebank-gpu"],
+      cache_policy=NO_CACHE)
 def extract_task(params: ExtractParams) -> dict:
-    r = jobs.run_extract(params)
-    return {"path": str(r.path), "embedded": r.embedded, "reused": r.reused, "failed": r.failed,
-            "removed": r.removed, "rows": r.rows, "seconds": round(r.seconds, 2)}
+    return jobs.extraction_summary(jobs.run_extract(params))
+
+
+@task(name="extract-shard", retries=2, retry_delay_seconds=5, tags=["featurebank-gpu"], cache_policy=NO_CACHE)
+def extract_shard_task(params: ExtractParams, k: int, n: int) -> dict:
+    return jobs.run_shard(params, k, n)
+
+
+@task(name="join-shards", cache_policy=NO_CACHE)
+def join_task(params: ExtractParams, shards: list[dict]) -> dict:
+    return jobs.run_join(params, shards)
+
+
+@task(name="version-and-delta", cache_policy=NO_CACHE)
+def record_task(params: RunParams, report: dict) -> dict:
+    delta = jobs.run_record(params, report)
+    with open(delta["markdown"], encoding="utf-8") as f:
+        create_markdown_artifact(key="featurebank-delta", markdown=f.read(),
+                                 description="featurebank: what changed since the previous run")
+    return delta
 
 
 @task(name="train-probes")
@@ -25,7 +49,8 @@ def train_task(params: TrainParams, baseline_root: str | None = None, extraction
     report = jobs.run_train(params, baseline_root=baseline_root, extraction=extraction)
     create_markdown_artifact(key="featurebank-report", markdown=report["markdown_text"],
                              description="featurebank probe comparison")
-    return {k: str(v) for k, v in report.items() if k in ("dir", "metrics", "markdown", "html")} | {"rows": report["rows"]}
+    return ({k: str(v) for k, v in report.items() if k in ("dir", "metrics", "markdown", "html")}
+            | {"rows": report["rows"], "store": params.store})
 
 
 @task(name="predict")
@@ -51,9 +76,55 @@ def predict_flow(params: PredictParams) -> str:
     return predict_task(params)
 
 
+@flow(name="extract-sharded", log_prints=True)
+def sharded_extract_flow(params: ExtractParams, shards: int) -> dict:
+    """Embed the source as ``shards`` shard tasks (on the flow's task runner) and join their stores."""
+    futures = [extract_shard_task.submit(params, k, shards) for k in range(shards)]
+    return join_task(params, [f.result() for f in futures])
+
+
+def dask_task_runner(address: str | None = None, n_workers: int | None = None):
+    """A Prefect Dask task runner: on the cluster at ``address``, or on a local cluster of worker
+    processes, one per GPU where there are several, else ``n_workers``, each with one thread."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    workers = gpus if gpus > 1 else max(1, min(n_workers or 2, os.cpu_count() or 1))
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
+@contextmanager
+def _api_url_exported():
+    """Local Dask workers inherit the environment when they start: give them this flow's API
+    (a temporary server's address is not in the environment otherwise)."""
+    saved = os.environ.get("PREFECT_API_URL")
+    if not saved:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            os.environ["PREFECT_API_URL"] = str(client.api_url)
+    try:
+        yield
+    finally:
+        if not saved:
+            os.environ.pop("PREFECT_API_URL", None)
+
+
 @flow(name="run", log_prints=True)
 def run_flow(params: RunParams) -> dict:
-    """Extract new embeddings, retrain the probes on the stored split, and report."""
-    extraction = extract_task(ExtractParams(**params.model_dump(include=set(ExtractParams.model_fields))))
+    """Embed what is new or changed, retrain the probes on the stored split, version them, and report
+    what changed since the previous run."""
+    extract_params = ExtractParams(**params.model_dump(include=set(ExtractParams.model_fields)))
+    if params.shards > 1 or params.dask_address:
+        runner = dask_task_runner(params.dask_address, n_workers=params.shards)
+        with _api_url_exported():
+            extraction = sharded_extract_flow.with_options(task_runner=runner)(extract_params, params.shards)
+    else:
+        extraction = extract_task(extract_params)
     train = TrainParams(store=extraction["path"], out_dir=params.out_dir, probes=params.probes)
-    return train_task(train, baseline_root=params.source if params.pixel_baseline else None, extraction=extraction)
+    report = train_task(train, baseline_root=params.source if params.pixel_baseline else None, extraction=extraction)
+    return report | {"delta": record_task(params, report)}

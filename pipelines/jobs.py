@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import csv
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from classifiers.persist import ClassifierError, load_classifier, read_manifest
+from classifiers.history import record_run
+from classifiers.persist import check_store_fingerprint, load_classifier, verify_classifier
 from classifiers.report import write_report
 from classifiers.train import pixel_baseline, train_probes
+from classifiers.versions import resolve_classifier
+from data.sources import open_source
 from features.backbones import create_backbone
 from features.engine import ExtractResult, extract
-from features.store import read_features
+from features.shards import extract_shard, join_shards, plan_shards
+from features.store import StoreConfig, read_features
 from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
 
 
@@ -61,18 +66,19 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | 
 
 def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     """Embed ``source`` with the classifier's backbone (reusing the store) and write a predictions CSV."""
-    manifest = read_manifest(p.classifier)
+    classifier = resolve_classifier(p.classifier)  # a probe folder of versions means its current version
+    manifest = verify_classifier(classifier)  # a tampered file is refused before any work
     backbone = create_backbone(manifest["backbone"])
-    result = extract(p.source, backbone, p.store_dir, batch_size=p.batch_size, device=p.device,
+    # the classifier's store fingerprint says which configuration to extract; none fits: refuse now
+    dtype = next((d for d in ("float32", "float16")
+                  if StoreConfig.for_backbone(backbone, d).fingerprint == manifest["store_fingerprint"]), None)
+    if dtype is None:
+        check_store_fingerprint(classifier, manifest, StoreConfig.for_backbone(backbone).fingerprint)
+    result = extract(p.source, backbone, p.store_dir, batch_size=p.batch_size, device=p.device, dtype=dtype,
                      progress=progress, say=say)
     say(result.summary())
     features = read_features(result.path)
-    if features.fingerprint != manifest["store_fingerprint"]:
-        raise ClassifierError(
-            f"classifier {p.classifier} was trained on store {manifest['store_fingerprint'][:16]}, but "
-            f"{manifest['backbone']} now gives store {features.fingerprint[:16]}: retrain the classifier"
-        )
-    model, manifest = load_classifier(p.classifier, features.fingerprint)
+    model, manifest = load_classifier(classifier, features.fingerprint)
     proba = model.predict_proba(features.X) if len(features.ids) else np.zeros((0, len(manifest["classes"])))
     classes = list(manifest["classes"])
     model_classes = [classes[int(c)] for c in model.classes_]
@@ -88,10 +94,52 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     return out
 
 
+def extraction_summary(r: ExtractResult) -> dict:
+    return {"path": str(r.path), "embedded": r.embedded, "reused": r.reused, "failed": r.failed,
+            "removed": r.removed, "rows": r.rows, "seconds": round(r.seconds, 2)}
+
+
+@lru_cache(maxsize=4)
+def _cached_backbone(name: str, layer: str | None, arch: str | None):
+    return create_backbone(name, layer=layer, arch=arch)  # one model per worker process, however many shards
+
+
+def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
+    """Embed shard ``k`` of ``n`` of the source into its own store (see features.shards)."""
+    source = open_source(p.source, p.dataset)
+    shard = plan_shards(source, n, p.dataset)[k]
+    summary = {"shard": k, "dataset": p.dataset or source.name}
+    if not shard.samples:
+        return summary | {"path": None, "embedded": 0, "reused": 0, "failed": 0, "removed": 0, "rows": 0, "seconds": 0.0}
+    r = extract_shard(shard, _cached_backbone(p.backbone, p.layer, p.arch), p.store_dir, summary["dataset"],
+                      threads=threads, device=p.device, batch_size=p.batch_size, dtype=p.dtype,
+                      content_hash=p.content_hash, retry_failures=p.retry_failures)
+    return summary | extraction_summary(r)
+
+
+def run_join(p: ExtractParams, shards: list[dict]) -> dict:
+    """Join the shards' stores into one store (an HDF5 virtual dataset, no copy); sum their counts."""
+    path = join_shards([s["path"] for s in shards if s["path"]], p.store_dir, shards[0]["dataset"])
+    totals = {key: sum(s[key] for s in shards) for key in ("embedded", "reused", "failed", "removed", "rows")}
+    return {"path": str(path), **totals, "seconds": round(max(s["seconds"] for s in shards), 2), "shards": len(shards)}
+
+
+def run_record(p: RunParams, report: dict) -> dict:
+    """Version the run's classifiers and write its delta report against the previous run."""
+    delta = record_run(p.out_dir, report["dir"], report["store"], p.probes)
+    return delta | {"markdown": str(Path(report["dir"]) / "delta.md")}
+
+
 def run_all(p: RunParams, progress: bool = True, say=print) -> dict:
-    """Extract, train, report: the whole pipeline without Prefect."""
-    result = run_extract(ExtractParams(**p.model_dump(include=set(ExtractParams.model_fields))), progress, say)
-    train = TrainParams(store=str(result.path), out_dir=p.out_dir, probes=p.probes)
-    extraction = {"embedded": result.embedded, "reused": result.reused, "failed": result.failed,
-                  "removed": result.removed, "rows": result.rows, "seconds": round(result.seconds, 2)}
-    return run_train(train, baseline_root=p.source if p.pixel_baseline else None, extraction=extraction, say=say)
+    """Extract, train, report, version and compare with the previous run: the whole pipeline without Prefect."""
+    extract_params = ExtractParams(**p.model_dump(include=set(ExtractParams.model_fields)))
+    if p.shards > 1:  # one shard after the other; Prefect's Dask task runner runs them in parallel
+        extraction = run_join(extract_params, [run_shard(extract_params, k, p.shards) for k in range(p.shards)])
+    else:
+        extraction = extraction_summary(run_extract(extract_params, progress, say))
+    train = TrainParams(store=extraction["path"], out_dir=p.out_dir, probes=p.probes)
+    report = run_train(train, baseline_root=p.source if p.pixel_baseline else None, extraction=extraction, say=say)
+    report["store"] = extraction["path"]
+    delta = run_record(p, report)
+    say(f"delta: added {delta['added']}, changed {delta['changed']}, removed {delta['removed']} -> {delta['markdown']}")
+    return report | {"delta": delta}

@@ -7,16 +7,40 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from classifiers.persist import ClassifierError, verify_classifier
 from classifiers.probes import DEFAULT_PROBES, PROBES
+from data.sources import SourceError, check_source, open_source
 from features.engine import DEFAULT_STORE_DIR
 
 BACKBONE_PATTERN = re.compile(r"^(efficientnet_lite[02]|tv:[A-Za-z0-9_]+(:[A-Za-z0-9_]+)?|timm:[A-Za-z0-9_.\-]+)$")
 
 
 def check_backbone_name(name: str) -> str:
-    if BACKBONE_PATTERN.match(name) or os.path.sep in name or name.endswith((".pt", ".pth", ".ts")):
+    if name.startswith("tv:") and BACKBONE_PATTERN.match(name):
+        import torchvision
+
+        model, _, weights = name[3:].partition(":")
+        if model not in torchvision.models.list_models():
+            raise ValueError(f"unknown backbone '{name}': torchvision has no model '{model}' "
+                             "(see torchvision.models.list_models())")
+        known = torchvision.models.get_model_weights(model).__members__
+        if weights and weights not in known:
+            raise ValueError(f"unknown backbone '{name}': {model} has no weights '{weights}' "
+                             f"(choose from {', '.join(known)})")
+        return name
+    if name.startswith("timm:") and BACKBONE_PATTERN.match(name):
+        import timm
+
+        if not timm.is_model(name[5:]):
+            raise ValueError(f"unknown backbone '{name}': timm has no model '{name[5:]}' (see timm.list_models())")
+        return name
+    if BACKBONE_PATTERN.match(name):
+        return name
+    if os.path.sep in name or name.endswith((".pt", ".pth", ".pt2", ".ts")):
+        if not Path(name).is_file():
+            raise ValueError(f"backbone checkpoint {name} does not exist: give a TorchScript, .pt2 or state_dict file")
         return name
     raise ValueError(
         f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite2, tv:<torchvision name>, "
@@ -27,7 +51,36 @@ def check_backbone_name(name: str) -> str:
 def _source_exists(v: str) -> str:
     if not Path(v).exists():
         raise ValueError(f"source {v} does not exist: give a folder of images or a .csv/.parquet manifest")
+    try:
+        check_source(v)  # an empty folder or a bad manifest answers here, before any work
+    except SourceError as exc:
+        raise ValueError(str(exc)) from None
     return v
+
+
+def check_trainable_store(path: str) -> None:
+    """Raise ValueError unless ``path`` is a store whose labels a classifier can be trained on.
+
+    Reads only the labels and splits, so a bad store or a one-class dataset fails before any work.
+    """
+    import numpy as np
+
+    from classifiers.train import TrainingError, check_trainable
+    from features.store import Features, StoreError, _strings, open_store
+
+    try:
+        with open_store(path) as f:
+            y = f["labels"][()].astype(np.int64)
+            features = Features(
+                X=np.zeros((len(y), 0), np.float32), y=y, ids=[], fingerprint="", path=Path(path),
+                class_names=[str(c) for c in f["labels"].attrs.get("class_names", [])],
+                splits=np.array(_strings(f["splits"]), dtype=object),
+            )
+        check_trainable(features)
+    except (StoreError, TrainingError) as exc:
+        raise ValueError(str(exc)) from None
+    except OSError as exc:  # damaged inside the data the header promised
+        raise ValueError(f"{path} is damaged ({exc}); delete it and extract again") from None
 
 
 def _known_probes(v: list[str]) -> list[str]:
@@ -82,6 +135,7 @@ class TrainParams(_Params):
     def _store_exists(cls, v: str) -> str:
         if not Path(v).is_file():
             raise ValueError(f"store {v} does not exist: run 'featurebank extract' first")
+        check_trainable_store(v)
         return v
 
 
@@ -96,8 +150,15 @@ class PredictParams(_Params):
     @field_validator("classifier")
     @classmethod
     def _classifier_exists(cls, v: str) -> str:
-        if not (Path(v) / "manifest.json").is_file():
-            raise ValueError(f"{v} is not a classifier directory (no manifest.json): use one written by 'train'")
+        from classifiers.versions import CURRENT, resolve_classifier
+
+        if not (Path(v) / "manifest.json").is_file() and not (Path(v) / CURRENT).is_file():
+            raise ValueError(f"{v} is not a classifier directory (no manifest.json) nor a probe folder with a "
+                             f"'{CURRENT}' version: use one written by 'train' or 'run'")
+        try:
+            verify_classifier(resolve_classifier(v))  # a tampered model file is refused before any work
+        except ClassifierError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
 
@@ -105,6 +166,29 @@ class RunParams(ExtractParams):
     out_dir: str = "featurebank-runs"
     probes: ProbeNames = Field(default_factory=lambda: list(DEFAULT_PROBES))
     pixel_baseline: bool = False
+    shards: int = Field(1, ge=1, le=999)  # > 1: shards run as tasks on a Dask cluster (see docs/operations.md)
+    dask_address: str | None = None  # an existing Dask scheduler; None: a local cluster when shards > 1
+
+    @field_validator("dask_address")
+    @classmethod
+    def _dask_address(cls, v: str | None) -> str | None:
+        if v is None or re.match(r"^[a-z][a-z0-9+]*://\S+$", v):
+            return v
+        raise ValueError(f"dask_address must be a scheduler address such as tcp://host:8786, not '{v}'")
+
+    @model_validator(mode="after")
+    def _two_classes(self) -> RunParams:
+        try:
+            classes = open_source(self.source, self.dataset).classes
+        except SourceError as exc:
+            raise ValueError(str(exc)) from None
+        if len(classes) < 2:
+            found = f"only one class ({classes[0]})" if classes else "no labels"
+            raise ValueError(
+                f"source {self.source} has {found}: training needs at least two classes, as one subfolder "
+                "per class or a manifest 'label' column"
+            )
+        return self
 
 
 def one_line(exc: Exception) -> str:

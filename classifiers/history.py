@@ -1,0 +1,148 @@
+"""Run history and the delta report: what changed since the previous run of the same store.
+
+Each run folder (``<out>/<timestamp>/``) gets, beside the report files:
+
+    snapshot.npz   the store's ids and content fingerprints at this run, and each class's centroid
+                   (the mean of the L2-normalised embeddings of its samples)
+    delta.json     items added / changed / removed since the previous run, accuracy change per probe,
+                   centroid drift per class, and each probe's version decision
+    delta.md       the same as a markdown report (also published as a Prefect artifact)
+
+The previous run is the latest earlier run folder under ``<out>`` with a snapshot of a store of the
+same name (same dataset, same backbone configuration).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from classifiers.versions import register
+from features.store import Features
+
+SNAPSHOT = "snapshot.npz"
+
+
+def centroids(features: Features) -> dict[str, np.ndarray]:
+    """Per class, the mean of the L2-normalised embeddings of its samples."""
+    X = features.X / np.maximum(np.linalg.norm(features.X, axis=1, keepdims=True), 1e-12)
+    return {name: X[features.y == c].mean(axis=0) for c, name in enumerate(features.class_names)
+            if (features.y == c).any()}
+
+
+def write_snapshot(run_dir: str | os.PathLike, features: Features, content: list[str]) -> Path:
+    cents = centroids(features)
+    path = Path(run_dir) / SNAPSHOT
+    tmp = path.with_name(f".{SNAPSHOT}.{os.getpid()}.tmp.npz")
+    np.savez_compressed(
+        tmp, store=np.array(features.path.name if features.path else ""), ids=np.array(features.ids, dtype=str),
+        content=np.array(content, dtype=str),
+        classes=np.array(list(cents), dtype=str),
+        centroids=np.array(list(cents.values()), dtype=np.float32).reshape(len(cents), features.X.shape[1]),
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def read_snapshot(run_dir: str | os.PathLike) -> dict:
+    with np.load(Path(run_dir) / SNAPSHOT, allow_pickle=False) as z:
+        return {"store": str(z["store"]), "ids": z["ids"].tolist(), "content": z["content"].tolist(),
+                "centroids": dict(zip(z["classes"].tolist(), z["centroids"]))}
+
+
+def previous_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store_name: str) -> Path | None:
+    """The latest run folder before ``run_dir`` with a snapshot of the store named ``store_name``."""
+    run_dir = Path(run_dir)
+    for d in sorted(Path(out_dir).iterdir(), reverse=True):
+        if d.name >= run_dir.name or not (d / SNAPSHOT).is_file():
+            continue
+        try:
+            if read_snapshot(d)["store"] == store_name:
+                return d
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def compare(previous: dict | None, now: dict) -> dict:
+    """Items added, changed and removed, and each class's centroid drift, between two snapshots."""
+    if previous is None:
+        return {"added": len(now["ids"]), "changed": 0, "removed": 0, "drift": {}}
+    old = dict(zip(previous["ids"], previous["content"]))
+    new = dict(zip(now["ids"], now["content"]))
+    drift = {}
+    for name, c in now["centroids"].items():
+        p = previous["centroids"].get(name)
+        if p is not None:
+            cos = float(np.dot(p, c) / max(np.linalg.norm(p) * np.linalg.norm(c), 1e-12))
+            drift[name] = 1.0 - cos
+    return {
+        "added": sum(1 for i in new if i not in old),
+        "changed": sum(1 for i, c in new.items() if i in old and old[i] != c),
+        "removed": sum(1 for i in old if i not in new),
+        "drift": drift,
+    }
+
+
+def record_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store: str | os.PathLike,
+               probes: list[str]) -> dict:
+    """Version the run's classifiers, snapshot the store, and write the delta report against the previous run.
+
+    ``run_dir`` is the run folder the probes were trained into (its metrics.json and classifiers/).
+    Returns the delta (also written as delta.json and delta.md).
+    """
+    out_dir, run_dir = Path(out_dir), Path(run_dir)
+    features, content = read_with_content(store)
+    prev_dir = previous_run(out_dir, run_dir, features.path.name)
+    previous = read_snapshot(prev_dir) if prev_dir else None
+    write_snapshot(run_dir, features, content)
+    delta = compare(previous, read_snapshot(run_dir))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    prev_metrics = json.loads((prev_dir / "metrics.json").read_text()) if prev_dir else {"probes": {}}
+    delta.update(run=run_dir.name, previous_run=prev_dir.name if prev_dir else None, store=str(features.path),
+                 rows=len(features.ids), previous_rows=len(previous["ids"]) if previous else 0, probes={})
+    for name in probes:
+        acc = metrics["probes"][name]["accuracy"]
+        before = prev_metrics["probes"].get(name, {}).get("accuracy")
+        decision = register(out_dir / "classifiers" / name, run_dir / "classifiers" / name, features, run=run_dir.name)
+        delta["probes"][name] = {"accuracy": acc, "previous_accuracy": before,
+                                 "change": None if before is None else acc - before, **decision}
+    (run_dir / "delta.json").write_text(json.dumps(delta, indent=2))
+    (run_dir / "delta.md").write_text(delta_markdown(delta))
+    return delta
+
+
+def read_with_content(path: str | os.PathLike) -> tuple[Features, list[str]]:
+    """``read_features`` and the store's per-sample content fingerprints, in the same row order."""
+    from features.store import _strings, open_store, read_features
+
+    features = read_features(path)
+    with open_store(path) as f:
+        return features, _strings(f["content"])
+
+
+def delta_markdown(delta: dict) -> str:
+    def num(v, fmt="{:.4f}"):
+        return "–" if v is None else fmt.format(v)
+
+    since = f"run `{delta['previous_run']}`" if delta["previous_run"] else "nothing (first run)"
+    md = (f"# featurebank delta: run `{delta['run']}` against {since}\n\n"
+          f"Store `{delta['store']}`: {delta['rows']} embeddings (previous run {delta['previous_rows']}).\n\n"
+          "| items added | items changed | items removed |\n|---:|---:|---:|\n"
+          f"| {delta['added']} | {delta['changed']} | {delta['removed']} |\n\n"
+          "## Probes (accuracy on each run's test split; promotion compares on this run's)\n\n"
+          "| probe | previous | now | change | version | used by predict | decision |\n"
+          "|---|---:|---:|---:|---|---|---|\n")
+    for name, p in delta["probes"].items():
+        md += (f"| {name} | {num(p['previous_accuracy'])} | {num(p['accuracy'])} | {num(p['change'], '{:+.4f}')} | "
+               f"{p['version']} | {p['current']} | {'promoted' if p['promoted'] else 'not promoted'}: {p['reason']} |\n")
+    md += "\n## Embedding drift (cosine shift of each class centroid, 1 - cos)\n\n"
+    if delta["drift"]:
+        md += "| class | centroid shift |\n|---|---:|\n" + "".join(
+            f"| {name} | {shift:.6f} |\n" for name, shift in delta["drift"].items())
+    else:
+        md += "No previous run to compare with.\n"
+    return md

@@ -1,0 +1,215 @@
+"""Sharded extraction: shards of a source are embedded independently (e.g. as tasks on a Dask cluster),
+each into its own HDF5 store, and an HDF5 virtual dataset joins them into one store without copying.
+
+Layout, beside an ordinary store of the same dataset and backbone configuration::
+
+    <store_dir>/<dataset>.shards/<dataset>.s000of004-<fingerprint[:16]>.h5   ordinary stores, one per shard
+    <store_dir>/<dataset>-<fingerprint[:16]>.h5                               the joined store
+
+The joined store has the same datasets and attributes as an ordinary store, so every reader
+(``read_features``, the classifiers, ``predict``) uses it the same way. ``embeddings`` is a virtual
+dataset over the shards' ``embeddings`` (no copy); ``ids``, ``labels``, ``splits``, ``content`` and
+``failures`` are small real datasets. Rows come shard by shard, each shard in id order.
+The attribute ``shards`` lists every shard file with its row count and sha256. HDF5 fills a missing
+virtual source with the fill value; to make that impossible to miss, ``features.store.open_store``
+calls :func:`verify_shards`, which refuses a store whose shard is missing, has another row count, or
+whose bytes changed since the join. The fill value is NaN besides, never zero.
+
+A sample's shard is decided by a hash of its id, so a growing folder only touches the shards that
+receive the new files; the other shards are reused as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from data.sources import Source, open_source
+from features.store import STR, StoreError, _atomic_h5, _strings, library_versions
+
+SHARD_NAME = re.compile(r"^(?P<dataset>.+)\.s(?P<k>\d{3})of(?P<n>\d{3})$")
+
+
+def shard_of(sample_id: str, n_shards: int) -> int:
+    """The shard a sample belongs to: a hash of its id, stable however the folder grows."""
+    digest = hashlib.sha256(os.fsencode(sample_id)).digest()
+    return int.from_bytes(digest[8:16], "big") % n_shards
+
+
+def plan_shards(source: Source | str | os.PathLike, n_shards: int, dataset: str | None = None) -> list[Source]:
+    """Split a source's listing into ``n_shards`` sub-sources (some may be empty)."""
+    if n_shards < 1:
+        raise ValueError(f"the number of shards must be at least 1, not {n_shards}")
+    if not isinstance(source, Source):
+        source = open_source(source, dataset)
+    buckets: list[list] = [[] for _ in range(n_shards)]
+    for s in source.samples:
+        buckets[shard_of(s.id, n_shards)].append(s)
+    name = dataset or source.name
+    return [replace(source, name=shard_dataset(name, k, n_shards), samples=b) for k, b in enumerate(buckets)]
+
+
+def shard_dataset(dataset: str, k: int, n_shards: int) -> str:
+    return f"{dataset}.s{k:03d}of{n_shards:03d}"
+
+
+def shard_store_dir(store_dir: str | os.PathLike, dataset: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("._") or "dataset"
+    return Path(store_dir) / f"{safe}.shards"
+
+
+def worker_device(device: str | None = None) -> str | None:
+    """On a Dask worker of a machine with several GPUs, this worker's GPU (worker ``k`` uses ``cuda:k``).
+
+    With one GPU per worker process (e.g. dask-cuda sets ``CUDA_VISIBLE_DEVICES``) or no GPU, the
+    device is left as asked.
+    """
+    if device not in (None, "auto", "cuda"):
+        return device
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n <= 1:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = str(get_worker().name)
+    except (ImportError, ValueError):
+        return device
+    k = int(name) if name.isdigit() else int(hashlib.sha256(name.encode()).hexdigest(), 16)
+    return f"cuda:{k % n}"
+
+
+def extract_shard(shard: Source, backbone, store_dir: str | os.PathLike, dataset: str, *, threads: int = 1,
+                  device: str | None = None, **extract_options):
+    """Embed one shard into its own store (decoding in this process: Dask workers may not fork)."""
+    import torch
+
+    from features.engine import extract
+
+    torch.set_num_threads(max(1, threads))
+    options = {"progress": False, "say": lambda _msg: None} | extract_options | {"workers": 0}
+    return extract(shard, backbone, shard_store_dir(store_dir, dataset), dataset=shard.name,
+                   device=worker_device(device), **options)
+
+
+# ----------------------------------------------------------------------------------------------- joining
+
+
+@lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, cached per (path, size, mtime) within the process."""
+    st = os.stat(path)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLike, dataset: str) -> Path:
+    """Write the joined store for ``dataset`` over ``shard_paths`` (all of one configuration); return its path."""
+    from features.store import StoreConfig, store_path
+
+    shard_paths = [Path(p) for p in shard_paths]
+    if not shard_paths:
+        raise StoreError(f"no shards to join for {dataset}")
+    handles = [h5py.File(p, "r") for p in shard_paths]
+    try:
+        fingerprints = {str(h.attrs["fingerprint"]) for h in handles}
+        if len(fingerprints) != 1:
+            raise StoreError(f"shards of {dataset} come from different backbone configurations: {sorted(fingerprints)}")
+        first = dict(handles[0].attrs)
+        config = json.loads(first["config"])
+        dim, dtype = int(first["dim"]), str(first["dtype"])
+        path = store_path(store_dir, dataset, StoreConfig(**{k: config[k] for k in StoreConfig.__dataclass_fields__}))
+        rows = [h["embeddings"].shape[0] for h in handles]
+        n = sum(rows)
+        class_names = sorted({str(c) for h in handles for c in h["labels"].attrs.get("class_names", [])})
+        index = {c: k for k, c in enumerate(class_names)}
+        ids, labels, splits, content = [], [], [], []
+        fail_ids, fail_reasons, fail_content = [], [], []
+        for h in handles:
+            names = [str(c) for c in h["labels"].attrs.get("class_names", [])]
+            ids += _strings(h["ids"])
+            labels += [index[names[v]] if v >= 0 else -1 for v in h["labels"][()].tolist()]
+            splits += _strings(h["splits"])
+            content += _strings(h["content"])
+            fail_ids += _strings(h["failures/ids"])
+            fail_reasons += _strings(h["failures/reasons"])
+            fail_content += _strings(h["failures/content"])
+        listing = [{"file": os.path.relpath(p, path.parent), "rows": r, "sha256": file_sha256(p)}
+                   for p, r in zip(shard_paths, rows)]
+    finally:
+        for h in handles:
+            h.close()
+
+    def fill(f):
+        if n:
+            layout = h5py.VirtualLayout(shape=(n, dim), dtype=dtype)
+            start = 0
+            for entry, r in zip(listing, rows):
+                if r:
+                    layout[start:start + r] = h5py.VirtualSource(entry["file"], "embeddings", shape=(r, dim), dtype=dtype)
+                start += r
+            f.create_virtual_dataset("embeddings", layout, fillvalue=np.nan)
+        else:
+            f.create_dataset("embeddings", shape=(0, dim), dtype=dtype)
+        f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=STR)
+        lab = f.create_dataset("labels", data=np.array(labels, dtype=np.int64))
+        lab.attrs["class_names"] = np.array(class_names, dtype=object)
+        f.create_dataset("splits", data=np.array(splits, dtype=object), dtype=STR)
+        f.create_dataset("content", data=np.array(content, dtype=object), dtype=STR)
+        g = f.create_group("failures")
+        g.create_dataset("ids", data=np.array(fail_ids, dtype=object), dtype=STR)
+        g.create_dataset("reasons", data=np.array(fail_reasons, dtype=object), dtype=STR)
+        g.create_dataset("content", data=np.array(fail_content, dtype=object), dtype=STR)
+        for key, value in first.items():
+            if key not in ("merged_parts", "updated_utc", "dataset", "library_versions"):
+                f.attrs[key] = value
+        f.attrs.update({
+            "dataset": dataset,
+            "config": json.dumps(config, sort_keys=True),
+            "library_versions": json.dumps(library_versions(), sort_keys=True),
+            "merged_parts": "[]",
+            "shards": json.dumps(listing),
+            "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_h5(path, fill)
+    return path
+
+
+def verify_shards(f: h5py.File, path: str | os.PathLike) -> None:
+    """Raise StoreError unless every shard of the joined store ``f`` exists, is intact and has its rows."""
+    path = Path(path)
+    for entry in json.loads(f.attrs["shards"]):
+        shard = path.parent / entry["file"]
+        again = "run the sharded extraction again to rebuild it"
+        if not shard.is_file():
+            raise StoreError(f"{path} is a sharded store, but its shard {shard} is missing; {again}")
+        if file_sha256(shard) != entry["sha256"]:
+            raise StoreError(f"{path} is a sharded store, but its shard {shard} is damaged or was changed "
+                             f"after the join (sha256 differs); {again}")
+        try:
+            with h5py.File(shard, "r") as s:
+                rows = s["embeddings"].shape[0]
+        except (OSError, KeyError) as exc:
+            raise StoreError(f"{path}: shard {shard} cannot be read ({exc}); {again}") from None
+        if rows != entry["rows"]:
+            raise StoreError(f"{path}: shard {shard} has {rows} rows, the join expects {entry['rows']}; {again}")

@@ -1,0 +1,81 @@
+"""The whole pipeline: a real Prefect flow run, and the CLI's one-off commands on real files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipelines.cli import main
+
+
+def test_run_flow_end_to_end_on_a_real_prefect_api(tmp_path, prefect_api, digits_folder):
+    from prefect.client.orchestration import get_client
+
+    from pipelines.flows import run_flow
+    from pipelines.params import RunParams
+
+    params = RunParams(source=str(digits_folder), store_dir=str(tmp_path / "store"), out_dir=str(tmp_path / "runs"),
+                       pixel_baseline=True)
+    state = run_flow(params, return_state=True)
+    assert state.is_completed()
+    out = state.result()
+    run_dir = Path(out["dir"])
+    for name in ("metrics.json", "report.md", "report.html", "confusion_matrix.png", "embedding_map.png"):
+        assert (run_dir / name).stat().st_size > 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["probes"]) == {"logreg", "knn", "pixels"}
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics["probes"].values())
+    assert (run_dir / "classifiers" / "logreg" / "manifest.json").is_file()
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    import asyncio
+
+    keys = {a.key for a in asyncio.run(artifacts())}
+    assert "featurebank-report" in keys
+
+
+def test_cli_extract_train_predict(tmp_path, digits_folder, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", str(digits_folder), "--store", "store"]) == 0
+    store = capsys.readouterr().out.strip().splitlines()[-1]
+    assert store.endswith(".h5") and Path(store).is_file()
+
+    assert main(["train", store, "--out", "runs"]) == 0
+    out = capsys.readouterr().out
+    accuracies = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert set(accuracies) == {"logreg", "knn"}
+
+    classifier = next(Path("runs").glob("*/classifiers/logreg"))
+    assert main(["predict", str(classifier), str(digits_folder), "--store", "store", "--out", "pred.csv"]) == 0
+    rows = list(csv.DictReader(open("pred.csv", encoding="utf-8")))
+    assert len(rows) == 18 and {"id", "predicted", "probability"} <= set(rows[0])
+    # the images were embedded already: predict reused the store
+    assert "no forward pass" in capsys.readouterr().out
+    right = sum(r["predicted"] == r["id"].split("/")[0] for r in rows)
+    assert right >= 15  # trained on most of these very images: nearly all must come back right
+
+
+def test_bad_parameters_answer_at_once_with_one_line(tmp_path):
+    t0 = time.monotonic()
+    cases = [
+        (["extract", str(tmp_path / "nope")], "does not exist"),
+        (["extract", str(tmp_path), "--backbone", "resnet9000"], "unknown backbone"),
+        (["extract", str(tmp_path), "--batch-size", "0"], "batch_size"),
+        (["run", str(tmp_path), "--probes", "nope"], "unknown probe"),
+        (["train", str(tmp_path / "missing.h5")], "does not exist"),
+        (["demo", "imagenet"], "unknown demo dataset"),
+    ]
+    for argv, expected in cases:
+        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode != 0, argv
+        assert expected in proc.stderr and proc.stderr.count("\n") == 1, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 60  # no Prefect server was started for any of them
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing was created
