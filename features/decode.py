@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import stat
 import time
 import warnings
 
@@ -192,11 +193,15 @@ class Decoder:
 
 
 def _read(path) -> bytes | None:
+    """A regular file's bytes, or None: load_image then gives the precise reason (missing, directory,
+    permission, a FIFO or device, which must never be opened: a FIFO would block forever)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         with open(path, "rb") as f:
             return f.read()
     except OSError:
-        return None  # load_image gives the precise reason (missing, directory, permission...)
+        return None
 
 
 def pil_pixels(path, min_size: int | None = None) -> torch.Tensor:

@@ -298,3 +298,15 @@ def test_truncated_jpeg_fails_like_the_plain_path(tmp_path):
     p.write_bytes(_jpeg(320, 240)[:-200])
     with pytest.raises(ImageError):
         Decoder(pre)(p)
+
+
+def test_a_fifo_is_refused_without_opening_it(tmp_path):
+    import os
+
+    from features.images import ImageError
+
+    pre = Preprocessing(224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="regular file"):
+        Decoder(pre)(fifo)  # would block forever if it were opened
