@@ -277,14 +277,17 @@ def stage_breakdown(stages: dict, n: int) -> dict:
 
 
 def _anon_rss(pid: int) -> int | None:
-    """Resident anonymous memory (heap, tensors, copied pages) of one process, from /proc (Linux)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
+    """Anonymous memory (heap, tensors) of one process, from /proc (Linux): its proportional share
+    (Pss_Anon), so that pages a forked replica still shares with its parent count once in the
+    tree's sum rather than once per process; RssAnon where the kernel has no Pss_Anon."""
+    for name, key in ((f"/proc/{pid}/smaps_rollup", "Pss_Anon:"), (f"/proc/{pid}/status", "RssAnon:")):
+        try:
+            with open(name) as f:
+                for line in f:
+                    if line.startswith(key):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            continue
     return None
 
 
@@ -407,11 +410,13 @@ machine it names. Columns:
 - **decode (c)**: images/s the engine's decoders reach on all cores with the model idle.
 - **e2e (b)**: images/s from JPEG files on disk to a finished HDF5 store through `extract()`, startup,
   listing, writing and the final merge included.
-- **ratio**: (b) / min((a), (c)); with `--repeat` the median over repeats (best in brackets).
+- **ratio**: (b) / min((a), (c)); with `--repeat` the lower median over repeats, whose (a), (b), (c)
+  the row shows (best in brackets).
 - **stages**: milliseconds per image in read / decode+transform / copy / forward / write, summed over
   processes (core-ms on a CPU; on a GPU decode and forward are device time).
-- **memory**: growth of the peak resident (anonymous) memory of the extraction's process tree from
-  2,000 to 20,000 images (64 px files, 64 px model input), when run with `--memory`.
+- **memory**: growth of the peak resident memory of the extraction's process tree from 2,000 to
+  20,000 images (64 px files, 64 px model input), when run with `--memory`: anonymous memory, each
+  process's proportional share (pages a forked replica shares with its parent count once).
 
 | date (UTC) | machine | versions | backbone | device, batch, amp | images | layout | bare (a) | decode (c) \
 | e2e (b) | ratio | stages (ms/img) | memory |
@@ -560,7 +565,7 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
         "bare_best_layout": max(med["bare_layouts"], key=med["bare_layouts"].get).replace(" (after b)", ""),
         "bare_layouts": med["bare_layouts"],
         "decode_ceiling": med["decode_ceiling"], "end_to_end": med["end_to_end"],
-        "ratios": [round(x, 4) for x in ratios], "ratio_median": statistics.median(ratios), "ratio_best": max(ratios),
+        "ratios": [round(x, 4) for x in ratios], "ratio_median": statistics.median_low(ratios), "ratio_best": max(ratios),
         "stages_ms_per_image": med["stages_ms_per_image"], "runs": runs,
     }
     print(f"ratio: median {out['ratio_median']:.3f}, best {out['ratio_best']:.3f} over {len(ratios)} run(s)")
