@@ -22,7 +22,7 @@ test: $(STAMP)
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/extraction.py
+	$(BIN)/python benchmarks/extraction.py --memory
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
