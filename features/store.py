@@ -98,22 +98,21 @@ def store_path(store_dir: str | os.PathLike, dataset: str, config: StoreConfig) 
 
 
 def library_versions() -> dict:
-    import PIL
-    import sklearn
-    import timm
-    import torch
-    import torchvision
+    """Versions of the libraries that produce the numbers (recorded in a store, not fingerprinted).
 
-    return {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "pillow": PIL.__version__,
-        "h5py": h5py.__version__,
-        "hdf5": h5py.version.hdf5_version,
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
+    Read from the installed distributions, so a machine without one of them (a GPU box without
+    scikit-learn, say) still writes its store; a missing one is recorded as absent.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "torchvision", "timm", "pillow", "h5py", "numpy", "scikit-learn"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    found["hdf5"] = h5py.version.hdf5_version
+    return found
 
 
 # ----------------------------------------------------------------------------------------------- reading
