@@ -27,13 +27,13 @@ import os
 import re
 import time
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from data.sources import Source, open_source
+from features.backbones import file_sha256
 from features.store import STR, StoreError, _atomic_h5, _strings, library_versions
 
 SHARD_NAME = re.compile(r"^(?P<dataset>.+)\.s(?P<k>\d{3})of(?P<n>\d{3})$")
@@ -104,21 +104,6 @@ def extract_shard(shard: Source, backbone, store_dir: str | os.PathLike, dataset
 
 
 # ----------------------------------------------------------------------------------------------- joining
-
-
-@lru_cache(maxsize=256)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, cached per (path, size, mtime) within the process."""
-    st = os.stat(path)
-    return _sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLike, dataset: str) -> Path:

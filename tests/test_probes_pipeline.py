@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+
+from conftest import write_digits_folder
 
 from data.demo import FASHION_MNIST_DIR
 from pipelines.cli import main
@@ -17,16 +18,8 @@ from pipelines.cli import main
 pytestmark = pytest.mark.slow
 
 
-def digits_folder(root: Path, per_class: int = 8, classes=(0, 1, 7)) -> Path:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    for c in classes:
-        (root / str(c)).mkdir(parents=True, exist_ok=True)
-        for i in np.flatnonzero(d.target == c)[:per_class]:
-            img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((64, 64), Image.NEAREST)
-            img.save(root / str(c) / f"{i:04d}.png")
-    return root
+def digits_folder(root: Path) -> Path:
+    return write_digits_folder(root, per_class=8)
 
 
 def test_predict_writes_probabilities_and_refuses_another_configuration(tmp_path, capsys):
