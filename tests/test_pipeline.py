@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import write_digits_folder
+
+from classifiers.probes import DEFAULT_PROBES
 from pipelines.cli import main
 
 
@@ -27,7 +30,7 @@ def test_run_flow_end_to_end_on_a_real_prefect_api(tmp_path, prefect_api, digits
     for name in ("metrics.json", "report.md", "report.html", "confusion_matrix.png", "embedding_map.png"):
         assert (run_dir / name).stat().st_size > 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics["probes"]) == {"logreg", "knn", "pixels"}
+    assert set(metrics["probes"]) == set(DEFAULT_PROBES) | {"pixels"}
     assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics["probes"].values())
     assert (run_dir / "classifiers" / "logreg" / "manifest.json").is_file()
 
@@ -41,7 +44,8 @@ def test_run_flow_end_to_end_on_a_real_prefect_api(tmp_path, prefect_api, digits
     assert "featurebank-report" in keys
 
 
-def test_cli_extract_train_predict(tmp_path, digits_folder, capsys, monkeypatch):
+def test_cli_extract_train_predict(tmp_path, capsys, monkeypatch):
+    digits_folder = write_digits_folder(tmp_path / "digits", per_class=15)
     monkeypatch.chdir(tmp_path)
     assert main(["extract", str(digits_folder), "--store", "store"]) == 0
     store = capsys.readouterr().out.strip().splitlines()[-1]
@@ -50,16 +54,16 @@ def test_cli_extract_train_predict(tmp_path, digits_folder, capsys, monkeypatch)
     assert main(["train", store, "--out", "runs"]) == 0
     out = capsys.readouterr().out
     accuracies = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-    assert set(accuracies) == {"logreg", "knn"}
+    assert set(accuracies) == set(DEFAULT_PROBES)
 
     classifier = next(Path("runs").glob("*/classifiers/logreg"))
     assert main(["predict", str(classifier), str(digits_folder), "--store", "store", "--out", "pred.csv"]) == 0
     rows = list(csv.DictReader(open("pred.csv", encoding="utf-8")))
-    assert len(rows) == 18 and {"id", "predicted", "probability"} <= set(rows[0])
+    assert len(rows) == 45 and {"id", "predicted", "probability"} <= set(rows[0])
     # the images were embedded already: predict reused the store
     assert "no forward pass" in capsys.readouterr().out
     right = sum(r["predicted"] == r["id"].split("/")[0] for r in rows)
-    assert right >= 15  # trained on most of these very images: nearly all must come back right
+    assert right >= 40  # trained on most of these very images: nearly all must come back right
 
 
 def test_bad_parameters_answer_at_once_with_one_line(tmp_path):
