@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -244,17 +245,39 @@ def decode_ceiling_cuda(pre: Preprocessing, paths: list[str], batch: int, worker
 
 
 def end_to_end(folder: Path, backbone: Backbone, batch, device, amp, compile_model, workers) -> tuple[float, dict]:
+    """(b), then the incremental rerun: the same folder grown by 1 % new files, into the same store."""
+    from data.sources import Sample
     from features.store import library_versions
 
     library_versions()  # the store imports these to record them: a one-off cost of any process, not timed
+    options = dict(batch_size=batch, device=device, workers=workers, amp=amp, compile=compile_model,
+                   progress=False, say=lambda s: None)
     with tempfile.TemporaryDirectory(prefix="fb-bench-store-") as store:
         t0 = time.perf_counter()
-        r = extract(folder, backbone, store, batch_size=batch, device=device, workers=workers, amp=amp,
-                    compile=compile_model, progress=False, say=lambda s: None)
+        r = extract(folder, backbone, store, **options)
         wall = time.perf_counter() - t0
         if r.rows != r.embedded or r.failed:
             raise SystemExit(f"benchmark store is wrong: {r.summary()}")
-    return r.embedded / wall, {"seconds": round(wall, 2), "images": r.embedded, "layout": r.layout, "stages": r.stages}
+        src = open_source(folder)
+        new = open_source(make_images(folder.parent / f"{folder.name}-grown", max(1, len(src.samples) // 100), (500, 375)))
+        grown = Source(src.name, src.root, src.samples + [Sample(f"grown/{s.id}", s.path, s.label) for s in new.samples])
+        t0 = time.perf_counter()
+        r2 = extract(grown, backbone, store, **options)
+        rerun = time.perf_counter() - t0
+        if r2.embedded != len(new.samples) or r2.reused != len(src.samples):
+            raise SystemExit(f"incremental rerun is wrong: {r2.summary()}")
+    return r.embedded / wall, {"seconds": round(wall, 2), "images": r.embedded, "layout": r.layout, "stages": r.stages,
+                               "rerun_new": r2.embedded, "rerun_seconds": round(rerun, 2),
+                               "rerun_share": round(rerun / wall, 4)}
+
+
+def process_startup() -> float:
+    """Seconds for a fresh interpreter to import the engine and the Prefect flows (reported apart from
+    extraction times; a Prefect temporary server adds 10-20 s more on top of this, per process)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import features.engine, pipelines.flows"], cwd=ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return time.perf_counter() - t0
 
 
 def stage_breakdown(stages: dict, n: int) -> dict:
@@ -414,13 +437,16 @@ machine it names. Columns:
   the row shows (best in brackets).
 - **stages**: milliseconds per image in read / decode+transform / copy / forward / write, summed over
   processes (core-ms on a CPU; on a GPU decode and forward are device time).
+- **rerun +1 %**: time of a rerun over the same folder grown by 1 % new files (into the same store: only
+  the new files are embedded) as a share of the full run's time; process start-up (interpreter and
+  imports) is measured apart and shown in brackets; a Prefect temporary server adds 10-20 s per process.
 - **memory**: growth of the peak resident memory of the extraction's process tree from 2,000 to
   20,000 images (64 px files, 64 px model input), when run with `--memory`: anonymous memory, each
   process's proportional share (pages a forked replica shares with its parent count once).
 
 | date (UTC) | machine | versions | backbone | device, batch, amp | images | layout | bare (a) | decode (c) \
-| e2e (b) | ratio | stages (ms/img) | memory |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| e2e (b) | ratio | stages (ms/img) | rerun +1 % | memory |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -439,9 +465,10 @@ def record(path: Path, report: dict) -> None:
         stages = " / ".join(f"{st.get(k, 0):.1f}" for k in ("read", "decode+transform", "copy", "forward", "write"))
         ratio = f"{t['ratio_median']:.3f} ({t['ratio_best']:.3f})" if len(t["ratios"]) > 1 else f"{t['ratio_median']:.3f}"
         cells = [t["images_desc"], t["layout"], f"{t['bare_forward']:.1f} [{t['bare_best_layout']}]",
-                 f"{t['decode_ceiling']:.1f}", f"{t['end_to_end']:.1f}", ratio, stages]
+                 f"{t['decode_ceiling']:.1f}", f"{t['end_to_end']:.1f}", ratio, stages,
+                 f"{100 * t['rerun_share']:.1f} % (start-up {t['process_startup_s']} s)"]
     else:
-        cells = ["-"] * 7
+        cells = ["-"] * 8
     row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
            versions, report["backbone"], f"{report['device']}, {report['batch_size']}, {report['amp']}", *cells, mem_s]
     with open(path, "a") as f:
@@ -543,6 +570,8 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
         e2e, info = end_to_end(folder, backbone, batch, None if a.device == "auto" else a.device, a.amp, a.compile,
                                a.workers)
         print(f"  (b) end to end: {e2e:.1f} img/s ({info['images']} images in {info['seconds']} s, {info['layout']})")
+        print(f"  rerun with {info['rerun_new']} new files (1 %): {info['rerun_seconds']} s = "
+              f"{100 * info['rerun_share']:.1f} % of the full run", flush=True)
         if dev.type == "cpu":
             # measured again after (b), the winning layout only: on a machine whose load drifts, the mean
             # of the two brackets (b) (on a quiet machine they agree and the mean is either)
@@ -567,7 +596,9 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
         "decode_ceiling": med["decode_ceiling"], "end_to_end": med["end_to_end"],
         "ratios": [round(x, 4) for x in ratios], "ratio_median": statistics.median_low(ratios), "ratio_best": max(ratios),
         "stages_ms_per_image": med["stages_ms_per_image"], "runs": runs,
+        "rerun_share": med["info"]["rerun_share"], "process_startup_s": round(process_startup(), 2),
     }
+    print(f"process start-up (interpreter + imports, apart from the times above): {out['process_startup_s']} s")
     print(f"ratio: median {out['ratio_median']:.3f}, best {out['ratio_best']:.3f} over {len(ratios)} run(s)")
     return out
 
