@@ -132,6 +132,9 @@ def _params(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # the server's telemetry heartbeat phones home (there is no network here) and races the first
+    # start-up on SQLite ("database is locked" tracebacks): off unless the user turns it on
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
 

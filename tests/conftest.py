@@ -10,6 +10,9 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# the server's telemetry heartbeat phones home (there is no network here) and races the first
+# start-up on SQLite ("database is locked" tracebacks): off unless the user turns it on
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @pytest.fixture(scope="session")
