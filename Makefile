@@ -22,7 +22,7 @@ test: $(STAMP)
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/extraction.py --memory
+	$(BIN)/python benchmarks/extraction.py --memory --repeat 3
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -22,10 +22,10 @@ class SourceError(ValueError):
     """A source that cannot be listed: the message names it and says what to do."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     id: str  # path relative to the source root, as Python sees it (may hold surrogate escapes)
-    path: Path
+    path: str  # a plain string: a listing of millions of samples must stay small (a Path costs ~5x)
     label: str | None = None
     split: str | None = None  # "train" / "test"; None means "decide from the id's hash"
 
@@ -117,7 +117,7 @@ def image_folder(root: str | os.PathLike, name: str | None = None) -> Source:
     """
     root = Path(root)
     _check_folder(root)
-    samples = [Sample(id=rel, path=root / rel, label=label) for rel, label in _image_entries(root)]
+    samples = [Sample(id=rel, path=os.path.join(root, rel), label=label) for rel, label in _image_entries(root)]
     samples.sort(key=lambda s: os.fsencode(s.id))
     if not samples:
         raise _no_images(root)
@@ -165,7 +165,7 @@ def manifest(path: str | os.PathLike, name: str | None = None) -> Source:
         rel = str(row["path"])
         samples[rel] = Sample(
             id=rel,
-            path=Path(rel) if os.path.isabs(rel) else root / rel,
+            path=os.path.join(root, rel),  # an absolute rel stays as it is
             label=None if row.get("label") is None else str(row["label"]),
             split=row.get("split"),
         )
