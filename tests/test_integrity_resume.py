@@ -125,6 +125,15 @@ def clean_run(tmp_path_factory):
     return source, snapshot(result.path)
 
 
+def resume_and_compare(source, store_dir, want) -> None:
+    """Run the same command again to the end; the store must equal the clean run's."""
+    proc = start(source, store_dir)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    (store,) = store_dir.glob("*.h5")
+    assert_same_store(snapshot(store), want)
+
+
 def test_killed_at_several_moments_then_resumed_equals_a_clean_run(clean_run, tmp_path):
     source, want = clean_run
     store_dir = tmp_path / "store"
@@ -154,11 +163,7 @@ def test_killed_at_several_moments_then_resumed_equals_a_clean_run(clean_run, tm
     assert_committed_rows_correct(store_dir, want)
 
     # 4. the same command again finishes the job
-    proc = start(source, store_dir)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err.decode(errors="replace")
-    (store,) = store_dir.glob("*.h5")
-    assert_same_store(snapshot(store), want)
+    resume_and_compare(source, store_dir, want)
     assert not list(store_dir.glob(".*.tmp")) and not list(store_dir.glob("*.parts")), "leftovers not cleaned"
     print("killed", ", ".join(moments), "then resumed: equal to the clean run")
 
@@ -177,9 +182,5 @@ def test_killed_at_random_moments_then_resumed_equals_a_clean_run(clean_run, tmp
             kill(proc)
             kills += 1
         assert_committed_rows_correct(store_dir, want)
-    proc = start(source, store_dir)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err.decode(errors="replace")
-    (store,) = store_dir.glob("*.h5")
-    assert_same_store(snapshot(store), want)
+    resume_and_compare(source, store_dir, want)
     assert kills >= 1
