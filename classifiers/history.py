@@ -8,8 +8,10 @@ Each run folder (``<out>/<timestamp>/``) gets, beside the report files:
                    centroid drift per class, and each probe's version decision
     delta.md       the same as a markdown report (also published as a Prefect artifact)
 
-The previous run is the latest earlier run folder under ``<out>`` with a snapshot of a store of the
-same name (same dataset, same backbone configuration).
+The previous run is the latest earlier *complete* run folder under ``<out>`` (see classifiers.runs:
+a killed run never becomes one) with a snapshot of a store of the same name (same dataset, same
+backbone configuration), so every addition appears in exactly one delta. The version decisions are
+planned here and carried out when the run folder is committed (classifiers.runs).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classifiers.versions import register
+from classifiers.runs import complete_runs
+from classifiers.versions import plan_version
 from features.store import Features
 
 SNAPSHOT = "snapshot.npz"
@@ -53,11 +56,13 @@ def read_snapshot(run_dir: str | os.PathLike) -> dict:
                 "centroids": dict(zip(z["classes"].tolist(), z["centroids"]))}
 
 
-def previous_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store_name: str) -> Path | None:
-    """The latest run folder before ``run_dir`` with a snapshot of the store named ``store_name``."""
-    run_dir = Path(run_dir)
-    for d in sorted(Path(out_dir).iterdir(), reverse=True):
-        if d.name >= run_dir.name or not (d / SNAPSHOT).is_file():
+def previous_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store_name: str,
+                 run_name: str | None = None) -> Path | None:
+    """The latest complete run folder before this run (``run_name``, default ``run_dir``'s name) with a
+    snapshot of the store named ``store_name``."""
+    name = run_name or Path(run_dir).name
+    for d in reversed(complete_runs(out_dir)):
+        if d.name >= name or not (d / SNAPSHOT).is_file() or not (d / "delta.json").is_file():
             continue
         try:
             if read_snapshot(d)["store"] == store_name:
@@ -88,31 +93,40 @@ def compare(previous: dict | None, now: dict) -> dict:
 
 
 def record_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store: str | os.PathLike,
-               probes: list[str]) -> dict:
-    """Version the run's classifiers, snapshot the store, and write the delta report against the previous run.
+               probes: list[str], run_name: str | None = None) -> dict:
+    """Snapshot the store, plan the classifier versions and write the delta report against the previous run.
 
-    ``run_dir`` is the run folder the probes were trained into (its metrics.json and classifiers/).
-    Returns the delta (also written as delta.json and delta.md).
+    ``run_dir`` is the run folder the probes were trained into (its metrics.json and classifiers/),
+    ``run_name`` the name it will be committed under (default: its own name). The versions are
+    registered when the run folder is committed (:class:`classifiers.runs.RunFolder`), from the
+    decisions recorded here. Returns the delta (also written as delta.json and delta.md).
     """
     out_dir, run_dir = Path(out_dir), Path(run_dir)
+    run_name = run_name or run_dir.name
     features, content = read_with_content(store)
-    prev_dir = previous_run(out_dir, run_dir, features.path.name)
+    prev_dir = previous_run(out_dir, run_dir, features.path.name, run_name)
     previous = read_snapshot(prev_dir) if prev_dir else None
     write_snapshot(run_dir, features, content)
     delta = compare(previous, read_snapshot(run_dir))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     prev_metrics = json.loads((prev_dir / "metrics.json").read_text()) if prev_dir else {"probes": {}}
-    delta.update(run=run_dir.name, previous_run=prev_dir.name if prev_dir else None, store=str(features.path),
+    delta.update(run=run_name, previous_run=prev_dir.name if prev_dir else None, store=str(features.path),
                  rows=len(features.ids), previous_rows=len(previous["ids"]) if previous else 0, probes={})
     for name in probes:
         acc = metrics["probes"][name]["accuracy"]
         before = prev_metrics["probes"].get(name, {}).get("accuracy")
-        decision = register(out_dir / "classifiers" / name, run_dir / "classifiers" / name, features, run=run_dir.name)
+        decision = plan_version(out_dir / "classifiers" / name, run_dir / "classifiers" / name, features, run=run_name)
         delta["probes"][name] = {"accuracy": acc, "previous_accuracy": before,
                                  "change": None if before is None else acc - before, **decision}
-    (run_dir / "delta.json").write_text(json.dumps(delta, indent=2))
-    (run_dir / "delta.md").write_text(delta_markdown(delta))
+    _write_atomic(run_dir / "delta.md", delta_markdown(delta))
+    _write_atomic(run_dir / "delta.json", json.dumps(delta, indent=2))
     return delta
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_with_content(path: str | os.PathLike) -> tuple[Features, list[str]]:

@@ -1,8 +1,16 @@
-"""Saving and loading trained classifiers safely.
+"""Saving and loading trained classifiers without running foreign code.
 
-A classifier is a directory: ``model.joblib`` and ``manifest.json`` (its metrics, classes, the feature
-store fingerprint it was trained on, and the sha256 of ``model.joblib``). Unpickling runs code, so the
-file is loaded only after its sha256 matches the manifest.
+A classifier is a directory: ``model.skops`` and ``manifest.json`` (its metrics, classes, the feature
+store fingerprint it was trained on, and the sha256 of ``model.skops``). The model is written with
+``skops.io``, whose files are a JSON description of the objects plus numpy arrays, never a pickle.
+Loading builds only the types skops trusts by default (scikit-learn estimators, numpy and scipy
+objects, Python builtins) and the ones listed in :data:`TRUSTED_TYPES` (featurebank's probes and a
+few scikit-learn internals); a file naming any other type is refused before anything is built.
+The sha256 in the manifest catches a file changed or damaged after training; it is not what makes
+loading safe (whoever can write the model can write the manifest too).
+
+Classifiers saved by earlier versions (``model.joblib``, a pickle, which runs code when loaded) are
+never unpickled: they get one line saying how to retrain them.
 """
 
 from __future__ import annotations
@@ -12,7 +20,21 @@ import json
 import os
 from pathlib import Path
 
-import joblib
+import skops.io as sio
+
+MODEL = "model.skops"
+LEGACY_MODEL = "model.joblib"
+FORMAT_VERSION = 2
+# Types beyond skops' defaults that featurebank's probes are made of: loading builds these and nothing else.
+TRUSTED_TYPES = (
+    "classifiers.probes.CLIPLogisticProbe",
+    "classifiers.probes.WeightedKNNProbe",
+    "classifiers.outofcore.OutOfCoreLogisticProbe",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+)
 
 
 class ClassifierError(RuntimeError):
@@ -29,16 +51,28 @@ def _sha256(path: Path) -> str:
 
 def save_classifier(estimator, directory: str | os.PathLike, *, classes: list[str], store_fingerprint: str,
                     backbone: str, metrics: dict | None = None, extra: dict | None = None) -> Path:
-    """Write ``model.joblib`` and ``manifest.json`` into ``directory`` (each atomically)."""
+    """Write ``model.skops`` and ``manifest.json`` into ``directory`` (each atomically).
+
+    An estimator made of types that loading would refuse is refused here, so that nothing is saved
+    that cannot be loaded."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = directory / "model.joblib"
-    tmp = directory / f".model.joblib.{os.getpid()}.tmp"
-    joblib.dump(estimator, tmp)
+    data = sio.dumps(estimator)
+    foreign = [t for t in sio.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
+    if foreign:
+        raise ClassifierError(f"cannot save {type(estimator).__name__}: it holds types that loading would refuse "
+                              f"({', '.join(foreign)}); add them to classifiers.persist.TRUSTED_TYPES if they are safe")
+    model = directory / MODEL
+    tmp = directory / f".{MODEL}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, model)
     manifest = {
         "format": "featurebank-classifier",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
+        "model": MODEL,
         "estimator": type(estimator).__name__,
         "classes": list(classes),
         "store_fingerprint": store_fingerprint,
@@ -68,13 +102,19 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 
 def verify_classifier(directory: str | os.PathLike) -> dict:
-    """Return the manifest of a classifier whose ``model.joblib`` matches its recorded sha256, or raise.
+    """Return the manifest of a classifier that loading will accept, or raise; nothing is built here.
 
-    Nothing is unpickled here: this is the check that makes unpickling safe.
+    Checked: the format (a pickled classifier of an earlier version is refused with how to retrain),
+    the file's sha256 against the manifest, and that every type the file names is trusted.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    model = directory / "model.joblib"
+    model = directory / MODEL
+    if manifest.get("format_version", 1) < FORMAT_VERSION or (not model.exists() and (directory / LEGACY_MODEL).exists()):
+        raise ClassifierError(
+            f"{directory} was saved by an earlier featurebank as a pickle ({LEGACY_MODEL}), which can run code "
+            "when loaded, so it is not loaded: retrain it ('featurebank train STORE' or 'featurebank run SOURCE')"
+        )
     if not model.is_file():
         raise ClassifierError(f"{model} is missing; retrain the classifier")
     expected = manifest.get("sha256")
@@ -90,6 +130,14 @@ def verify_classifier(directory: str | os.PathLike) -> dict:
             f"{model} does not match the sha256 in its manifest: it was changed after training; "
             "refusing to load it (retrain, or restore the original file)"
         )
+    try:
+        foreign = [t for t in sio.get_untrusted_types(file=model) if t not in TRUSTED_TYPES]
+    except Exception as exc:  # not a skops file at all
+        raise ClassifierError(f"{model} is not a readable skops file ({type(exc).__name__}: {_first_line(exc)}); "
+                              "retrain the classifier") from None
+    if foreign:
+        raise ClassifierError(f"{model} names types featurebank does not trust ({', '.join(foreign[:5])}); "
+                              "refusing to load it: retrain the classifier")
     return manifest
 
 
@@ -104,17 +152,18 @@ def check_store_fingerprint(directory: str | os.PathLike, manifest: dict, store_
 
 
 def load_classifier(directory: str | os.PathLike, store_fingerprint: str | None = None):
-    """Load ``(estimator, manifest)`` after checking the file's sha256 (and the store fingerprint).
+    """Load ``(estimator, manifest)`` after :func:`verify_classifier` (and the store fingerprint check).
 
-    The store fingerprint is checked before anything is unpickled.
+    Only trusted types are built: skops refuses any other one even if the file changed in between.
     """
     manifest = verify_classifier(directory)
     if store_fingerprint is not None:
         check_store_fingerprint(directory, manifest, store_fingerprint)
-    model = Path(directory) / "model.joblib"
+    model = Path(directory) / MODEL
     try:
-        return joblib.load(model), manifest
-    except Exception as exc:  # unpickling a file that matches its hash can still fail (library versions)
+        trusted = [t for t in sio.get_untrusted_types(file=model) if t in TRUSTED_TYPES]
+        return sio.load(model, trusted=trusted), manifest
+    except Exception as exc:  # a file that matches its hash can still fail (library versions)
         raise ClassifierError(f"{model} cannot be loaded ({type(exc).__name__}: {_first_line(exc)}); "
                               "retrain the classifier with this environment") from None
 

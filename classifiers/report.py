@@ -158,6 +158,9 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
 
         fewshot_md = ("## Few-shot (test split; examples and validation from the train split only)\n\n"
                       f"{fewshot_markdown(fewshot)}\n")
+    notes = [f"{r.name}: {w['category']} {w['count']}x: {w['message']}" for r in results for w in r.metrics.get("warnings", [])]
+    notes_md = ("## Notes\n\nWarnings raised while training, each counted once:\n\n"
+                + "".join(f"- {n}\n" for n in notes) + "\n") if notes else ""
     md = (
         f"# featurebank report\n\nStore: `{features.path}` (backbone `{metrics['backbone']}`, "
         f"fingerprint `{features.fingerprint[:16]}`)\n\n"
@@ -165,6 +168,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         f"Best probe: **{best.name}**.\n\n"
         f"## Probes (test split)\n\n{markdown_table(rows)}\n"
         f"{fewshot_md}"
+        f"{notes_md}"
         f"## Per-class metrics (test split)\n\n{per_class_md}\n"
         f"## Plots\n\n![confusion matrix of {best.name}]({plots['confusion_matrix']})\n\n"
         f"![embedding map ({plots['map_method']})]({plots['embedding_map']})\n"
@@ -194,6 +198,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         f"<code>{html.escape(str(metrics['backbone']))}</code>; train {metrics['n_train']}, test {metrics['n_test']}, "
         f"{len(features.class_names)} classes. Best probe: <b>{html.escape(best.name)}</b>.</p>"
         f"<h2>Probes (test split)</h2>{summary_html}{fewshot_html}"
+        + ("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>" if notes else "") +
         f"<h2>Confusion matrix ({html.escape(best.name)})</h2><img src='{plots['confusion_matrix']}' alt='confusion matrix'>"
         f"<h2>Embedding map ({plots['map_method']})</h2><img src='{plots['embedding_map']}' alt='embedding map'>"
         f"<h2>Per-class metrics (test split)</h2>{per_class_html}</body></html>"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +73,20 @@ def chosen_hyperparameters(probe) -> dict:
             for attr, label in names.items() if (v := getattr(probe, attr, None)) is not None}
 
 
+@contextmanager
+def counted_warnings(counter: Counter):
+    """Record the warnings raised inside (scikit-learn's searches repeat the same harmless ones many
+    times on small splits) into ``counter`` as ``(category, first line)``, instead of printing each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    counter.update((w.category.__name__, str(w.message).splitlines()[0] if str(w.message) else "") for w in caught)
+
+
+def warning_notes(counter: Counter) -> list[dict]:
+    return [{"category": c, "message": m, "count": n} for (c, m), n in counter.most_common()]
+
+
 def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.PathLike | None = None,
                  say=print) -> list[ProbeResult]:
     """Fit each probe on the labelled train rows, score it on the labelled test rows, save it."""
@@ -78,14 +95,20 @@ def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.Pa
     train = features.subset(labelled & (features.splits == "train"))
     test = features.subset(labelled & (features.splits == "test"))
     results = []
+    seen: Counter = Counter()
     for name in probes:
         probe = make_probe(name)
-        t0 = time.perf_counter()
-        probe.fit(train.X, train.y)
-        fit_seconds = time.perf_counter() - t0
-        y_pred = probe.predict(test.X)
-        metrics, cm = evaluate(test.y, y_pred, len(features.class_names))
+        caught: Counter = Counter()
+        with counted_warnings(caught):
+            t0 = time.perf_counter()
+            probe.fit(train.X, train.y)
+            fit_seconds = time.perf_counter() - t0
+            y_pred = probe.predict(test.X)
+            metrics, cm = evaluate(test.y, y_pred, len(features.class_names))
         metrics.update(fit_seconds=round(fit_seconds, 3), n_train=int(len(train.y)), chosen=chosen_hyperparameters(probe))
+        if caught:
+            metrics["warnings"] = warning_notes(caught)
+            seen.update(caught)
         directory = None
         if out_dir is not None:
             directory = save_classifier(
@@ -95,6 +118,8 @@ def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.Pa
             )
         say(f"  {name:<10} test accuracy {metrics['accuracy']:.4f}  (fit {fit_seconds:.1f} s)")
         results.append(ProbeResult(name, metrics, cm, y_pred, directory))
+    for note in warning_notes(seen):  # once each, not once per occurrence (also in the report's notes)
+        say(f"  note: {note['category']} {note['count']}x while training: {note['message']}")
     return results
 
 

@@ -72,12 +72,20 @@ def set_current(probe_dir: str | os.PathLike, version: str) -> None:
     _write_atomic(probe_dir / CURRENT, version + "\n")
 
 
-def add_version(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike) -> str:
-    """Copy a trained classifier directory in as the next version (hard links where possible)."""
+def next_version(probe_dir: str | os.PathLike) -> str:
+    """The name the next version of a probe gets (contiguous: one more than the last one)."""
+    existing = versions(probe_dir)
+    return f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
+
+
+def add_version(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike, version: str | None = None) -> str:
+    """Copy a trained classifier directory in as ``version`` (default: the next one), hard links where
+    possible; a version already there is left as it is."""
     probe_dir = Path(probe_dir)
     probe_dir.mkdir(parents=True, exist_ok=True)
-    existing = versions(probe_dir)
-    version = f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
+    version = version or next_version(probe_dir)
+    if (probe_dir / version / "manifest.json").is_file():
+        return version
     tmp = probe_dir / f".{version}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -104,17 +112,19 @@ def score(classifier_dir: str | os.PathLike, features: Features) -> float:
     return float((predicted == truth).mean())
 
 
-def register(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike, features: Features,
-             run: str = "") -> dict:
-    """Add a new version and promote it if it is not worse than the current one on the same test split.
+def plan_version(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike, features: Features,
+                 run: str = "") -> dict:
+    """Decide, writing nothing, the version a trained classifier will get and whether it will be current.
 
-    Returns the decision: ``version``, ``promoted``, ``current`` (after the decision), ``accuracy``,
-    ``current_accuracy`` (the previous current version re-scored, or None) and ``reason``.
+    The new classifier and the current version are scored on the labelled test rows of ``features``;
+    the new one is promoted if it is not worse. Returns the decision: ``version``, ``promoted``,
+    ``current`` (after the decision), ``accuracy``, ``current_accuracy`` (the previous current version
+    re-scored, or None), ``previous`` and ``reason``. :func:`apply_version` carries it out.
     """
     probe_dir = Path(probe_dir)
     previous = current_version(probe_dir)
-    version = add_version(probe_dir, classifier_dir)
-    accuracy = score(probe_dir / version, features)
+    version = next_version(probe_dir)
+    accuracy = score(classifier_dir, features)
     decision = {"version": version, "run": run, "accuracy": accuracy, "previous": previous, "current_accuracy": None}
     if previous is None:
         promoted, reason = True, "first version"
@@ -129,11 +139,34 @@ def register(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike, fe
             reason = (f"{accuracy:.4f} {'>=' if promoted else '<'} {old:.4f} for {previous} on the same "
                       f"{int(((features.y >= 0) & (features.splits == 'test')).sum())} test samples")
         decision["current_accuracy"] = old
-    if promoted:
-        set_current(probe_dir, version)
-    decision.update(promoted=promoted, current=version if promoted else previous, reason=reason)
+    decision.update(promoted=promoted, current=version if promoted else previous, reason=reason,
+                    store_fingerprint=read_manifest(classifier_dir)["store_fingerprint"])
+    return decision
+
+
+def apply_version(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike, decision: dict) -> bool:
+    """Carry out a planned decision: add the version, make it current if promoted, log it in versions.json.
+
+    Idempotent (a decision already logged is not applied again), so a run killed half-way through
+    is finished by the next one. Returns True when something was done.
+    """
+    probe_dir = Path(probe_dir)
     log = probe_dir / "versions.json"
     entries = json.loads(log.read_text()) if log.is_file() else []
-    entries.append(decision | {"store_fingerprint": read_manifest(probe_dir / version)["store_fingerprint"]})
+    if any(e.get("version") == decision["version"] for e in entries):
+        return False
+    add_version(probe_dir, classifier_dir, decision["version"])
+    if decision["promoted"]:
+        set_current(probe_dir, decision["version"])
+    entries.append(decision)
     _write_atomic(log, json.dumps(entries, indent=2))
+    return True
+
+
+def register(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike, features: Features,
+             run: str = "") -> dict:
+    """Add a new version and promote it if it is not worse than the current one on the same test split
+    (:func:`plan_version` then :func:`apply_version`)."""
+    decision = plan_version(probe_dir, classifier_dir, features, run)
+    apply_version(probe_dir, classifier_dir, decision)
     return decision

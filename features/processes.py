@@ -38,6 +38,14 @@ def _prctl_pdeathsig(sig: int) -> bool:
         return False
 
 
+def pdeathsig_preexec(sig: int = signal.SIGTERM):
+    """A ``preexec_fn`` for ``subprocess.Popen`` (Linux): the program it starts gets ``sig`` when the
+    starting thread ends (the setting survives ``exec``); None elsewhere, where it is not available."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return lambda: _prctl_pdeathsig(sig) and None
+
+
 def _watch(parent: int, poll: float) -> None:
     while True:
         time.sleep(poll)

@@ -21,6 +21,7 @@ receive the new files; the other shards are reused as they are.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -176,7 +177,12 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
         })
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_h5(path, fill)
+    from filelock import FileLock
+
+    with FileLock(str(path) + ".lock"):  # one join at a time; what a killed join left is deleted first
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        _atomic_h5(path, fill)
     return path
 
 

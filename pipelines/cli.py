@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--name", default="featurebank-scheduled", help="deployment name")
         else:
             p.add_argument("--no-prefect", action="store_true", help="run the same steps without Prefect")
+    for p in sub.choices.values():
+        p.add_argument("--verbose", action="store_true", help="also show Prefect's and Dask's INFO logs")
     return parser
 
 
@@ -135,10 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     # the server's telemetry heartbeat phones home (there is no network here) and races the first
     # start-up on SQLite ("database is locked" tracebacks): off unless the user turns it on
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # flow runs send heartbeats, so that a server marks a killed run Crashed (pipelines.deploy)
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["FEATUREBANK_VERBOSE"] = "1"
     from pydantic import ValidationError
 
     from classifiers.persist import ClassifierError
+    from classifiers.runs import RunFolderError
     from classifiers.train import TrainingError
     from data.demo import DemoError
     from data.sources import SourceError
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.params import one_line
 
     # a file system error (disk full, permission denied) is reported like the others: one line, exit 1
-    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, OSError)
+    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, RunFolderError, OSError)
     if args.command == "compare":
         from classifiers.report import compare_runs
 
@@ -164,21 +171,26 @@ def main(argv: list[str] | None = None) -> int:
             if args.size is not None and args.size < 10:
                 raise DemoError(f"--size must be at least 10, not {args.size}")
             source = build(args.demo, args.data_dir, args.size)
-            print(f"demo dataset: {source}")
+            print(f"demo dataset: {source}", file=sys.stderr)
             args.source, args.command = str(source), "run"
             args.dataset = None
         params = _params(args)
-        if args.command == "serve" and (args.cron is None) == (args.interval is None):
-            print("featurebank: error: give a schedule: --cron \"0 * * * *\" or --interval SECONDS", file=sys.stderr)
-            return EXIT_USAGE
+        if args.command == "serve":  # checked before any server is contacted
+            from pipelines.deploy import Schedule
+
+            Schedule(cron=args.cron, interval=args.interval, name=args.name)
     except (ValidationError, UsageError) as exc:
         print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except known as exc:
         print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    from pipelines.console import to_stderr
+
+    stdout = sys.stdout
     try:
-        return _dispatch(args, params)
+        with to_stderr():  # stdout carries only what scripts consume, printed by _dispatch to `stdout`
+            return _dispatch(args, params, stdout)
     except known as exc:
         print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
@@ -187,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args, params) -> int:
+def _dispatch(args, params, stdout) -> int:
     import json
 
     from pipelines import jobs
@@ -203,7 +215,7 @@ def _dispatch(args, params) -> int:
         return 0
     if args.command == "fewshot":
         out = jobs.run_fewshot(params)
-        print(out["markdown_text"].split("\n\n", 2)[-1], end="")
+        print(out["markdown_text"].split("\n\n", 2)[-1], end="", file=stdout)
         print(f"few-shot table: {out['markdown']}")
         return 0
     use_prefect = getattr(args, "prefect", False) or (args.command == "run" and not args.no_prefect)
@@ -221,10 +233,12 @@ def _dispatch(args, params) -> int:
         out = {"extract": jobs.run_extract, "train": jobs.run_train, "predict": jobs.run_predict,
                "run": jobs.run_all}[args.command](params)
     if args.command == "extract":
-        print(out["path"] if isinstance(out, dict) else out.path)
+        print(out["path"] if isinstance(out, dict) else out.path, file=stdout)
+    elif args.command == "predict":
+        print(out, file=stdout)
     elif args.command in ("train", "run"):
         rows = out["rows"]
-        print(json.dumps({r["probe"]: round(r["accuracy"], 4) for r in rows}))
+        print(json.dumps({r["probe"]: round(r["accuracy"], 4) for r in rows}), file=stdout)
         print(f"report: {out['html']}")
         if "delta" in out:
             d = out["delta"]

@@ -5,17 +5,62 @@ runs, this process picks them up and runs them, one at a time, so a run always s
 the previous run left. For the work-pool path (``prefect deploy``), see prefect.yaml at the repository
 root and docs/operations.md. A schedule needs a running Prefect server (``prefect server start``, or
 Prefect Cloud) and ``PREFECT_API_URL`` pointing at it: a temporary server never fires schedules.
+
+Everything is checked before the server is contacted: the schedule (:class:`Schedule`: an interval
+above zero, or a cron expression Prefect's own parser accepts), then that a server answers at
+``PREFECT_API_URL`` (:func:`check_server`). SIGINT and SIGTERM stop ``serve`` the same way: the runner
+pauses the deployment, which makes the server delete the runs it had scheduled (a paused deployment
+schedules nothing); running ``serve`` again resumes the schedule.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from datetime import timedelta
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.params import RunParams
 
 DEPLOYMENT = "featurebank-scheduled"
+START_SERVER = ("start one with 'prefect server start' and set PREFECT_API_URL to its API "
+                "(e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api)")
+
+
+class ServeError(RuntimeError):
+    """serve cannot start (no server answers): the message says what to do."""
+
+
+class Schedule(BaseModel):
+    """When the deployment runs: a cron expression or an interval in seconds (exactly one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cron: str | None = None
+    interval: float | None = Field(None, gt=0, description="seconds between runs")
+    name: str = Field(DEPLOYMENT, min_length=1, description="deployment name")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from prefect.client.schemas.schedules import CronSchedule  # the parser Prefect's scheduler uses
+        from pydantic import ValidationError
+
+        try:
+            CronSchedule(cron=v)
+        except ValidationError:
+            raise ValueError(f"'{v}' is not a cron expression: give five fields, minute hour day month weekday, "
+                             "e.g. \"0 * * * *\" (hourly) or \"*/15 * * * *\"") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> Schedule:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("give a schedule: --cron \"0 * * * *\" or --interval SECONDS (one of them)")
+        return self
 
 
 def deployment_parameters(params: RunParams) -> dict:
@@ -27,27 +72,152 @@ def deployment_parameters(params: RunParams) -> dict:
     return {"params": d}
 
 
+def api_url() -> str | None:
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+def check_server(url: str | None = None, timeout: float = 10.0) -> str:
+    """Return the API URL if a Prefect server answers there; else raise ServeError (one line)."""
+    url = url or api_url()
+    if not url:
+        raise ServeError(f"scheduled runs need a Prefect server and PREFECT_API_URL is not set: {START_SERVER}; "
+                         "a temporary server never fires schedules")
+    import httpx
+
+    try:
+        response = httpx.get(url.rstrip("/") + "/health", timeout=timeout)
+    except httpx.HTTPError as exc:
+        reason = type(exc).__name__.replace("Error", " error").lower()
+        raise ServeError(f"no Prefect server answers at PREFECT_API_URL={url} ({reason}): {START_SERVER}") from None
+    if response.status_code != 200:
+        raise ServeError(f"PREFECT_API_URL={url} answers {response.status_code} to /health, not a Prefect API: "
+                         f"point it at the server's API (ending in /api), or {START_SERVER}")
+    return url
+
+
+CRASH_AUTOMATION = "featurebank: crash runs that stopped beating"
+HEARTBEAT_SECONDS = 30  # Prefect's minimum
+SILENCE_SECONDS = 120  # a run silent this long is marked Crashed
+
+
+def tie_temporary_server() -> None:
+    """Make the temporary Prefect server (started when no PREFECT_API_URL is set) end with this process,
+    even when it is killed with SIGKILL: Prefect starts it as a plain subprocess that would outlive us.
+
+    It wraps Prefect's (private) ``SubprocessASGIServer._run_uvicorn_command`` so that the server
+    process gets SIGTERM from the kernel when its parent dies (Linux; Prefect pinned, see pyproject).
+    Only a server started from the main thread is tied (the kernel signal follows the starting thread).
+    """
+    import subprocess
+    import threading
+
+    from features.processes import pdeathsig_preexec
+
+    try:
+        from prefect.server.api import server as prefect_server
+    except ImportError:
+        return
+    cls = getattr(prefect_server, "SubprocessASGIServer", None)
+    original = getattr(cls, "_run_uvicorn_command", None)
+    preexec = pdeathsig_preexec(signal.SIGTERM)
+    if original is None or preexec is None or getattr(original, "_featurebank_tied", False):
+        return
+
+    def run_tied(self):
+        if threading.current_thread() is not threading.main_thread():
+            return original(self)
+        popen = subprocess.Popen
+
+        def tied_popen(*args, **kwargs):
+            kwargs.setdefault("preexec_fn", preexec)
+            return popen(*args, **kwargs)
+
+        prefect_server.subprocess.Popen = tied_popen
+        try:
+            return original(self)
+        finally:
+            prefect_server.subprocess.Popen = popen
+
+    run_tied._featurebank_tied = True
+    cls._run_uvicorn_command = run_tied
+
+
+def enable_heartbeats() -> None:
+    """Make this process's flow runs (and the runs it serves) send Prefect heartbeat events."""
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
+
+
+def ensure_crash_detection(silence: float = SILENCE_SECONDS) -> bool:
+    """Create, once per server, the Prefect automation that marks a flow run Crashed when its heartbeats
+    stop for ``silence`` seconds without it reaching a final state (a process killed with SIGKILL,
+    a machine gone). Prefect's documented mechanism for "zombie" runs; True if it was created now."""
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    with get_client(sync_client=True) as client:
+        if client.read_automations_by_name(CRASH_AUTOMATION):
+            return False
+    Automation(
+        name=CRASH_AUTOMATION,
+        description="featurebank: a flow run whose process stopped sending heartbeats is marked Crashed",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=silence),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {silence:g} s: its process was killed or its machine lost")],
+    ).create()
+    return True
+
+
 def serve(params: RunParams, cron: str | None = None, interval: float | None = None,
-          name: str = DEPLOYMENT, limit: int = 1) -> None:
-    """Serve the run flow on a cron (or interval, in seconds) schedule until interrupted."""
-    if (cron is None) == (interval is None):
-        raise ValueError("give exactly one of cron or interval")
-    if not os.environ.get("PREFECT_API_URL"):
-        from prefect.settings import PREFECT_API_URL
+          name: str = DEPLOYMENT, limit: int = 1, say=None) -> None:
+    """Serve the run flow on a cron (or interval, in seconds) schedule until SIGINT or SIGTERM."""
+    import asyncio
+    import sys
 
-        if not PREFECT_API_URL.value():
-            raise RuntimeError(
-                "scheduled runs need a Prefect server: start one with 'prefect server start' and set "
-                "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api); a temporary server never fires schedules"
-            )
+    say = say or (lambda m: print(m, file=sys.stderr))
+    schedule = Schedule(cron=cron, interval=interval, name=name)
+    url = check_server()
+
+    from prefect.runner import Runner
+
     from pipelines.flows import run_flow
+    enable_heartbeats()
+    ensure_crash_detection()
 
-    run_flow.serve(
-        name=name,
-        parameters=deployment_parameters(params),
-        cron=cron,
-        interval=None if interval is None else timedelta(seconds=interval),
-        limit=limit,  # runs never overlap: each compares itself with the one before
+    class _Runner(Runner):
+        def handle_sigterm(self, *args, **kwargs) -> None:
+            # stop as on Ctrl-C: asyncio cancels the runner, whose exit pauses the deployment
+            signal.raise_signal(signal.SIGINT)
+
+    runner = _Runner(name=schedule.name, pause_on_shutdown=True, limit=limit)  # runs never overlap
+    runner.add_flow(
+        run_flow, name=schedule.name, parameters=deployment_parameters(params), cron=schedule.cron,
+        interval=None if schedule.interval is None else timedelta(seconds=schedule.interval),
         description="featurebank: embed what is new, retrain, version the probes, report the delta",
         tags=["featurebank"],
     )
+    when = f"cron '{schedule.cron}'" if schedule.cron else f"every {schedule.interval:g} s"
+    say(f"serving deployment 'run/{schedule.name}' ({when}) from {url}; stop with Ctrl-C or SIGTERM")
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        pass
+    say(f"stopped: deployment 'run/{schedule.name}' is paused and its scheduled runs were removed; "
+        "run 'featurebank serve' again to resume the schedule")

@@ -10,13 +10,20 @@ parameters against these annotations, which must be real classes.
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from classifiers.runs import RUN_FILES, run_folder
 from pipelines import jobs
+from pipelines.console import quiet_third_party_logs
+from pipelines.deploy import tie_temporary_server
 from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
+
+quiet_third_party_logs()  # Prefect's INFO chatter off the console unless --verbose (also in Dask workers)
+tie_temporary_server()  # a temporary Prefect server ends with this process, however it ends
 
 
 @task(name="extract-embeddings", retries=1, retry_delay_seconds=5, tags=["featurebank-extract", "featurebank-gpu"],
@@ -36,8 +43,8 @@ def join_task(params: ExtractParams, shards: list[dict]) -> dict:
 
 
 @task(name="version-and-delta", cache_policy=NO_CACHE)
-def record_task(params: RunParams, report: dict) -> dict:
-    delta = jobs.run_record(params, report)
+def record_task(params: RunParams, report: dict, run_name: str | None = None) -> dict:
+    delta = jobs.run_record(params, report, run_name)
     with open(delta["markdown"], encoding="utf-8") as f:
         create_markdown_artifact(key="featurebank-delta", markdown=f.read(),
                                  description="featurebank: what changed since the previous run")
@@ -45,8 +52,9 @@ def record_task(params: RunParams, report: dict) -> dict:
 
 
 @task(name="train-probes")
-def train_task(params: TrainParams, baseline_root: str | None = None, extraction: dict | None = None) -> dict:
-    report = jobs.run_train(params, baseline_root=baseline_root, extraction=extraction)
+def train_task(params: TrainParams, baseline_root: str | None = None, extraction: dict | None = None,
+               run_dir: str | None = None) -> dict:
+    report = jobs.run_train(params, Path(run_dir) if run_dir else None, baseline_root=baseline_root, extraction=extraction)
     create_markdown_artifact(key="featurebank-report", markdown=report["markdown_text"],
                              description="featurebank probe comparison")
     create_table_artifact(key="featurebank-probes", description="test-split metrics of every probe",
@@ -82,8 +90,16 @@ def predict_flow(params: PredictParams) -> str:
 @flow(name="extract-sharded", log_prints=True)
 def sharded_extract_flow(params: ExtractParams, shards: int) -> dict:
     """Embed the source as ``shards`` shard tasks (on the flow's task runner) and join their stores."""
+    from prefect.futures import as_completed
+    from tqdm import tqdm
+
     futures = [extract_shard_task.submit(params, k, shards) for k in range(shards)]
-    return join_task(params, [f.result() for f in futures])
+    with tqdm(total=shards, unit="shard", desc=f"embedding ({params.backbone}, {shards} shards)", dynamic_ncols=True) as bar:
+        for _ in as_completed(futures):  # one bar over all shards, whichever worker runs them
+            bar.update(1)
+    joined = join_task(params, [f.result() for f in futures])
+    print(jobs.summary_line(joined))
+    return joined
 
 
 def dask_task_runner(address: str | None = None, n_workers: int | None = None):
@@ -91,6 +107,7 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None):
     processes, one per GPU where there are several, else ``n_workers``, each with one thread."""
     from prefect_dask import DaskTaskRunner
 
+    quiet_third_party_logs()  # distributed is imported now: its loggers exist
     if address:
         return DaskTaskRunner(address=address)
     import torch
@@ -130,5 +147,9 @@ def run_flow(params: RunParams) -> dict:
         extraction = extract_task(extract_params)
     train = TrainParams(store=extraction["path"], out_dir=params.out_dir, probes=params.probes,
                         memory_budget_mb=params.memory_budget_mb)
-    report = train_task(train, baseline_root=params.source if params.pixel_baseline else None, extraction=extraction)
-    return report | {"delta": record_task(params, report)}
+    with run_folder(params.out_dir, RUN_FILES) as run:  # the run appears whole, or not at all
+        report = train_task(train, baseline_root=params.source if params.pixel_baseline else None,
+                            extraction=extraction, run_dir=str(run.path))
+        delta = record_task(params, report, run.name)
+        run.commit()
+    return run.rebase(report | {"delta": delta})

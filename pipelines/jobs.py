@@ -6,7 +6,6 @@ Prefect flows (pipelines.flows) wrap these as tasks; tests and benchmarks call t
 from __future__ import annotations
 
 import csv
-import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 from classifiers.history import record_run
 from classifiers.persist import check_store_fingerprint, load_classifier, verify_classifier
 from classifiers.report import write_report
+from classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
 from classifiers.train import pixel_baseline, store_embedding_bytes, train_out_of_core, train_probes
 from classifiers.versions import resolve_classifier
 from data.sources import open_source
@@ -40,24 +40,21 @@ def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractRe
     return result
 
 
-def new_run_dir(out_dir: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = Path(out_dir) / stamp
-    k = 1
-    while run.exists():
-        run = Path(out_dir) / f"{stamp}-{k}"
-        k += 1
-    run.mkdir(parents=True)
-    return run
-
-
 def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | None = None,
               extraction: dict | None = None, say=print) -> dict:
     """Train the probes (and optionally the raw-pixel baseline) and write the run's report.
 
     When the store's embeddings exceed ``p.memory_budget_mb``, only the out-of-core CLIP probe is
-    trained, streaming the store within that budget (the other probes need the features in memory)."""
-    run_dir = run_dir or new_run_dir(p.out_dir)
+    trained, streaming the store within that budget (the other probes need the features in memory).
+
+    Without ``run_dir`` the run is a folder of its own under ``p.out_dir``, which appears only when
+    complete (classifiers.runs)."""
+    if run_dir is None:
+        with run_folder(p.out_dir, TRAIN_FILES) as run:
+            report = run_train(p, run.path, baseline_root, extraction, say)
+            run.commit()
+        return run.rebase(report)
+    run_dir = Path(run_dir)
     if p.memory_budget_mb is not None and store_embedding_bytes(p.store) > p.memory_budget_mb * 2**20:
         say(f"training out of core on {p.store}: its embeddings exceed the {p.memory_budget_mb:g} MB budget")
         result, shown, counts = train_out_of_core(p.store, p.memory_budget_mb, out_dir=run_dir, say=say)
@@ -88,7 +85,11 @@ def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dic
     features = read_features(p.store)
     check_trainable(features)
     labelled = features.subset(features.y >= 0)
-    run_dir = run_dir or new_run_dir(p.out_dir)
+    if run_dir is None:
+        with run_folder(p.out_dir, ("fewshot.json", "fewshot.md")) as run:
+            out = run_fewshot(p, run.path, say)
+            run.commit()
+        return run.rebase(out)
     say(f"few-shot on {features.path.name}: shots {p.shots}, {p.seeds} seeds, probes {', '.join(p.probes)}")
     result = evaluate_fewshot(labelled.train, labelled.test, p.shots, p.seeds, p.probes, say=say)
     result |= {"store": str(features.path), "store_fingerprint": features.fingerprint,
@@ -130,6 +131,13 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     return out
 
 
+def summary_line(extraction: dict) -> str:
+    """The extraction's one-line summary (as :meth:`ExtractResult.summary`) from its summary dict."""
+    keys = ("embedded", "reused", "failed", "removed", "rows", "seconds")
+    return ExtractResult(path=Path(extraction["path"]), **{k: extraction[k] for k in keys},
+                         failed_total=extraction.get("failed_total", extraction["failed"])).summary()
+
+
 def extraction_summary(r: ExtractResult) -> dict:
     return {"path": str(r.path), "embedded": r.embedded, "reused": r.reused, "failed": r.failed,
             "removed": r.removed, "rows": r.rows, "seconds": round(r.seconds, 2)}
@@ -160,9 +168,10 @@ def run_join(p: ExtractParams, shards: list[dict]) -> dict:
     return {"path": str(path), **totals, "seconds": round(max(s["seconds"] for s in shards), 2), "shards": len(shards)}
 
 
-def run_record(p: RunParams, report: dict) -> dict:
-    """Version the run's classifiers and write its delta report against the previous run."""
-    delta = record_run(p.out_dir, report["dir"], report["store"], p.probes)
+def run_record(p: RunParams, report: dict, run_name: str | None = None) -> dict:
+    """Plan the run's classifier versions and write its delta report against the previous complete run
+    (the versions are registered when the run folder is committed)."""
+    delta = record_run(p.out_dir, report["dir"], report["store"], p.probes, run_name=run_name)
     return delta | {"markdown": str(Path(report["dir"]) / "delta.md")}
 
 
@@ -170,12 +179,20 @@ def run_all(p: RunParams, progress: bool = True, say=print) -> dict:
     """Extract, train, report, version and compare with the previous run: the whole pipeline without Prefect."""
     extract_params = ExtractParams(**p.model_dump(include=set(ExtractParams.model_fields)))
     if p.shards > 1:  # one shard after the other; Prefect's Dask task runner runs them in parallel
-        extraction = run_join(extract_params, [run_shard(extract_params, k, p.shards) for k in range(p.shards)])
+        from tqdm import tqdm
+
+        shards = [run_shard(extract_params, k, p.shards)
+                  for k in tqdm(range(p.shards), unit="shard", desc=f"embedding ({p.backbone}, {p.shards} shards)",
+                                disable=not progress, dynamic_ncols=True)]
+        extraction = run_join(extract_params, shards)
+        say(summary_line(extraction))
     else:
         extraction = extraction_summary(run_extract(extract_params, progress, say))
     train = TrainParams(store=extraction["path"], out_dir=p.out_dir, probes=p.probes, memory_budget_mb=p.memory_budget_mb)
-    report = run_train(train, baseline_root=p.source if p.pixel_baseline else None, extraction=extraction, say=say)
-    report["store"] = extraction["path"]
-    delta = run_record(p, report)
-    say(f"delta: added {delta['added']}, changed {delta['changed']}, removed {delta['removed']} -> {delta['markdown']}")
-    return report | {"delta": delta}
+    with run_folder(p.out_dir, RUN_FILES, say=say) as run:  # the run appears whole, or not at all
+        report = run_train(train, run.path, baseline_root=p.source if p.pixel_baseline else None,
+                           extraction=extraction, say=say)
+        report["store"] = extraction["path"]
+        delta = run_record(p, report, run.name)  # the command line prints the delta line
+        run.commit()
+    return run.rebase(report | {"delta": delta})

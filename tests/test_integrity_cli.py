@@ -65,9 +65,9 @@ def files(tmp_path_factory) -> Path:
     model = LogisticRegression().fit(np.random.default_rng(1).normal(size=(12, 4)), [0, 1] * 6)
     tampered = save_classifier(model, root / "tampered", classes=["cat", "dog"], store_fingerprint=CONFIG.fingerprint,
                                backbone="efficientnet_lite0")
-    blob = bytearray((tampered / "model.joblib").read_bytes())
+    blob = bytearray((tampered / "model.skops").read_bytes())
     blob[-10] ^= 0x55
-    (tampered / "model.joblib").write_bytes(bytes(blob))
+    (tampered / "model.skops").write_bytes(bytes(blob))
     save_classifier(model, root / "other-backbone", classes=["cat", "dog"], store_fingerprint=CONFIG.fingerprint,
                     backbone="efficientnet_lite0")
     return root

@@ -286,9 +286,9 @@ def test_classifier_is_unpickled_only_when_its_sha256_matches(tmp_path):
     assert manifest["classes"] == ["a", "b"] and loaded.coef_.shape == (1, 4)
     with pytest.raises(ClassifierError, match="another backbone configuration"):
         load_classifier(clf, "e" * 64)
-    data = bytearray((clf / "model.joblib").read_bytes())
+    data = bytearray((clf / "model.skops").read_bytes())
     data[-20] ^= 0xFF
-    (clf / "model.joblib").write_bytes(bytes(data))
+    (clf / "model.skops").write_bytes(bytes(data))
     with pytest.raises(ClassifierError, match="does not match the sha256"):
         load_classifier(clf)
 

@@ -164,5 +164,14 @@ def test_scheduled_runs_fire_and_report_the_delta(prefect_server, tmp_path):
             assert set(report["drift"]) == {"0", "1"}
             for probe in ("logreg", "knn"):
                 assert (out / "classifiers" / probe / "current").is_file()
+
+            # SIGTERM stops serve cleanly: no warning, the deployment paused, no run left scheduled
+            runner.send_signal(signal.SIGTERM)
+            assert runner.wait(timeout=90) == 0, log.read_text(errors="replace")[-3000:]
+            text = log.read_text(errors="replace")
+            assert "never awaited" not in text and "Traceback" not in text, text[-3000:]
+            assert "is paused and its scheduled runs were removed" in text
+            assert client.read_deployment_by_name(f"run/{DEPLOYMENT}").paused
+            assert not [r for r in _runs(client) if r.state and r.state.is_scheduled()]
     finally:
         _stop(runner)

@@ -48,20 +48,22 @@ def test_cli_extract_train_predict(tmp_path, capsys, monkeypatch):
     digits_folder = write_digits_folder(tmp_path / "digits", per_class=15)
     monkeypatch.chdir(tmp_path)
     assert main(["extract", str(digits_folder), "--store", "store"]) == 0
-    store = capsys.readouterr().out.strip().splitlines()[-1]
-    assert store.endswith(".h5") and Path(store).is_file()
+    store = capsys.readouterr().out
+    assert store.endswith(".h5\n") and store.count("\n") == 1 and Path(store.strip()).is_file()  # the path alone
+    store = store.strip()
 
     assert main(["train", store, "--out", "runs"]) == 0
     out = capsys.readouterr().out
-    accuracies = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    accuracies = json.loads(out)  # stdout holds the metrics JSON alone
     assert set(accuracies) == set(DEFAULT_PROBES)
 
     classifier = next(Path("runs").glob("*/classifiers/logreg"))
     assert main(["predict", str(classifier), str(digits_folder), "--store", "store", "--out", "pred.csv"]) == 0
     rows = list(csv.DictReader(open("pred.csv", encoding="utf-8")))
     assert len(rows) == 45 and {"id", "predicted", "probability"} <= set(rows[0])
-    # the images were embedded already: predict reused the store
-    assert "no forward pass" in capsys.readouterr().out
+    # the images were embedded already: predict reused the store (said on stderr; stdout: the CSV path)
+    printed = capsys.readouterr()
+    assert "no forward pass" in printed.err and printed.out == "pred.csv\n"
     right = sum(r["predicted"] == r["id"].split("/")[0] for r in rows)
     assert right >= 40  # trained on most of these very images: nearly all must come back right
 

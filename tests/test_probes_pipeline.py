@@ -32,7 +32,8 @@ def test_predict_writes_probabilities_and_refuses_another_configuration(tmp_path
     classifier = next(runs.glob("*/classifiers/logreg"))
     out = tmp_path / "predictions.csv"
     assert main(["predict", str(classifier), str(folder), "--store", str(store), "--out", str(out)]) == 0
-    assert "24 embeddings reused, no forward pass" in capsys.readouterr().out  # the store is reused
+    printed = capsys.readouterr()
+    assert "24 embeddings reused, no forward pass" in printed.err and printed.out == f"{out}\n"  # the store is reused
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["id", "predicted", "probability", "p_0", "p_1", "p_7"] and len(rows) == 24
     for r in rows:

@@ -86,5 +86,7 @@ def test_train_streams_a_store_larger_than_its_memory_budget(tmp_path, capsys):
     assert metrics["probes"]["logreg-ooc"]["accuracy"] > 0.8
     capsys.readouterr()
     assert main(["train", str(store), "--out", str(runs), "--memory-budget", "1"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("featurebank: error:") and "raise the budget" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("featurebank: error:") and "raise the budget" in err[-1]
+    assert sum(line.startswith("featurebank: error") for line in err) == 1
+    assert len(list(runs.glob("*/metrics.json"))) == 1 and not list(runs.glob(".*.tmp"))  # no half run left
