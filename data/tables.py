@@ -314,9 +314,8 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
     if not samples:
         raise SourceError(f"source {loc} lists no samples")
     samples.sort(key=lambda s: os.fsencode(s.id))
-    default_name = Path(files.root).name if not single else Path(files.names[0]).stem
-    if not single and os.path.isfile(os.path.join(files.root, "state.json")):
-        default_name = Path(files.root).name
+    default_name = Path(loc.rstrip("/")).name if os.path.isdir(loc) else (
+        Path(files.names[0]).stem if single else Path(files.root).name)
     return Source(name=name or default_name or "table", root=files.root, samples=samples, reader=reader,
                   format="parquet", class_names=class_names,
                   shard_key=reader.file_of if isinstance(reader, TableReader) else None)

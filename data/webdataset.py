@@ -183,6 +183,7 @@ def webdataset_source(location, name: str | None = None, *, storage_options: dic
     samples.sort(key=lambda s: os.fsencode(s.id))
     class_names = [str(k) for k in range(max_label + 1)] if int_labels and max_label >= 0 else None
     reader = TarReader(files.local, files.identities, files.names, errors)
-    default_name = Path(files.names[0]).stem if single else (Path(files.root).name or "shards")
+    default_name = Path(loc.rstrip("/")).name if os.path.isdir(loc) else (
+        Path(files.names[0]).stem if single else (Path(files.root).name or "shards"))
     return Source(name=name or default_name, root=files.root, samples=samples, reader=reader, format="webdataset",
                   class_names=class_names, shard_key=reader.file_of)

@@ -201,13 +201,31 @@ class Features:
     def test(self) -> Features:
         return self.subset(self.splits == "test")
 
+    def to_pandas(self):
+        """One row per sample: ``id``, ``label`` (the class name, None when unlabelled), ``label_index``
+        (-1 = none), ``split`` and ``embedding`` (a float32 numpy vector)."""
+        import pandas as pd
 
-def read_features(path: str | os.PathLike) -> Features:
-    """Read a whole store into memory: ``X, y, ids, class_names`` and more.
+        names = self.class_names
+        return pd.DataFrame({
+            "id": self.ids,
+            "label": [names[v] if v >= 0 else None for v in self.y.tolist()],
+            "label_index": self.y,
+            "split": list(self.splits),
+            "embedding": list(self.X),
+        })
+
+
+def read_features(path: str | os.PathLike, as_frame: bool = False):
+    """Read a whole store into memory: ``X, y, ids, class_names`` and more; with ``as_frame`` a pandas
+    DataFrame instead (see :meth:`Features.to_pandas`).
 
     >>> f = read_features("featurebank-store/mnist5k-0123abcd.h5")
     >>> f.X.shape, f.y[:3], f.class_names
+    >>> df = read_features("featurebank-store/mnist5k-0123abcd.h5", as_frame=True)
     """
+    if as_frame:
+        return read_features(path).to_pandas()
     with open_store(path) as f:
         try:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", default="logreg,knn", help="logreg and/or knn")
     p.add_argument("--out", dest="out_dir", default="featurebank-runs", help="folder for runs")
 
+    p = sub.add_parser("export", help="write a store's ids, labels, splits and embeddings as Parquet; prints its path")
+    p.add_argument("store", help="an HDF5 store file written by 'extract'")
+    p.add_argument("--to", default="parquet", help="output format: parquet (a fixed-size list column of embeddings)")
+    p.add_argument("--out", help="file to write (default: the store's path with .parquet)")
+
     p = sub.add_parser("compare", help="print a markdown table of several runs' metrics side by side")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by 'train' or 'run'")
 
@@ -126,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _params(args: argparse.Namespace):
-    from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
+    from pipelines.params import ExportParams, ExtractParams, PredictParams, RunParams, TrainParams
 
     d = {k: v for k, v in vars(args).items() if v is not None}
     from pipelines.params import FewshotParams
@@ -141,7 +146,8 @@ def _params(args: argparse.Namespace):
     pick = lambda model: model(**{k: v for k, v in d.items() if k in model.model_fields})
     return {"extract": lambda: pick(ExtractParams), "train": lambda: pick(TrainParams),
             "predict": lambda: pick(PredictParams), "run": lambda: pick(RunParams),
-            "serve": lambda: pick(RunParams), "fewshot": lambda: pick(FewshotParams)}[args.command]()
+            "serve": lambda: pick(RunParams), "fewshot": lambda: pick(FewshotParams),
+            "export": lambda: pick(ExportParams)}[args.command]()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +220,11 @@ def _dispatch(args, params) -> int:
         except RuntimeError as exc:
             print(f"featurebank: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        return 0
+    if args.command == "export":
+        from features.export import export_parquet
+
+        print(export_parquet(params.store, params.out))
         return 0
     if args.command == "fewshot":
         out = jobs.run_fewshot(params)

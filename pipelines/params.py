@@ -208,6 +208,23 @@ class FewshotParams(_Params):
         return TrainParams._store_exists(v)
 
 
+class ExportParams(_Params):
+    store: str
+    to: Literal["parquet"] = "parquet"
+    out: str | None = None  # default: the store's path with the format's suffix
+
+    @field_validator("store")
+    @classmethod
+    def _store_exists(cls, v: str) -> str:
+        from features.store import StoreError, open_store
+
+        try:
+            open_store(v).close()
+        except StoreError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
 class PredictParams(_SourceParams):
     classifier: str
     out: str = "predictions.csv"
