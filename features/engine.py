@@ -31,6 +31,7 @@ from data.sources import Source, escape_id, open_source, split_of
 from features.backbones import Backbone, create_backbone
 from features.decode import Decoder, decode_on_device, read_for_gpu
 from features.images import ImageError
+from features.processes import die_with_parent
 from features.runtime import GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device, usable_cores
 from features.store import StoreConfig, StoreError, StoreWriter, store_path
 
@@ -362,6 +363,7 @@ def steady_allocator() -> None:
 def _replica(rank, model, dec, threads, tasks, results):
     """One worker process: take batches of (first position, paths), decode them inline, run the model,
     send the embeddings back."""
+    die_with_parent()  # a killed parent (SIGKILL included) takes its replicas with it
     try:
         steady_allocator()
         torch.set_num_threads(threads)
@@ -565,7 +567,7 @@ def _run_in_process(backbone, dec: Decoder, paths, batch_size, dev: torch.device
     batch = forward.max_batch
     loader = DataLoader(
         _Files(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
-        collate_fn=_collate, pin_memory=dev.type == "cuda",
+        collate_fn=_collate, pin_memory=dev.type == "cuda", worker_init_fn=die_with_parent,
         prefetch_factor=4 if layout.loader_workers else None, persistent_workers=False,
     )
     cuda = dev.type == "cuda"
