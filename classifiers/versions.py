@@ -2,7 +2,7 @@
 
 Layout, under a run folder (``--out``)::
 
-    classifiers/<probe>/v0001/        a classifier directory (model.joblib + manifest.json)
+    classifiers/<probe>/v0001/        a classifier directory (model.skops + manifest.json)
     classifiers/<probe>/v0002/
     classifiers/<probe>/current       the version predict uses ("v0001"), replaced atomically
     classifiers/<probe>/versions.json one entry per version: run, accuracies, decision

@@ -30,7 +30,7 @@ import torch
 from data.sources import Source, escape_id, open_source, split_of
 from features.backbones import Backbone, create_backbone
 from features.decode import Decoder, decode_on_device, read_for_gpu
-from features.images import ImageError, content_fingerprint
+from features.images import ImageError
 from features.processes import die_with_parent
 from features.runtime import GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device, usable_cores
 from features.store import StoreConfig, StoreError, StoreWriter, store_path
@@ -113,7 +113,7 @@ def extract(
         raise StoreError(f"cannot create the store folder {path.parent} ({exc.strerror or exc})") from None
 
     ids = [escape_id(s.id) for s in source.samples]
-    content = [content_fingerprint(s.path, content_hash) for s in source.samples]
+    content = source.fingerprints(content_hash)  # the source owns its bytes: files, table rows, tar members
     labels = [None if s.label is None else escape_id(s.label) for s in source.samples]
     splits = [s.split or split_of(s.id) for s in source.samples]
 
@@ -136,8 +136,10 @@ def extract(
         result.embedded = writer.added_rows
         result.failures = list(writer.added_failures)
         result.failed = len(result.failures)
-        if todo or stale or writer.needs_merge() or not path.exists() or _labels_changed(path, ids, labels, splits):
-            counts = writer.finish(ids, labels, splits, content)
+        classes = [escape_id(c) for c in source.classes]
+        if (todo or stale or writer.needs_merge() or not path.exists()
+                or _labels_changed(path, ids, labels, splits, classes)):
+            counts = writer.finish(ids, labels, splits, content, class_names=classes)
             result.removed = counts["removed"]
             result.rows = counts["rows"]
             result.failed_total = counts["failures"]
@@ -148,14 +150,15 @@ def extract(
     return result
 
 
-def _labels_changed(path: Path, ids, labels, splits) -> bool:
+def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
     """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
     from features.store import _strings, open_store
 
     with open_store(path) as f:
         names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
         stored = dict(zip(_strings(f["ids"]), zip(f["labels"][()].tolist(), _strings(f["splits"]))))
-    want_names = sorted({lab for lab in labels if lab is not None})
+    if want_names is None:
+        want_names = sorted({lab for lab in labels if lab is not None})
     if names != want_names:
         return True
     pos = {c: k for k, c in enumerate(names)}
@@ -285,7 +288,7 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
     result.layout = f"{dev.type}: {layout.describe()}"
     bar = tqdm(total=len(paths), unit="img", desc=f"embedding ({backbone.name}, {result.layout})",
                disable=not progress, dynamic_ncols=True)
-    dec = Decoder(backbone.preprocessing, decoder)
+    dec = Decoder(backbone.preprocessing, decoder, reader=source.reader)  # reads bytes in the worker processes
     rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=not layout.replicas)
     try:
         if layout.replicas:
@@ -316,7 +319,8 @@ def _chunks(n: int, batch: int, replicas: int) -> list[tuple[int, int]]:
 
 
 class _Paths:
-    """The file paths still to embed, made on demand (a list of them would grow with the dataset)."""
+    """The locations of the samples still to embed (read by the source's reader), made on demand (a
+    list of them would grow with the dataset)."""
 
     def __init__(self, source, todo):
         self.source, self.todo = source, todo

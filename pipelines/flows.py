@@ -52,7 +52,7 @@ def record_task(params: RunParams, report: dict, run_name: str | None = None) ->
 
 
 @task(name="train-probes")
-def train_task(params: TrainParams, baseline_root: str | None = None, extraction: dict | None = None,
+def train_task(params: TrainParams, baseline_root=None, extraction: dict | None = None,
                run_dir: str | None = None) -> dict:
     report = jobs.run_train(params, Path(run_dir) if run_dir else None, baseline_root=baseline_root, extraction=extraction)
     create_markdown_artifact(key="featurebank-report", markdown=report["markdown_text"],
@@ -148,7 +148,7 @@ def run_flow(params: RunParams) -> dict:
     train = TrainParams(store=extraction["path"], out_dir=params.out_dir, probes=params.probes,
                         memory_budget_mb=params.memory_budget_mb)
     with run_folder(params.out_dir, RUN_FILES) as run:  # the run appears whole, or not at all
-        report = train_task(train, baseline_root=params.source if params.pixel_baseline else None,
+        report = train_task(train, baseline_root=params if params.pixel_baseline else None,
                             extraction=extraction, run_dir=str(run.path))
         delta = record_task(params, report, run.name)
         run.commit()

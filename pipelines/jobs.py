@@ -17,7 +17,6 @@ from classifiers.report import write_report
 from classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
 from classifiers.train import pixel_baseline, store_embedding_bytes, train_out_of_core, train_probes
 from classifiers.versions import resolve_classifier
-from data.sources import open_source
 from features.backbones import create_backbone
 from features.engine import ExtractResult, extract
 from features.shards import extract_shard, join_shards, plan_shards
@@ -28,7 +27,7 @@ from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunPar
 def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractResult:
     backbone = create_backbone(p.backbone, layer=p.layer, arch=p.arch)
     result = extract(
-        p.source, backbone, p.store_dir, dataset=p.dataset, batch_size=p.batch_size, device=p.device,
+        p.open_source(p.dataset), backbone, p.store_dir, dataset=p.dataset, batch_size=p.batch_size, device=p.device,
         workers=p.workers, dtype=p.dtype, content_hash=p.content_hash, retry_failures=p.retry_failures,
         progress=progress, say=say,
     )
@@ -40,12 +39,15 @@ def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractRe
     return result
 
 
-def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | None = None,
+def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root=None,
               extraction: dict | None = None, say=print) -> dict:
     """Train the probes (and optionally the raw-pixel baseline) and write the run's report.
 
     When the store's embeddings exceed ``p.memory_budget_mb``, only the out-of-core CLIP probe is
     trained, streaming the store within that budget (the other probes need the features in memory).
+
+    ``baseline_root``: the source (a ``Source``, a location, or extract parameters) whose bytes the
+    raw-pixel baseline reads.
 
     Without ``run_dir`` the run is a folder of its own under ``p.out_dir``, which appears only when
     complete (classifiers.runs)."""
@@ -63,7 +65,8 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | 
     say(f"training on {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
     if baseline_root:
-        results.append(pixel_baseline(features, baseline_root, say=say))
+        source = baseline_root.open_source() if hasattr(baseline_root, "open_source") else baseline_root
+        results.append(pixel_baseline(features, source, say=say))
     fewshot = None
     if p.shots:
         from classifiers.fewshot import evaluate_fewshot
@@ -111,7 +114,7 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
                   if StoreConfig.for_backbone(backbone, d).fingerprint == manifest["store_fingerprint"]), None)
     if dtype is None:
         check_store_fingerprint(classifier, manifest, StoreConfig.for_backbone(backbone).fingerprint)
-    result = extract(p.source, backbone, p.store_dir, batch_size=p.batch_size, device=p.device, dtype=dtype,
+    result = extract(p.open_source(), backbone, p.store_dir, batch_size=p.batch_size, device=p.device, dtype=dtype,
                      progress=progress, say=say)
     say(result.summary())
     features = read_features(result.path)
@@ -150,7 +153,7 @@ def _cached_backbone(name: str, layer: str | None, arch: str | None):
 
 def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
     """Embed shard ``k`` of ``n`` of the source into its own store (see features.shards)."""
-    source = open_source(p.source, p.dataset)
+    source = p.open_source(p.dataset)
     shard = plan_shards(source, n, p.dataset)[k]
     summary = {"shard": k, "dataset": p.dataset or source.name}
     if not shard.samples:
@@ -190,7 +193,7 @@ def run_all(p: RunParams, progress: bool = True, say=print) -> dict:
         extraction = extraction_summary(run_extract(extract_params, progress, say))
     train = TrainParams(store=extraction["path"], out_dir=p.out_dir, probes=p.probes, memory_budget_mb=p.memory_budget_mb)
     with run_folder(p.out_dir, RUN_FILES, say=say) as run:  # the run appears whole, or not at all
-        report = run_train(train, run.path, baseline_root=p.source if p.pixel_baseline else None,
+        report = run_train(train, run.path, baseline_root=p if p.pixel_baseline else None,
                            extraction=extraction, say=say)
         report["store"] = extraction["path"]
         delta = run_record(p, report, run.name)  # the command line prints the delta line
