@@ -20,8 +20,6 @@ import json
 import os
 from pathlib import Path
 
-import skops.io as sio
-
 MODEL = "model.skops"
 LEGACY_MODEL = "model.joblib"
 FORMAT_VERSION = 2
@@ -55,6 +53,8 @@ def save_classifier(estimator, directory: str | os.PathLike, *, classes: list[st
 
     An estimator made of types that loading would refuse is refused here, so that nothing is saved
     that cannot be loaded."""
+    import skops.io as sio  # imported when needed: it imports all of scikit-learn (seconds)
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = sio.dumps(estimator)
@@ -130,6 +130,8 @@ def verify_classifier(directory: str | os.PathLike) -> dict:
             f"{model} does not match the sha256 in its manifest: it was changed after training; "
             "refusing to load it (retrain, or restore the original file)"
         )
+    import skops.io as sio
+
     try:
         foreign = [t for t in sio.get_untrusted_types(file=model) if t not in TRUSTED_TYPES]
     except Exception as exc:  # not a skops file at all
@@ -159,6 +161,8 @@ def load_classifier(directory: str | os.PathLike, store_fingerprint: str | None 
     manifest = verify_classifier(directory)
     if store_fingerprint is not None:
         check_store_fingerprint(directory, manifest, store_fingerprint)
+    import skops.io as sio
+
     model = Path(directory) / MODEL
     try:
         trusted = [t for t in sio.get_untrusted_types(file=model) if t in TRUSTED_TYPES]

@@ -101,7 +101,12 @@ def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.Pa
         caught: Counter = Counter()
         with counted_warnings(caught):
             t0 = time.perf_counter()
-            probe.fit(train.X, train.y)
+            try:
+                probe.fit(train.X, train.y)
+            except ValueError as exc:  # e.g. a class with fewer train samples than a probe's internal folds
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise TrainingError(f"probe {name} cannot be trained on {features.path}: {msg}; add images, "
+                                    "or leave it out with --probes") from None
             fit_seconds = time.perf_counter() - t0
             y_pred = probe.predict(test.X)
             metrics, cm = evaluate(test.y, y_pred, len(features.class_names))

@@ -171,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     from data.sources import SourceError
     from features.backbones import BackboneError
     from features.store import StoreError
+    from pipelines.deploy import ServeError
     from pipelines.params import one_line
 
     # a file system error (disk full, permission denied) is reported like the others: one line, exit 1
-    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, RunFolderError, OSError)
+    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, RunFolderError, ServeError,
+             OSError)
     if args.command == "compare":
         from classifiers.report import compare_runs
 
@@ -246,6 +248,9 @@ def _dispatch(args, params, stdout) -> int:
     use_prefect = getattr(args, "prefect", False) or (args.command == "run" and not args.no_prefect)
     if use_prefect:
         from pipelines import flows
+        from pipelines.deploy import prepare_prefect
+
+        prepare_prefect()  # a server that does not answer is one line; killed runs get marked Crashed
 
         flow = {"extract": flows.extract_flow, "train": flows.train_flow,
                 "predict": flows.predict_flow, "run": flows.run_flow}[args.command]

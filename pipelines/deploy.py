@@ -185,6 +185,21 @@ def ensure_crash_detection(silence: float = SILENCE_SECONDS) -> bool:
     return True
 
 
+def prepare_prefect() -> None:
+    """Before a flow runs: against a server (``PREFECT_API_URL`` set), check that it answers (one line
+    otherwise, :class:`ServeError`), turn heartbeats on and make sure the crash automation exists. With
+    no server set, Prefect starts a temporary one that ends with this process (nothing to watch)."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    check_server(url)
+    enable_heartbeats()
+    try:
+        ensure_crash_detection()
+    except Exception:  # an old server without automations, or no permission: runs still run
+        pass
+
+
 def serve(params: RunParams, cron: str | None = None, interval: float | None = None,
           name: str = DEPLOYMENT, limit: int = 1, say=None) -> None:
     """Serve the run flow on a cron (or interval, in seconds) schedule until SIGINT or SIGTERM."""
@@ -219,5 +234,37 @@ def serve(params: RunParams, cron: str | None = None, interval: float | None = N
         asyncio.run(runner.start())
     except KeyboardInterrupt:
         pass
-    say(f"stopped: deployment 'run/{schedule.name}' is paused and its scheduled runs were removed; "
-        "run 'featurebank serve' again to resume the schedule")
+    try:
+        pause_and_clear(schedule.name)
+    except Exception as exc:  # the server went away first: the runner's own pause is all there is
+        say(f"stopped: could not reach {url} to pause deployment 'run/{schedule.name}' ({type(exc).__name__}); "
+            "pause it with 'prefect deployment pause' or its runs stay scheduled")
+        return
+    say(f"stopped: deployment 'run/{schedule.name}' is paused and its scheduled runs were removed (none is left "
+        "waiting); run 'featurebank serve' again to resume the schedule")
+
+
+def pause_and_clear(name: str = DEPLOYMENT) -> int:
+    """Pause the deployment ``run/<name>`` and delete its runs that are scheduled and never started
+    (the runner pauses it on exit, and the server then deletes them, but a run the scheduler was
+    creating at that moment, or one already Late, can stay); return how many were deleted here."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"run/{name}")
+        client.pause_deployment(deployment.id)
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+        )
+        for run in runs:
+            client.delete_flow_run(run.id)
+    return len(runs)

@@ -49,3 +49,14 @@ def test_the_crash_automation_is_created_once(prefect_api):
         (automation,) = client.read_automations_by_name(CRASH_AUTOMATION)
     assert automation.enabled and "prefect.flow-run.heartbeat" in automation.trigger.after
     assert automation.actions[0].state.value == "CRASHED"
+
+
+def test_a_flow_against_a_server_that_does_not_answer_is_one_line(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "digits"
+    write_folder(folder, n_per_class=2)
+    url = _dead_url()
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    assert main(["run", str(folder), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"no Prefect server answers at PREFECT_API_URL={url}" in err, err
+    assert not (tmp_path / "store").exists()
