@@ -19,6 +19,8 @@ from PIL import Image
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 DEMOS = ("mnist5k", "digits", "fashion-mnist")
+DEFAULT_DEMO = DEMOS[0]
+FASHION_SIZE = 5000
 DEFAULT_DATA_DIR = "featurebank-data"
 
 
@@ -73,7 +75,7 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_mnist(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 5000, seed: int = 0,
+def fashion_mnist(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int = FASHION_SIZE, seed: int = 0,
                   source_dir: Path = FASHION_MNIST_DIR) -> Path:
     """A seeded, seeded random subset of Fashion-MNIST (train and test files pooled) as PNG files."""
     if not (source_dir / "train-images-idx3-ubyte.gz").exists():
@@ -96,10 +98,19 @@ def fashion_mnist(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 50
 
 def build(name: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int | None = None) -> Path:
     """Build (or reuse) a demo dataset folder by name and return its path."""
+    try:
+        check_demo(name)
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
     if name == "mnist5k":
         return mnist5k(data_dir)
     if name == "digits":
         return digits(data_dir)
-    if name == "fashion-mnist":
-        return fashion_mnist(data_dir, size or 5000)
-    raise DemoError(f"unknown demo dataset '{name}': choose one of {', '.join(DEMOS)}")
+    return fashion_mnist(data_dir, size or FASHION_SIZE)
+
+
+def check_demo(name: str) -> str:
+    """``name`` if it is a demo dataset; else a ValueError naming the choices."""
+    if name not in DEMOS:
+        raise ValueError(f"unknown demo dataset '{name}': choose one of {', '.join(DEMOS)}")
+    return name

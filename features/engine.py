@@ -28,13 +28,11 @@ import numpy as np
 import torch
 
 from data.sources import Source, escape_id, open_source, split_of
-from features.backbones import Backbone, create_backbone
-from features.decode import Decoder, decode_on_device, read_for_gpu
+from features.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from features.decode import DEFAULT_DECODER, Decoder, decode_on_device, read_for_gpu
 from features.images import ImageError, content_fingerprint
-from features.runtime import GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device, usable_cores
-from features.store import StoreConfig, StoreError, StoreWriter, store_path
-
-DEFAULT_STORE_DIR = "featurebank-store"
+from features.runtime import DEFAULT_AMP, GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device
+from features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, store_path, strings
 
 
 @dataclass
@@ -49,6 +47,7 @@ class ExtractResult:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) of this run
     layout: str = ""  # how the forward passes ran (see features.runtime)
+    settings: dict = field(default_factory=dict)  # the engine options this extraction ran with
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over processes
 
     def summary(self) -> str:
@@ -63,14 +62,14 @@ class ExtractResult:
 
 def extract(
     source: Source | str | os.PathLike,
-    backbone: Backbone | str = "efficientnet_lite0",
+    backbone: Backbone | str = DEFAULT_BACKBONE,
     store_dir: str | os.PathLike = DEFAULT_STORE_DIR,
     *,
     dataset: str | None = None,
     batch_size: int | None = None,
     device: str | None = None,
     workers: int | None = None,
-    dtype: str = "float32",
+    dtype: str = DTYPES[0],
     content_hash: bool = False,
     retry_failures: bool = False,
     lock_timeout: float | None = None,
@@ -78,9 +77,9 @@ def extract(
     seconds_per_part: float = 10.0,
     progress: bool = True,
     say: Callable[[str], None] = print,
-    amp: str = "auto",
+    amp: str = DEFAULT_AMP,
     compile: bool = False,
-    decoder: str = "fast",
+    decoder: str = DEFAULT_DECODER,
     layout: Layout | None = None,
 ) -> ExtractResult:
     """Embed every new or changed sample of ``source`` into its store file and return what happened.
@@ -100,8 +99,8 @@ def extract(
     t0 = time.perf_counter()
     if not isinstance(source, Source):
         source = open_source(source, dataset)
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
     if not isinstance(backbone, Backbone):
         backbone = create_backbone(backbone)
     config = StoreConfig.for_backbone(backbone, dtype)
@@ -149,11 +148,9 @@ def extract(
 
 def _labels_changed(path: Path, ids, labels, splits) -> bool:
     """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
-    from features.store import _strings, open_store
-
     with open_store(path) as f:
         names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
-        stored = dict(zip(_strings(f["ids"]), zip(f["labels"][()].tolist(), _strings(f["splits"]))))
+        stored = dict(zip(strings(f["ids"]), zip(f["labels"][()].tolist(), strings(f["splits"]))))
     want_names = sorted({lab for lab in labels if lab is not None})
     if names != want_names:
         return True
@@ -169,11 +166,6 @@ def _labels_changed(path: Path, ids, labels, splits) -> bool:
 # ----------------------------------------------------------------------------------------- embedding
 
 CPU_BATCH = 32
-
-
-def default_workers() -> int:
-    """Model replicas on a CPU (one per usable core); kept for callers of the old engine."""
-    return usable_cores()
 
 
 class _Recorder:
@@ -270,7 +262,7 @@ class WriterThread:
 
 
 def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-           amp="auto", compile=False, decoder="fast", layout=None):
+           amp=DEFAULT_AMP, compile=False, decoder=DEFAULT_DECODER, layout=None):
     from tqdm import tqdm
 
     dev = pick_device(device)
@@ -282,6 +274,8 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
         # a daemonic process (a Dask or multiprocessing pool worker) may not start processes: all in here
         layout = Layout(dev.type, 0, torch.get_num_threads() if dev.type == "cpu" else layout.threads, 0, layout.gpu_decode)
     result.layout = f"{dev.type}: {layout.describe()}"
+    result.settings = {"device": str(dev), "batch_size": batch_size or "auto", "workers": workers,
+                       "replicas": layout.replicas, "amp": amp, "compile": compile, "decoder": decoder}
     bar = tqdm(total=len(paths), unit="img", desc=f"embedding ({backbone.name}, {result.layout})",
                disable=not progress, dynamic_ncols=True)
     dec = Decoder(backbone.preprocessing, decoder)
