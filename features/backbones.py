@@ -347,3 +347,11 @@ def create_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None, arch
         return _checkpoint(Path(name), arch, layer, preprocessing)
     check_backbone_name(name)  # raises the registry's one-line error: every valid name was handled above
     raise AssertionError(name)
+
+
+def random_weights_backbone(name: str) -> Backbone:
+    """The architecture of ``name`` (tv:<name>, timm:<name>, efficientnet_lite0/2) with random weights:
+    the same throughput as the real one, no weights file needed (for benchmarks)."""
+    model, pre = _architecture(name)
+    _strip_head(model)
+    return _finish(f"{name}:random-weights", model, pre, "random", None)

@@ -374,7 +374,7 @@ def _replica(rank, model, dec, threads, tasks, results):
         results.put(("error", rank, traceback.format_exc(), None, None))
 
 
-def _mp_context(threads: int = 1):
+def mp_context(threads: int = 1):
     """fork shares the model with the workers at no cost and starts them in milliseconds. It is safe
     for single-threaded workers only: a forked child that runs OpenMP on several threads after its
     parent did can hang (GNU libgomp), and fork is unsafe on macOS; those cases use spawn, which
@@ -383,7 +383,7 @@ def _mp_context(threads: int = 1):
 
 
 def _run_replicas(model, dec: Decoder, paths, batch: int, layout: Layout, rec: _Recorder) -> None:
-    ctx = _mp_context(layout.threads)
+    ctx = mp_context(layout.threads)
     model = model.to("cpu").to(memory_format=torch.channels_last).eval()
     # both queues are bounded and the paths travel with the tasks, so memory stays flat however many
     # images there are; gc.freeze keeps the children's garbage collector off the parent's objects
@@ -458,7 +458,7 @@ def _run_replicas(model, dec: Decoder, paths, batch: int, layout: Layout, rec: _
 # --- one process: CUDA (GPU decoding), MPS, or a CPU with one core
 
 
-class _Files(torch.utils.data.Dataset):
+class FileDataset(torch.utils.data.Dataset):
     """Per item (position, kind, payload, reason): on a GPU layout a JPEG's bytes, otherwise the
     finished tensor; a failure is returned, never raised."""
 
@@ -482,7 +482,7 @@ class _Files(torch.utils.data.Dataset):
             return i, None, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0
 
 
-def _collate(items):
+def collate(items):
     """One batch: the JPEGs' bytes as one flat tensor with their sizes (one shared-memory block per
     batch, not one per file), the CPU-decoded images stacked, and the failures."""
     pixels = [(i, p) for i, k, p, _, _ in items if k == "pixels"]
@@ -554,8 +554,8 @@ def _run_in_process(backbone, dec: Decoder, paths, batch_size, dev: torch.device
         torch.cuda.empty_cache()
     batch = forward.max_batch
     loader = DataLoader(
-        _Files(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
-        collate_fn=_collate, pin_memory=dev.type == "cuda",
+        FileDataset(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
+        collate_fn=collate, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if layout.loader_workers else None, persistent_workers=False,
     )
     cuda = dev.type == "cuda"
