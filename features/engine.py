@@ -32,7 +32,7 @@ from features.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from features.decode import DEFAULT_DECODER, Decoder, decode_on_device, read_for_gpu
 from features.images import ImageError, content_fingerprint
 from features.runtime import DEFAULT_AMP, GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device
-from features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, store_path, strings
+from features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, read_index, store_path
 
 
 @dataclass
@@ -148,9 +148,9 @@ def extract(
 
 def _labels_changed(path: Path, ids, labels, splits) -> bool:
     """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
-    with open_store(path) as f:
-        names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
-        stored = dict(zip(strings(f["ids"]), zip(f["labels"][()].tolist(), strings(f["splits"]))))
+    index = read_index(path)
+    names = index.class_names
+    stored = dict(zip(index.ids, zip(index.y.tolist(), index.splits.tolist())))
     want_names = sorted({lab for lab in labels if lab is not None})
     if names != want_names:
         return True
