@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 
-from pipelines.params import (AsFlow, AsFlowByDefault, CompareParams, DemoParams, ExtractParams, FewshotParams,
-                              PredictParams, RunParams, ServeParams, TrainParams, one_line)
+from pipelines.params import (AsFlow, AsFlowByDefault, CompareParams, DemoParams, ExportParams, ExtractParams,
+                              FewshotParams, PredictParams, RunParams, ServeParams, TrainParams, one_line)
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -41,6 +41,7 @@ COMMANDS = {
     "extract": Command("embed a folder or manifest into an HDF5 store; prints its path", (ExtractParams, AsFlow)),
     "train": Command("train probes on a store and write a report; prints the metrics", (TrainParams, AsFlow)),
     "fewshot": Command("few-shot accuracy (mean ± 95%% CI over seeds); writes fewshot.json/.md", (FewshotParams,)),
+    "export": Command("write a store's ids, labels, splits and embeddings as Parquet; prints its path", (ExportParams,)),
     "compare": Command("print a markdown table of several runs' metrics side by side", (CompareParams,)),
     "predict": Command("classify images with a saved classifier; writes a CSV", (PredictParams, AsFlow)),
     "run": Command("extract, train and report in one Prefect flow", (RunParams, AsFlowByDefault)),
@@ -95,7 +96,8 @@ def _default_text(field) -> str:
 
 def add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     """One argparse argument per field of ``model``; nothing is given a default here (the model has them)."""
-    for name, field in model.model_fields.items():
+    fields = sorted(model.model_fields.items(), key=lambda item: not _extra(item[1]).get("first"))  # stable
+    for name, field in fields:
         base, many = _scalar(field.annotation)
         help_text = ((field.description or "") + _default_text(field)).replace("%", "%%")
         kwargs = {"help": help_text, "default": argparse.SUPPRESS}
@@ -106,6 +108,8 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None
         if is_positional(field):
             nargs = "*" if many else "?"  # the value may come from --config instead
             parser.add_argument(name, metavar=name.upper(), nargs=nargs, **kwargs)
+        elif _extra(field).get("repeat"):
+            parser.add_argument(flag_of(name, field), dest=name, action="append", metavar="VALUE", **kwargs)
         elif base is bool:
             parser.add_argument(flag_of(name, field), dest=name, action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             from data.demo import build
 
             demo, flow = models
-            source = build(demo.demo, demo.data_dir, demo.size)
+            source = build(demo.demo, demo.data_dir, demo.size, format=demo.demo_format)
             print(f"demo dataset: {source}")
             command, models = "run", [demo.run(str(source)), flow]
     except ValidationError as exc:
@@ -238,6 +242,11 @@ def _dispatch(command: str, models: list[BaseModel]) -> int:
         from classifiers.report import compare_runs
 
         print(compare_runs(params.run_dirs), end="")
+        return 0
+    if command == "export":
+        from features.export import export_parquet
+
+        print(export_parquet(params.store, params.out))
         return 0
     if command == "serve":
         from pipelines.deploy import serve

@@ -45,7 +45,7 @@ def record_task(params: RunParams, report: dict) -> dict:
 
 
 @task(name="train-probes")
-def train_task(params: TrainParams, baseline_source: str | None = None, extraction: dict | None = None) -> dict:
+def train_task(params: TrainParams, baseline_source: ExtractParams | None = None, extraction: dict | None = None) -> dict:
     report = jobs.run_train(params, baseline_source=baseline_source, extraction=extraction)
     create_markdown_artifact(key="featurebank-report", markdown=report["markdown_text"],
                              description="featurebank probe comparison")

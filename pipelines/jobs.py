@@ -18,20 +18,19 @@ from classifiers.history import record_run
 from classifiers.predict import classifier_for_prediction, store_dtype, write_predictions
 from classifiers.report import new_run_dir, write_report
 from classifiers.train import exceeds_budget, pixel_baseline, train_out_of_core, train_probes
-from data.sources import open_source
 from features.backbones import create_backbone
 from features.engine import ExtractResult, extract
 from features.pixels import pixel_features
 from features.shards import extract_shard, join_shards, plan_shards
 from features.store import read_features
-from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, TrainParams
+from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, TrainParams
 
 FAILURES_SHOWN = 20  # skipped files listed on the console; all are in the store's failures table
 
 
 def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractResult:
     backbone = create_backbone(p.backbone, layer=p.layer, arch=p.arch)
-    result = extract(p.source, backbone, p.store_dir, progress=progress, say=say, **p.engine())
+    result = extract(p.open_source(p.dataset), backbone, p.store_dir, progress=progress, say=say, **p.engine())
     say(result.summary())
     for sample_id, reason in result.failures[:FAILURES_SHOWN]:
         say(f"  skipped {sample_id}: {reason}")
@@ -40,9 +39,10 @@ def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractRe
     return result
 
 
-def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: str | None = None,
+def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: SourceOptions | None = None,
               extraction: dict | None = None, say=print) -> dict:
-    """Train the probes (and optionally the raw-pixel baseline on ``baseline_source``) and write the report.
+    """Train the probes (and optionally the raw-pixel baseline, reading the images of ``baseline_source``)
+    and write the report.
 
     When the store's embeddings exceed ``p.memory_budget_mb``, only the out-of-core CLIP probe is
     trained, streaming the store within that budget (the other probes need the features in memory)."""
@@ -55,7 +55,8 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: str 
     say(f"training on {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
     if baseline_source:
-        results.append(pixel_baseline(features, pixel_features(baseline_source, features.ids), say=say))
+        pixels = pixel_features(baseline_source.open_source(), features.ids)
+        results.append(pixel_baseline(features, pixels, say=say))
     fewshot = None
     if p.shots:
         labelled = features.subset(features.y >= 0)
@@ -74,7 +75,7 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     classifier, manifest = classifier_for_prediction(p.classifier)
     backbone = create_backbone(manifest["backbone"])
     options = p.engine() | {"dtype": store_dtype(classifier, manifest, backbone)}  # refused here if none fits
-    result = extract(p.source, backbone, p.store_dir, progress=progress, say=say, **options)
+    result = extract(p.open_source(), backbone, p.store_dir, progress=progress, say=say, **options)
     say(result.summary())
     out = write_predictions(classifier, result.path, p.out)
     say(f"predictions for {result.rows} samples -> {out}")
@@ -94,7 +95,7 @@ def _cached_backbone(name: str, layer: str | None, arch: str | None):
 
 def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
     """Embed shard ``k`` of ``n`` of the source into its own store (see features.shards)."""
-    source = open_source(p.source, p.dataset)
+    source = p.open_source(p.dataset)
     shard = plan_shards(source, n, p.dataset)[k]
     summary = {"shard": k, "dataset": p.dataset or source.name}
     if not shard.samples:
@@ -123,7 +124,7 @@ class Stages(NamedTuple):
 
     extract: Callable[[ExtractParams], dict]
     extract_sharded: Callable[[ExtractParams, int, str | None], dict]  # (params, shards, dask address)
-    train: Callable[[TrainParams, str | None, dict], dict]  # (params, pixel-baseline source, extraction)
+    train: Callable[[TrainParams, SourceOptions | None, dict], dict]  # (params, pixel-baseline source, extraction)
     record: Callable[[RunParams, dict], dict]
 
 
@@ -135,7 +136,7 @@ def run_job(p: RunParams, stages: Stages) -> dict:
         extraction = stages.extract_sharded(extract_params, p.shards, p.dask_address)
     else:
         extraction = stages.extract(extract_params)
-    report = stages.train(p.training(extraction["path"]), p.source if p.pixel_baseline else None, extraction)
+    report = stages.train(p.training(extraction["path"]), extract_params if p.pixel_baseline else None, extraction)
     return report | {"delta": stages.record(p, report)}
 
 

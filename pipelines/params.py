@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from classifiers.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES
 from classifiers.persist import verify_classifier
@@ -21,27 +21,45 @@ from classifiers.probes import DEFAULT_PROBES, PROBES
 from classifiers.report import DEFAULT_RUNS_DIR
 from classifiers.train import check_trainable
 from classifiers.versions import resolve_classifier
-from data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMOS, check_demo
-from data.sources import check_source, open_source
+from data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, check_demo
+from data.sources import FORMATS, check_source, is_remote, open_source
 from features.backbones import DEFAULT_BACKBONE, check_backbone_name
 from features.decode import DECODERS, DEFAULT_DECODER
+from features.export import EXPORT_FORMATS
 from features.runtime import AMP_MODES, DEFAULT_AMP, check_device
 from features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
 
 
-def option(default=..., help: str = "", *, flag: str | None = None, positional: bool = False, **limits):
-    """A pydantic field that the CLI turns into ``--name`` (or ``flag``), or a positional argument."""
-    extra = {k: v for k, v in (("flag", flag), ("positional", positional)) if v}
+def option(default=..., help: str = "", *, flag: str | None = None, positional: bool = False, repeat: bool = False,
+           first: bool = False, **limits):
+    """A pydantic field that the CLI turns into ``--name`` (or ``flag``), or a positional argument (a required
+    field, or ``positional``; ``first`` puts it before the others). ``repeat``: a flag given once per value."""
+    extra = {k: v for k, v in (("flag", flag), ("positional", positional), ("repeat", repeat), ("first", first)) if v}
     if callable(default):  # a factory for a mutable default (list, or a lambda)
         return Field(default_factory=default, description=help, json_schema_extra=extra or None, **limits)
     return Field(default, description=help, json_schema_extra=extra or None, **limits)
 
 
-def _source_exists(v: str) -> str:
-    if not Path(v).exists():
-        raise ValueError(f"source {v} does not exist: give a folder of images or a .csv/.parquet manifest")
-    check_source(v)  # an empty folder or a bad manifest answers here (SourceError is a ValueError)
+def _source_given(v: str) -> str:
+    if not is_remote(v) and not any(ch in v for ch in "*?[{") and not Path(v).exists():
+        raise ValueError(f"source {v} does not exist: give a folder of images, a .csv manifest, Parquet/Arrow "
+                         "tables, WebDataset tars, or a URL")
     return v
+
+
+def _storage_options(v: dict | list | None) -> dict:
+    """``KEY=VALUE`` strings (the CLI's repeated ``--storage-option``) or a dict, for fsspec."""
+    if v is None:
+        return {}
+    if isinstance(v, dict):
+        return v
+    out = {}
+    for item in v:
+        key, eq, value = str(item).partition("=")
+        if not eq or not key:
+            raise ValueError(f"storage option must be KEY=VALUE, not '{item}'")
+        out[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return out
 
 
 def _trainable_store(v: str) -> str:
@@ -50,6 +68,14 @@ def _trainable_store(v: str) -> str:
         raise ValueError(f"store {v} does not exist: run 'featurebank extract' first")
     try:
         check_trainable(read_index(v))  # TrainingError is a ValueError
+    except StoreError as exc:
+        raise ValueError(str(exc)) from None
+    return v
+
+
+def _readable_store(v: str) -> str:
+    try:
+        read_index(v)
     except StoreError as exc:
         raise ValueError(str(exc)) from None
     return v
@@ -76,11 +102,12 @@ def _classifier(v: str) -> str:
     return v
 
 
-SourcePath = Annotated[str, AfterValidator(_source_exists)]
+SourcePath = Annotated[str, AfterValidator(_source_given)]
 StorePath = Annotated[str, AfterValidator(_trainable_store)]
 ProbeNames = Annotated[list[str], _known(PROBES, "unknown probe(s)")]
 Shots = Annotated[list[int], AfterValidator(_shots)]
-SOURCE_HELP = "image folder (one subfolder per class) or .csv/.parquet manifest"
+SOURCE_HELP = ("image folder (one subfolder per class), .csv manifest, Parquet/Arrow tables, WebDataset tars "
+               "('shards/train-{0000..0099}.tar'), local or a URL")
 STORE_HELP = "an HDF5 store file written by 'extract'"
 
 
@@ -124,8 +151,33 @@ class EngineOptions(Params):
         return self.model_dump(include=set(EngineOptions.model_fields) - {"backbone", "layer", "arch", "store_dir"})
 
 
-class ExtractParams(EngineOptions):
+class SourceOptions(Params):
+    """Where the samples are and how to read them (see data.sources.open_source)."""
+
     source: SourcePath = option(help=SOURCE_HELP)
+    source_format: Literal[FORMATS] = option(FORMATS[0], "how to read the source (auto: detected from it)")
+    image_column: str | None = option(None, "Parquet/Arrow: the image column (HF Image struct, binary or path; "
+                                      "default: detected)")
+    label_column: str | None = option(None, "Parquet/Arrow: the label column (default: label)")
+    storage_options: Annotated[dict, BeforeValidator(_storage_options)] = option(
+        dict, "fsspec option KEY=VALUE for remote sources (repeatable), e.g. anon=true", flag="--storage-option",
+        repeat=True)
+
+    def source_options(self) -> dict:
+        return {"format": self.source_format, "image_column": self.image_column, "label_column": self.label_column,
+                "storage_options": self.storage_options or None}
+
+    def open_source(self, dataset: str | None = None):
+        return open_source(self.source, dataset, **self.source_options())
+
+    @model_validator(mode="after")
+    def _source_lists_samples(self):
+        check_source(self.source, **self.source_options())  # an empty folder or a bad table answers here
+        return self
+
+
+class ExtractParams(EngineOptions, SourceOptions):
+    pass
 
 
 class TrainOptions(Params):
@@ -150,11 +202,10 @@ class FewshotParams(Params):
         lambda: list(FEWSHOT_PROBES), "comma-separated, from " + ", ".join(FEWSHOT_PROBES))
 
 
-class PredictParams(EngineOptions):
+class PredictParams(EngineOptions, SourceOptions):
     classifier: Annotated[str, AfterValidator(_classifier)] = option(
         help="a classifier folder written by 'train' (…/classifiers/logreg), or a probe folder of versions written "
-             "by 'run' (<out>/classifiers/logreg: its current version)")
-    source: SourcePath = option(help=SOURCE_HELP)
+             "by 'run' (<out>/classifiers/logreg: its current version)", first=True)
     out: str = option("predictions.csv", "CSV file to write")
 
 
@@ -170,16 +221,11 @@ class RunOptions(EngineOptions, TrainOptions):
             return v
         raise ValueError(f"dask_address must be a scheduler address such as tcp://host:8786, not '{v}'")
 
-    def extract_params(self, source: str) -> ExtractParams:
-        return ExtractParams(source=source, **self.model_dump(include=set(EngineOptions.model_fields)))
 
-
-class RunParams(RunOptions):
-    source: SourcePath = option(help=SOURCE_HELP)
-
+class RunParams(RunOptions, SourceOptions):
     @model_validator(mode="after")
     def _two_classes(self) -> RunParams:
-        classes = open_source(self.source, self.dataset).classes
+        classes = self.open_source(self.dataset).classes
         if len(classes) < 2:
             found = f"only one class ({classes[0]})" if classes else "no labels"
             raise ValueError(
@@ -189,7 +235,7 @@ class RunParams(RunOptions):
         return self
 
     def extraction(self) -> ExtractParams:
-        return self.extract_params(self.source)
+        return ExtractParams.model_construct(**self.model_dump(include=set(ExtractParams.model_fields)))
 
     def training(self, store: str) -> TrainParams:
         return TrainParams(store=store, **self.model_dump(include=set(TrainOptions.model_fields)))
@@ -199,6 +245,8 @@ class DemoParams(RunOptions):
     demo: Annotated[str, AfterValidator(check_demo)] = option(DEFAULT_DEMO, ", ".join(DEMOS), positional=True)
     size: int | None = option(None, "fashion-mnist: number of images (default 5000)", ge=10)
     data_dir: str = option(DEFAULT_DATA_DIR, "where demo images are written")
+    demo_format: Literal[DEMO_FORMATS] = option(DEMO_FORMATS[0], "write the demo as an image folder, HF-style "
+                                                "Parquet or WebDataset tars", flag="--format")
     pixel_baseline: bool = option(True, "also train logistic regression on raw pixels")
 
     def run(self, source: str) -> RunParams:
@@ -218,6 +266,13 @@ class ServeParams(RunParams):
 
     def run(self) -> RunParams:
         return RunParams.model_construct(**self.model_dump(include=set(RunParams.model_fields)))
+
+
+class ExportParams(Params):
+    store: Annotated[str, AfterValidator(_readable_store)] = option(help=STORE_HELP)
+    to: Literal[EXPORT_FORMATS] = option(EXPORT_FORMATS[0], "output format (Parquet: a fixed-size list column of "
+                                         "embeddings)")
+    out: str | None = option(None, "file to write (default: the store's path with the format's suffix)")
 
 
 class CompareParams(Params):
