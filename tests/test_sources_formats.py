@@ -64,8 +64,15 @@ def by_image(features, ids_to_path):
 def test_folder_parquet_and_webdataset_give_the_same_embeddings_and_labels(formats, tmp_path, lite0):
     folder, parquet, shards, items = formats
     got = {}
-    for name, loc in (("folder", folder), ("parquet", parquet), ("webdataset", str(shards) + "/shard-{00000..00001}.tar")):
-        r = extract(loc, lite0, tmp_path / name, workers=0, batch_size=4, progress=False)
+    from features.runtime import Layout
+
+    # the folder in this process; the Parquet rows read by two replica processes; the tars by a loader
+    # worker of the one-process GPU loop (JPEG bytes decoded "on the device", here the CPU)
+    runs = (("folder", folder, {"workers": 0}), ("parquet", parquet, {"workers": 2}),
+            ("webdataset", str(shards) + "/shard-{00000..00001}.tar",
+             {"device": "cpu", "layout": Layout("cpu", replicas=0, threads=1, loader_workers=1, gpu_decode=True)}))
+    for name, loc, how in runs:
+        r = extract(loc, lite0, tmp_path / name, batch_size=4, progress=False, **how)
         assert r.embedded == len(items) and r.failed == 0, r.summary()
         got[name] = read_features(r.path)
     key_of = {f"{j:06d}": p for j, (p, _, _) in enumerate(items)}
