@@ -375,3 +375,17 @@ def test_missing_optional_remote_package_is_one_line():
         pytest.skip("s3fs is installed")
     with pytest.raises(SourceError, match=r"s3fs: pip install 'featurebank\[s3\]'"):
         open_source("s3://bucket/train-{0000..0001}.tar")
+
+
+def test_storage_options_and_source_options_reach_the_source(formats):
+    from pipelines.cli import build_parser
+    from pipelines.params import ExtractParams, _storage_options
+
+    assert _storage_options(["anon=true", "block_size=3", "profile=x=y"]) == {"anon": True, "block_size": 3, "profile": "x=y"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _storage_options(["nokey"])
+    _, parquet, _, items = formats
+    args = build_parser().parse_args(["extract", str(parquet), "--source-format", "parquet", "--image-column", "image",
+                                      "--label-column", "label", "--storage-option", "a=1"])
+    p = ExtractParams(**{k: v for k, v in vars(args).items() if k in ExtractParams.model_fields and v is not None})
+    assert p.storage_options == {"a": 1} and len(p.open_source().samples) == len(items)
