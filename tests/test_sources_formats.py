@@ -66,11 +66,11 @@ def test_folder_parquet_and_webdataset_give_the_same_embeddings_and_labels(forma
     got = {}
     from features.runtime import Layout
 
-    # the folder in this process; the Parquet rows read by two replica processes; the tars by a loader
-    # worker of the one-process GPU loop (JPEG bytes decoded "on the device", here the CPU)
+    # the folder in this process; the Parquet rows read by two replica processes (the reader pickled to
+    # them); the tars through the one-process GPU loop (JPEG bytes decoded "on the device", here the CPU)
     runs = (("folder", folder, {"workers": 0}), ("parquet", parquet, {"workers": 2}),
             ("webdataset", str(shards) + "/shard-{00000..00001}.tar",
-             {"device": "cpu", "layout": Layout("cpu", replicas=0, threads=1, loader_workers=1, gpu_decode=True)}))
+             {"device": "cpu", "layout": Layout("cpu", replicas=0, threads=1, loader_workers=0, gpu_decode=True)}))
     for name, loc, how in runs:
         r = extract(loc, lite0, tmp_path / name, batch_size=4, progress=False, **how)
         assert r.embedded == len(items) and r.failed == 0, r.summary()
