@@ -470,15 +470,20 @@ def record_sources(path: Path, report: dict) -> None:
            report["backbone"], t["images"], t["source"], f"{med['folder']:.1f}", f"{med[t['source']]:.1f}",
            f"{t['ratio_median']:.3f}", f"{100 * t['rerun_share_median']:.1f} %"]
     line = "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"
-    lines = text.split("\n")
-    start = next(k for k, x in enumerate(lines) if x.startswith("## Parquet and WebDataset against the folder"))
-    end = start + 1
-    while end < len(lines) and not lines[end].startswith("|"):
-        end += 1
-    while end < len(lines) and lines[end].startswith("|"):
-        end += 1
-    lines.insert(end, line)
-    path.write_text("\n".join(lines) if text.endswith("\n") else "\n".join(lines) + "\n")
+    path.write_text(_insert_row(text, line, "## Parquet and WebDataset against the folder"))
+
+
+def _insert_row(text: str, line: str, heading: str | None = None) -> str:
+    """``text`` with ``line`` added at the end of the first table after ``heading`` (or of the file's first
+    table), so that each table stays contiguous however many tables follow it."""
+    lines = text.rstrip("\n").split("\n")
+    k = next((i for i, x in enumerate(lines) if x.startswith(heading)), 0) if heading else 0
+    while k < len(lines) and not lines[k].startswith("|"):
+        k += 1
+    while k < len(lines) and lines[k].startswith("|"):
+        k += 1
+    lines.insert(k, line)
+    return "\n".join(lines) + "\n"
 
 
 def record(path: Path, report: dict) -> None:
@@ -505,8 +510,7 @@ def record(path: Path, report: dict) -> None:
         cells = ["-"] * 8
     row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
            versions, report["backbone"], f"{report['device']}, {report['batch_size']}, {report['amp']}", *cells, mem_s]
-    with open(path, "a") as f:
-        f.write("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |\n")
+    path.write_text(_insert_row(path.read_text(), "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"))
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -64,8 +64,15 @@ def by_image(features, ids_to_path):
 def test_folder_parquet_and_webdataset_give_the_same_embeddings_and_labels(formats, tmp_path, lite0):
     folder, parquet, shards, items = formats
     got = {}
-    for name, loc in (("folder", folder), ("parquet", parquet), ("webdataset", str(shards) + "/shard-{00000..00001}.tar")):
-        r = extract(loc, lite0, tmp_path / name, workers=0, batch_size=4, progress=False)
+    from features.runtime import Layout
+
+    # the folder in this process; the Parquet rows read by two replica processes (the reader pickled to
+    # them); the tars through the one-process GPU loop (JPEG bytes decoded "on the device", here the CPU)
+    runs = (("folder", folder, {"workers": 0}), ("parquet", parquet, {"workers": 2}),
+            ("webdataset", str(shards) + "/shard-{00000..00001}.tar",
+             {"device": "cpu", "layout": Layout("cpu", replicas=0, threads=1, loader_workers=0, gpu_decode=True)}))
+    for name, loc, how in runs:
+        r = extract(loc, lite0, tmp_path / name, batch_size=4, progress=False, **how)
         assert r.embedded == len(items) and r.failed == 0, r.summary()
         got[name] = read_features(r.path)
     key_of = {f"{j:06d}": p for j, (p, _, _) in enumerate(items)}
@@ -366,3 +373,17 @@ def test_missing_optional_remote_package_is_one_line():
         pytest.skip("s3fs is installed")
     with pytest.raises(SourceError, match=r"s3fs: pip install 'featurebank\[s3\]'"):
         open_source("s3://bucket/train-{0000..0001}.tar")
+
+
+def test_storage_options_and_source_options_reach_the_source(formats):
+    from pipelines.cli import build_parser
+    from pipelines.params import ExtractParams, _storage_options
+
+    assert _storage_options(["anon=true", "block_size=3", "profile=x=y"]) == {"anon": True, "block_size": 3, "profile": "x=y"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _storage_options(["nokey"])
+    _, parquet, _, items = formats
+    args = build_parser().parse_args(["extract", str(parquet), "--source-format", "parquet", "--image-column", "image",
+                                      "--label-column", "label", "--storage-option", "a=1"])
+    p = ExtractParams(**{k: v for k, v in vars(args).items() if k in ExtractParams.model_fields and v is not None})
+    assert p.storage_options == {"a": 1} and len(p.open_source().samples) == len(items)
