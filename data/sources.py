@@ -321,7 +321,7 @@ def register_format(name: str, opener: Callable[..., Source]) -> None:
     FORMAT_OPENERS[name] = opener
 
 
-def open_source(location: str | os.PathLike, name: str | None = None, *, format: str = "auto",
+def open_source(location: str | os.PathLike, name: str | None = None, *, format: str = FORMATS[0],
                 image_column: str | None = None, label_column: str | None = None,
                 storage_options: dict | None = None) -> Source:
     """Open any source: an image folder, a CSV manifest, Parquet/Arrow tables (a file, a folder, a

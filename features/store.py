@@ -82,7 +82,7 @@ class StoreConfig:
         }
 
     @classmethod
-    def for_backbone(cls, backbone, dtype: str = "float32") -> StoreConfig:
+    def for_backbone(cls, backbone, dtype: str = DTYPES[0]) -> StoreConfig:
         """The configuration of a store of ``backbone``'s embeddings stored as ``dtype``."""
         return cls(backbone.name, backbone.weights_sha256, backbone.preprocessing.as_dict(),
                    backbone.layer, backbone.pooling, dtype, backbone.dim)

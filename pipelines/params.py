@@ -21,7 +21,7 @@ from classifiers.probes import DEFAULT_PROBES, PROBES
 from classifiers.report import DEFAULT_RUNS_DIR
 from classifiers.train import check_trainable
 from classifiers.versions import resolve_classifier
-from data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, check_demo
+from data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, FASHION_SIZE, check_demo
 from data.sources import FORMATS, check_source, is_remote, open_source
 from features.backbones import DEFAULT_BACKBONE, check_backbone_name
 from features.decode import DECODERS, DEFAULT_DECODER
@@ -243,7 +243,7 @@ class RunParams(RunOptions, SourceOptions):
 
 class DemoParams(RunOptions):
     demo: Annotated[str, AfterValidator(check_demo)] = option(DEFAULT_DEMO, ", ".join(DEMOS), positional=True)
-    size: int | None = option(None, "fashion-mnist: number of images (default 5000)", ge=10)
+    size: int | None = option(None, f"fashion-mnist: number of images (default {FASHION_SIZE})", ge=10)
     data_dir: str = option(DEFAULT_DATA_DIR, "where demo images are written")
     demo_format: Literal[DEMO_FORMATS] = option(DEMO_FORMATS[0], "write the demo as an image folder, HF-style "
                                                 "Parquet or WebDataset tars", flag="--format")
