@@ -24,7 +24,7 @@ import numpy as np
 
 from classifiers.runs import complete_runs
 from classifiers.versions import plan_version
-from features.store import Features
+from features.store import Features, atomic_write, read_features
 
 SNAPSHOT = "snapshot.npz"
 
@@ -36,13 +36,13 @@ def centroids(features: Features) -> dict[str, np.ndarray]:
             if (features.y == c).any()}
 
 
-def write_snapshot(run_dir: str | os.PathLike, features: Features, content: list[str]) -> Path:
+def write_snapshot(run_dir: str | os.PathLike, features: Features) -> Path:
     cents = centroids(features)
     path = Path(run_dir) / SNAPSHOT
     tmp = path.with_name(f".{SNAPSHOT}.{os.getpid()}.tmp.npz")
     np.savez_compressed(
         tmp, store=np.array(features.path.name if features.path else ""), ids=np.array(features.ids, dtype=str),
-        content=np.array(content, dtype=str),
+        content=np.array(features.content or [], dtype=str),
         classes=np.array(list(cents), dtype=str),
         centroids=np.array(list(cents.values()), dtype=np.float32).reshape(len(cents), features.X.shape[1]),
     )
@@ -103,10 +103,10 @@ def record_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store: st
     """
     out_dir, run_dir = Path(out_dir), Path(run_dir)
     run_name = run_name or run_dir.name
-    features, content = read_with_content(store)
+    features = read_features(store)
     prev_dir = previous_run(out_dir, run_dir, features.path.name, run_name)
     previous = read_snapshot(prev_dir) if prev_dir else None
-    write_snapshot(run_dir, features, content)
+    write_snapshot(run_dir, features)
     delta = compare(previous, read_snapshot(run_dir))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     prev_metrics = json.loads((prev_dir / "metrics.json").read_text()) if prev_dir else {"probes": {}}
@@ -118,24 +118,9 @@ def record_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store: st
         decision = plan_version(out_dir / "classifiers" / name, run_dir / "classifiers" / name, features, run=run_name)
         delta["probes"][name] = {"accuracy": acc, "previous_accuracy": before,
                                  "change": None if before is None else acc - before, **decision}
-    _write_atomic(run_dir / "delta.md", delta_markdown(delta))
-    _write_atomic(run_dir / "delta.json", json.dumps(delta, indent=2))
+    atomic_write(run_dir / "delta.json", json.dumps(delta, indent=2))
+    atomic_write(run_dir / "delta.md", delta_markdown(delta))
     return delta
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_with_content(path: str | os.PathLike) -> tuple[Features, list[str]]:
-    """``read_features`` and the store's per-sample content fingerprints, in the same row order."""
-    from features.store import _strings, open_store, read_features
-
-    features = read_features(path)
-    with open_store(path) as f:
-        return features, _strings(f["content"])
 
 
 def delta_markdown(delta: dict) -> str:

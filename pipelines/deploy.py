@@ -6,8 +6,8 @@ the previous run left. For the work-pool path (``prefect deploy``), see prefect.
 root and docs/operations.md. A schedule needs a running Prefect server (``prefect server start``, or
 Prefect Cloud) and ``PREFECT_API_URL`` pointing at it: a temporary server never fires schedules.
 
-Everything is checked before the server is contacted: the schedule (:class:`Schedule`: an interval
-above zero, or a cron expression Prefect's own parser accepts), then that a server answers at
+Everything is checked before the server is contacted: the schedule (``pipelines.params.ServeParams``:
+an interval above zero, or a cron expression Prefect's own parser accepts), then that a server answers at
 ``PREFECT_API_URL`` (:func:`check_server`). SIGINT and SIGTERM stop ``serve`` the same way: the runner
 pauses the deployment, which makes the server delete the runs it had scheduled (a paused deployment
 schedules nothing); running ``serve`` again resumes the schedule.
@@ -20,9 +20,7 @@ import signal
 from datetime import timedelta
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from pipelines.params import RunParams
+from pipelines.params import RunParams, ServeParams
 
 DEPLOYMENT = "featurebank-scheduled"
 START_SERVER = ("start one with 'prefect server start' and set PREFECT_API_URL to its API "
@@ -30,37 +28,7 @@ START_SERVER = ("start one with 'prefect server start' and set PREFECT_API_URL t
 
 
 class ServeError(RuntimeError):
-    """serve cannot start (no server answers): the message says what to do."""
-
-
-class Schedule(BaseModel):
-    """When the deployment runs: a cron expression or an interval in seconds (exactly one)."""
-
-    model_config = ConfigDict(extra="forbid")
-    cron: str | None = None
-    interval: float | None = Field(None, gt=0, description="seconds between runs")
-    name: str = Field(DEPLOYMENT, min_length=1, description="deployment name")
-
-    @field_validator("cron")
-    @classmethod
-    def _cron(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        from prefect.client.schemas.schedules import CronSchedule  # the parser Prefect's scheduler uses
-        from pydantic import ValidationError
-
-        try:
-            CronSchedule(cron=v)
-        except ValidationError:
-            raise ValueError(f"'{v}' is not a cron expression: give five fields, minute hour day month weekday, "
-                             "e.g. \"0 * * * *\" (hourly) or \"*/15 * * * *\"") from None
-        return v
-
-    @model_validator(mode="after")
-    def _one(self) -> Schedule:
-        if (self.cron is None) == (self.interval is None):
-            raise ValueError("give a schedule: --cron \"0 * * * *\" or --interval SECONDS (one of them)")
-        return self
+    """No Prefect server answers: the message names the URL and says how to start one."""
 
 
 def deployment_parameters(params: RunParams) -> dict:
@@ -200,14 +168,13 @@ def prepare_prefect() -> None:
         pass
 
 
-def serve(params: RunParams, cron: str | None = None, interval: float | None = None,
-          name: str = DEPLOYMENT, limit: int = 1, say=None) -> None:
+def serve(params: ServeParams, limit: int = 1, say=None) -> None:
     """Serve the run flow on a cron (or interval, in seconds) schedule until SIGINT or SIGTERM."""
     import asyncio
     import sys
 
     say = say or (lambda m: print(m, file=sys.stderr))
-    schedule = Schedule(cron=cron, interval=interval, name=name)
+    schedule = params
     url = check_server()
 
     from prefect.runner import Runner
@@ -223,7 +190,7 @@ def serve(params: RunParams, cron: str | None = None, interval: float | None = N
 
     runner = _Runner(name=schedule.name, pause_on_shutdown=True, limit=limit)  # runs never overlap
     runner.add_flow(
-        run_flow, name=schedule.name, parameters=deployment_parameters(params), cron=schedule.cron,
+        run_flow, name=schedule.name, parameters=deployment_parameters(params.run()), cron=schedule.cron,
         interval=None if schedule.interval is None else timedelta(seconds=schedule.interval),
         description="featurebank: embed what is new, retrain, version the probes, report the delta",
         tags=["featurebank"],

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from classifiers.report import write_report
-from classifiers.train import TrainingError, train_probes
+from classifiers.probes import TrainingError
+from classifiers.train import train_probes
 from features.store import Features
 
 
