@@ -18,8 +18,8 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines import jobs
 from pipelines.console import quiet_third_party_logs
-from pipelines.deploy import tie_temporary_server
 from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
+from pipelines.tempserver import tie_temporary_server
 
 quiet_third_party_logs()  # Prefect's INFO chatter off the console unless --verbose (also in Dask workers)
 tie_temporary_server()  # a temporary Prefect server ends with this process, however it ends
