@@ -291,9 +291,16 @@ def detect_format(location: str | os.PathLike) -> str:
         return "parquet"
     if low.endswith(TAR_SUFFIXES):
         return "webdataset"
-    if is_remote(loc):
+    if is_remote(loc):  # a remote folder: what it holds decides
+        from data.remote import filesystem, list_remote_folder
+
+        fs = filesystem(loc)
+        if list_remote_folder(fs, loc, TABLE_SUFFIXES):
+            return "parquet"
+        if list_remote_folder(fs, loc, TAR_SUFFIXES):
+            return "webdataset"
         raise SourceError(f"source {loc}: a remote source must name .parquet/.arrow or .tar files "
-                          "(a file, a glob or a brace pattern)")
+                          "(a file, a folder of them, a glob or a brace pattern)")
     p = Path(loc)
     if p.is_dir():
         names = [n for n in os.listdir(p) if not n.startswith(".")]
