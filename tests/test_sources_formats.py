@@ -21,7 +21,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from data.demo import _folder_items, write_parquet, write_webdataset
+from data.demo import folder_items, write_parquet, write_webdataset
 from data.sources import SourceError, escape_id, open_source
 from data.tables import TableReader
 from data.webdataset import TarReader
@@ -47,7 +47,7 @@ def formats(tmp_path_factory):
     """The same images as a folder, as HF-style Parquet (2 files) and as WebDataset (2 shards)."""
     base = tmp_path_factory.mktemp("formats")
     folder = make_images(base / "pets")
-    items, classes = _folder_items(folder)
+    items, classes = folder_items(folder)
     write_parquet(items, classes, base / "pets-parquet", files=2, row_group_size=3)
     write_webdataset(items, base / "pets-webdataset", shards=2)
     return folder, base / "pets-parquet", base / "pets-webdataset", items
@@ -254,9 +254,8 @@ def test_bad_rows_members_and_files_are_recorded_with_reasons(formats, tmp_path)
 
 
 def test_demo_formats_and_pixel_baseline_on_every_source(formats, tmp_path):
-    from classifiers.train import pixel_features
     from data.demo import convert
-    from features.store import Features
+    from features.pixels import pixel_features
 
     folder, _, _, items = formats
     import shutil
@@ -269,8 +268,7 @@ def test_demo_formats_and_pixel_baseline_on_every_source(formats, tmp_path):
     pixels = []
     for src in sources:  # the raw-pixel baseline reads its bytes through any source
         ids = [escape_id(s.id) for s in src.samples]
-        f = Features(np.zeros((len(ids), 1), np.float32), np.zeros(len(ids), np.int64), ids, ["a"], np.array([]), "")
-        pixels.append(pixel_features(f, src, size=8))
+        pixels.append(pixel_features(src, ids, size=8))
     np.testing.assert_array_equal(pixels[0], pixels[1])
     np.testing.assert_array_equal(pixels[0], pixels[2])  # tar keys are in the folder's order
 
