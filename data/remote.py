@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.sources import SourceError, file_fingerprint, is_remote
+from data.sources import REMOTE_FOLDER_DETECTORS, TABLE_SUFFIXES, TAR_SUFFIXES, SourceError, file_fingerprint, is_remote
 
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gs"), "gcs": ("gcsfs", "gs"),
           "hf": ("huggingface_hub", "hf"), "az": ("adlfs", None), "abfs": ("adlfs", None)}
@@ -187,3 +187,16 @@ def _resolve_remote(loc: str, suffixes, what: str, storage_options) -> FileSet:
     if len(urls) == 1 and errors:
         raise SourceError(f"source {urls[0]}: {errors[0]}")
     return FileSet(root, names, [g[0] for g in got], [g[1] for g in got], errors)
+
+
+def remote_folder_kind(url: str) -> str | None:
+    """"parquet" or "webdataset" for a remote folder holding tables or tars, else None."""
+    fs = filesystem(url)
+    if list_remote_folder(fs, url, TABLE_SUFFIXES):
+        return "parquet"
+    if list_remote_folder(fs, url, TAR_SUFFIXES):
+        return "webdataset"
+    return None
+
+
+REMOTE_FOLDER_DETECTORS.append(remote_folder_kind)

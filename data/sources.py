@@ -281,6 +281,11 @@ def is_remote(location: str | os.PathLike) -> bool:
     return str(location).startswith(REMOTE_PREFIXES)
 
 
+#: functions that tell what a remote folder holds ("parquet", "webdataset" or None); data.remote registers
+#: one, so that this module never imports it
+REMOTE_FOLDER_DETECTORS: list[Callable[[str], str | None]] = []
+
+
 def detect_format(location: str | os.PathLike) -> str:
     """folder, manifest, parquet or webdataset, from the location alone (cheap: at most one listing)."""
     loc = str(location)
@@ -291,14 +296,10 @@ def detect_format(location: str | os.PathLike) -> str:
         return "parquet"
     if low.endswith(TAR_SUFFIXES):
         return "webdataset"
-    if is_remote(loc):  # a remote folder: what it holds decides
-        from data.remote import filesystem, list_remote_folder
-
-        fs = filesystem(loc)
-        if list_remote_folder(fs, loc, TABLE_SUFFIXES):
-            return "parquet"
-        if list_remote_folder(fs, loc, TAR_SUFFIXES):
-            return "webdataset"
+    if is_remote(loc):  # a remote folder: what it holds decides (data.remote registers how to look)
+        for detect in REMOTE_FOLDER_DETECTORS:
+            if kind := detect(loc):
+                return kind
         raise SourceError(f"source {loc}: a remote source must name .parquet/.arrow or .tar files "
                           "(a file, a folder of them, a glob or a brace pattern)")
     p = Path(loc)
