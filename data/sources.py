@@ -11,6 +11,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -35,6 +36,7 @@ class Source:
     name: str  # the dataset name: the folder's name or the manifest's stem
     root: Path
     samples: list[Sample]
+    modality: ClassVar[str] = "image"  # what the samples are: "image" here, "text" for data.text sources
 
     @property
     def classes(self) -> list[str]:
@@ -124,14 +126,19 @@ def image_folder(root: str | os.PathLike, name: str | None = None) -> Source:
     return Source(name=name or root.resolve().name, root=root, samples=samples)
 
 
-def check_source(location: str | os.PathLike) -> None:
+def check_source(location: str | os.PathLike, text_column: str | None = None, label_column: str | None = None) -> None:
     """Raise SourceError unless ``location`` lists at least one sample; cheap (stops at the first image)."""
+    from data import text
+
     location = Path(location)
+    if text.is_text_table(location, text_column) or location.suffix.lower() in text.TABLE_EXTENSIONS - {".csv", ".parquet"}:
+        text.text_table(location, text_column=text_column, label_column=label_column)
+        return
     if location.suffix.lower() in {".csv", ".parquet"}:
         manifest(location)
         return
     _check_folder(location)
-    if next(_image_entries(location), None) is None:
+    if next(_image_entries(location), None) is None and not text.has_texts(location):
         raise _no_images(location)
 
 
@@ -173,9 +180,30 @@ def manifest(path: str | os.PathLike, name: str | None = None) -> Source:
     return Source(name=name or path.stem, root=root, samples=ordered)
 
 
-def open_source(location: str | os.PathLike, name: str | None = None) -> Source:
-    """A folder becomes an image-folder source; a .csv/.parquet file becomes a manifest source."""
+def source_modality(location: str | os.PathLike, text_column: str | None = None) -> str:
+    """"text" or "image": what ``open_source`` would list at ``location`` (cheap: stops at the first file)."""
+    from data import text
+
     location = Path(location)
+    if text.is_text_table(location, text_column):
+        return "text"
+    if location.is_dir() and next(_image_entries(location), None) is None and text.has_texts(location):
+        return "text"
+    return "image"
+
+
+def open_source(location: str | os.PathLike, name: str | None = None, text_column: str | None = None,
+                label_column: str | None = None) -> Source:
+    """A folder becomes an image-folder source, or a text-folder source when it holds .txt files and no
+    images; a .csv/.parquet file becomes a manifest source, or a text table when it has the text
+    column (a .jsonl file always is one); see data.text."""
+    from data import text
+
+    location = Path(location)
+    if text.is_text_table(location, text_column):
+        return text.text_table(location, name, text_column, label_column)
     if location.suffix.lower() in {".csv", ".parquet"}:
         return manifest(location, name)
+    if location.is_dir() and next(_image_entries(location), None) is None and text.has_texts(location):
+        return text.text_folder(location, name)
     return image_folder(location, name)

@@ -71,6 +71,7 @@ class Backbone:
     dim: int
     layer: str = "pooled"
     pooling: str = "avg"
+    modality: str = "image"  # what it embeds (text backbones: features.text)
 
 
 @lru_cache(maxsize=32)

@@ -26,8 +26,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _extract_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="efficientnet_lite0",
-                   help="efficientnet_lite0 (bundled), efficientnet_lite2, tv:NAME[:WEIGHTS], timm:NAME, or a checkpoint path")
+    p.add_argument("--backbone", help="images: efficientnet_lite0 (bundled, default), efficientnet_lite2, "
+                   "tv:NAME[:WEIGHTS], timm:NAME, or a checkpoint path; texts: minilm (bundled, default), st:NAME, "
+                   "or a sentence-transformers folder")
+    p.add_argument("--text-column", help="text tables (CSV/Parquet/JSONL): the column holding the text (default text)")
+    p.add_argument("--label-column", help="text tables: the column holding the label (default label)")
+    p.add_argument("--long-text", help="texts longer than the model's maximum length: truncate (default) or mean of chunks")
+    p.add_argument("--runtime", help="text backbones: auto (default: OpenVINO on a CPU when it agrees), torch or openvino")
+    p.add_argument("--precision", help="text backbones: f32 (default) or bf16")
     p.add_argument("--layer", help="embed an intermediate layer by node name (global-average-pooled)")
     p.add_argument("--arch", help="architecture of a state_dict checkpoint (tv:NAME or timm:NAME)")
     p.add_argument("--store", dest="store_dir", default="featurebank-store", help="folder of HDF5 stores")
@@ -78,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "probe folder of versions written by 'run' (<out>/classifiers/logreg: its current version)")
     p.add_argument("source", help="image folder or manifest")
     p.add_argument("--out", default="predictions.csv", help="CSV file to write")
+    p.add_argument("--text-column", help="text tables: the column holding the text (default text)")
     p.add_argument("--store", dest="store_dir", default="featurebank-store")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device")
@@ -90,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "serve"):
             p.add_argument("source", help="image folder or manifest")
         else:
-            p.add_argument("demo", nargs="?", default="mnist5k", help="mnist5k (default), digits or fashion-mnist")
+            p.add_argument("demo", nargs="?", default="mnist5k",
+                           help="mnist5k (default), digits, fashion-mnist, or bbc-news (texts)")
             p.add_argument("--size", type=int, help="fashion-mnist: number of images (default 5000)")
             p.add_argument("--data-dir", default="featurebank-data", help="where demo images are written")
         _extract_options(p)
@@ -99,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--memory-budget", dest="memory_budget_mb", type=float,
                        help="MB: when the embeddings exceed it, train the logistic probe out of core within it")
         p.add_argument("--pixel-baseline", action="store_true", default=name == "demo",
-                       help="also train logistic regression on raw pixels (default for demo)")
+                       help="also train the baseline: logistic regression on raw pixels, or on TF-IDF for texts "
+                       "(default for demo)")
         p.add_argument("--shards", type=int, help="split extraction into this many shard tasks on a Dask cluster")
         p.add_argument("--dask-address", help="an existing Dask scheduler (tcp://host:8786); default: a local cluster")
         if name == "serve":
@@ -147,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.params import one_line
 
     # a file system error (disk full, permission denied) is reported like the others: one line, exit 1
-    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, OSError)
+    from features.engine import ModalityError
+
+    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, ModalityError, OSError)
     if args.command == "compare":
         from classifiers.report import compare_runs
 

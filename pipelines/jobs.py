@@ -15,10 +15,17 @@ import numpy as np
 from classifiers.history import record_run
 from classifiers.persist import check_store_fingerprint, load_classifier, verify_classifier
 from classifiers.report import write_report
-from classifiers.train import pixel_baseline, store_embedding_bytes, train_out_of_core, train_probes
+from classifiers.train import (
+    is_text_store,
+    pixel_baseline,
+    store_embedding_bytes,
+    tfidf_baseline,
+    train_out_of_core,
+    train_probes,
+)
 from classifiers.versions import resolve_classifier
 from data.sources import open_source
-from features.backbones import create_backbone
+from features.registry import build_backbone
 from features.engine import ExtractResult, extract
 from features.shards import extract_shard, join_shards, plan_shards
 from features.store import StoreConfig, read_features
@@ -26,11 +33,12 @@ from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunPar
 
 
 def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractResult:
-    backbone = create_backbone(p.backbone, layer=p.layer, arch=p.arch)
+    backbone = build_backbone(p.backbone, layer=p.layer, arch=p.arch, long_text=p.long_text, precision=p.precision)
     result = extract(
-        p.source, backbone, p.store_dir, dataset=p.dataset, batch_size=p.batch_size, device=p.device,
+        open_source(p.source, p.dataset, p.text_column, p.label_column), backbone, p.store_dir, dataset=p.dataset,
+        batch_size=p.batch_size, device=p.device,
         workers=p.workers, dtype=p.dtype, content_hash=p.content_hash, retry_failures=p.retry_failures,
-        progress=progress, say=say,
+        progress=progress, say=say, runtime=p.runtime,
     )
     say(result.summary())
     for sample_id, reason in result.failures[:20]:
@@ -51,8 +59,23 @@ def new_run_dir(out_dir: str) -> Path:
     return run
 
 
+def source_texts(location: str, stored_ids: list[str], text_column: str | None = None) -> list[str]:
+    """The texts of a text source in the order of a store's (escaped) ids; '' where one cannot be read."""
+    from data.sources import escape_id
+
+    source = open_source(location, text_column=text_column)
+    by_id = {escape_id(s.id): s for s in source.samples}
+    out = []
+    for i in stored_ids:
+        try:
+            out.append(source.read_text(by_id[i])[0] if i in by_id else "")
+        except ValueError:
+            out.append("")
+    return out
+
+
 def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | None = None,
-              extraction: dict | None = None, say=print) -> dict:
+              extraction: dict | None = None, say=print, text_column: str | None = None) -> dict:
     """Train the probes (and optionally the raw-pixel baseline) and write the run's report.
 
     When the store's embeddings exceed ``p.memory_budget_mb``, only the out-of-core CLIP probe is
@@ -65,7 +88,9 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | 
     features = read_features(p.store)
     say(f"training on {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
-    if baseline_root:
+    if baseline_root and is_text_store(features):  # text: TF-IDF + logistic regression on the source's texts
+        results.append(tfidf_baseline(features, source_texts(baseline_root, features.ids, text_column), say=say))
+    elif baseline_root:
         results.append(pixel_baseline(features, baseline_root, say=say))
     fewshot = None
     if p.shots:
@@ -104,13 +129,17 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     """Embed ``source`` with the classifier's backbone (reusing the store) and write a predictions CSV."""
     classifier = resolve_classifier(p.classifier)  # a probe folder of versions means its current version
     manifest = verify_classifier(classifier)  # a tampered file is refused before any work
-    backbone = create_backbone(manifest["backbone"])
+    backbone = build_backbone(manifest["backbone"])
     # the classifier's store fingerprint says which configuration to extract; none fits: refuse now
-    dtype = next((d for d in ("float32", "float16")
-                  if StoreConfig.for_backbone(backbone, d).fingerprint == manifest["store_fingerprint"]), None)
+    variants = [backbone]
+    if getattr(backbone, "modality", "image") == "text":
+        variants = [backbone.with_options(long_text=lt, precision=pr) for lt in ("truncate", "mean") for pr in ("f32", "bf16")]
+    dtype, chosen = next(((d, b) for b in variants for d in ("float32", "float16")
+                          if StoreConfig.for_backbone(b, d).fingerprint == manifest["store_fingerprint"]), (None, backbone))
     if dtype is None:
         check_store_fingerprint(classifier, manifest, StoreConfig.for_backbone(backbone).fingerprint)
-    result = extract(p.source, backbone, p.store_dir, batch_size=p.batch_size, device=p.device, dtype=dtype,
+    result = extract(open_source(p.source, text_column=p.text_column), chosen, p.store_dir, batch_size=p.batch_size,
+                     device=p.device, dtype=dtype,
                      progress=progress, say=say)
     say(result.summary())
     features = read_features(result.path)
@@ -136,18 +165,20 @@ def extraction_summary(r: ExtractResult) -> dict:
 
 
 @lru_cache(maxsize=4)
-def _cached_backbone(name: str, layer: str | None, arch: str | None):
-    return create_backbone(name, layer=layer, arch=arch)  # one model per worker process, however many shards
+def _cached_backbone(name: str, layer: str | None, arch: str | None, long_text: str = "truncate", precision: str = "f32"):
+    # one model per worker process, however many shards
+    return build_backbone(name, layer=layer, arch=arch, long_text=long_text, precision=precision)
 
 
 def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
     """Embed shard ``k`` of ``n`` of the source into its own store (see features.shards)."""
-    source = open_source(p.source, p.dataset)
+    source = open_source(p.source, p.dataset, p.text_column, p.label_column)
     shard = plan_shards(source, n, p.dataset)[k]
     summary = {"shard": k, "dataset": p.dataset or source.name}
     if not shard.samples:
         return summary | {"path": None, "embedded": 0, "reused": 0, "failed": 0, "removed": 0, "rows": 0, "seconds": 0.0}
-    r = extract_shard(shard, _cached_backbone(p.backbone, p.layer, p.arch), p.store_dir, summary["dataset"],
+    backbone = _cached_backbone(p.backbone, p.layer, p.arch, p.long_text, p.precision)
+    r = extract_shard(shard, backbone, p.store_dir, summary["dataset"], runtime=p.runtime,
                       threads=threads, device=p.device, batch_size=p.batch_size, dtype=p.dtype,
                       content_hash=p.content_hash, retry_failures=p.retry_failures)
     return summary | extraction_summary(r)
@@ -174,7 +205,8 @@ def run_all(p: RunParams, progress: bool = True, say=print) -> dict:
     else:
         extraction = extraction_summary(run_extract(extract_params, progress, say))
     train = TrainParams(store=extraction["path"], out_dir=p.out_dir, probes=p.probes, memory_budget_mb=p.memory_budget_mb)
-    report = run_train(train, baseline_root=p.source if p.pixel_baseline else None, extraction=extraction, say=say)
+    report = run_train(train, baseline_root=p.source if p.pixel_baseline else None, extraction=extraction, say=say,
+                       text_column=p.text_column)
     report["store"] = extraction["path"]
     delta = run_record(p, report)
     say(f"delta: added {delta['added']}, changed {delta['changed']}, removed {delta['removed']} -> {delta['markdown']}")

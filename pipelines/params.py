@@ -11,13 +11,17 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from classifiers.persist import ClassifierError, verify_classifier
 from classifiers.probes import DEFAULT_PROBES, PROBES
-from data.sources import SourceError, check_source, open_source
+from data.sources import SourceError, check_source, open_source, source_modality
 from features.engine import DEFAULT_STORE_DIR
 
 BACKBONE_PATTERN = re.compile(r"^(efficientnet_lite[02]|tv:[A-Za-z0-9_]+(:[A-Za-z0-9_]+)?|timm:[A-Za-z0-9_.\-]+)$")
 
 
 def check_backbone_name(name: str) -> str:
+    from features.text import is_text_backbone
+
+    if is_text_backbone(name):
+        return name
     if name.startswith("tv:") and BACKBONE_PATTERN.match(name):
         import torchvision
 
@@ -44,18 +48,22 @@ def check_backbone_name(name: str) -> str:
         return name
     raise ValueError(
         f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite2, tv:<torchvision name>, "
-        "timm:<timm name>, or a checkpoint path"
+        "timm:<timm name>, a checkpoint path, or for text minilm, st:<name> or a sentence-transformers folder"
     )
 
 
 def _source_exists(v: str) -> str:
     if not Path(v).exists():
-        raise ValueError(f"source {v} does not exist: give a folder of images or a .csv/.parquet manifest")
+        raise ValueError(f"source {v} does not exist: give a folder of images or texts, a .csv/.parquet manifest, "
+                         "or a CSV/Parquet/JSONL table of texts")
+    return v
+
+
+def _check_listing(source: str, text_column: str | None, label_column: str | None = None) -> None:
     try:
-        check_source(v)  # an empty folder or a bad manifest answers here, before any work
+        check_source(source, text_column, label_column)  # an empty folder or a bad table answers here, before any work
     except SourceError as exc:
         raise ValueError(str(exc)) from None
-    return v
 
 
 def check_trainable_store(path: str) -> None:
@@ -100,7 +108,7 @@ class _Params(BaseModel):
 
 class ExtractParams(_Params):
     source: SourcePath
-    backbone: str = "efficientnet_lite0"
+    backbone: str | None = None  # None: efficientnet_lite0 for images, minilm for texts
     store_dir: str = DEFAULT_STORE_DIR
     dataset: str | None = None
     batch_size: int = Field(32, ge=1, le=4096)
@@ -111,11 +119,24 @@ class ExtractParams(_Params):
     retry_failures: bool = False
     layer: str | None = None
     arch: str | None = None
+    text_column: str | None = None  # text tables: the column holding the text (default "text")
+    label_column: str | None = None  # text tables: the column holding the label (default "label")
+    long_text: Literal["truncate", "mean"] = "truncate"  # text longer than the maximum length: cut, or mean of chunks
+    runtime: Literal["auto", "torch", "openvino"] = "auto"  # text backbones: how the forward pass runs
+    precision: Literal["f32", "bf16"] = "f32"  # text backbones: how the forward pass computes (fingerprinted)
+
+    @model_validator(mode="after")
+    def _text_source(self):
+        if self.backbone is None:
+            text = source_modality(self.source, self.text_column) == "text"
+            self.backbone = "minilm" if text else "efficientnet_lite0"
+        _check_listing(self.source, self.text_column, self.label_column)
+        return self
 
     @field_validator("backbone")
     @classmethod
-    def _backbone(cls, v: str) -> str:
-        return check_backbone_name(v)
+    def _backbone(cls, v: str | None) -> str | None:
+        return v if v is None else check_backbone_name(v)
 
     @field_validator("device")
     @classmethod
@@ -174,9 +195,15 @@ class PredictParams(_Params):
     classifier: str
     source: SourcePath
     out: str = "predictions.csv"
+    text_column: str | None = None  # text tables: the column holding the text (default "text")
     store_dir: str = DEFAULT_STORE_DIR
     batch_size: int = Field(32, ge=1, le=4096)
     device: str | None = None
+
+    @model_validator(mode="after")
+    def _listing(self):
+        _check_listing(self.source, self.text_column)
+        return self
 
     @field_validator("classifier")
     @classmethod
@@ -211,7 +238,7 @@ class RunParams(ExtractParams):
     @model_validator(mode="after")
     def _two_classes(self) -> RunParams:
         try:
-            classes = open_source(self.source, self.dataset).classes
+            classes = open_source(self.source, self.dataset, self.text_column, self.label_column).classes
         except SourceError as exc:
             raise ValueError(str(exc)) from None
         if len(classes) < 2:
