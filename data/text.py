@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from data.sources import Sample, Source, SourceError
+from data.sources import Reader, Sample, Source, SourceError, UnreadableSample
 
 TEXT_EXTENSIONS = frozenset({".txt"})
 TABLE_EXTENSIONS = frozenset({".csv", ".parquet", ".jsonl", ".ndjson"})
@@ -48,58 +47,37 @@ def decode_text(data: bytes) -> tuple[str, bool]:
     return text, replaced
 
 
+class TextTableReader(Reader):
+    """A table's texts, held in memory by location (the sample id): read gives the UTF-8 bytes, the
+    fingerprint is their sha256, so an edited row is embedded again."""
+
+    def __init__(self, texts: dict[str, str | None]):
+        self.texts = texts
+
+    def read(self, loc: str) -> bytes:
+        text = self.texts.get(loc)
+        if text is None or not str(text).strip():
+            raise TextError("empty text")
+        return str(text).encode("utf-8", "surrogatepass")
+
+    def fingerprint(self, loc: str, content_hash: bool = False) -> str:
+        text = self.texts.get(loc)
+        return "sha256:" + hashlib.sha256(("" if text is None else str(text)).encode("utf-8", "surrogatepass")).hexdigest()
+
+
 @dataclass(frozen=True)
 class TextSource(Source):
-    """A source of texts. ``texts`` holds a table's texts by id (a folder's texts stay in their files)."""
+    """A source of texts: its reader gives a sample's bytes, :meth:`read_text` the decoded text."""
 
-    texts: dict[str, str | None] | None = field(default=None, repr=False)
     modality: ClassVar[str] = "text"
 
     def read_text(self, sample: Sample) -> tuple[str, bool]:
-        if self.texts is not None:
-            text = self.texts.get(sample.id)
-            if text is None or not str(text).strip():
-                raise TextError("empty text")
-            return str(text), False
+        """``(text, replaced)`` or TextError / UnreadableSample (both ValueError) with the reason."""
         try:
-            st = os.stat(sample.path)
-        except OSError as exc:
-            raise TextError(f"cannot read: {exc.strerror or exc}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise TextError("not a regular file")
-        try:
-            with open(sample.path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise TextError(f"cannot read: {exc.strerror or exc}") from None
+            data = self.read_bytes(sample)
+        except UnreadableSample as exc:
+            raise TextError("empty text" if str(exc) == "empty file" else str(exc)) from None
         return decode_text(data)
-
-    def content(self, sample: Sample, content_hash: bool = False) -> str:
-        """The per-sample content fingerprint (see the module docstring)."""
-        if self.texts is not None:
-            text = self.texts.get(sample.id)
-            return "sha256:" + hashlib.sha256(("" if text is None else str(text)).encode("utf-8", "surrogatepass")).hexdigest()
-        try:
-            st = os.stat(sample.path)
-        except OSError as exc:
-            return f"missing:{exc.strerror or exc}"
-        if content_hash and stat.S_ISREG(st.st_mode):
-            try:
-                with open(sample.path, "rb") as f:
-                    return "sha256:" + hashlib.sha256(f.read()).hexdigest()
-            except OSError as exc:
-                return f"unreadable:{exc.strerror or exc}"
-        return f"stat:{st.st_size}:{st.st_mtime_ns}"
-
-    def text_of(self, sample_id: str) -> str:
-        """The text of a sample by id, '' when it cannot be read (for baselines and reports)."""
-        sample = next((s for s in self.samples if s.id == sample_id), None)
-        if sample is None:
-            return ""
-        try:
-            return self.read_text(sample)[0]
-        except TextError:
-            return ""
 
 
 def _text_entries(root: Path):
@@ -127,7 +105,7 @@ def text_folder(root: str | os.PathLike, name: str | None = None) -> TextSource:
     if not samples:
         raise SourceError(f"source folder {root} holds no .txt files: give a folder of texts, one subfolder per class")
     samples.sort(key=lambda s: os.fsencode(s.id))
-    return TextSource(name=name or root.resolve().name, root=root, samples=samples)
+    return TextSource(name=name or root.resolve().name, root=root, samples=samples, format="text")
 
 
 def read_table(path: Path):
@@ -182,9 +160,10 @@ def text_table(path: str | os.PathLike, name: str | None = None, text_column: st
         sp = None if splits is None else splits.iloc[row]
         sp = str(sp) if sp not in (None, "") and not (isinstance(sp, float) and sp != sp) else None
         texts[sid] = None if text is None or (isinstance(text, float) and text != text) else str(text)
-        samples.append(Sample(id=sid, path=str(path), label=lab, split=sp))
+        samples.append(Sample(id=sid, path=sid, label=lab, split=sp))
     samples.sort(key=lambda s: os.fsencode(s.id))
-    return TextSource(name=name or path.stem, root=path.parent, samples=samples, texts=texts)
+    return TextSource(name=name or path.stem, root=path.parent, samples=samples, reader=TextTableReader(texts),
+                      format="text")
 
 
 def is_text_table(path: Path, text_column: str | None = None) -> bool:

@@ -30,7 +30,8 @@ import torch
 from data.sources import Source, escape_id, open_source, split_of
 from features.backbones import Backbone
 from features.decode import Decoder, decode_on_device, read_for_gpu
-from features.images import ImageError, content_fingerprint
+from features.images import ImageError
+from features.processes import die_with_parent
 from features.runtime import GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device, usable_cores
 from features.registry import build_backbone, modality
 from features.store import StoreConfig, StoreError, StoreWriter, store_path
@@ -128,10 +129,7 @@ def extract(
         raise StoreError(f"cannot create the store folder {path.parent} ({exc.strerror or exc})") from None
 
     ids = [escape_id(s.id) for s in source.samples]
-    if source.modality == "text":
-        content = [source.content(s, content_hash) for s in source.samples]
-    else:
-        content = [content_fingerprint(s.path, content_hash) for s in source.samples]
+    content = source.fingerprints(content_hash)  # the source owns its bytes: files, table rows, tar members
     labels = [None if s.label is None else escape_id(s.label) for s in source.samples]
     splits = [s.split or split_of(s.id) for s in source.samples]
 
@@ -158,8 +156,10 @@ def extract(
         result.embedded = writer.added_rows
         result.failures = list(writer.added_failures)
         result.failed = len(result.failures)
-        if todo or stale or writer.needs_merge() or not path.exists() or _labels_changed(path, ids, labels, splits):
-            counts = writer.finish(ids, labels, splits, content)
+        classes = [escape_id(c) for c in source.classes]
+        if (todo or stale or writer.needs_merge() or not path.exists()
+                or _labels_changed(path, ids, labels, splits, classes)):
+            counts = writer.finish(ids, labels, splits, content, class_names=classes)
             result.removed = counts["removed"]
             result.rows = counts["rows"]
             result.failed_total = counts["failures"]
@@ -172,14 +172,15 @@ def extract(
     return result
 
 
-def _labels_changed(path: Path, ids, labels, splits) -> bool:
+def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
     """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
     from features.store import _strings, open_store
 
     with open_store(path) as f:
         names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
         stored = dict(zip(_strings(f["ids"]), zip(f["labels"][()].tolist(), _strings(f["splits"]))))
-    want_names = sorted({lab for lab in labels if lab is not None})
+    if want_names is None:
+        want_names = sorted({lab for lab in labels if lab is not None})
     if names != want_names:
         return True
     pos = {c: k for k, c in enumerate(names)}
@@ -329,7 +330,7 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
     result.layout = f"{dev.type}: {layout.describe()}"
     bar = tqdm(total=len(paths), unit="img", desc=f"embedding ({backbone.name}, {result.layout})",
                disable=not progress, dynamic_ncols=True)
-    dec = Decoder(backbone.preprocessing, decoder)
+    dec = Decoder(backbone.preprocessing, decoder, reader=source.reader)  # reads bytes in the worker processes
     rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=not layout.replicas)
     try:
         if layout.replicas:
@@ -360,7 +361,8 @@ def _chunks(n: int, batch: int, replicas: int) -> list[tuple[int, int]]:
 
 
 class _Paths:
-    """The file paths still to embed, made on demand (a list of them would grow with the dataset)."""
+    """The locations of the samples still to embed (read by the source's reader), made on demand (a
+    list of them would grow with the dataset)."""
 
     def __init__(self, source, todo):
         self.source, self.todo = source, todo
@@ -403,6 +405,7 @@ def steady_allocator() -> None:
 def _replica(rank, model, dec, threads, tasks, results):
     """One worker process: take batches of (first position, paths), decode them inline, run the model,
     send the embeddings back."""
+    die_with_parent()  # a killed parent (SIGKILL included) takes its replicas with it
     try:
         steady_allocator()
         torch.set_num_threads(threads)
@@ -606,7 +609,7 @@ def _run_in_process(backbone, dec: Decoder, paths, batch_size, dev: torch.device
     batch = forward.max_batch
     loader = DataLoader(
         _Files(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
-        collate_fn=_collate, pin_memory=dev.type == "cuda",
+        collate_fn=_collate, pin_memory=dev.type == "cuda", worker_init_fn=die_with_parent,
         prefetch_factor=4 if layout.loader_workers else None, persistent_workers=False,
     )
     cuda = dev.type == "cuda"

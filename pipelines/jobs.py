@@ -24,7 +24,6 @@ from classifiers.train import (
     train_probes,
 )
 from classifiers.versions import resolve_classifier
-from data.sources import open_source
 from features.registry import build_backbone
 from features.engine import ExtractResult, extract
 from features.shards import extract_shard, join_shards, plan_shards
@@ -35,8 +34,7 @@ from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunPar
 def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractResult:
     backbone = build_backbone(p.backbone, layer=p.layer, arch=p.arch, long_text=p.long_text, precision=p.precision)
     result = extract(
-        open_source(p.source, p.dataset, p.text_column, p.label_column), backbone, p.store_dir, dataset=p.dataset,
-        batch_size=p.batch_size, device=p.device,
+        p.open_source(p.dataset), backbone, p.store_dir, dataset=p.dataset, batch_size=p.batch_size, device=p.device,
         workers=p.workers, dtype=p.dtype, content_hash=p.content_hash, retry_failures=p.retry_failures,
         progress=progress, say=say, runtime=p.runtime,
     )
@@ -59,11 +57,10 @@ def new_run_dir(out_dir: str) -> Path:
     return run
 
 
-def source_texts(location: str, stored_ids: list[str], text_column: str | None = None) -> list[str]:
+def source_texts(source, stored_ids: list[str]) -> list[str]:
     """The texts of a text source in the order of a store's (escaped) ids; '' where one cannot be read."""
     from data.sources import escape_id
 
-    source = open_source(location, text_column=text_column)
     by_id = {escape_id(s.id): s for s in source.samples}
     out = []
     for i in stored_ids:
@@ -74,12 +71,14 @@ def source_texts(location: str, stored_ids: list[str], text_column: str | None =
     return out
 
 
-def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | None = None,
-              extraction: dict | None = None, say=print, text_column: str | None = None) -> dict:
+def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root=None,
+              extraction: dict | None = None, say=print) -> dict:
     """Train the probes (and optionally the raw-pixel baseline) and write the run's report.
 
     When the store's embeddings exceed ``p.memory_budget_mb``, only the out-of-core CLIP probe is
-    trained, streaming the store within that budget (the other probes need the features in memory)."""
+    trained, streaming the store within that budget (the other probes need the features in memory).
+    ``baseline_root``: the source (a ``Source``, a location, or extract parameters) whose bytes the
+    raw-pixel baseline reads."""
     run_dir = run_dir or new_run_dir(p.out_dir)
     if p.memory_budget_mb is not None and store_embedding_bytes(p.store) > p.memory_budget_mb * 2**20:
         say(f"training out of core on {p.store}: its embeddings exceed the {p.memory_budget_mb:g} MB budget")
@@ -88,10 +87,16 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | 
     features = read_features(p.store)
     say(f"training on {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
-    if baseline_root and is_text_store(features):  # text: TF-IDF + logistic regression on the source's texts
-        results.append(tfidf_baseline(features, source_texts(baseline_root, features.ids, text_column), say=say))
-    elif baseline_root:
-        results.append(pixel_baseline(features, baseline_root, say=say))
+    if baseline_root:
+        source = baseline_root.open_source() if hasattr(baseline_root, "open_source") else baseline_root
+        if is_text_store(features):  # text: TF-IDF + logistic regression on the source's texts
+            if not hasattr(source, "read_text"):
+                from data.sources import open_source
+
+                source = open_source(source)
+            results.append(tfidf_baseline(features, source_texts(source, features.ids), say=say))
+        else:
+            results.append(pixel_baseline(features, source, say=say))
     fewshot = None
     if p.shots:
         from classifiers.fewshot import evaluate_fewshot
@@ -138,8 +143,7 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
                           if StoreConfig.for_backbone(b, d).fingerprint == manifest["store_fingerprint"]), (None, backbone))
     if dtype is None:
         check_store_fingerprint(classifier, manifest, StoreConfig.for_backbone(backbone).fingerprint)
-    result = extract(open_source(p.source, text_column=p.text_column), chosen, p.store_dir, batch_size=p.batch_size,
-                     device=p.device, dtype=dtype,
+    result = extract(p.open_source(), chosen, p.store_dir, batch_size=p.batch_size, device=p.device, dtype=dtype,
                      progress=progress, say=say)
     say(result.summary())
     features = read_features(result.path)
@@ -172,7 +176,7 @@ def _cached_backbone(name: str, layer: str | None, arch: str | None, long_text: 
 
 def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
     """Embed shard ``k`` of ``n`` of the source into its own store (see features.shards)."""
-    source = open_source(p.source, p.dataset, p.text_column, p.label_column)
+    source = p.open_source(p.dataset)
     shard = plan_shards(source, n, p.dataset)[k]
     summary = {"shard": k, "dataset": p.dataset or source.name}
     if not shard.samples:
@@ -205,8 +209,7 @@ def run_all(p: RunParams, progress: bool = True, say=print) -> dict:
     else:
         extraction = extraction_summary(run_extract(extract_params, progress, say))
     train = TrainParams(store=extraction["path"], out_dir=p.out_dir, probes=p.probes, memory_budget_mb=p.memory_budget_mb)
-    report = run_train(train, baseline_root=p.source if p.pixel_baseline else None, extraction=extraction, say=say,
-                       text_column=p.text_column)
+    report = run_train(train, baseline_root=p if p.pixel_baseline else None, extraction=extraction, say=say)
     report["store"] = extraction["path"]
     delta = run_record(p, report)
     say(f"delta: added {delta['added']}, changed {delta['changed']}, removed {delta['removed']} -> {delta['markdown']}")
