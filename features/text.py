@@ -309,20 +309,21 @@ def cache_dir() -> Path:
 
 
 class TorchTextRuntime:
-    """The encoder as a torch module in this process, on all its threads (bf16: CPU autocast)."""
+    """The encoder as a torch module in this process, on all its threads or on a GPU (bf16: autocast)."""
 
     name = "torch"
 
-    def __init__(self, backbone: TextBackbone, precision: str = "f32", threads: int | None = None):
-        self.model, self.precision = backbone.model.eval(), precision
-        if threads:
-            torch.set_num_threads(threads)
+    def __init__(self, backbone: TextBackbone, precision: str = "f32", device: str = "cpu"):
+        self.device = torch.device(device)
+        self.model, self.precision = backbone.model.to(self.device).eval(), precision
 
     def __call__(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         out = []
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             for ids, mask in batches:
-                out.append(self.model(torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy())
+                x = torch.from_numpy(ids).to(self.device, non_blocking=True)
+                m = torch.from_numpy(mask).to(self.device, non_blocking=True)
+                out.append(self.model(x, m).float().cpu().numpy())
         return out
 
 
@@ -408,9 +409,11 @@ def text_runtime(backbone: TextBackbone, runtime: str = "auto", precision: str =
         raise BackboneError(f"runtime must be one of {', '.join(RUNTIMES)}, not '{runtime}'")
     if precision not in PRECISIONS:
         raise BackboneError(f"precision for text must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+    if device != "cpu":
+        return TorchTextRuntime(backbone, precision, device)
     if precision == "bf16" and not _cpu_has_bf16():
         raise BackboneError("precision bf16 needs a CPU with AVX512_BF16 or AMX; use f32")
-    if runtime == "torch" or device != "cpu":
+    if runtime == "torch":
         return TorchTextRuntime(backbone, precision)
     try:
         ov_runtime = OpenVINOTextRuntime(backbone, precision)
