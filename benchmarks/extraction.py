@@ -41,10 +41,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data.sources import Source, open_source  # noqa: E402
-from features.backbones import Backbone, Preprocessing, create_backbone  # noqa: E402
+from features.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, random_weights_backbone  # noqa: E402
 from features.decode import Decoder  # noqa: E402
-from features.engine import _collate, _Files, _mp_context, extract, steady_allocator  # noqa: E402
-from features.runtime import choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
+from features.engine import collate, FileDataset, mp_context, extract, steady_allocator  # noqa: E402
+from features.runtime import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the input
 
@@ -102,11 +102,7 @@ def make_images(folder: Path, n: int, size: tuple[int, int], quality: int = 90) 
 
 def random_backbone(name: str) -> Backbone:
     """The architecture of ``name`` with random weights: throughput is the same, no download needed."""
-    from features.backbones import _architecture, _finish, _strip_head
-
-    model, pre = _architecture(name)
-    _strip_head(model)
-    return _finish(f"{name}:random-weights", model, pre, "random", None)
+    return random_weights_backbone(name)
 
 
 # ------------------------------------------------------------------------------------ (a) bare forward
@@ -153,7 +149,7 @@ def bare_forward_cpu(model, shape, batch, seconds, layouts=None) -> tuple[float,
             torch.set_num_threads(before)
             results[f"{procs}x{threads}"] = round(q.items[0], 2)
             continue
-        ctx = _mp_context(threads)
+        ctx = mp_context(threads)
         start, out = ctx.Barrier(procs), ctx.Queue()
         ps = [ctx.Process(target=_bare_worker, args=(model, shape, batch, threads, seconds, "float32", start, out))
               for _ in range(procs)]
@@ -205,7 +201,7 @@ def _decode_worker(pre, paths, out):
 
 def decode_ceiling_cpu(pre: Preprocessing, paths: list[str]) -> float:
     cores = usable_cores()
-    ctx = _mp_context()
+    ctx = mp_context()
     out = ctx.Queue()
     t0 = time.perf_counter()
     ps = [ctx.Process(target=_decode_worker, args=(pre, paths[r::cores], out)) for r in range(cores)]
@@ -225,7 +221,7 @@ def decode_ceiling_cuda(pre: Preprocessing, paths: list[str], batch: int, worker
 
     dev = torch.device("cuda")
     dec = Decoder(pre)
-    loader = DataLoader(_Files(paths, dec, True), batch_size=batch, num_workers=workers, collate_fn=_collate,
+    loader = DataLoader(FileDataset(paths, dec, True), batch_size=batch, num_workers=workers, collate_fn=collate,
                         pin_memory=True, prefetch_factor=4 if workers else None)
     t0, n = time.perf_counter(), 0
     for b in loader:
@@ -474,15 +470,20 @@ def record_sources(path: Path, report: dict) -> None:
            report["backbone"], t["images"], t["source"], f"{med['folder']:.1f}", f"{med[t['source']]:.1f}",
            f"{t['ratio_median']:.3f}", f"{100 * t['rerun_share_median']:.1f} %"]
     line = "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"
-    lines = text.split("\n")
-    start = next(k for k, x in enumerate(lines) if x.startswith("## Parquet and WebDataset against the folder"))
-    end = start + 1
-    while end < len(lines) and not lines[end].startswith("|"):
-        end += 1
-    while end < len(lines) and lines[end].startswith("|"):
-        end += 1
-    lines.insert(end, line)
-    path.write_text("\n".join(lines) if text.endswith("\n") else "\n".join(lines) + "\n")
+    path.write_text(_insert_row(text, line, "## Parquet and WebDataset against the folder"))
+
+
+def _insert_row(text: str, line: str, heading: str | None = None) -> str:
+    """``text`` with ``line`` added at the end of the first table after ``heading`` (or of the file's first
+    table), so that each table stays contiguous however many tables follow it."""
+    lines = text.rstrip("\n").split("\n")
+    k = next((i for i, x in enumerate(lines) if x.startswith(heading)), 0) if heading else 0
+    while k < len(lines) and not lines[k].startswith("|"):
+        k += 1
+    while k < len(lines) and lines[k].startswith("|"):
+        k += 1
+    lines.insert(k, line)
+    return "\n".join(lines) + "\n"
 
 
 def record(path: Path, report: dict) -> None:
@@ -509,8 +510,7 @@ def record(path: Path, report: dict) -> None:
         cells = ["-"] * 8
     row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
            versions, report["backbone"], f"{report['device']}, {report['batch_size']}, {report['amp']}", *cells, mem_s]
-    with open(path, "a") as f:
-        f.write("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |\n")
+    path.write_text(_insert_row(path.read_text(), "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -522,11 +522,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", default="500x375", help="generated image size WxH (default 500x375)")
     ap.add_argument("--data", help="a folder of images to use instead of generated ones")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the engine's choice)")
-    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--backbone", default=DEFAULT_BACKBONE)
     ap.add_argument("--random-weights", action="store_true",
                     help="an untrained model of the backbone's architecture (throughput only; tv:/timm: names)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the engine's choice")
-    ap.add_argument("--amp", default="auto", help="CUDA autocast: auto, bf16, fp16, fp32")
+    ap.add_argument("--amp", default=DEFAULT_AMP, help="CUDA autocast: auto, bf16, fp16, fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     ap.add_argument("--workers", type=int, default=None, help="override the engine's layout")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each bare-forward measurement")
@@ -650,14 +650,14 @@ def compare_sources(a, work: Path) -> dict:
     """End to end from the same JPEGs as a folder and as ``a.source`` (Parquet or WebDataset), alternated
     in one run, ``a.repeat`` times: the median of format/folder, and the cost of a rerun over the
     unchanged format source (it reads no image bytes) as a share of its full run."""
-    from data.demo import _folder_items, write_parquet, write_webdataset
+    from data.demo import folder_items, write_parquet, write_webdataset
     from features.store import library_versions
 
     w, h = (int(v) for v in a.size.lower().split("x"))
     folder = Path(a.data) if a.data else make_images(work / f"jpeg-{w}x{h}-{a.images}", a.images, (w, h))
     other = work / f"{folder.name}-{a.source}"
     if not other.exists():
-        items, classes = _folder_items(folder)
+        items, classes = folder_items(folder)
         files = max(1, len(items) // 500)
         (write_parquet(items, classes, other, files=files) if a.source == "parquet"
          else write_webdataset(items, other, shards=files))
@@ -687,7 +687,7 @@ def compare_sources(a, work: Path) -> dict:
               f"rerun over the unchanged {a.source} source: {100 * rates['rerun_share']:.1f} % of its full run", flush=True)
         runs.append(rates | {"ratio": ratio})
     ratios = [r["ratio"] for r in runs]
-    out = {"source": a.source, "images": len(_folder_items(folder)[0]), "runs": runs,
+    out = {"source": a.source, "images": len(folder_items(folder)[0]), "runs": runs,
            "ratio_median": statistics.median_low(ratios),
            "rerun_share_median": statistics.median_low([r["rerun_share"] for r in runs])}
     print(f"{a.source} / folder end to end: median {out['ratio_median']:.3f} over {len(ratios)} run(s); "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from data.sources import Reader, Sample, Source, SourceError, UnreadableSample
+from data.sources import Reader, Sample, Source, SourceError, UnreadableSample, has_images, is_remote, register_format
 
 TEXT_EXTENSIONS = frozenset({".txt"})
 TABLE_EXTENSIONS = frozenset({".csv", ".parquet", ".jsonl", ".ndjson"})
@@ -188,3 +188,24 @@ def is_text_table(path: Path, text_column: str | None = None) -> bool:
     if text_column:
         return text_column in header
     return DEFAULT_TEXT_COLUMN in header and "path" not in header
+
+
+def is_text_location(location, text_column: str | None = None) -> bool:
+    """A .jsonl file, a CSV/Parquet table with the text column, a local folder of .txt files without images."""
+    if is_remote(location):
+        return False
+    p = Path(location)
+    if is_text_table(p, text_column):
+        return True
+    return p.is_dir() and not has_images(p) and has_texts(p)
+
+
+def open_text(location, name: str | None = None, text_column: str | None = None, label_column: str | None = None,
+              **_options) -> TextSource:
+    """A text folder or a text table, whichever ``location`` is."""
+    if Path(location).is_dir():
+        return text_folder(location, name)
+    return text_table(location, name, text_column, label_column)
+
+
+register_format("text", open_text, detect=is_text_location)

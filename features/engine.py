@@ -28,19 +28,18 @@ import numpy as np
 import torch
 
 from data.sources import Source, escape_id, open_source, split_of
-from features.backbones import Backbone
-from features.decode import Decoder, decode_on_device, read_for_gpu
+from features.backbones import DEFAULT_BACKBONE, Backbone
+from features.decode import DEFAULT_DECODER, Decoder, decode_on_device, read_for_gpu
 from features.images import ImageError
 from features.processes import die_with_parent
-from features.runtime import GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device, usable_cores
 from features.registry import build_backbone, modality
-from features.store import StoreConfig, StoreError, StoreWriter, store_path
+from features.runtime import DEFAULT_AMP, GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device
+from features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, read_index, store_path
 
 
 class ModalityError(ValueError):
     """A backbone that embeds another kind of sample than the source holds (one line, before any work)."""
 
-DEFAULT_STORE_DIR = "featurebank-store"
 
 
 @dataclass
@@ -55,6 +54,7 @@ class ExtractResult:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) of this run
     layout: str = ""  # how the forward passes ran (see features.runtime)
+    settings: dict = field(default_factory=dict)  # the engine options this extraction ran with
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over processes
     notes: dict[str, int] = field(default_factory=dict)  # rows of the store by note (text: truncated, replaced)
 
@@ -74,14 +74,14 @@ class ExtractResult:
 
 def extract(
     source: Source | str | os.PathLike,
-    backbone: Backbone | str = "efficientnet_lite0",
+    backbone: Backbone | str = DEFAULT_BACKBONE,
     store_dir: str | os.PathLike = DEFAULT_STORE_DIR,
     *,
     dataset: str | None = None,
     batch_size: int | None = None,
     device: str | None = None,
     workers: int | None = None,
-    dtype: str = "float32",
+    dtype: str = DTYPES[0],
     content_hash: bool = False,
     retry_failures: bool = False,
     lock_timeout: float | None = None,
@@ -89,9 +89,9 @@ def extract(
     seconds_per_part: float = 10.0,
     progress: bool = True,
     say: Callable[[str], None] = print,
-    amp: str = "auto",
+    amp: str = DEFAULT_AMP,
     compile: bool = False,
-    decoder: str = "fast",
+    decoder: str = DEFAULT_DECODER,
     layout: Layout | None = None,
     runtime: str = "auto",
 ) -> ExtractResult:
@@ -113,8 +113,8 @@ def extract(
     t0 = time.perf_counter()
     if not isinstance(source, Source):
         source = open_source(source, dataset)
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
     if isinstance(backbone, str):
         backbone = build_backbone(backbone)
     if modality(backbone) != source.modality:
@@ -174,11 +174,9 @@ def extract(
 
 def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
     """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
-    from features.store import _strings, open_store
-
-    with open_store(path) as f:
-        names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
-        stored = dict(zip(_strings(f["ids"]), zip(f["labels"][()].tolist(), _strings(f["splits"]))))
+    index = read_index(path)
+    names = index.class_names
+    stored = dict(zip(index.ids, zip(index.y.tolist(), index.splits.tolist())))
     if want_names is None:
         want_names = sorted({lab for lab in labels if lab is not None})
     if names != want_names:
@@ -195,11 +193,6 @@ def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
 # ----------------------------------------------------------------------------------------- embedding
 
 CPU_BATCH = 32
-
-
-def default_workers() -> int:
-    """Model replicas on a CPU (one per usable core); kept for callers of the old engine."""
-    return usable_cores()
 
 
 class _Recorder:
@@ -316,7 +309,7 @@ def _embed_text(source, backbone, writer, todo, ids, content, batch_size, device
 
 
 def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-           amp="auto", compile=False, decoder="fast", layout=None):
+           amp=DEFAULT_AMP, compile=False, decoder=DEFAULT_DECODER, layout=None):
     from tqdm import tqdm
 
     dev = pick_device(device)
@@ -328,6 +321,8 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
         # a daemonic process (a Dask or multiprocessing pool worker) may not start processes: all in here
         layout = Layout(dev.type, 0, torch.get_num_threads() if dev.type == "cpu" else layout.threads, 0, layout.gpu_decode)
     result.layout = f"{dev.type}: {layout.describe()}"
+    result.settings = {"device": str(dev), "batch_size": batch_size or "auto", "workers": workers,
+                       "replicas": layout.replicas, "amp": amp, "compile": compile, "decoder": decoder}
     bar = tqdm(total=len(paths), unit="img", desc=f"embedding ({backbone.name}, {result.layout})",
                disable=not progress, dynamic_ncols=True)
     dec = Decoder(backbone.preprocessing, decoder, reader=source.reader)  # reads bytes in the worker processes
@@ -428,7 +423,7 @@ def _replica(rank, model, dec, threads, tasks, results):
         results.put(("error", rank, traceback.format_exc(), None, None))
 
 
-def _mp_context(threads: int = 1):
+def mp_context(threads: int = 1):
     """fork shares the model with the workers at no cost and starts them in milliseconds. It is safe
     for single-threaded workers only: a forked child that runs OpenMP on several threads after its
     parent did can hang (GNU libgomp), and fork is unsafe on macOS; those cases use spawn, which
@@ -437,7 +432,7 @@ def _mp_context(threads: int = 1):
 
 
 def _run_replicas(model, dec: Decoder, paths, batch: int, layout: Layout, rec: _Recorder) -> None:
-    ctx = _mp_context(layout.threads)
+    ctx = mp_context(layout.threads)
     model = model.to("cpu").to(memory_format=torch.channels_last).eval()
     # both queues are bounded and the paths travel with the tasks, so memory stays flat however many
     # images there are; gc.freeze keeps the children's garbage collector off the parent's objects
@@ -512,7 +507,7 @@ def _run_replicas(model, dec: Decoder, paths, batch: int, layout: Layout, rec: _
 # --- one process: CUDA (GPU decoding), MPS, or a CPU with one core
 
 
-class _Files(torch.utils.data.Dataset):
+class FileDataset(torch.utils.data.Dataset):
     """Per item (position, kind, payload, reason): on a GPU layout a JPEG's bytes, otherwise the
     finished tensor; a failure is returned, never raised."""
 
@@ -536,7 +531,7 @@ class _Files(torch.utils.data.Dataset):
             return i, None, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0
 
 
-def _collate(items):
+def collate(items):
     """One batch: the JPEGs' bytes as one flat tensor with their sizes (one shared-memory block per
     batch, not one per file), the CPU-decoded images stacked, and the failures."""
     pixels = [(i, p) for i, k, p, _, _ in items if k == "pixels"]
@@ -608,8 +603,8 @@ def _run_in_process(backbone, dec: Decoder, paths, batch_size, dev: torch.device
         torch.cuda.empty_cache()
     batch = forward.max_batch
     loader = DataLoader(
-        _Files(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
-        collate_fn=_collate, pin_memory=dev.type == "cuda", worker_init_fn=die_with_parent,
+        FileDataset(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
+        collate_fn=collate, pin_memory=dev.type == "cuda", worker_init_fn=die_with_parent,
         prefetch_factor=4 if layout.loader_workers else None, persistent_workers=False,
     )
     cuda = dev.type == "cuda"

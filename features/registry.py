@@ -7,8 +7,8 @@ Image names (``efficientnet_lite0``, ``tv:``, ``timm:``, checkpoints) are built 
 
 from __future__ import annotations
 
-from features.backbones import Backbone, create_backbone
-from features.text import TextBackbone, create_text_backbone, is_text_backbone
+from features.backbones import Backbone, BackboneError, create_backbone, is_text_backbone
+from features.text import TextBackbone, create_text_backbone
 
 
 def build_backbone(name: str, layer: str | None = None, arch: str | None = None, long_text: str = "truncate",
@@ -16,8 +16,6 @@ def build_backbone(name: str, layer: str | None = None, arch: str | None = None,
     """Build a frozen backbone by name, image or text."""
     if is_text_backbone(name):
         if layer or arch:
-            from features.backbones import BackboneError
-
             raise BackboneError(f"{name} is a text backbone: --layer and --arch apply to image backbones only")
         return create_text_backbone(name, long_text=long_text, precision=precision)
     return create_backbone(name, layer=layer, arch=arch)

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from features.backbones import BackboneError, file_sha256
+from features.backbones import BackboneError
+from features.hashing import file_sha256
 
 DEFAULT_TEXT_BACKBONE = "minilm"
 LONG_TEXT = ("truncate", "mean")
@@ -37,11 +38,6 @@ POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
                    "vocab.json", "sentencepiece.bpe.model", "spiece.model", "added_tokens.json")
 MAX_CHUNKS = 64  # long_text="mean": at most this many chunks of a document are embedded
-
-
-def is_text_backbone(name: str) -> bool:
-    """True for names this module builds: ``minilm``, ``st:<name>``, a sentence-transformers folder."""
-    return name == "minilm" or name.startswith("st:") or (Path(name) / "modules.json").is_file()
 
 
 @dataclass(frozen=True)
