@@ -41,10 +41,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data.sources import Source, open_source  # noqa: E402
-from features.backbones import Backbone, Preprocessing, create_backbone, random_weights_backbone  # noqa: E402
+from features.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, random_weights_backbone  # noqa: E402
 from features.decode import Decoder  # noqa: E402
 from features.engine import collate, FileDataset, mp_context, extract, steady_allocator  # noqa: E402
-from features.runtime import choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
+from features.runtime import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the input
 
@@ -522,11 +522,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", default="500x375", help="generated image size WxH (default 500x375)")
     ap.add_argument("--data", help="a folder of images to use instead of generated ones")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the engine's choice)")
-    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--backbone", default=DEFAULT_BACKBONE)
     ap.add_argument("--random-weights", action="store_true",
                     help="an untrained model of the backbone's architecture (throughput only; tv:/timm: names)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the engine's choice")
-    ap.add_argument("--amp", default="auto", help="CUDA autocast: auto, bf16, fp16, fp32")
+    ap.add_argument("--amp", default=DEFAULT_AMP, help="CUDA autocast: auto, bf16, fp16, fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     ap.add_argument("--workers", type=int, default=None, help="override the engine's layout")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each bare-forward measurement")
