@@ -28,12 +28,18 @@ import numpy as np
 import torch
 
 from data.sources import Source, escape_id, open_source, split_of
-from features.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from features.backbones import DEFAULT_BACKBONE, Backbone
 from features.decode import DEFAULT_DECODER, Decoder, decode_on_device, read_for_gpu
 from features.images import ImageError
 from features.processes import die_with_parent
+from features.registry import build_backbone, modality
 from features.runtime import DEFAULT_AMP, GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device
 from features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, read_index, store_path
+
+
+class ModalityError(ValueError):
+    """A backbone that embeds another kind of sample than the source holds (one line, before any work)."""
+
 
 
 @dataclass
@@ -50,6 +56,7 @@ class ExtractResult:
     layout: str = ""  # how the forward passes ran (see features.runtime)
     settings: dict = field(default_factory=dict)  # the engine options this extraction ran with
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over processes
+    notes: dict[str, int] = field(default_factory=dict)  # rows of the store by note (text: truncated, replaced)
 
     def summary(self) -> str:
         if self.embedded == 0 and self.failed == 0 and self.removed == 0:
@@ -58,6 +65,10 @@ class ExtractResult:
             head = (f"embedded {self.embedded}, reused {self.reused}, failed {self.failed}, "
                     f"removed {self.removed} in {self.seconds:.1f} s")
         tail = f"; {self.failed_total} unusable files recorded in the store" if self.failed_total else ""
+        if self.notes.get("truncated"):
+            tail += f"; {self.notes['truncated']} texts longer than the maximum length"
+        if self.notes.get("replaced"):
+            tail += f"; {self.notes['replaced']} not valid UTF-8 (decoded with replacement characters)"
         return f"{head}{tail} -> {self.path}"
 
 
@@ -82,6 +93,7 @@ def extract(
     compile: bool = False,
     decoder: str = DEFAULT_DECODER,
     layout: Layout | None = None,
+    runtime: str = "auto",
 ) -> ExtractResult:
     """Embed every new or changed sample of ``source`` into its store file and return what happened.
 
@@ -95,15 +107,20 @@ def extract(
     ``amp``: autocast dtype on CUDA (auto = bf16 where supported, else fp16; fp32 turns it off).
     ``compile``: torch.compile the model (CUDA only). ``decoder``: "fast" (features.decode) or
     "plain" (PIL and the backbone's reference transform). ``layout``: force a layout instead of the
-    automatic one (e.g. the GPU path's device decoding on a CPU, as the tests do).
+    automatic one (e.g. the GPU path's device decoding on a CPU, as the tests do). ``runtime``: for
+    text backbones, auto (OpenVINO on a CPU when it agrees with torch), torch or openvino.
     """
     t0 = time.perf_counter()
     if not isinstance(source, Source):
         source = open_source(source, dataset)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
-    if not isinstance(backbone, Backbone):
-        backbone = create_backbone(backbone)
+    if isinstance(backbone, str):
+        backbone = build_backbone(backbone)
+    if modality(backbone) != source.modality:
+        hint = "a text backbone such as minilm" if source.modality == "text" else "an image backbone such as efficientnet_lite0"
+        raise ModalityError(f"{backbone.name} embeds {modality(backbone)}s but {source.name} holds {source.modality}s: "
+                            f"use {hint}")
     config = StoreConfig.for_backbone(backbone, dtype)
     path = store_path(store_dir, dataset or source.name, config)
     try:
@@ -129,8 +146,12 @@ def extract(
         listed = set(ids)
         stale = any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
         if todo:
-            _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-                   amp=amp, compile=compile, decoder=decoder, layout=layout)
+            if source.modality == "text":
+                _embed_text(source, backbone, writer, todo, ids, content, batch_size, device, progress, result,
+                            runtime, say)
+            else:
+                _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
+                       amp=amp, compile=compile, decoder=decoder, layout=layout)
         # what this run added, counted by the writer (ids escaped, so printable whatever the file name)
         result.embedded = writer.added_rows
         result.failures = list(writer.added_failures)
@@ -142,9 +163,11 @@ def extract(
             result.removed = counts["removed"]
             result.rows = counts["rows"]
             result.failed_total = counts["failures"]
+            result.notes = counts.get("notes", {})
         else:
             result.rows = len(index.content)
             result.failed_total = len(index.failures)
+            result.notes = index.notes
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -184,9 +207,11 @@ class _Recorder:
         self._shown = 0.0
         self.thread = WriterThread(writer) if threaded else None
 
-    def rows(self, positions, embeddings: np.ndarray) -> None:
+    def rows(self, positions, embeddings: np.ndarray, notes=None) -> None:
         ks = [self.todo[p] for p in positions]
         args = ([self.ids[k] for k in ks], np.asarray(embeddings, np.float32), [self.content[k] for k in ks])
+        if notes is not None:
+            args = (*args, list(notes))
         self._write("rows", args)
         self.result.embedded += len(ks)
 
@@ -263,6 +288,24 @@ class WriterThread:
             self._thread.join()
         if self._errors:
             raise self._errors[0]
+
+
+def _embed_text(source, backbone, writer, todo, ids, content, batch_size, device, progress, result, runtime, say):
+    """Texts: read, tokenised and sorted by length a window at a time, in this process (see features.text)."""
+    from tqdm import tqdm
+
+    from features.text import embed_texts
+
+    dev = pick_device(device)
+    bar = tqdm(total=len(todo), unit="text", desc=f"embedding ({backbone.name})", disable=not progress, dynamic_ncols=True)
+    rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=True)
+    try:
+        name = embed_texts(source, backbone, todo, rec, batch_size, runtime, dev.type, say=say)
+        result.layout = f"{dev.type}: {name}, 1 process x {torch.get_num_threads()} threads"
+    finally:
+        bar.close()
+        rec.close()
+        result.stages = {k: round(v, 4) for k, v in rec.stages.items()}
 
 
 def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,

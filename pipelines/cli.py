@@ -204,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.deploy import ServeError
 
     # a file system error (disk full, permission denied) is reported like the others: one line, exit 1
-    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, RunFolderError, ServeError,
-             OSError)
+    from features.engine import ModalityError
+
+    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, ModalityError, RunFolderError,
+             ServeError, OSError)
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--verbose" in argv:  # any command: Prefect's and Dask's INFO logs on the console too (pipelines.console)
         argv.remove("--verbose")
