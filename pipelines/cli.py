@@ -36,6 +36,8 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--workers", type=int, help="decoding worker processes (default: chosen from the machine)")
     p.add_argument("--dtype", default="float32", help="stored embedding type: float32 or float16")
+    p.add_argument("--runtime", help="auto (default: OpenVINO on a CPU when it agrees with torch), torch or openvino")
+    p.add_argument("--precision", help="how the forward pass computes: f32 (default), bf16 or int8")
     p.add_argument("--content-hash", action="store_true", help="fingerprint files by sha256, not size+mtime")
     p.add_argument("--retry-failures", action="store_true", help="try again the files recorded as unusable")
 

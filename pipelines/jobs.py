@@ -30,7 +30,7 @@ def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractRe
     result = extract(
         p.source, backbone, p.store_dir, dataset=p.dataset, batch_size=p.batch_size, device=p.device,
         workers=p.workers, dtype=p.dtype, content_hash=p.content_hash, retry_failures=p.retry_failures,
-        progress=progress, say=say,
+        runtime=p.runtime, precision=p.precision, progress=progress, say=say,
     )
     say(result.summary())
     for sample_id, reason in result.failures[:20]:
@@ -106,12 +106,13 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     manifest = verify_classifier(classifier)  # a tampered file is refused before any work
     backbone = create_backbone(manifest["backbone"])
     # the classifier's store fingerprint says which configuration to extract; none fits: refuse now
-    dtype = next((d for d in ("float32", "float16")
-                  if StoreConfig.for_backbone(backbone, d).fingerprint == manifest["store_fingerprint"]), None)
-    if dtype is None:
+    found = next(((d, pr) for pr in ("f32", "bf16", "int8") for d in ("float32", "float16")
+                  if StoreConfig.for_backbone(backbone, d, pr).fingerprint == manifest["store_fingerprint"]), None)
+    if found is None:
         check_store_fingerprint(classifier, manifest, StoreConfig.for_backbone(backbone).fingerprint)
+    dtype, precision = found or ("float32", "f32")
     result = extract(p.source, backbone, p.store_dir, batch_size=p.batch_size, device=p.device, dtype=dtype,
-                     progress=progress, say=say)
+                     precision=precision, progress=progress, say=say)
     say(result.summary())
     features = read_features(result.path)
     model, manifest = load_classifier(classifier, features.fingerprint)
@@ -149,7 +150,8 @@ def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
         return summary | {"path": None, "embedded": 0, "reused": 0, "failed": 0, "removed": 0, "rows": 0, "seconds": 0.0}
     r = extract_shard(shard, _cached_backbone(p.backbone, p.layer, p.arch), p.store_dir, summary["dataset"],
                       threads=threads, device=p.device, batch_size=p.batch_size, dtype=p.dtype,
-                      content_hash=p.content_hash, retry_failures=p.retry_failures)
+                      content_hash=p.content_hash, retry_failures=p.retry_failures,
+                      runtime=p.runtime, precision=p.precision)
     return summary | extraction_summary(r)
 
 

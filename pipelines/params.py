@@ -111,6 +111,8 @@ class ExtractParams(_Params):
     retry_failures: bool = False
     layer: str | None = None
     arch: str | None = None
+    runtime: Literal["auto", "torch", "openvino"] = "auto"  # what runs the forward pass (features.runtimes)
+    precision: Literal["f32", "bf16", "int8"] = "f32"  # how it computes; part of the store's fingerprint
 
     @field_validator("backbone")
     @classmethod
