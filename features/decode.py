@@ -1,6 +1,9 @@
 """Fast decoders: image files into the model's input tensor, several times cheaper than PIL.
 
-Two ways to turn a file into a normalised ``[3, size, size]`` float tensor:
+A decoder works from bytes: ``Decoder.decode(data)``. Called with a sample's location
+(``decoder(loc)``) it reads the bytes through its source's reader (``data.sources.Reader``) first,
+so it works the same on files, table rows and tar members. Two ways to turn bytes into a
+normalised ``[3, size, size]`` float tensor:
 
 ``plain``  the reference: :func:`features.images.load_image` (PIL) and the backbone's own transform.
 ``fast``   JPEG files are decoded by libjpeg through ``torchvision.io.decode_jpeg`` (EXIF orientation
@@ -20,14 +23,13 @@ decodes a whole batch of them with ``decode_jpeg(..., device=...)`` and resizes 
 from __future__ import annotations
 
 import inspect
-import os
-import stat
 import time
 import warnings
 
 import numpy as np
 import torch
 
+from data.sources import FileReader, Reader, UnreadableSample
 from features.backbones import Preprocessing
 from features.images import ImageError, load_image
 
@@ -102,15 +104,18 @@ def _decode_jpeg_supports_exif() -> bool:
 
 
 class Decoder:
-    """A picklable callable: path -> normalised float tensor [3, size, size], or raises ImageError.
+    """A picklable callable: a sample's location -> normalised float tensor [3, size, size], or
+    raises ImageError. ``reader`` (a ``data.sources.Reader``, default: local files) reads the bytes;
+    :meth:`decode` works from bytes alone.
 
-    ``timings`` accumulates the seconds spent reading files and decoding/transforming them.
+    ``timings`` accumulates the seconds spent reading bytes and decoding/transforming them.
     """
 
-    def __init__(self, pre: Preprocessing, mode: str = "fast"):
+    def __init__(self, pre: Preprocessing, mode: str = "fast", reader: Reader | None = None):
         if mode not in ("fast", "plain"):
             raise ValueError(f"decoder mode must be 'fast' or 'plain', not {mode!r}")
         self.pre, self.mode = pre, mode
+        self.reader = reader if reader is not None else FileReader()
         self.timings = {"read": 0.0, "decode": 0.0}
         self._transform = None
         self._exif = None
@@ -123,28 +128,36 @@ class Decoder:
         state["_transform"] = None
         return state
 
-    def __call__(self, path: str | os.PathLike) -> torch.Tensor:
-        if self.mode == "plain":
-            t0 = time.perf_counter()
-            img = load_image(path)
-            if self._transform is None:
-                self._transform = self.pre.transform()
-            out = self._transform(img)
-            self.timings["decode"] += time.perf_counter() - t0
-            return out
+    def read(self, loc) -> bytes:
+        """The sample's bytes through the reader (timed), or ImageError with the reason."""
         t0 = time.perf_counter()
-        data = _read(path)
-        t1 = time.perf_counter()
-        self.timings["read"] += t1 - t0
         try:
-            pixels = self._jpeg(data, path) if data is not None and data[:3] == JPEG_MAGIC else None
+            return self.reader.read(str(loc))
+        except UnreadableSample as exc:
+            raise ImageError(str(exc)) from None
+        finally:
+            self.timings["read"] += time.perf_counter() - t0
+
+    def __call__(self, loc) -> torch.Tensor:
+        return self.decode(self.read(loc))
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """Encoded image bytes -> the model's input tensor, or ImageError with the reason."""
+        t1 = time.perf_counter()
+        try:
+            if self.mode == "plain":
+                img = load_image(data)
+                if self._transform is None:
+                    self._transform = self.pre.transform()
+                return self._transform(img)
+            pixels = self._jpeg(data) if data[:3] == JPEG_MAGIC else None
             if pixels is None:
-                pixels = pil_pixels(path)
+                pixels = pil_pixels(data)
             return self.finish(pixels)
         finally:
             self.timings["decode"] += time.perf_counter() - t1
 
-    def _jpeg(self, data: bytes, path) -> torch.Tensor | None:
+    def _jpeg(self, data: bytes) -> torch.Tensor | None:
         """Decode a JPEG with libjpeg; None sends the file to the PIL path (which records why it fails)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -157,7 +170,7 @@ class Decoder:
         if min(w, h) >= 4 * self.pre.resize:
             # DCT-scaled decode to at least twice the target: the antialiased resize that follows
             # then sees enough pixels to match a full decode (cosine > 0.999)
-            return pil_pixels(path, 2 * self.pre.resize)
+            return pil_pixels(data, 2 * self.pre.resize)
         if self._exif is None:
             self._exif = _decode_jpeg_supports_exif()
         if not self._exif and b"Exif" in data[:65536]:
@@ -192,38 +205,24 @@ class Decoder:
         return x.mul_(scale).sub_(shift)
 
 
-def _read(path) -> bytes | None:
-    """A regular file's bytes, or None: load_image then gives the precise reason (missing, directory,
-    permission, a FIFO or device, which must never be opened: a FIFO would block forever)."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def pil_pixels(path, min_size: int | None = None) -> torch.Tensor:
-    """Decode with ``load_image`` (every format, every oddity) into a uint8 [3, H, W] tensor."""
-    img = load_image(path, min_size=min_size)
+def pil_pixels(data, min_size: int | None = None) -> torch.Tensor:
+    """Decode bytes (or a local file) with ``load_image`` (every format, every oddity) into uint8 [3, H, W]."""
+    img = load_image(data, min_size=min_size)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def read_for_gpu(path, decoder: Decoder):
+def read_for_gpu(loc, decoder: Decoder):
     """On a CPU worker: ("jpeg", bytes as a uint8 tensor) for a JPEG the device can decode, or
     ("pixels", the finished tensor) decoded on the CPU for anything else (other formats, CMYK, EXIF
     orientation other than 1). Raises ImageError."""
-    t0 = time.perf_counter()
-    data = _read(path)
-    decoder.timings["read"] += time.perf_counter() - t0
-    if data is not None and data[:3] == JPEG_MAGIC:
+    data = decoder.read(loc)
+    if data[:3] == JPEG_MAGIC:
         head = jpeg_header(data)
         # the device decoder ignores EXIF orientation: rotated photos are decoded on the CPU
         if (head is not None and head[2] in (1, 3) and head[0] * head[1] > 0 and complete_jpeg(data)
                 and jpeg_orientation(data) == 1):
             return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return "pixels", decoder(path)
+    return "pixels", decoder.decode(data)
 
 
 def decode_on_device(jpegs: list[torch.Tensor], paths: list, decoder: Decoder, device: torch.device):

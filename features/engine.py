@@ -27,7 +27,6 @@ import torch
 from data.sources import Source, escape_id, open_source, split_of
 from features.backbones import Backbone, create_backbone
 from features.decode import Decoder
-from features.images import content_fingerprint
 from features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
     CPU_BATCH, _chunks, _collate, _decode_batch, _Files, _mp_context, run_in_process, run_pipelined, run_replicas,
     steady_allocator,
@@ -150,8 +149,10 @@ def extract(
         result.embedded = writer.added_rows
         result.failures = list(writer.added_failures)
         result.failed = len(result.failures)
-        if todo or stale or writer.needs_merge() or not path.exists() or _labels_changed(path, ids, labels, splits):
-            counts = writer.finish(ids, labels, splits, content)
+        classes = [escape_id(c) for c in source.classes]
+        if (todo or stale or writer.needs_merge() or not path.exists()
+                or _labels_changed(path, ids, labels, splits, classes)):
+            counts = writer.finish(ids, labels, splits, content, class_names=classes)
             result.removed = counts["removed"]
             result.rows = counts["rows"]
             result.failed_total = counts["failures"]
@@ -162,14 +163,15 @@ def extract(
     return result
 
 
-def _labels_changed(path: Path, ids, labels, splits) -> bool:
+def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
     """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
     from features.store import _strings, open_store
 
     with open_store(path) as f:
         names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
         stored = dict(zip(_strings(f["ids"]), zip(f["labels"][()].tolist(), _strings(f["splits"]))))
-    want_names = sorted({lab for lab in labels if lab is not None})
+    if want_names is None:
+        want_names = sorted({lab for lab in labels if lab is not None})
     if names != want_names:
         return True
     pos = {c: k for k, c in enumerate(names)}
@@ -186,12 +188,13 @@ def _labels_changed(path: Path, ids, labels, splits) -> bool:
 
 def sample_fingerprints(source: Source, content_hash: bool) -> list[str]:
     """The content fingerprint of every sample of ``source`` (what reuse compares)."""
-    return [content_fingerprint(s.path, content_hash) for s in source.samples]
+    return source.fingerprints(content_hash)  # the source owns its bytes: files, table rows, tar members
 
 
 class SampleFiles:
-    """What the decoders read for the samples still to embed, made on demand (a list of them would
-    grow with the dataset): ``files[j]`` is the j-th sample of ``todo``."""
+    """The locations of the samples still to embed (read by the source's reader, see
+    :func:`sample_decoder`), made on demand (a list of them would grow with the dataset): ``files[j]``
+    is the j-th sample of ``todo``."""
 
     def __init__(self, source, todo):
         self.source, self.todo = source, todo
@@ -201,6 +204,12 @@ class SampleFiles:
 
     def __getitem__(self, j: int) -> str:
         return str(self.source.samples[self.todo[j]].path)
+
+
+def sample_decoder(source: Source, backbone: Backbone, mode: str = "fast") -> Decoder:
+    """The decoder of ``source``'s samples: it reads their bytes through the source's reader (in the
+    worker processes) and makes the backbone's input tensor."""
+    return Decoder(backbone.preprocessing, mode, reader=source.reader)
 
 
 _Paths = SampleFiles  # the old name
@@ -317,7 +326,7 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
     dev = pick_device(device)
     paths = SampleFiles(source, todo)
     cpu_batch = batch_size or CPU_BATCH
-    dec = Decoder(backbone.preprocessing, decoder)
+    dec = sample_decoder(source, backbone, decoder)
     if layout is not None and runtime == "auto":
         runtime = "torch"  # a forced layout is a torch layout (the tests' way to run the GPU path on a CPU)
     if runtime == "auto" and mp.current_process().daemon and precision == "f32":

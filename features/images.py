@@ -1,6 +1,6 @@
-"""Decoding image files into RGB pictures, robustly.
+"""Decoding encoded images (bytes from any source, or a local file) into RGB pictures, robustly.
 
-Every file either decodes into a correct RGB image or raises :class:`ImageError` with a one-line
+Every input either decodes into a correct RGB image or raises :class:`ImageError` with a one-line
 reason: the engine records the reason and goes on. Valid but unusual files are decoded *correctly*:
 EXIF orientation applied, 16-bit scaled to 8-bit, CMYK/palette/alpha converted, first frame of an
 animation. A header that claims more pixels than ``MAX_PIXELS`` is refused before any allocation.
@@ -8,8 +8,8 @@ animation. A header that claims more pixels than ``MAX_PIXELS`` is refused befor
 
 from __future__ import annotations
 
+import io
 import os
-import stat
 import struct
 import warnings
 
@@ -25,23 +25,10 @@ class ImageError(ValueError):
 
 
 def content_fingerprint(path: str | os.PathLike, content_hash: bool = False) -> str:
-    """A cheap per-file fingerprint (size and mtime), or the sha256 of the bytes when asked."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return f"missing:{exc.strerror or exc}"
-    if content_hash and stat.S_ISREG(st.st_mode):
-        import hashlib
+    """A local file's fingerprint (kept for callers of the old engine; sources fingerprint their own samples)."""
+    from data.sources import file_fingerprint
 
-        h = hashlib.sha256()
-        try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        except OSError as exc:
-            return f"unreadable:{exc.strerror or exc}"
-        return "sha256:" + h.hexdigest()
-    return f"stat:{st.st_size}:{st.st_mtime_ns}"
+    return file_fingerprint(path, content_hash)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -65,30 +52,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK (Adobe inversion handled by PIL), YCbCr, 16-bit RGB
 
 
-def load_image(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
-    """Decode a file into an RGB PIL image, or raise ImageError with the reason.
+def read_local(path: str | os.PathLike) -> bytes:
+    """A local file's bytes, or ImageError with the reason (missing, directory, FIFO, empty, permission)."""
+    from data.sources import UnreadableSample, read_file
+
+    try:
+        return read_file(path)
+    except UnreadableSample as exc:
+        raise ImageError(str(exc)) from None
+
+
+def load_image(data: bytes | str | os.PathLike, min_size: int | None = None) -> Image.Image:
+    """Decode encoded image bytes (or a local file, read first) into an RGB PIL image, or raise
+    ImageError with the reason.
 
     ``min_size``: the smallest side the caller needs; large JPEGs are then decoded at a reduced
     scale (DCT scaling) that still covers it, which is several times faster.
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ImageError("file not found (dangling link or removed)") from None
-    except OSError as exc:
-        raise ImageError(f"cannot stat: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageError("is a directory, not an image file")
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError("not a regular file")
-    if st.st_size == 0:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        data = read_local(data)
+    if len(data) == 0:
         raise ImageError("empty file")
     try:
         with warnings.catch_warnings():
             # PIL warns above its own limit and refuses at twice it (at open, from the header alone);
             # the MAX_PIXELS check below is the one limit that applies below that
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise ImageError(

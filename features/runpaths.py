@@ -29,13 +29,16 @@ import torch
 
 from features.decode import Decoder, decode_on_device, read_for_gpu
 from features.images import ImageError
+from features.processes import die_with_parent
 from features.runtime import GPU_MAX_BATCH, Layout
 
 CPU_BATCH = 32
 
 
-def worker_started() -> None:
-    """Called first in every worker process this package starts (replicas, decoding workers)."""
+def worker_started(_worker_id=None) -> None:
+    """Called first in every worker process this package starts (replicas, decoding workers; it is
+    also a DataLoader ``worker_init_fn``): a killed parent (SIGKILL included) takes it with it."""
+    die_with_parent()
     steady_allocator()
 
 
@@ -247,7 +250,7 @@ def run_in_process(runtime, dec: Decoder, paths, batch_size, dev: torch.device, 
         _Files(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
         collate_fn=_collate, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if layout.loader_workers else None, persistent_workers=False,
-        worker_init_fn=_loader_worker_init if layout.loader_workers else None,
+        worker_init_fn=worker_started if layout.loader_workers else None,
     )
     cuda = dev.type == "cuda"
     pending = None  # the batch whose embeddings are still on their way back from the device
@@ -328,10 +331,6 @@ def _collect(pending, rec) -> None:
     rec.advance(len(order) + n_bad)
 
 
-def _loader_worker_init(_worker_id: int) -> None:
-    worker_started()
-
-
 def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec) -> None:
     """An asynchronous runtime (OpenVINO) in this process, fed by ``layout.loader_workers`` decoding
     processes through a DataLoader: decoding the next batches overlaps the requests in flight.
@@ -342,7 +341,7 @@ def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec) -> None:
     loader = DataLoader(
         _Files(paths, dec, False), batch_size=runtime.batch, num_workers=workers, collate_fn=_collate,
         prefetch_factor=4 if workers else None, persistent_workers=False,
-        worker_init_fn=_loader_worker_init if workers else None,
+        worker_init_fn=worker_started if workers else None,
         multiprocessing_context=_mp_context() if workers else None,
     )
     busy = {"t": time.perf_counter()}

@@ -52,8 +52,9 @@ def plan_shards(source: Source | str | os.PathLike, n_shards: int, dataset: str 
     if not isinstance(source, Source):
         source = open_source(source, dataset)
     buckets: list[list] = [[] for _ in range(n_shards)]
+    key = source.shard_key or (lambda s: s.id)  # tars and table files: one file stays in one shard
     for s in source.samples:
-        buckets[shard_of(s.id, n_shards)].append(s)
+        buckets[shard_of(key(s), n_shards)].append(s)
     name = dataset or source.name
     return [replace(source, name=shard_dataset(name, k, n_shards), samples=b) for k, b in enumerate(buckets)]
 
@@ -106,6 +107,17 @@ def extract_shard(shard: Source, backbone, store_dir: str | os.PathLike, dataset
 # ----------------------------------------------------------------------------------------------- joining
 
 
+def _merge_class_names(lists: list[list[str]]) -> list[str]:
+    """Shards' class names in one order: sorted when every shard sorted them (folders), else in the
+    order the source gave (an HF ClassLabel, integer labels: every shard carries the same list first)."""
+    if all(names == sorted(names) for names in lists):
+        return sorted({c for names in lists for c in names})
+    out: list[str] = []
+    for names in lists:
+        out += [c for c in names if c not in out]
+    return out
+
+
 def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLike, dataset: str) -> Path:
     """Write the joined store for ``dataset`` over ``shard_paths`` (all of one configuration); return its path."""
     from features.store import StoreConfig, store_path
@@ -125,7 +137,7 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
         path = store_path(store_dir, dataset, StoreConfig(**fields))
         rows = [h["embeddings"].shape[0] for h in handles]
         n = sum(rows)
-        class_names = sorted({str(c) for h in handles for c in h["labels"].attrs.get("class_names", [])})
+        class_names = _merge_class_names([[str(c) for c in h["labels"].attrs.get("class_names", [])] for h in handles])
         index = {c: k for k, c in enumerate(class_names)}
         ids, labels, splits, content = [], [], [], []
         fail_ids, fail_reasons, fail_content = [], [], []

@@ -218,13 +218,31 @@ class Features:
     def test(self) -> Features:
         return self.subset(self.splits == "test")
 
+    def to_pandas(self):
+        """One row per sample: ``id``, ``label`` (the class name, None when unlabelled), ``label_index``
+        (-1 = none), ``split`` and ``embedding`` (a float32 numpy vector)."""
+        import pandas as pd
 
-def read_features(path: str | os.PathLike) -> Features:
-    """Read a whole store into memory: ``X, y, ids, class_names`` and more.
+        names = self.class_names
+        return pd.DataFrame({
+            "id": self.ids,
+            "label": [names[v] if v >= 0 else None for v in self.y.tolist()],
+            "label_index": self.y,
+            "split": list(self.splits),
+            "embedding": list(self.X),
+        })
+
+
+def read_features(path: str | os.PathLike, as_frame: bool = False):
+    """Read a whole store into memory: ``X, y, ids, class_names`` and more; with ``as_frame`` a pandas
+    DataFrame instead (see :meth:`Features.to_pandas`).
 
     >>> f = read_features("featurebank-store/mnist5k-0123abcd.h5")
     >>> f.X.shape, f.y[:3], f.class_names
+    >>> df = read_features("featurebank-store/mnist5k-0123abcd.h5", as_frame=True)
     """
+    if as_frame:
+        return read_features(path).to_pandas()
     with open_store(path) as f:
         try:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
@@ -578,13 +596,14 @@ class StoreWriter:
         return bool(self._ids or self._fail or self._parts())
 
     def finish(self, ids: Sequence[str], labels: Sequence[str | None], splits: Sequence[str],
-               content: Sequence[str], say=print) -> dict:
+               content: Sequence[str], say=print, class_names: Sequence[str] | None = None) -> dict:
         """Merge the store and its parts into a new store file that lists exactly ``ids``.
 
         ``ids``/``labels``/``splits`` describe the source as listed now (ids and labels escaped); each
         row keeps the content fingerprint it was embedded from. Rows of ids no longer listed are
         dropped; ids with neither a row nor a failure are left out (a later run embeds them).
-        Returns counts of what the new file holds.
+        ``class_names``: the label names in index order when the source knows it (an HF ClassLabel,
+        integer labels); None sorts the labels as strings. Returns counts of what the new file holds.
         """
         self.flush()
         sources = self._sources()
@@ -592,7 +611,8 @@ class StoreWriter:
         latest = self._latest(sources)
         listed = set(ids)
         removed = sum(1 for i, v in latest.items() if i not in listed and v[0] == "row")
-        class_names = sorted({lab for lab in labels if lab is not None})
+        present = {lab for lab in labels if lab is not None}
+        class_names = sorted(present) if class_names is None else list(class_names) + sorted(present - set(class_names))
         class_index = {c: k for k, c in enumerate(class_names)}
         keep = [k for k, i in enumerate(ids) if latest.get(i, ("none",))[0] == "row"]
         fails = [(i, *latest[i][1:]) for i in ids if latest.get(i, ("none",))[0] == "fail"]

@@ -25,7 +25,17 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source-format", choices=("auto", "folder", "manifest", "parquet", "webdataset"),
+                   help="how to read the source (default: detected from it)")
+    p.add_argument("--image-column", help="Parquet/Arrow: the image column (HF Image struct, binary or path; default: detected)")
+    p.add_argument("--label-column", help="Parquet/Arrow: the label column (default: label)")
+    p.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for remote sources (repeatable), e.g. anon=true")
+
+
 def _extract_options(p: argparse.ArgumentParser) -> None:
+    _source_options(p)
     p.add_argument("--backbone", default="efficientnet_lite0",
                    help="efficientnet_lite0 (bundled), efficientnet_lite2, tv:NAME[:WEIGHTS], timm:NAME, or a checkpoint path")
     p.add_argument("--layer", help="embed an intermediate layer by node name (global-average-pooled)")
@@ -51,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("extract", help="embed a folder or manifest into an HDF5 store; prints its path")
-    p.add_argument("source", help="image folder (one subfolder per class) or .csv/.parquet manifest")
+    p.add_argument("source", help="image folder (one subfolder per class), .csv manifest, Parquet/Arrow tables, "
+                   "WebDataset tars ('shards/train-{0000..0099}.tar'), local or a URL")
     _extract_options(p)
     p.add_argument("--prefect", action="store_true", help="run as a Prefect flow")
 
@@ -72,13 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", default="logreg,knn", help="logreg and/or knn")
     p.add_argument("--out", dest="out_dir", default="featurebank-runs", help="folder for runs")
 
+    p = sub.add_parser("export", help="write a store's ids, labels, splits and embeddings as Parquet; prints its path")
+    p.add_argument("store", help="an HDF5 store file written by 'extract'")
+    p.add_argument("--to", default="parquet", help="output format: parquet (a fixed-size list column of embeddings)")
+    p.add_argument("--out", help="file to write (default: the store's path with .parquet)")
+
     p = sub.add_parser("compare", help="print a markdown table of several runs' metrics side by side")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by 'train' or 'run'")
 
     p = sub.add_parser("predict", help="classify images with a saved classifier; writes a CSV")
     p.add_argument("classifier", help="a classifier folder written by 'train' (…/classifiers/logreg), or a "
                    "probe folder of versions written by 'run' (<out>/classifiers/logreg: its current version)")
-    p.add_argument("source", help="image folder or manifest")
+    p.add_argument("source", help="image folder, manifest, Parquet/Arrow tables or WebDataset tars, local or a URL")
+    _source_options(p)
     p.add_argument("--out", default="predictions.csv", help="CSV file to write")
     p.add_argument("--store", dest="store_dir", default="featurebank-store")
     p.add_argument("--batch-size", type=int, default=32)
@@ -95,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("demo", nargs="?", default="mnist5k", help="mnist5k (default), digits or fashion-mnist")
             p.add_argument("--size", type=int, help="fashion-mnist: number of images (default 5000)")
             p.add_argument("--data-dir", default="featurebank-data", help="where demo images are written")
+            p.add_argument("--format", dest="demo_format", default="folder", choices=("folder", "parquet", "webdataset"),
+                           help="write the demo as an image folder (default), HF-style Parquet or WebDataset tars")
         _extract_options(p)
         p.add_argument("--out", dest="out_dir", default="featurebank-runs")
         p.add_argument("--probes", default=_DEFAULT_PROBES, help=_PROBES_HELP)
@@ -114,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _params(args: argparse.Namespace):
-    from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
+    from pipelines.params import ExportParams, ExtractParams, PredictParams, RunParams, TrainParams
 
     d = {k: v for k, v in vars(args).items() if v is not None}
     from pipelines.params import FewshotParams
@@ -129,7 +148,8 @@ def _params(args: argparse.Namespace):
     pick = lambda model: model(**{k: v for k, v in d.items() if k in model.model_fields})
     return {"extract": lambda: pick(ExtractParams), "train": lambda: pick(TrainParams),
             "predict": lambda: pick(PredictParams), "run": lambda: pick(RunParams),
-            "serve": lambda: pick(RunParams), "fewshot": lambda: pick(FewshotParams)}[args.command]()
+            "serve": lambda: pick(RunParams), "fewshot": lambda: pick(FewshotParams),
+            "export": lambda: pick(ExportParams)}[args.command]()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.size is not None and args.size < 10:
                 raise DemoError(f"--size must be at least 10, not {args.size}")
-            source = build(args.demo, args.data_dir, args.size)
+            source = build(args.demo, args.data_dir, args.size, format=args.demo_format)
             print(f"demo dataset: {source}")
             args.source, args.command = str(source), "run"
             args.dataset = None
@@ -202,6 +222,11 @@ def _dispatch(args, params) -> int:
         except RuntimeError as exc:
             print(f"featurebank: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        return 0
+    if args.command == "export":
+        from features.export import export_parquet
+
+        print(export_parquet(params.store, params.out))
         return 0
     if args.command == "fewshot":
         out = jobs.run_fewshot(params)

@@ -45,7 +45,7 @@ def record_task(params: RunParams, report: dict) -> dict:
 
 
 @task(name="train-probes")
-def train_task(params: TrainParams, baseline_root: str | None = None, extraction: dict | None = None) -> dict:
+def train_task(params: TrainParams, baseline_root=None, extraction: dict | None = None) -> dict:
     report = jobs.run_train(params, baseline_root=baseline_root, extraction=extraction)
     create_markdown_artifact(key="featurebank-report", markdown=report["markdown_text"],
                              description="featurebank probe comparison")
@@ -130,5 +130,5 @@ def run_flow(params: RunParams) -> dict:
         extraction = extract_task(extract_params)
     train = TrainParams(store=extraction["path"], out_dir=params.out_dir, probes=params.probes,
                         memory_budget_mb=params.memory_budget_mb)
-    report = train_task(train, baseline_root=params.source if params.pixel_baseline else None, extraction=extraction)
+    report = train_task(train, baseline_root=params if params.pixel_baseline else None, extraction=extraction)
     return report | {"delta": record_task(params, report)}

@@ -17,7 +17,6 @@ from classifiers.persist import check_store_fingerprint, load_classifier, verify
 from classifiers.report import write_report
 from classifiers.train import pixel_baseline, store_embedding_bytes, train_out_of_core, train_probes
 from classifiers.versions import resolve_classifier
-from data.sources import open_source
 from features.backbones import create_backbone
 from features.engine import ExtractResult, extract
 from features.shards import extract_shard, join_shards, plan_shards
@@ -28,7 +27,7 @@ from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunPar
 def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractResult:
     backbone = create_backbone(p.backbone, layer=p.layer, arch=p.arch)
     result = extract(
-        p.source, backbone, p.store_dir, dataset=p.dataset, batch_size=p.batch_size, device=p.device,
+        p.open_source(p.dataset), backbone, p.store_dir, dataset=p.dataset, batch_size=p.batch_size, device=p.device,
         workers=p.workers, dtype=p.dtype, content_hash=p.content_hash, retry_failures=p.retry_failures,
         runtime=p.runtime, precision=p.precision, progress=progress, say=say,
     )
@@ -51,12 +50,14 @@ def new_run_dir(out_dir: str) -> Path:
     return run
 
 
-def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | None = None,
+def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root=None,
               extraction: dict | None = None, say=print) -> dict:
     """Train the probes (and optionally the raw-pixel baseline) and write the run's report.
 
     When the store's embeddings exceed ``p.memory_budget_mb``, only the out-of-core CLIP probe is
-    trained, streaming the store within that budget (the other probes need the features in memory)."""
+    trained, streaming the store within that budget (the other probes need the features in memory).
+    ``baseline_root``: the source (a ``Source``, a location, or extract parameters) whose bytes the
+    raw-pixel baseline reads."""
     run_dir = run_dir or new_run_dir(p.out_dir)
     if p.memory_budget_mb is not None and store_embedding_bytes(p.store) > p.memory_budget_mb * 2**20:
         say(f"training out of core on {p.store}: its embeddings exceed the {p.memory_budget_mb:g} MB budget")
@@ -66,7 +67,8 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root: str | 
     say(f"training on {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
     if baseline_root:
-        results.append(pixel_baseline(features, baseline_root, say=say))
+        source = baseline_root.open_source() if hasattr(baseline_root, "open_source") else baseline_root
+        results.append(pixel_baseline(features, source, say=say))
     fewshot = None
     if p.shots:
         from classifiers.fewshot import evaluate_fewshot
@@ -111,7 +113,7 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     if found is None:
         check_store_fingerprint(classifier, manifest, StoreConfig.for_backbone(backbone).fingerprint)
     dtype, precision = found or ("float32", "f32")
-    result = extract(p.source, backbone, p.store_dir, batch_size=p.batch_size, device=p.device, dtype=dtype,
+    result = extract(p.open_source(), backbone, p.store_dir, batch_size=p.batch_size, device=p.device, dtype=dtype,
                      precision=precision, progress=progress, say=say)
     say(result.summary())
     features = read_features(result.path)
@@ -143,7 +145,7 @@ def _cached_backbone(name: str, layer: str | None, arch: str | None):
 
 def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
     """Embed shard ``k`` of ``n`` of the source into its own store (see features.shards)."""
-    source = open_source(p.source, p.dataset)
+    source = p.open_source(p.dataset)
     shard = plan_shards(source, n, p.dataset)[k]
     summary = {"shard": k, "dataset": p.dataset or source.name}
     if not shard.samples:
@@ -176,7 +178,7 @@ def run_all(p: RunParams, progress: bool = True, say=print) -> dict:
     else:
         extraction = extraction_summary(run_extract(extract_params, progress, say))
     train = TrainParams(store=extraction["path"], out_dir=p.out_dir, probes=p.probes, memory_budget_mb=p.memory_budget_mb)
-    report = run_train(train, baseline_root=p.source if p.pixel_baseline else None, extraction=extraction, say=say)
+    report = run_train(train, baseline_root=p if p.pixel_baseline else None, extraction=extraction, say=say)
     report["store"] = extraction["path"]
     delta = run_record(p, report)
     say(f"delta: added {delta['added']}, changed {delta['changed']}, removed {delta['removed']} -> {delta['markdown']}")

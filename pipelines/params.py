@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from classifiers.persist import ClassifierError, verify_classifier
 from classifiers.probes import DEFAULT_PROBES, PROBES
@@ -48,14 +48,28 @@ def check_backbone_name(name: str) -> str:
     )
 
 
-def _source_exists(v: str) -> str:
-    if not Path(v).exists():
-        raise ValueError(f"source {v} does not exist: give a folder of images or a .csv/.parquet manifest")
-    try:
-        check_source(v)  # an empty folder or a bad manifest answers here, before any work
-    except SourceError as exc:
-        raise ValueError(str(exc)) from None
+def _source_given(v: str) -> str:
+    from data.sources import is_remote
+
+    if not is_remote(v) and not any(ch in v for ch in "*?[{") and not Path(v).exists():
+        raise ValueError(f"source {v} does not exist: give a folder of images, a .csv manifest, Parquet/Arrow "
+                         "tables, WebDataset tars, or a URL")
     return v
+
+
+def _storage_options(v: dict | list | None) -> dict:
+    """``KEY=VALUE`` strings (the CLI's repeated ``--storage-option``) or a dict, for fsspec."""
+    if v is None:
+        return {}
+    if isinstance(v, dict):
+        return v
+    out = {}
+    for item in v:
+        key, eq, value = str(item).partition("=")
+        if not eq or not key:
+            raise ValueError(f"storage option must be KEY=VALUE, not '{item}'")
+        out[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return out
 
 
 def check_trainable_store(path: str) -> None:
@@ -90,7 +104,7 @@ def _known_probes(v: list[str]) -> list[str]:
     return v
 
 
-SourcePath = Annotated[str, AfterValidator(_source_exists)]
+SourcePath = Annotated[str, AfterValidator(_source_given)]
 ProbeNames = Annotated[list[str], AfterValidator(_known_probes)]
 
 
@@ -98,8 +112,32 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ExtractParams(_Params):
+class _SourceParams(_Params):
+    """Where the samples are and how to read them (see data.sources.open_source)."""
+
     source: SourcePath
+    source_format: Literal["auto", "folder", "manifest", "parquet", "webdataset"] = "auto"
+    image_column: str | None = None  # tables: the image column (default: detected)
+    label_column: str | None = None  # tables: the label column (default: label)
+    storage_options: Annotated[dict, BeforeValidator(_storage_options)] = Field(default_factory=dict)  # fsspec KEY=VALUE
+
+    def source_options(self) -> dict:
+        return {"format": self.source_format, "image_column": self.image_column, "label_column": self.label_column,
+                "storage_options": self.storage_options or None}
+
+    def open_source(self, dataset: str | None = None):
+        return open_source(self.source, dataset, **self.source_options())
+
+    @model_validator(mode="after")
+    def _source_lists_samples(self):
+        try:
+            check_source(self.source, **self.source_options())  # an empty folder or a bad table answers here
+        except SourceError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class ExtractParams(_SourceParams):
     backbone: str = "efficientnet_lite0"
     store_dir: str = DEFAULT_STORE_DIR
     dataset: str | None = None
@@ -172,9 +210,25 @@ class FewshotParams(_Params):
         return TrainParams._store_exists(v)
 
 
-class PredictParams(_Params):
+class ExportParams(_Params):
+    store: str
+    to: Literal["parquet"] = "parquet"
+    out: str | None = None  # default: the store's path with the format's suffix
+
+    @field_validator("store")
+    @classmethod
+    def _store_exists(cls, v: str) -> str:
+        from features.store import StoreError, open_store
+
+        try:
+            open_store(v).close()
+        except StoreError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+class PredictParams(_SourceParams):
     classifier: str
-    source: SourcePath
     out: str = "predictions.csv"
     store_dir: str = DEFAULT_STORE_DIR
     batch_size: int = Field(32, ge=1, le=4096)
@@ -213,7 +267,7 @@ class RunParams(ExtractParams):
     @model_validator(mode="after")
     def _two_classes(self) -> RunParams:
         try:
-            classes = open_source(self.source, self.dataset).classes
+            classes = self.open_source(self.dataset).classes
         except SourceError as exc:
             raise ValueError(str(exc)) from None
         if len(classes) < 2:

@@ -1,0 +1,58 @@
+"""Stores out to formats other tools read: Parquet with ids, labels, splits and embeddings.
+
+The embeddings become a fixed-size list column (``embedding: fixed_size_list<float>[D]``), which
+pandas, polars, DuckDB and vector databases (LanceDB, Milvus...) read as vectors. Written block by
+block, so memory stays flat however large the store; the file appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from features.store import ROWS_PER_CHUNK, StoreError, _strings, open_store
+
+EXPORT_FORMATS = ("parquet",)
+
+
+def export_parquet(store: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write the store as Parquet (``id``, ``label``, ``label_index``, ``split``, ``embedding``); return its path.
+
+    The schema metadata holds ``featurebank`` (JSON: class names, store fingerprint, backbone)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = Path(store)
+    out = Path(out) if out is not None else store.with_suffix(".parquet")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with open_store(store) as f:
+        emb = f["embeddings"]
+        n, dim = emb.shape
+        names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
+        ids, labels, splits = _strings(f["ids"]), f["labels"][()].astype(np.int64), _strings(f["splits"])
+        meta = {"class_names": names, "fingerprint": str(f.attrs.get("fingerprint", "")),
+                "backbone": str(f.attrs.get("backbone", "")), "store": store.name}
+        schema = pa.schema([("id", pa.string()), ("label", pa.string()), ("label_index", pa.int64()),
+                            ("split", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
+                           metadata={b"featurebank": json.dumps(meta).encode()})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with pq.ParquetWriter(tmp, schema) as w:
+                for a in range(0, n, ROWS_PER_CHUNK):
+                    b = min(n, a + ROWS_PER_CHUNK)
+                    x = np.ascontiguousarray(emb[a:b], dtype=np.float32)
+                    vec = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)
+                    y = labels[a:b]
+                    w.write_table(pa.table({
+                        "id": ids[a:b], "label": [names[v] if v >= 0 else None for v in y.tolist()],
+                        "label_index": y, "split": splits[a:b], "embedding": vec}, schema=schema))
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise StoreError(f"cannot write {out} ({exc.strerror or exc})") from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return out
