@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from features.backbones import Backbone, create_backbone
+from features.backbones import Backbone, Preprocessing, create_backbone
 from features.decode import Decoder
 from features.engine import extract
 from features.runtimes import RuntimeUnavailable, cosines, create_runtime
-from features.runtimes.openvino_runtime import OpenVINORuntime, cpu_has_bf16, float_model_path
+from features.runtimes.openvino_runtime import OpenVINORuntime, cache_dir, cpu_has_bf16, float_model_path
 from features.runtimes.torch_runtime import TorchRuntime
 from features.store import read_features
 
@@ -127,8 +127,11 @@ def test_precisions_never_share_a_store_and_f32_runtimes_do(lite0, photos, eager
 
 
 def test_int8_is_calibrated_once_on_the_train_split_and_cached(lite0, photos, eager, tmp_path, monkeypatch):
+    import shutil
+
+    shared = float_model_path(lite0).parent  # the float model the quantizer starts from, from the shared cache
     monkeypatch.setenv("FEATUREBANK_CACHE_DIR", str(tmp_path / "cache"))
-    float_model_path(lite0)  # the float model the quantizer starts from
+    shutil.copytree(shared, cache_dir() / "openvino" / shared.name)
     said = []
     r = extract(photos, lite0, tmp_path / "s", precision="int8", calibration_samples=8, progress=False, say=said.append)
     assert r.embedded == 12 and any("calibrating int8" in s for s in said)
@@ -156,7 +159,7 @@ class _Noisy(torch.nn.Module):
 
 
 def test_auto_falls_back_to_torch_in_one_line(photos, tmp_path):
-    pre = create_backbone.__globals__["_preprocessing"](32, 0.875, "bilinear", (0.5,) * 3, (0.5,) * 3)
+    pre = Preprocessing(32, 36, "bilinear", (0.5,) * 3, (0.5,) * 3)
     noisy = Backbone("test:noisy", _Noisy().eval(), pre, "0" * 64, 3)
     said = []
     r = extract(photos, noisy, tmp_path, progress=False, say=said.append)

@@ -11,7 +11,9 @@
 - Compilation: a static batch shape (the last, partial batch is padded: no second compilation),
   ``PERFORMANCE_HINT=THROUGHPUT`` and ``INFERENCE_PRECISION_HINT`` set explicitly (f32 or bf16: the CPU
   plugin silently computes in bf16 on CPUs with AVX512_BF16 or AMX unless told f32), an
-  ``AsyncInferQueue`` of ``OPTIMAL_NUMBER_OF_INFER_REQUESTS`` requests (streams decided by OpenVINO).
+  ``OPTIMAL_NUMBER_OF_INFER_REQUESTS`` asynchronous infer requests kept busy round robin (streams
+  decided by OpenVINO). Not an ``AsyncInferQueue``: its Python callbacks run in OpenVINO's threads and
+  need the GIL, and waiting for the queue while holding it hung intermittently here.
 - int8: NNCF post-training quantization (its default recipe) of the float model, calibrated on
   samples of the dataset's train split, cached by key under a file lock (one calibration per store,
   shared by a grown folder and by every shard).
@@ -19,7 +21,6 @@
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
@@ -205,10 +206,10 @@ class OpenVINORuntime(Runtime):
         self.compiled = core.compile_model(model, "CPU", config)
         self.requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
-        self._queue = None
+        self._requests = None
 
     def close(self) -> None:
-        self._queue = None
+        self._requests = None
         self.compiled = None
 
     def describe(self) -> str:
@@ -237,33 +238,36 @@ class OpenVINORuntime(Runtime):
                                                     key=lambda te: te[0])])
 
     def map(self, batches: Iterable[tuple[object, torch.Tensor]]) -> Iterator[tuple[object, np.ndarray]]:
-        import openvino as ov
+        """Keep ``requests`` infer requests busy, round robin: a request's result is collected (with
+        ``wait``, which releases the GIL) just before it takes the next batch. No Python callbacks run
+        in OpenVINO's threads, so nothing there waits for the GIL that this thread holds."""
+        if self._requests is None:
+            self._requests = [self.compiled.create_infer_request() for _ in range(self.requests)]
+        reqs = self._requests
+        pending: list = [None] * len(reqs)  # per request: (tag, n, input kept alive) or None
+        k = 0
 
-        done: collections.deque = collections.deque()
-        errors: list[BaseException] = []
+        def collect(i):
+            tag, n, _keep = pending[i]
+            reqs[i].wait()
+            pending[i] = None
+            return tag, np.array(reqs[i].get_output_tensor(0).data[:n], np.float32)
 
-        def finished(request, userdata):
-            tag, n, _keep = userdata
-            try:
-                done.append((tag, np.array(request.get_output_tensor(0).data[:n], np.float32)))
-            except BaseException as exc:
-                errors.append(exc)
-
-        queue = ov.AsyncInferQueue(self.compiled, self.requests)
-        queue.set_callback(finished)
         try:
             for tag, x in batches:
                 if len(x) > self.batch:
                     raise ValueError(f"batch of {len(x)} images for a runtime compiled for {self.batch}")
                 a = self._padded(x)
-                queue.start_async({0: a}, (tag, len(x), a), share_inputs=True)  # waits for a free request
-                while done:
-                    yield done.popleft()
-                if errors:
-                    raise errors[0]
+                if pending[k] is not None:
+                    yield collect(k)
+                reqs[k].start_async({0: a}, share_inputs=True)
+                pending[k] = (tag, len(x), a)
+                k = (k + 1) % len(reqs)
+            for _ in range(len(reqs)):
+                if pending[k] is not None:
+                    yield collect(k)
+                k = (k + 1) % len(reqs)
         finally:
-            queue.wait_all()
-        if errors:
-            raise errors[0]
-        while done:
-            yield done.popleft()
+            for i, p in enumerate(pending):  # an abandoned run: let the requests finish before returning
+                if p is not None:
+                    reqs[i].wait()
