@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine with Python 3.11:
 #   make demo   -> virtual environment, install, then the main job on the bundled default
-#   make test   -> virtual environment, install, then the whole test suite
+#   make test   -> virtual environment, install, then ruff, the architecture contract (import-linter) and
+#                  the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,11 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/featurebank demo
 
-test: $(STAMP)
+test: lint
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extraction.py --memory --repeat 3
 
+# ruff, then the architecture in pyproject.toml: layers, no import cycles, public names only
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports

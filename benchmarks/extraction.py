@@ -46,10 +46,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data.sources import Source, open_source  # noqa: E402
-from features.backbones import Backbone, Preprocessing, create_backbone  # noqa: E402
+from features.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, random_weights_backbone  # noqa: E402
 from features.decode import Decoder  # noqa: E402
-from features.engine import _collate, _Files, _mp_context, extract, steady_allocator  # noqa: E402
-from features.runtime import choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
+from features.engine import FileDataset, collate, extract, mp_context, steady_allocator  # noqa: E402
+from features.runtime import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the input
 
@@ -108,12 +108,16 @@ def make_images(folder: Path, n: int, size: tuple[int, int], quality: int = 90) 
 def random_backbone(name: str) -> Backbone:
     """The architecture of ``name`` with random weights (seeded, and identified by their sha256, so a
     converted model in the cache is this one): throughput is the same, no download needed."""
-    from features.backbones import _architecture, _finish, _state_sha256, _strip_head
+    import dataclasses
+    import hashlib
 
     torch.manual_seed(0)
-    model, pre = _architecture(name)
-    _strip_head(model)
-    return _finish(f"{name}:random-weights", model, pre, _state_sha256(model), None)
+    bb = random_weights_backbone(name)
+    h = hashlib.sha256()
+    for key, t in bb.model.state_dict().items():
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return dataclasses.replace(bb, weights_sha256=h.hexdigest())
 
 
 # ------------------------------------------------------------------------------------ (a) bare forward
@@ -160,7 +164,7 @@ def bare_forward_cpu(model, shape, batch, seconds, layouts=None) -> tuple[float,
             torch.set_num_threads(before)
             results[f"{procs}x{threads}"] = round(q.items[0], 2)
             continue
-        ctx = _mp_context(threads)
+        ctx = mp_context(threads)
         start, out = ctx.Barrier(procs), ctx.Queue()
         ps = [ctx.Process(target=_bare_worker, args=(model, shape, batch, threads, seconds, "float32", start, out))
               for _ in range(procs)]
@@ -253,7 +257,7 @@ def _decode_worker(pre, paths, out):
 
 def decode_ceiling_cpu(pre: Preprocessing, paths: list[str]) -> float:
     cores = usable_cores()
-    ctx = _mp_context()
+    ctx = mp_context()
     out = ctx.Queue()
     t0 = time.perf_counter()
     ps = [ctx.Process(target=_decode_worker, args=(pre, paths[r::cores], out)) for r in range(cores)]
@@ -273,7 +277,7 @@ def decode_ceiling_cuda(pre: Preprocessing, paths: list[str], batch: int, worker
 
     dev = torch.device("cuda")
     dec = Decoder(pre)
-    loader = DataLoader(_Files(paths, dec, True), batch_size=batch, num_workers=workers, collate_fn=_collate,
+    loader = DataLoader(FileDataset(paths, dec, True), batch_size=batch, num_workers=workers, collate_fn=collate,
                         pin_memory=True, prefetch_factor=4 if workers else None)
     t0, n = time.perf_counter(), 0
     for b in loader:
@@ -612,11 +616,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", default="500x375", help="generated image size WxH (default 500x375)")
     ap.add_argument("--data", help="a folder of images to use instead of generated ones")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the engine's choice)")
-    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--backbone", default=DEFAULT_BACKBONE)
     ap.add_argument("--random-weights", action="store_true",
                     help="an untrained model of the backbone's architecture (throughput only; tv:/timm: names)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the engine's choice")
-    ap.add_argument("--amp", default="auto", help="CUDA autocast: auto, bf16, fp16, fp32")
+    ap.add_argument("--amp", default=DEFAULT_AMP, help="CUDA autocast: auto, bf16, fp16, fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"], help="the engine's runtime")
     ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "int8"],
@@ -779,14 +783,14 @@ def compare_sources(a, work: Path) -> dict:
     """End to end from the same JPEGs as a folder and as ``a.source`` (Parquet or WebDataset), alternated
     in one run, ``a.repeat`` times: the median of format/folder, and the cost of a rerun over the
     unchanged format source (it reads no image bytes) as a share of its full run."""
-    from data.demo import _folder_items, write_parquet, write_webdataset
+    from data.demo import folder_items, write_parquet, write_webdataset
     from features.store import library_versions
 
     w, h = (int(v) for v in a.size.lower().split("x"))
     folder = Path(a.data) if a.data else make_images(work / f"jpeg-{w}x{h}-{a.images}", a.images, (w, h))
     other = work / f"{folder.name}-{a.source}"
     if not other.exists():
-        items, classes = _folder_items(folder)
+        items, classes = folder_items(folder)
         files = max(1, len(items) // 500)
         (write_parquet(items, classes, other, files=files) if a.source == "parquet"
          else write_webdataset(items, other, shards=files))
@@ -816,7 +820,7 @@ def compare_sources(a, work: Path) -> dict:
               f"rerun over the unchanged {a.source} source: {100 * rates['rerun_share']:.1f} % of its full run", flush=True)
         runs.append(rates | {"ratio": ratio})
     ratios = [r["ratio"] for r in runs]
-    out = {"source": a.source, "images": len(_folder_items(folder)[0]), "runs": runs,
+    out = {"source": a.source, "images": len(folder_items(folder)[0]), "runs": runs,
            "ratio_median": statistics.median_low(ratios),
            "rerun_share_median": statistics.median_low([r["rerun_share"] for r in runs])}
     print(f"{a.source} / folder end to end: median {out['ratio_median']:.3f} over {len(ratios)} run(s); "

@@ -17,13 +17,19 @@ Results are reported per (probe, shots) as the mean accuracy over seeds with a 9
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
-from scipy import stats
 
 from classifiers.probes import CLIP_C_GRID, DEFAULT_C, CLIPLogisticProbe, WeightedKNNProbe
-from features.store import Features
+from classifiers.train import check_trainable
+from features.store import Features, atomic_write
 
 FEWSHOT_PROBES = ("logreg", "knn")
+DEFAULT_SHOTS = (1, 5, 10)
+DEFAULT_SEEDS = 5
 DEFAULT_KNN_K = 10
 HOLDOUT_MIN_SHOTS = 5
 
@@ -83,11 +89,13 @@ def confidence_interval(values, level: float = 0.95) -> tuple[float, float]:
     v = np.asarray(values, float)
     if len(v) < 2:
         return float(v.mean()), float("nan")
+    from scipy import stats  # imported when needed: the CLI imports this module to check parameters
+
     half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
     return float(v.mean()), float(half)
 
 
-def evaluate_fewshot(train: Features, test: Features, shots=(1, 5, 10), seeds: int = 5,
+def evaluate_fewshot(train: Features, test: Features, shots=DEFAULT_SHOTS, seeds: int = DEFAULT_SEEDS,
                      probes=FEWSHOT_PROBES, say=print) -> dict:
     """Few-shot accuracy table. ``train`` and ``test`` are the labelled rows of the two splits; the
     examples, the validation and the hyperparameters come from ``train`` only."""
@@ -115,3 +123,21 @@ def fewshot_markdown(result: dict) -> str:
         ci = "n/a" if np.isnan(r["ci95"]) else f"{100 * r['ci95']:.2f}"
         out += f"| {r['probe']} | {r['shots']} | {100 * r['mean_accuracy']:.2f} ± {ci} | {r['seeds']} | {r['validation']} |\n"
     return out
+
+
+def fewshot_run(features: Features, run_dir: str | os.PathLike, shots=DEFAULT_SHOTS, seeds: int = DEFAULT_SEEDS,
+                probes=FEWSHOT_PROBES, say=print) -> dict:
+    """Few-shot accuracy with 95 % intervals on a store's labelled rows; writes fewshot.json and fewshot.md
+    into ``run_dir``."""
+    check_trainable(features)
+    labelled = features.subset(features.y >= 0)
+    run_dir = Path(run_dir)
+    say(f"few-shot on {features.path.name}: shots {list(shots)}, {seeds} seeds, probes {', '.join(probes)}")
+    result = evaluate_fewshot(labelled.train, labelled.test, shots, seeds, probes, say=say)
+    result |= {"store": str(features.path), "store_fingerprint": features.fingerprint,
+               "backbone": features.attrs.get("backbone")}
+    atomic_write(run_dir / "fewshot.json", json.dumps(result, indent=2))
+    md = f"# featurebank few-shot\n\nStore `{features.path}`, test {result['n_test']} samples.\n\n{fewshot_markdown(result)}"
+    atomic_write(run_dir / "fewshot.md", md)
+    return {"dir": run_dir, "json": run_dir / "fewshot.json", "markdown": run_dir / "fewshot.md",
+            "rows": result["rows"], "markdown_text": md}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from classifiers.versions import register
-from features.store import Features
+from features.store import Features, atomic_write, read_features
 
 SNAPSHOT = "snapshot.npz"
 
@@ -33,13 +33,13 @@ def centroids(features: Features) -> dict[str, np.ndarray]:
             if (features.y == c).any()}
 
 
-def write_snapshot(run_dir: str | os.PathLike, features: Features, content: list[str]) -> Path:
+def write_snapshot(run_dir: str | os.PathLike, features: Features) -> Path:
     cents = centroids(features)
     path = Path(run_dir) / SNAPSHOT
     tmp = path.with_name(f".{SNAPSHOT}.{os.getpid()}.tmp.npz")
     np.savez_compressed(
         tmp, store=np.array(features.path.name if features.path else ""), ids=np.array(features.ids, dtype=str),
-        content=np.array(content, dtype=str),
+        content=np.array(features.content or [], dtype=str),
         classes=np.array(list(cents), dtype=str),
         centroids=np.array(list(cents.values()), dtype=np.float32).reshape(len(cents), features.X.shape[1]),
     )
@@ -95,10 +95,10 @@ def record_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store: st
     Returns the delta (also written as delta.json and delta.md).
     """
     out_dir, run_dir = Path(out_dir), Path(run_dir)
-    features, content = read_with_content(store)
+    features = read_features(store)
     prev_dir = previous_run(out_dir, run_dir, features.path.name)
     previous = read_snapshot(prev_dir) if prev_dir else None
-    write_snapshot(run_dir, features, content)
+    write_snapshot(run_dir, features)
     delta = compare(previous, read_snapshot(run_dir))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     prev_metrics = json.loads((prev_dir / "metrics.json").read_text()) if prev_dir else {"probes": {}}
@@ -110,18 +110,9 @@ def record_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store: st
         decision = register(out_dir / "classifiers" / name, run_dir / "classifiers" / name, features, run=run_dir.name)
         delta["probes"][name] = {"accuracy": acc, "previous_accuracy": before,
                                  "change": None if before is None else acc - before, **decision}
-    (run_dir / "delta.json").write_text(json.dumps(delta, indent=2))
-    (run_dir / "delta.md").write_text(delta_markdown(delta))
+    atomic_write(run_dir / "delta.json", json.dumps(delta, indent=2))
+    atomic_write(run_dir / "delta.md", delta_markdown(delta))
     return delta
-
-
-def read_with_content(path: str | os.PathLike) -> tuple[Features, list[str]]:
-    """``read_features`` and the store's per-sample content fingerprints, in the same row order."""
-    from features.store import _strings, open_store, read_features
-
-    features = read_features(path)
-    with open_store(path) as f:
-        return features, _strings(f["content"])
 
 
 def delta_markdown(delta: dict) -> str:

@@ -24,8 +24,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from classifiers.train import TrainingError
-from classifiers.probes import CLIP_C_GRID, DEFAULT_C, clip_search, search_start, validation_split
+from classifiers.probes import CLIP_C_GRID, DEFAULT_C, TrainingError, clip_search, search_start, validation_split
+from features.store import open_store
 
 LBFGS_HISTORY = 10  # scipy's default number of correction pairs
 NATIVE_BYTES = 8 << 20
@@ -127,7 +127,7 @@ class OutOfCoreLogisticProbe(ClassifierMixin, BaseEstimator):
 
     def fit_store(self, path: str | os.PathLike, rows=None, dataset: str = "embeddings"):
         """Fit on rows of a store (default: the labelled rows of the train split), streaming them."""
-        with h5py.File(path, "r", rdcc_nbytes=0) as f:  # no chunk cache: HDF5 would keep whole 1024-row chunks
+        with open_store(path, chunk_cache=False) as f:  # no chunk cache: HDF5 would keep whole 1024-row chunks
             labels = f["labels"][()].astype(np.int64)
             if rows is None:
                 rows = np.flatnonzero((labels >= 0) & split_mask(f["splits"], "train"))
@@ -268,7 +268,7 @@ class OutOfCoreLogisticProbe(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         rows = np.asarray(rows, np.int64)
         order = np.argsort(rows, kind="stable")
-        with h5py.File(path, "r", rdcc_nbytes=0) as f:  # no chunk cache: HDF5 would keep whole 1024-row chunks
+        with open_store(path, chunk_cache=False) as f:  # no chunk cache: HDF5 would keep whole 1024-row chunks
             proba = self._proba(_Rows(f[dataset], rows[order], self.block_rows_))
         out = np.empty_like(proba)
         out[order] = proba

@@ -24,6 +24,10 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+class TrainingError(ValueError):
+    """Features that cannot be trained on: the message says why and what to do."""
+
+
 #: CLIP's coarse grid, 10^-6 .. 10^6, walked from strong to weak regularisation.
 CLIP_C_GRID = tuple(10.0 ** k for k in range(-6, 7))
 #: The C used when a training set is too small to carve a validation split from.

@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from classifiers.outofcore import OutOfCoreLogisticProbe
 from classifiers.persist import save_classifier
-from classifiers.probes import DEFAULT_PROBES, make_probe
-from features.store import Features
+from classifiers.probes import DEFAULT_PROBES, TrainingError, make_probe
+from features.store import Features, embedding_shape, open_store, read_index
 
-
-class TrainingError(ValueError):
-    """Features that cannot be trained on: the message says why and what to do."""
+SHOWN_ROWS = 3000  # embeddings read for the report's map when training out of core
 
 
 @dataclass
@@ -98,71 +97,41 @@ def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.Pa
     return results
 
 
-def pixel_features(features: Features, source, size: int = 28) -> np.ndarray:
-    """Raw-pixel baseline features: each image as ``size`` x ``size`` grey pixels in [0, 1].
-
-    ``source``: a ``data.sources.Source`` (or anything ``open_source`` opens): the bytes are read
-    through it, so the baseline works on folders, manifests, tables and tars alike."""
-    from data.sources import Source, escape_id, open_source
-    from features.images import load_image
-
-    if not isinstance(source, Source):
-        source = open_source(source)
-    by_id = {escape_id(s.id): s for s in source.samples}
-    out = np.zeros((len(features.ids), size * size), np.float32)
-    for k, sample_id in enumerate(features.ids):
-        img = load_image(source.read_bytes(by_id[sample_id])).convert("L").resize((size, size))
-        out[k] = np.asarray(img, np.float32).ravel() / 255.0
-    return out
-
-
-def pixel_baseline(features: Features, source, size: int = 28, say=print) -> ProbeResult:
-    """Logistic regression on raw pixels: the bar the pretrained embeddings must clear."""
+def pixel_baseline(features: Features, pixels: np.ndarray, say=print) -> ProbeResult:
+    """Logistic regression on raw pixels (one row of ``pixels`` per row of ``features``, e.g. from
+    features.pixels): the bar the pretrained embeddings must clear."""
     from sklearn.linear_model import LogisticRegression
 
     check_trainable(features)
     labelled = features.y >= 0
-    X = pixel_features(features, source, size)
     train = labelled & (features.splits == "train")
     test = labelled & (features.splits == "test")
     t0 = time.perf_counter()
-    model = LogisticRegression(max_iter=1000, C=0.1).fit(X[train], features.y[train])
+    model = LogisticRegression(max_iter=1000, C=0.1).fit(pixels[train], features.y[train])
     fit_seconds = time.perf_counter() - t0
-    y_pred = model.predict(X[test])
+    y_pred = model.predict(pixels[test])
     metrics, cm = evaluate(features.y[test], y_pred, len(features.class_names))
     metrics.update(fit_seconds=round(fit_seconds, 3), n_train=int(train.sum()))
     say(f"  {'pixels':<10} test accuracy {metrics['accuracy']:.4f}  (raw-pixel baseline)")
     return ProbeResult("pixels", metrics, cm, y_pred)
 
 
-def store_embedding_bytes(path: str | os.PathLike) -> int:
-    """Bytes the store's embeddings take in memory as float32 (how ``read_features`` would hold them)."""
-    from features.store import open_store
-
-    with open_store(path) as f:
-        n, d = f["embeddings"].shape
-    return int(n) * int(d) * 4
+def exceeds_budget(path: str | os.PathLike, memory_budget_mb: float | None) -> bool:
+    """True when the store's embeddings, held as float32 as ``read_features`` holds them, exceed the budget."""
+    if memory_budget_mb is None:
+        return False
+    n, d = embedding_shape(path)
+    return n * d * 4 > memory_budget_mb * 2**20
 
 
 def train_out_of_core(path: str | os.PathLike, memory_budget_mb: float, out_dir: str | os.PathLike | None = None,
                       say=print) -> tuple[ProbeResult, Features, dict]:
     """Train the out-of-core CLIP probe while streaming the store, score it on the test split (streamed
     too), save it, and return it with a light :class:`Features`: every row's labels, ids and splits but
-    embeddings only for a sample of at most 3,000 labelled rows (for the report's embedding map), and the
+    embeddings only for a sample of at most SHOWN_ROWS labelled rows (for the report's embedding map), and the
     train/test counts."""
-    import h5py
-
-    from classifiers.outofcore import OutOfCoreLogisticProbe
-    from features.store import open_store
-
-    with open_store(path) as f:
-        labels = f["labels"][()].astype(np.int64)
-        splits = np.array([s.decode() if isinstance(s, bytes) else s for s in f["splits"][()]], dtype=object)
-        ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
-        class_names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-    light = Features(np.zeros((len(ids), 0), np.float32), labels, ids, class_names, splits,
-                     str(attrs["fingerprint"]), Path(path), attrs)
+    light = read_index(path)
+    labels, splits, ids, class_names, attrs = light.y, light.splits, light.ids, light.class_names, light.attrs
     check_trainable(light)
     train = np.flatnonzero((labels >= 0) & (splits == "train"))
     test = np.flatnonzero((labels >= 0) & (splits == "test"))
@@ -183,8 +152,8 @@ def train_out_of_core(path: str | os.PathLike, memory_budget_mb: float, out_dir:
     say(f"  {name:<10} test accuracy {metrics['accuracy']:.4f}  (fit {fit_seconds:.1f} s, streamed in blocks of "
         f"{probe.block_rows_} rows within {memory_budget_mb:g} MB)")
     labelled = np.flatnonzero(labels >= 0)
-    pick = np.sort(np.random.default_rng(0).permutation(labelled)[:3000])
-    with h5py.File(path, "r") as f:
+    pick = np.sort(np.random.default_rng(0).permutation(labelled)[:SHOWN_ROWS])
+    with open_store(path) as f:
         sample = f["embeddings"][pick].astype(np.float32)  # h5py reads sorted unique indices directly
     shown = Features(sample, labels[pick], [ids[i] for i in pick], class_names, splits[pick], light.fingerprint,
                      Path(path), attrs)

@@ -25,15 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from classifiers.persist import ClassifierError, load_classifier, read_manifest
-from features.store import Features
+from features.store import Features, atomic_write
 
 CURRENT = "current"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def versions(probe_dir: str | os.PathLike) -> list[str]:
@@ -69,7 +63,7 @@ def set_current(probe_dir: str | os.PathLike, version: str) -> None:
     probe_dir = Path(probe_dir)
     if not (probe_dir / version / "manifest.json").is_file():
         raise ClassifierError(f"{probe_dir} has no version {version} (versions: {', '.join(versions(probe_dir))})")
-    _write_atomic(probe_dir / CURRENT, version + "\n")
+    atomic_write(probe_dir / CURRENT, version + "\n")
 
 
 def add_version(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike) -> str:
@@ -135,5 +129,5 @@ def register(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike, fe
     log = probe_dir / "versions.json"
     entries = json.loads(log.read_text()) if log.is_file() else []
     entries.append(decision | {"store_fingerprint": read_manifest(probe_dir / version)["store_fingerprint"]})
-    _write_atomic(log, json.dumps(entries, indent=2))
+    atomic_write(log, json.dumps(entries, indent=2))
     return decision

@@ -21,6 +21,8 @@ from PIL import Image
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 DEMOS = ("mnist5k", "digits", "fashion-mnist")
+DEFAULT_DEMO = DEMOS[0]
+FASHION_SIZE = 5000
 DEMO_FORMATS = ("folder", "parquet", "webdataset")
 DEFAULT_DATA_DIR = "featurebank-data"
 
@@ -76,7 +78,7 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_mnist(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 5000, seed: int = 0,
+def fashion_mnist(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int = FASHION_SIZE, seed: int = 0,
                   source_dir: Path = FASHION_MNIST_DIR) -> Path:
     """A seeded, seeded random subset of Fashion-MNIST (train and test files pooled) as PNG files."""
     if not (source_dir / "train-images-idx3-ubyte.gz").exists():
@@ -97,7 +99,7 @@ def fashion_mnist(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 50
                          [FASHION_CLASSES[v] for v in labels[pick]], [f"{i:05d}" for i in pick])
 
 
-def _folder_items(folder: Path) -> tuple[list[tuple[str, bytes, int]], list[str]]:
+def folder_items(folder: Path) -> tuple[list[tuple[str, bytes, int]], list[str]]:
     """(relative path, bytes, class index) of every image of a demo folder, sorted; and the class names."""
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     items = [(f"{c}/{f.name}", f.read_bytes(), k) for k, c in enumerate(classes)
@@ -160,7 +162,7 @@ def convert(folder: Path, format: str) -> Path:
     target = folder.with_name(f"{folder.name}-{format}")
     if (target / ".complete").exists():
         return target
-    items, classes = _folder_items(folder)
+    items, classes = folder_items(folder)
     n_files = max(1, len(items) // 1000)
     if format == "parquet":
         write_parquet(items, classes, target, files=n_files)
@@ -174,12 +176,21 @@ def convert(folder: Path, format: str) -> Path:
 def build(name: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int | None = None,
           format: str = "folder") -> Path:
     """Build (or reuse) a demo dataset by name, as a folder, Parquet or WebDataset; return its path."""
+    try:
+        check_demo(name)
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
     if format not in DEMO_FORMATS:
         raise DemoError(f"unknown demo format '{format}': choose one of {', '.join(DEMO_FORMATS)}")
     if name == "mnist5k":
         return convert(mnist5k(data_dir), format)
     if name == "digits":
         return convert(digits(data_dir), format)
-    if name == "fashion-mnist":
-        return convert(fashion_mnist(data_dir, size or 5000), format)
-    raise DemoError(f"unknown demo dataset '{name}': choose one of {', '.join(DEMOS)}")
+    return convert(fashion_mnist(data_dir, size or FASHION_SIZE), format)
+
+
+def check_demo(name: str) -> str:
+    """``name`` if it is a demo dataset; else a ValueError naming the choices."""
+    if name not in DEMOS:
+        raise ValueError(f"unknown demo dataset '{name}': choose one of {', '.join(DEMOS)}")
+    return name

@@ -311,9 +311,17 @@ def detect_format(location: str | os.PathLike) -> str:
 
 
 FORMATS = ("auto", "folder", "manifest", "parquet", "webdataset")
+#: format -> opener(location, name, image_column=, label_column=, storage_options=): the modules that read
+#: a format register it here (data.tables, data.webdataset; the data package imports them), so that this
+#: module never imports them back
+FORMAT_OPENERS: dict[str, Callable[..., Source]] = {}
 
 
-def open_source(location: str | os.PathLike, name: str | None = None, *, format: str = "auto",
+def register_format(name: str, opener: Callable[..., Source]) -> None:
+    FORMAT_OPENERS[name] = opener
+
+
+def open_source(location: str | os.PathLike, name: str | None = None, *, format: str = FORMATS[0],
                 image_column: str | None = None, label_column: str | None = None,
                 storage_options: dict | None = None) -> Source:
     """Open any source: an image folder, a CSV manifest, Parquet/Arrow tables (a file, a folder, a
@@ -322,15 +330,9 @@ def open_source(location: str | os.PathLike, name: str | None = None, *, format:
     if format not in FORMATS:
         raise SourceError(f"unknown source format '{format}': choose one of {', '.join(FORMATS)}")
     kind = detect_format(location) if format == "auto" else format
-    if kind == "parquet":
-        from data.tables import table_source
-
-        return table_source(location, name, image_column=image_column, label_column=label_column,
-                            storage_options=storage_options)
-    if kind == "webdataset":
-        from data.webdataset import webdataset_source
-
-        return webdataset_source(location, name, storage_options=storage_options)
+    if kind in FORMAT_OPENERS:
+        return FORMAT_OPENERS[kind](location, name, image_column=image_column, label_column=label_column,
+                                    storage_options=storage_options)
     if is_remote(location):
         raise SourceError(f"source {location}: only Parquet/Arrow tables and WebDataset tars can be read remotely")
     if kind == "manifest":

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from data.remote import FileSet, resolve
-from data.sources import FileReader, Reader, Sample, Source, SourceError, UnreadableSample, is_remote
+from data.sources import FileReader, Reader, Sample, Source, SourceError, UnreadableSample, is_remote, register_format
 
 DEFAULT_LABEL_COLUMN = "label"
 PATH_COLUMNS = ("path", "image_path", "file", "filename", "file_name", "image")
@@ -319,3 +319,6 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
     return Source(name=name or default_name or "table", root=files.root, samples=samples, reader=reader,
                   format="parquet", class_names=class_names,
                   shard_key=reader.file_of if isinstance(reader, TableReader) else None)
+
+
+register_format("parquet", table_source)

@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 from data.remote import resolve
-from data.sources import Reader, Sample, Source, SourceError, UnreadableSample
+from data.sources import Reader, Sample, Source, SourceError, UnreadableSample, register_format
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTS = ("cls", "txt", "json")
@@ -187,3 +187,7 @@ def webdataset_source(location, name: str | None = None, *, storage_options: dic
         Path(files.names[0]).stem if single else (Path(files.root).name or "shards"))
     return Source(name=name or default_name, root=files.root, samples=samples, reader=reader, format="webdataset",
                   class_names=class_names, shard_key=reader.file_of)
+
+
+register_format("webdataset", lambda location, name=None, *, storage_options=None, **_table_options:
+                webdataset_source(location, name, storage_options=storage_options))

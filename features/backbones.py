@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from features.hashing import file_sha256
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -71,20 +73,6 @@ class Backbone:
     dim: int
     layer: str = "pooled"
     pooling: str = "avg"
-
-
-@lru_cache(maxsize=32)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    st = os.stat(path)
-    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 def _load_state_dict(path: str | os.PathLike) -> dict:
@@ -301,22 +289,69 @@ def _finish(name: str, model: nn.Module, pre: Preprocessing, sha: str, layer: st
     return Backbone(name, model, pre, sha, dim, layer=layer or "pooled", pooling="avg")
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None, arch: str | None = None,
-                    preprocessing: Preprocessing | None = None) -> Backbone:
-    """Build a frozen backbone by name (see the module docstring for the names it takes)."""
-    if name in ("efficientnet_lite0", "efficientnet_lite2"):
-        return _efficientnet_lite(name.split("_")[1], layer)
-    if name.startswith("tv:"):
-        return _torchvision(name[3:], layer)
-    if name.startswith("timm:"):
-        return _timm(name[5:], layer)
-    if os.path.sep in name or name.endswith((".pt", ".pth", ".pt2", ".ts")):
-        return _checkpoint(Path(name), arch, layer, preprocessing)
+LITE_VARIANTS = ("efficientnet_lite0", "efficientnet_lite2")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pt2", ".ts")
+_TIMM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_TV_NAME = re.compile(r"^[A-Za-z0-9_]+(:[A-Za-z0-9_]+)?$")
+
+
+def _is_checkpoint(name: str) -> bool:
+    return os.path.sep in name or name.endswith(CHECKPOINT_SUFFIXES)
+
+
+def check_backbone_name(name: str) -> str:
+    """Return ``name`` if it names a backbone this registry can build, else raise a one-line BackboneError.
+
+    Cheap: nothing is loaded (torchvision's and timm's model lists are consulted, a checkpoint path
+    must exist), so a mistyped name answers before any work starts."""
+    if name in LITE_VARIANTS:
+        return name
+    if name.startswith("tv:") and _TV_NAME.match(name[3:]):
+        import torchvision
+
+        model, _, weights = name[3:].partition(":")
+        if model not in torchvision.models.list_models():
+            raise BackboneError(f"unknown backbone '{name}': torchvision has no model '{model}' "
+                                "(see torchvision.models.list_models())")
+        known = torchvision.models.get_model_weights(model).__members__
+        if weights and weights not in known:
+            raise BackboneError(f"unknown backbone '{name}': {model} has no weights '{weights}' "
+                                f"(choose from {', '.join(known)})")
+        return name
+    if name.startswith("timm:") and _TIMM_NAME.match(name[5:]):
+        import timm
+
+        if not timm.is_model(name[5:]):
+            raise BackboneError(f"unknown backbone '{name}': timm has no model '{name[5:]}' (see timm.list_models())")
+        return name
+    if _is_checkpoint(name):
+        if not Path(name).is_file():
+            raise BackboneError(f"backbone checkpoint {name} does not exist: give a TorchScript, .pt2 or state_dict file")
+        return name
     raise BackboneError(
         f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite2, tv:<torchvision name>, "
         "timm:<timm name>, or a checkpoint path"
     )
 
 
-def available_backbones() -> list[str]:
-    return ["efficientnet_lite0", "efficientnet_lite2", "tv:<name>[:<weights>]", "timm:<name>", "<checkpoint path>"]
+def create_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None, arch: str | None = None,
+                    preprocessing: Preprocessing | None = None) -> Backbone:
+    """Build a frozen backbone by name (see the module docstring for the names it takes)."""
+    if name in LITE_VARIANTS:
+        return _efficientnet_lite(name.split("_")[1], layer)
+    if name.startswith("tv:"):
+        return _torchvision(name[3:], layer)
+    if name.startswith("timm:"):
+        return _timm(name[5:], layer)
+    if _is_checkpoint(name):
+        return _checkpoint(Path(name), arch, layer, preprocessing)
+    check_backbone_name(name)  # raises the registry's one-line error: every valid name was handled above
+    raise AssertionError(name)
+
+
+def random_weights_backbone(name: str) -> Backbone:
+    """The architecture of ``name`` (tv:<name>, timm:<name>, efficientnet_lite0/2) with random weights:
+    the same throughput as the real one, no weights file needed (for benchmarks)."""
+    model, pre = _architecture(name)
+    _strip_head(model)
+    return _finish(f"{name}:random-weights", model, pre, "random", None)

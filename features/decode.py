@@ -33,6 +33,8 @@ from data.sources import FileReader, Reader, UnreadableSample
 from features.backbones import Preprocessing
 from features.images import ImageError, load_image
 
+DECODERS = ("fast", "plain")
+DEFAULT_DECODER = DECODERS[0]
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -111,8 +113,8 @@ class Decoder:
     ``timings`` accumulates the seconds spent reading bytes and decoding/transforming them.
     """
 
-    def __init__(self, pre: Preprocessing, mode: str = "fast", reader: Reader | None = None):
-        if mode not in ("fast", "plain"):
+    def __init__(self, pre: Preprocessing, mode: str = DEFAULT_DECODER, reader: Reader | None = None):
+        if mode not in DECODERS:
             raise ValueError(f"decoder mode must be 'fast' or 'plain', not {mode!r}")
         self.pre, self.mode = pre, mode
         self.reader = reader if reader is not None else FileReader()

@@ -25,18 +25,16 @@ import numpy as np
 import torch
 
 from data.sources import Source, escape_id, open_source, split_of
-from features.backbones import Backbone, create_backbone
-from features.decode import Decoder
+from features.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from features.decode import DEFAULT_DECODER, Decoder
 from features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
-    CPU_BATCH, _chunks, _collate, _decode_batch, _Files, _mp_context, run_in_process, run_pipelined, run_replicas,
-    steady_allocator,
+    CPU_BATCH, FileDataset, _chunks, _collate, _decode_batch, _Files, _mp_context, collate, mp_context, run_in_process,
+    run_pipelined, run_replicas, steady_allocator,
 )
-from features.runtime import Layout, pick_device, usable_cores
+from features.runtime import DEFAULT_AMP, Layout, pick_device
 from features.runtimes import create_runtime
 from features.runtimes.torch_runtime import Forward, is_oom  # noqa: F401 - re-exported
-from features.store import StoreConfig, StoreError, StoreWriter, store_path
-
-DEFAULT_STORE_DIR = "featurebank-store"
+from features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, read_index, store_path
 
 
 @dataclass
@@ -52,6 +50,7 @@ class ExtractResult:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) of this run
     layout: str = ""  # how the forward passes ran (see features.runtime)
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over processes
+    settings: dict = field(default_factory=dict)  # the engine options this extraction ran with
 
     def summary(self) -> str:
         if self.embedded == 0 and self.failed == 0 and self.removed == 0:
@@ -65,14 +64,14 @@ class ExtractResult:
 
 def extract(
     source: Source | str | os.PathLike,
-    backbone: Backbone | str = "efficientnet_lite0",
+    backbone: Backbone | str = DEFAULT_BACKBONE,
     store_dir: str | os.PathLike = DEFAULT_STORE_DIR,
     *,
     dataset: str | None = None,
     batch_size: int | None = None,
     device: str | None = None,
     workers: int | None = None,
-    dtype: str = "float32",
+    dtype: str = DTYPES[0],
     content_hash: bool = False,
     retry_failures: bool = False,
     lock_timeout: float | None = None,
@@ -80,9 +79,9 @@ def extract(
     seconds_per_part: float = 10.0,
     progress: bool = True,
     say: Callable[[str], None] = print,
-    amp: str = "auto",
+    amp: str = DEFAULT_AMP,
     compile: bool = False,
-    decoder: str = "fast",
+    decoder: str = DEFAULT_DECODER,
     layout: Layout | None = None,
     runtime: str = "auto",
     precision: str = "f32",
@@ -109,8 +108,8 @@ def extract(
     t0 = time.perf_counter()
     if not isinstance(source, Source):
         source = open_source(source, dataset)
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
     if not isinstance(backbone, Backbone):
         backbone = create_backbone(backbone)
     from features.runtimes import check_precision
@@ -165,11 +164,9 @@ def extract(
 
 def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
     """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
-    from features.store import _strings, open_store
-
-    with open_store(path) as f:
-        names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
-        stored = dict(zip(_strings(f["ids"]), zip(f["labels"][()].tolist(), _strings(f["splits"]))))
+    index = read_index(path)
+    names = index.class_names
+    stored = dict(zip(index.ids, zip(index.y.tolist(), index.splits.tolist())))
     if want_names is None:
         want_names = sorted({lab for lab in labels if lab is not None})
     if names != want_names:
@@ -218,11 +215,6 @@ _Paths = SampleFiles  # the old name
 # ----------------------------------------------------------------------------------------- embedding
 
 CALIBRATION_SAMPLES = 300
-
-
-def default_workers() -> int:
-    """Model replicas on a CPU (one per usable core); kept for callers of the old engine."""
-    return usable_cores()
 
 
 class _Recorder:
@@ -319,7 +311,7 @@ class WriterThread:
 
 
 def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-           amp="auto", compile=False, decoder="fast", layout=None, runtime="auto", precision="f32",
+           amp=DEFAULT_AMP, compile=False, decoder=DEFAULT_DECODER, layout=None, runtime="auto", precision="f32",
            calibration_samples=CALIBRATION_SAMPLES, dataset="", say=print):
     from tqdm import tqdm
 
@@ -345,6 +337,9 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
         # a daemonic process (a Dask or multiprocessing pool worker) may not start processes: all in here
         layout = Layout(dev.type, 0, torch.get_num_threads() if dev.type == "cpu" else layout.threads, 0, layout.gpu_decode)
     result.layout = f"{dev.type}: {layout.describe()}, {rt.describe()}"
+    result.settings = {"device": str(dev), "batch_size": batch_size or "auto", "workers": workers,
+                       "replicas": layout.replicas, "amp": amp, "compile": compile, "decoder": decoder,
+                       "runtime": rt.name, "precision": precision}
     bar = tqdm(total=len(paths), unit="img", desc=f"embedding ({backbone.name}, {result.layout})",
                disable=not progress, dynamic_ncols=True)
     rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=not layout.replicas)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.store import ROWS_PER_CHUNK, StoreError, _strings, open_store
+from features.store import ROWS_PER_CHUNK, StoreError, open_store, read_index
 
 EXPORT_FORMATS = ("parquet",)
 
@@ -28,13 +28,13 @@ def export_parquet(store: str | os.PathLike, out: str | os.PathLike | None = Non
     store = Path(store)
     out = Path(out) if out is not None else store.with_suffix(".parquet")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    index = read_index(store)
+    names, ids, labels, splits = index.class_names, index.ids, index.y, index.splits.tolist()
+    meta = {"class_names": names, "fingerprint": index.fingerprint, "backbone": str(index.attrs.get("backbone", "")),
+            "store": store.name}
     with open_store(store) as f:
         emb = f["embeddings"]
         n, dim = emb.shape
-        names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
-        ids, labels, splits = _strings(f["ids"]), f["labels"][()].astype(np.int64), _strings(f["splits"])
-        meta = {"class_names": names, "fingerprint": str(f.attrs.get("fingerprint", "")),
-                "backbone": str(f.attrs.get("backbone", "")), "store": store.name}
         schema = pa.schema([("id", pa.string()), ("label", pa.string()), ("label_index", pa.int64()),
                             ("split", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
                            metadata={b"featurebank": json.dumps(meta).encode()})

@@ -108,7 +108,7 @@ def _replica(rank, runtime, dec, threads, tasks, results):
         results.put(("error", rank, traceback.format_exc(), None, None))
 
 
-def _mp_context(threads: int = 1):
+def mp_context(threads: int = 1):
     """fork shares the model with the workers at no cost and starts them in milliseconds. It is safe
     for single-threaded workers only: a forked child that runs OpenMP on several threads after its
     parent did can hang (GNU libgomp), and fork is unsafe on macOS; those cases use spawn, which
@@ -117,7 +117,7 @@ def _mp_context(threads: int = 1):
 
 
 def run_replicas(runtime, dec: Decoder, paths, batch: int, layout: Layout, rec) -> None:
-    ctx = _mp_context(layout.threads)
+    ctx = mp_context(layout.threads)
     runtime.model  # noqa: B018 - laid out (channels_last, eval) once in the parent: forked replicas share it
     # both queues are bounded and the paths travel with the tasks, so memory stays flat however many
     # images there are; gc.freeze keeps the children's garbage collector off the parent's objects
@@ -192,7 +192,7 @@ def run_replicas(runtime, dec: Decoder, paths, batch: int, layout: Layout, rec) 
 # --- one process: CUDA (GPU decoding), MPS, or a CPU with one core
 
 
-class _Files(torch.utils.data.Dataset):
+class FileDataset(torch.utils.data.Dataset):
     """Per item (position, kind, payload, reason): on a GPU layout a JPEG's bytes, otherwise the
     finished tensor; a failure is returned, never raised."""
 
@@ -216,7 +216,7 @@ class _Files(torch.utils.data.Dataset):
             return i, None, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0
 
 
-def _collate(items):
+def collate(items):
     """One batch: the JPEGs' bytes as one flat tensor with their sizes (one shared-memory block per
     batch, not one per file), the CPU-decoded images stacked, and the failures."""
     pixels = [(i, p) for i, k, p, _, _ in items if k == "pixels"]
@@ -247,8 +247,8 @@ def run_in_process(runtime, dec: Decoder, paths, batch_size, dev: torch.device, 
         torch.cuda.empty_cache()
     batch = forward.max_batch
     loader = DataLoader(
-        _Files(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
-        collate_fn=_collate, pin_memory=dev.type == "cuda",
+        FileDataset(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
+        collate_fn=collate, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if layout.loader_workers else None, persistent_workers=False,
         worker_init_fn=worker_started if layout.loader_workers else None,
     )
@@ -339,10 +339,10 @@ def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec) -> None:
 
     workers = layout.loader_workers
     loader = DataLoader(
-        _Files(paths, dec, False), batch_size=runtime.batch, num_workers=workers, collate_fn=_collate,
+        FileDataset(paths, dec, False), batch_size=runtime.batch, num_workers=workers, collate_fn=collate,
         prefetch_factor=4 if workers else None, persistent_workers=False,
         worker_init_fn=worker_started if workers else None,
-        multiprocessing_context=_mp_context() if workers else None,
+        multiprocessing_context=mp_context() if workers else None,
     )
     busy = {"t": time.perf_counter()}
 
@@ -363,3 +363,6 @@ def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec) -> None:
     # the requests run in OpenVINO's threads, overlapped with decoding: their share is wall time
     # less the time spent waiting for decoded batches
     rec.time("forward", max(0.0, time.perf_counter() - t0 - rec.stages.get("wait for decode", 0.0)))
+
+
+_mp_context, _Files, _collate = mp_context, FileDataset, collate  # the old names

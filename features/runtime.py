@@ -25,11 +25,14 @@ MPS / other devices
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 
 GPU_MAX_BATCH = 512
+AMP_MODES = ("auto", "bf16", "fp16", "fp32")
+DEFAULT_AMP = AMP_MODES[0]
 
 
 def usable_cores() -> int:
@@ -62,6 +65,13 @@ def available_memory() -> int | None:
         return None
 
 
+def check_device(device: str | None) -> str | None:
+    """``device`` if :func:`pick_device` takes it (None, auto, cpu, cuda, cuda:N, mps), else a ValueError."""
+    if device is None or device in ("auto", "cpu", "mps") or re.match(r"^cuda(:\d+)?$", device):
+        return device
+    raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, not '{device}'")
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """CUDA, then MPS, then CPU, unless a device is named."""
     if device and device != "auto":
@@ -73,7 +83,7 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_amp(device: torch.device, amp: str | None = "auto") -> torch.dtype | None:
+def pick_amp(device: torch.device, amp: str | None = DEFAULT_AMP) -> torch.dtype | None:
     """The autocast dtype: None for fp32. ``auto``: bf16 on a CUDA device that supports it, fp16 on
     other CUDA devices, fp32 elsewhere."""
     amp = (amp or "auto").lower()

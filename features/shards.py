@@ -12,7 +12,7 @@ dataset over the shards' ``embeddings`` (no copy); ``ids``, ``labels``, ``splits
 ``failures`` are small real datasets. Rows come shard by shard, each shard in id order.
 The attribute ``shards`` lists every shard file with its row count and sha256. HDF5 fills a missing
 virtual source with the fill value; to make that impossible to miss, ``features.store.open_store``
-calls :func:`verify_shards`, which refuses a store whose shard is missing, has another row count, or
+calls ``features.store.verify_shards``, which refuses a store whose shard is missing, has another row count, or
 whose bytes changed since the join. The fill value is NaN besides, never zero.
 
 A sample's shard is decided by a hash of its id, so a growing folder only touches the shards that
@@ -33,8 +33,9 @@ import h5py
 import numpy as np
 
 from data.sources import Source, open_source
-from features.backbones import file_sha256
-from features.store import STR, StoreError, _atomic_h5, _strings, library_versions
+from features.engine import extract
+from features.hashing import file_sha256
+from features.store import STR, StoreConfig, StoreError, atomic_h5, library_versions, store_path, strings
 
 SHARD_NAME = re.compile(r"^(?P<dataset>.+)\.s(?P<k>\d{3})of(?P<n>\d{3})$")
 
@@ -96,8 +97,6 @@ def extract_shard(shard: Source, backbone, store_dir: str | os.PathLike, dataset
     """Embed one shard into its own store (decoding in this process: Dask workers may not fork)."""
     import torch
 
-    from features.engine import extract
-
     torch.set_num_threads(max(1, threads))
     options = {"progress": False, "say": lambda _msg: None} | extract_options | {"workers": 0}
     return extract(shard, backbone, shard_store_dir(store_dir, dataset), dataset=shard.name,
@@ -120,8 +119,6 @@ def _merge_class_names(lists: list[list[str]]) -> list[str]:
 
 def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLike, dataset: str) -> Path:
     """Write the joined store for ``dataset`` over ``shard_paths`` (all of one configuration); return its path."""
-    from features.store import StoreConfig, store_path
-
     shard_paths = [Path(p) for p in shard_paths]
     if not shard_paths:
         raise StoreError(f"no shards to join for {dataset}")
@@ -143,13 +140,13 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
         fail_ids, fail_reasons, fail_content = [], [], []
         for h in handles:
             names = [str(c) for c in h["labels"].attrs.get("class_names", [])]
-            ids += _strings(h["ids"])
+            ids += strings(h["ids"])
             labels += [index[names[v]] if v >= 0 else -1 for v in h["labels"][()].tolist()]
-            splits += _strings(h["splits"])
-            content += _strings(h["content"])
-            fail_ids += _strings(h["failures/ids"])
-            fail_reasons += _strings(h["failures/reasons"])
-            fail_content += _strings(h["failures/content"])
+            splits += strings(h["splits"])
+            content += strings(h["content"])
+            fail_ids += strings(h["failures/ids"])
+            fail_reasons += strings(h["failures/reasons"])
+            fail_content += strings(h["failures/content"])
         listing = [{"file": os.path.relpath(p, path.parent), "rows": r, "sha256": file_sha256(p)}
                    for p, r in zip(shard_paths, rows)]
     finally:
@@ -189,25 +186,5 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
         })
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_h5(path, fill)
+    atomic_h5(path, fill)
     return path
-
-
-def verify_shards(f: h5py.File, path: str | os.PathLike) -> None:
-    """Raise StoreError unless every shard of the joined store ``f`` exists, is intact and has its rows."""
-    path = Path(path)
-    for entry in json.loads(f.attrs["shards"]):
-        shard = path.parent / entry["file"]
-        again = "run the sharded extraction again to rebuild it"
-        if not shard.is_file():
-            raise StoreError(f"{path} is a sharded store, but its shard {shard} is missing; {again}")
-        if file_sha256(shard) != entry["sha256"]:
-            raise StoreError(f"{path} is a sharded store, but its shard {shard} is damaged or was changed "
-                             f"after the join (sha256 differs); {again}")
-        try:
-            with h5py.File(shard, "r") as s:
-                rows = s["embeddings"].shape[0]
-        except (OSError, KeyError) as exc:
-            raise StoreError(f"{path}: shard {shard} cannot be read ({exc}); {again}") from None
-        if rows != entry["rows"]:
-            raise StoreError(f"{path}: shard {shard} has {rows} rows, the join expects {entry['rows']}; {again}")

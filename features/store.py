@@ -43,8 +43,10 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from data.sources import escape_id
+from features.hashing import file_sha256
 
+DEFAULT_STORE_DIR = "featurebank-store"
+DTYPES = ("float32", "float16")  # how embeddings may be stored; the first is the default
 STORE_FORMAT = "featurebank-store"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
@@ -90,7 +92,7 @@ class StoreConfig:
         }
 
     @classmethod
-    def for_backbone(cls, backbone, dtype: str = "float32", precision: str = "f32",
+    def for_backbone(cls, backbone, dtype: str = DTYPES[0], precision: str = "f32",
                      calibration_samples: int = 300) -> StoreConfig:
         """The configuration of a store of ``backbone``'s embeddings computed at ``precision`` and
         stored as ``dtype``."""
@@ -135,13 +137,15 @@ def library_versions() -> dict:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def open_store(path: str | os.PathLike) -> h5py.File:
-    """Open a store read-only, or raise a one-line StoreError saying what is wrong with the file."""
+def open_store(path: str | os.PathLike, chunk_cache: bool = True) -> h5py.File:
+    """Open a store read-only, or raise a one-line StoreError saying what is wrong with the file.
+
+    ``chunk_cache=False``: no HDF5 chunk cache, for streaming reads whose memory must stay within a budget."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"store {path} does not exist: run 'featurebank extract' first")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r") if chunk_cache else h5py.File(path, "r", rdcc_nbytes=0)
     except OSError as exc:
         raise StoreError(
             f"{path} is not a readable HDF5 file ({_first_line(exc)}): give a store written by "
@@ -172,8 +176,6 @@ def open_store(path: str | os.PathLike) -> h5py.File:
         f.close()
         raise
     if "shards" in f.attrs:  # a joined store: refuse to read a missing or damaged shard as fill values
-        from features.shards import verify_shards
-
         try:
             verify_shards(f, path)
         except StoreError:
@@ -186,7 +188,8 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _strings(dataset) -> list[str]:
+def strings(dataset) -> list[str]:
+    """An HDF5 string dataset as a list of Python strings."""
     return [s.decode("utf-8") if isinstance(s, bytes) else s for s in dataset[()]] if len(dataset) else []
 
 
@@ -202,12 +205,14 @@ class Features:
     fingerprint: str
     path: Path | None = None
     attrs: dict = field(default_factory=dict)
+    content: list[str] | None = None  # per-row content fingerprints, when read (see read_index)
 
     def subset(self, mask: np.ndarray) -> Features:
         idx = np.flatnonzero(mask)
         return Features(
             self.X[idx], self.y[idx], [self.ids[i] for i in idx], self.class_names,
             self.splits[idx], self.fingerprint, self.path, self.attrs,
+            None if self.content is None else [self.content[i] for i in idx],
         )
 
     @property
@@ -233,9 +238,11 @@ class Features:
         })
 
 
-def read_features(path: str | os.PathLike, as_frame: bool = False):
+
+def read_features(path: str | os.PathLike, as_frame: bool = False, *, embeddings: bool = True):
     """Read a whole store into memory: ``X, y, ids, class_names`` and more; with ``as_frame`` a pandas
-    DataFrame instead (see :meth:`Features.to_pandas`).
+    DataFrame instead (see :meth:`Features.to_pandas`). ``embeddings=False`` reads only the index (see
+    :func:`read_index`).
 
     >>> f = read_features("featurebank-store/mnist5k-0123abcd.h5")
     >>> f.X.shape, f.y[:3], f.class_names
@@ -246,18 +253,33 @@ def read_features(path: str | os.PathLike, as_frame: bool = False):
     with open_store(path) as f:
         try:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            n, dim = f["embeddings"].shape
             return Features(
-                X=f["embeddings"][()].astype(np.float32, copy=False),
+                X=f["embeddings"][()].astype(np.float32, copy=False) if embeddings else np.zeros((n, 0), np.float32),
                 y=f["labels"][()].astype(np.int64),
-                ids=_strings(f["ids"]),
+                ids=strings(f["ids"]),
                 class_names=[str(c) for c in f["labels"].attrs.get("class_names", [])],
-                splits=np.array(_strings(f["splits"]), dtype=object),
+                splits=np.array(strings(f["splits"]), dtype=object),
                 fingerprint=str(f.attrs["fingerprint"]),
                 path=Path(path),
                 attrs=attrs,
+                content=strings(f["content"]),
             )
         except (OSError, KeyError, ValueError) as exc:  # a file truncated or damaged inside its data
             raise StoreError(f"{path} is damaged ({_first_line(exc)}); delete it and extract again") from None
+
+
+def read_index(path: str | os.PathLike) -> Features:
+    """A store's index without its embeddings: ids, labels, class names, splits, content fingerprints and
+    attributes (``X`` has zero columns). Cheap whatever the store's size: for checks and bookkeeping."""
+    return read_features(path, embeddings=False)
+
+
+def embedding_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """(rows, dimension) of a store's embeddings, read from its header."""
+    with open_store(path) as f:
+        n, d = f["embeddings"].shape
+    return int(n), int(d)
 
 
 @dataclass
@@ -282,7 +304,7 @@ def _write_table(group: h5py.Group, ids: Sequence[str], embeddings: np.ndarray |
     group.create_dataset("content", data=np.array(list(content), dtype=object), dtype=STR, maxshape=(None,))
 
 
-def _write_failures(group: h5py.Group, fails: Sequence[tuple[str, str, str]]) -> None:
+def write_failures(group: h5py.Group, fails: Sequence[tuple[str, str, str]]) -> None:
     """The ``failures`` table: (escaped id, one-line reason, content fingerprint) per unusable sample."""
     g = group.create_group("failures")
     for col, name in enumerate(("ids", "reasons", "content")):
@@ -371,7 +393,23 @@ class _WriteOnce(io.RawIOBase):
         super().close()
 
 
-def _atomic_h5(path: Path, fill) -> None:
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write a small file under a temporary name, fsync it and rename it into place: all or nothing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_h5(path: Path, fill) -> None:
     """Write an HDF5 file with ``fill(h5file)`` under a temporary name, fsync it, rename it into place.
 
     Any failure (a full disk, a file-size limit) removes the temporary file and raises OSError with
@@ -511,11 +549,11 @@ class StoreWriter:
         latest: dict[str, tuple] = {}
         for s_idx, src in enumerate(sources):
             with h5py.File(src, "r") as f:
-                for row, (i, c) in enumerate(zip(_strings(f["ids"]), _strings(f["content"]))):
+                for row, (i, c) in enumerate(zip(strings(f["ids"]), strings(f["content"]))):
                     latest[i] = ("row", s_idx, row, c)
                 if "failures" in f:
                     g = f["failures"]
-                    for i, r, c in zip(_strings(g["ids"]), _strings(g["reasons"]), _strings(g["content"])):
+                    for i, r, c in zip(strings(g["ids"]), strings(g["reasons"]), strings(g["content"])):
                         latest[i] = ("fail", r, c)
         return latest
 
@@ -551,11 +589,11 @@ class StoreWriter:
             if self.runtime and ids:
                 f.attrs["runtime"] = self.runtime
             _write_table(f, ids, emb, content, self.config.dim, self.config.dtype)
-            _write_failures(f, fail)
+            write_failures(f, fail)
 
         try:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_h5(self.parts_dir / name, fill)
+            atomic_h5(self.parts_dir / name, fill)
         except OSError as exc:
             raise StoreError(
                 f"could not write to {self.parts_dir} ({_first_line(exc)}): free some space or fix the folder; "
@@ -637,7 +675,7 @@ class StoreWriter:
             lab.attrs.create("class_names", data=np.array(class_names, dtype=object), shape=(len(class_names),), dtype=STR)
             f.create_dataset("splits", data=np.array([splits[k] for k in keep], dtype=object), dtype=STR,
                              maxshape=(None,))
-            _write_failures(f, fails)
+            write_failures(f, fails)
             self._write_attrs(f, [p.name for p in parts])
             runtimes = set()
             for h in handles:  # every runtime whose rows the store holds (f32 runtimes share a store)
@@ -651,7 +689,7 @@ class StoreWriter:
                 f.attrs["runtime"] = self.runtime or sorted(runtimes)[-1]
 
         try:
-            _atomic_h5(self.path, fill)
+            atomic_h5(self.path, fill)
         except OSError as exc:
             raise StoreError(
                 f"could not write {self.path} ({_first_line(exc)}): free some space or fix the folder; "
@@ -691,5 +729,21 @@ class StoreWriter:
         })
 
 
-def escaped_ids(raw_ids: Iterable[str]) -> list[str]:
-    return [escape_id(i) for i in raw_ids]
+def verify_shards(f: h5py.File, path: str | os.PathLike) -> None:
+    """Raise StoreError unless every shard of the joined store ``f`` exists, is intact and has its rows."""
+    path = Path(path)
+    for entry in json.loads(f.attrs["shards"]):
+        shard = path.parent / entry["file"]
+        again = "run the sharded extraction again to rebuild it"
+        if not shard.is_file():
+            raise StoreError(f"{path} is a sharded store, but its shard {shard} is missing; {again}")
+        if file_sha256(shard) != entry["sha256"]:
+            raise StoreError(f"{path} is a sharded store, but its shard {shard} is damaged or was changed "
+                             f"after the join (sha256 differs); {again}")
+        try:
+            with h5py.File(shard, "r") as s:
+                rows = s["embeddings"].shape[0]
+        except (OSError, KeyError) as exc:
+            raise StoreError(f"{path}: shard {shard} cannot be read ({exc}); {again}") from None
+        if rows != entry["rows"]:
+            raise StoreError(f"{path}: shard {shard} has {rows} rows, the join expects {entry['rows']}; {again}")

@@ -13,9 +13,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from pipelines.params import RunParams
-
-DEPLOYMENT = "featurebank-scheduled"
+from pipelines.params import RunParams, ServeParams
 
 
 def deployment_parameters(params: RunParams) -> dict:
@@ -27,11 +25,9 @@ def deployment_parameters(params: RunParams) -> dict:
     return {"params": d}
 
 
-def serve(params: RunParams, cron: str | None = None, interval: float | None = None,
-          name: str = DEPLOYMENT, limit: int = 1) -> None:
-    """Serve the run flow on a cron (or interval, in seconds) schedule until interrupted."""
-    if (cron is None) == (interval is None):
-        raise ValueError("give exactly one of cron or interval")
+def serve(params: ServeParams, limit: int = 1) -> None:
+    """Serve the run flow on the cron (or interval, in seconds) schedule of ``params`` until interrupted;
+    its scheduled runs take the run's parameters as given (command line and config file)."""
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
 
@@ -43,10 +39,10 @@ def serve(params: RunParams, cron: str | None = None, interval: float | None = N
     from pipelines.flows import run_flow
 
     run_flow.serve(
-        name=name,
-        parameters=deployment_parameters(params),
-        cron=cron,
-        interval=None if interval is None else timedelta(seconds=interval),
+        name=params.name,
+        parameters=deployment_parameters(params.run()),
+        cron=params.cron,
+        interval=None if params.interval is None else timedelta(seconds=params.interval),
         limit=limit,  # runs never overlap: each compares itself with the one before
         description="featurebank: embed what is new, retrain, version the probes, report the delta",
         tags=["featurebank"],

@@ -1,4 +1,4 @@
-"""Prefect flows: thin orchestration over the plain jobs in pipelines.jobs.
+"""Prefect flows: the plain jobs of pipelines.jobs as tasks; ``run_flow`` runs ``jobs.run_job`` over them.
 
 Tasks are coarse (a whole extraction, a shard, a whole training) because each Prefect task costs tens
 of milliseconds. Reuse of features is decided by the store's fingerprints, never by Prefect's cache.
@@ -45,8 +45,8 @@ def record_task(params: RunParams, report: dict) -> dict:
 
 
 @task(name="train-probes")
-def train_task(params: TrainParams, baseline_root=None, extraction: dict | None = None) -> dict:
-    report = jobs.run_train(params, baseline_root=baseline_root, extraction=extraction)
+def train_task(params: TrainParams, baseline_source: ExtractParams | None = None, extraction: dict | None = None) -> dict:
+    report = jobs.run_train(params, baseline_source=baseline_source, extraction=extraction)
     create_markdown_artifact(key="featurebank-report", markdown=report["markdown_text"],
                              description="featurebank probe comparison")
     create_table_artifact(key="featurebank-probes", description="test-split metrics of every probe",
@@ -117,18 +117,24 @@ def _api_url_exported():
             os.environ.pop("PREFECT_API_URL", None)
 
 
+def sharded_on_dask(params: ExtractParams, shards: int, address: str | None) -> dict:
+    """The sharded extraction as a subflow on a Dask task runner (the cluster at ``address``, or a local one)."""
+    runner = dask_task_runner(address, n_workers=shards)
+    with _api_url_exported():
+        return sharded_extract_flow.with_options(task_runner=runner)(params, shards)
+
+
+#: the job's stages as Prefect tasks: run_flow runs jobs.run_job's composition over them
+TASKS = jobs.Stages(
+    extract=extract_task,
+    extract_sharded=sharded_on_dask,
+    train=lambda p, baseline, extraction: train_task(p, baseline_source=baseline, extraction=extraction),
+    record=record_task,
+)
+
+
 @flow(name="run", log_prints=True)
 def run_flow(params: RunParams) -> dict:
     """Embed what is new or changed, retrain the probes on the stored split, version them, and report
     what changed since the previous run."""
-    extract_params = ExtractParams(**params.model_dump(include=set(ExtractParams.model_fields)))
-    if params.shards > 1 or params.dask_address:
-        runner = dask_task_runner(params.dask_address, n_workers=params.shards)
-        with _api_url_exported():
-            extraction = sharded_extract_flow.with_options(task_runner=runner)(extract_params, params.shards)
-    else:
-        extraction = extract_task(extract_params)
-    train = TrainParams(store=extraction["path"], out_dir=params.out_dir, probes=params.probes,
-                        memory_budget_mb=params.memory_budget_mb)
-    report = train_task(train, baseline_root=params if params.pixel_baseline else None, extraction=extraction)
-    return report | {"delta": record_task(params, report)}
+    return jobs.run_job(params, TASKS)

@@ -1,141 +1,91 @@
-"""The user's actions as plain functions over typed parameters: extract, train, predict, report.
+"""The user's actions as plain functions over typed parameters, and the whole job written once.
 
-Prefect flows (pipelines.flows) wrap these as tasks; tests and benchmarks call them directly.
+:func:`run_job` composes extract -> train -> version -> delta. It takes the stages as functions, so
+the plain job (:data:`PLAIN`, for tests, benchmarks and ``--no-prefect``) and the Prefect flow
+(pipelines.flows, which passes the same stages wrapped as tasks) run one composition. The logic of
+each stage lives in its own folder (data/, features/, classifiers/); this module only composes.
 """
 
 from __future__ import annotations
 
-import csv
-import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
-
+from classifiers.fewshot import evaluate_fewshot, fewshot_run
 from classifiers.history import record_run
-from classifiers.persist import check_store_fingerprint, load_classifier, verify_classifier
-from classifiers.report import write_report
-from classifiers.train import pixel_baseline, store_embedding_bytes, train_out_of_core, train_probes
-from classifiers.versions import resolve_classifier
+from classifiers.predict import classifier_for_prediction, store_dtype, write_predictions
+from classifiers.report import new_run_dir, write_report
+from classifiers.train import exceeds_budget, pixel_baseline, train_out_of_core, train_probes
 from features.backbones import create_backbone
 from features.engine import ExtractResult, extract
+from features.pixels import pixel_features
 from features.shards import extract_shard, join_shards, plan_shards
-from features.store import StoreConfig, read_features
-from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, TrainParams
+from features.store import read_features
+from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, TrainParams
+
+FAILURES_SHOWN = 20  # skipped files listed on the console; all are in the store's failures table
 
 
 def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractResult:
     backbone = create_backbone(p.backbone, layer=p.layer, arch=p.arch)
-    result = extract(
-        p.open_source(p.dataset), backbone, p.store_dir, dataset=p.dataset, batch_size=p.batch_size, device=p.device,
-        workers=p.workers, dtype=p.dtype, content_hash=p.content_hash, retry_failures=p.retry_failures,
-        runtime=p.runtime, precision=p.precision, progress=progress, say=say,
-    )
+    result = extract(p.open_source(p.dataset), backbone, p.store_dir, progress=progress, say=say, **p.engine())
     say(result.summary())
-    for sample_id, reason in result.failures[:20]:
+    for sample_id, reason in result.failures[:FAILURES_SHOWN]:
         say(f"  skipped {sample_id}: {reason}")
-    if len(result.failures) > 20:
-        say(f"  ... and {len(result.failures) - 20} more (all recorded in the store's failures table)")
+    if len(result.failures) > FAILURES_SHOWN:
+        say(f"  ... and {len(result.failures) - FAILURES_SHOWN} more (all recorded in the store's failures table)")
     return result
 
 
-def new_run_dir(out_dir: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = Path(out_dir) / stamp
-    k = 1
-    while run.exists():
-        run = Path(out_dir) / f"{stamp}-{k}"
-        k += 1
-    run.mkdir(parents=True)
-    return run
-
-
-def run_train(p: TrainParams, run_dir: Path | None = None, baseline_root=None,
+def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: SourceOptions | None = None,
               extraction: dict | None = None, say=print) -> dict:
-    """Train the probes (and optionally the raw-pixel baseline) and write the run's report.
+    """Train the probes (and optionally the raw-pixel baseline, reading the images of ``baseline_source``)
+    and write the report.
 
     When the store's embeddings exceed ``p.memory_budget_mb``, only the out-of-core CLIP probe is
-    trained, streaming the store within that budget (the other probes need the features in memory).
-    ``baseline_root``: the source (a ``Source``, a location, or extract parameters) whose bytes the
-    raw-pixel baseline reads."""
+    trained, streaming the store within that budget (the other probes need the features in memory)."""
     run_dir = run_dir or new_run_dir(p.out_dir)
-    if p.memory_budget_mb is not None and store_embedding_bytes(p.store) > p.memory_budget_mb * 2**20:
+    if exceeds_budget(p.store, p.memory_budget_mb):
         say(f"training out of core on {p.store}: its embeddings exceed the {p.memory_budget_mb:g} MB budget")
         result, shown, counts = train_out_of_core(p.store, p.memory_budget_mb, out_dir=run_dir, say=say)
-        return write_report(run_dir, [result], shown, extraction, counts=counts)
+        return write_report(run_dir, [result], shown, extraction, counts=counts) | {"store": p.store}
     features = read_features(p.store)
     say(f"training on {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
-    if baseline_root:
-        source = baseline_root.open_source() if hasattr(baseline_root, "open_source") else baseline_root
-        results.append(pixel_baseline(features, source, say=say))
+    if baseline_source:
+        pixels = pixel_features(baseline_source.open_source(), features.ids)
+        results.append(pixel_baseline(features, pixels, say=say))
     fewshot = None
     if p.shots:
-        from classifiers.fewshot import evaluate_fewshot
-
         labelled = features.subset(features.y >= 0)
         say(f"few-shot: shots {p.shots}, {p.seeds} seeds")
         fewshot = evaluate_fewshot(labelled.train, labelled.test, p.shots, p.seeds, say=say)
-    report = write_report(run_dir, results, features, extraction, fewshot=fewshot)
-    return report
+    return write_report(run_dir, results, features, extraction, fewshot=fewshot) | {"store": p.store}
 
 
 def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dict:
     """Few-shot accuracy with 95 % intervals; writes fewshot.json and fewshot.md into a run folder."""
-    import json
-
-    from classifiers.fewshot import evaluate_fewshot, fewshot_markdown
-    from classifiers.train import check_trainable
-
-    features = read_features(p.store)
-    check_trainable(features)
-    labelled = features.subset(features.y >= 0)
-    run_dir = run_dir or new_run_dir(p.out_dir)
-    say(f"few-shot on {features.path.name}: shots {p.shots}, {p.seeds} seeds, probes {', '.join(p.probes)}")
-    result = evaluate_fewshot(labelled.train, labelled.test, p.shots, p.seeds, p.probes, say=say)
-    result |= {"store": str(features.path), "store_fingerprint": features.fingerprint,
-               "backbone": features.attrs.get("backbone")}
-    (run_dir / "fewshot.json").write_text(json.dumps(result, indent=2))
-    md = f"# featurebank few-shot\n\nStore `{features.path}`, test {result['n_test']} samples.\n\n{fewshot_markdown(result)}"
-    (run_dir / "fewshot.md").write_text(md)
-    return {"dir": run_dir, "json": run_dir / "fewshot.json", "markdown": run_dir / "fewshot.md",
-            "rows": result["rows"], "markdown_text": md}
+    return fewshot_run(read_features(p.store), run_dir or new_run_dir(p.out_dir), p.shots, p.seeds, p.probes, say=say)
 
 
 def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     """Embed ``source`` with the classifier's backbone (reusing the store) and write a predictions CSV."""
-    classifier = resolve_classifier(p.classifier)  # a probe folder of versions means its current version
-    manifest = verify_classifier(classifier)  # a tampered file is refused before any work
+    classifier, manifest = classifier_for_prediction(p.classifier)
     backbone = create_backbone(manifest["backbone"])
-    # the classifier's store fingerprint says which configuration to extract; none fits: refuse now
-    found = next(((d, pr) for pr in ("f32", "bf16", "int8") for d in ("float32", "float16")
-                  if StoreConfig.for_backbone(backbone, d, pr).fingerprint == manifest["store_fingerprint"]), None)
-    if found is None:
-        check_store_fingerprint(classifier, manifest, StoreConfig.for_backbone(backbone).fingerprint)
-    dtype, precision = found or ("float32", "f32")
-    result = extract(p.open_source(), backbone, p.store_dir, batch_size=p.batch_size, device=p.device, dtype=dtype,
-                     precision=precision, progress=progress, say=say)
+    options = p.engine() | {"dtype": store_dtype(classifier, manifest, backbone)}  # refused here if none fits
+    result = extract(p.open_source(), backbone, p.store_dir, progress=progress, say=say, **options)
     say(result.summary())
-    features = read_features(result.path)
-    model, manifest = load_classifier(classifier, features.fingerprint)
-    proba = model.predict_proba(features.X) if len(features.ids) else np.zeros((0, len(manifest["classes"])))
-    classes = list(manifest["classes"])
-    model_classes = [classes[int(c)] for c in model.classes_]
-    out = Path(p.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "predicted", "probability", *[f"p_{c}" for c in model_classes]])
-        for sample_id, row in zip(features.ids, proba):
-            k = int(np.argmax(row))
-            w.writerow([sample_id, model_classes[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])
-    say(f"predictions for {len(features.ids)} samples -> {out}")
+    out = write_predictions(classifier, result.path, p.out)
+    say(f"predictions for {result.rows} samples -> {out}")
     return out
 
 
 def extraction_summary(r: ExtractResult) -> dict:
     return {"path": str(r.path), "embedded": r.embedded, "reused": r.reused, "failed": r.failed,
-            "removed": r.removed, "rows": r.rows, "seconds": round(r.seconds, 2)}
+            "removed": r.removed, "rows": r.rows, "seconds": round(r.seconds, 2), "layout": r.layout,
+            "settings": r.settings}
 
 
 @lru_cache(maxsize=4)
@@ -150,10 +100,9 @@ def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
     summary = {"shard": k, "dataset": p.dataset or source.name}
     if not shard.samples:
         return summary | {"path": None, "embedded": 0, "reused": 0, "failed": 0, "removed": 0, "rows": 0, "seconds": 0.0}
+    options = {key: v for key, v in p.engine().items() if key not in ("dataset", "workers", "device")}
     r = extract_shard(shard, _cached_backbone(p.backbone, p.layer, p.arch), p.store_dir, summary["dataset"],
-                      threads=threads, device=p.device, batch_size=p.batch_size, dtype=p.dtype,
-                      content_hash=p.content_hash, retry_failures=p.retry_failures,
-                      runtime=p.runtime, precision=p.precision)
+                      threads=threads, device=p.device, **options)
     return summary | extraction_summary(r)
 
 
@@ -170,16 +119,39 @@ def run_record(p: RunParams, report: dict) -> dict:
     return delta | {"markdown": str(Path(report["dir"]) / "delta.md")}
 
 
-def run_all(p: RunParams, progress: bool = True, say=print) -> dict:
-    """Extract, train, report, version and compare with the previous run: the whole pipeline without Prefect."""
-    extract_params = ExtractParams(**p.model_dump(include=set(ExtractParams.model_fields)))
-    if p.shards > 1:  # one shard after the other; Prefect's Dask task runner runs them in parallel
-        extraction = run_join(extract_params, [run_shard(extract_params, k, p.shards) for k in range(p.shards)])
+class Stages(NamedTuple):
+    """The stages :func:`run_job` composes; the flow passes the same ones wrapped as Prefect tasks."""
+
+    extract: Callable[[ExtractParams], dict]
+    extract_sharded: Callable[[ExtractParams, int, str | None], dict]  # (params, shards, dask address)
+    train: Callable[[TrainParams, SourceOptions | None, dict], dict]  # (params, pixel-baseline source, extraction)
+    record: Callable[[RunParams, dict], dict]
+
+
+def run_job(p: RunParams, stages: Stages) -> dict:
+    """The whole job: embed what is new or changed, retrain the probes on the stored split, version them,
+    and report what changed since the previous run."""
+    extract_params = p.extraction()
+    if p.shards > 1 or p.dask_address:
+        extraction = stages.extract_sharded(extract_params, p.shards, p.dask_address)
     else:
-        extraction = extraction_summary(run_extract(extract_params, progress, say))
-    train = TrainParams(store=extraction["path"], out_dir=p.out_dir, probes=p.probes, memory_budget_mb=p.memory_budget_mb)
-    report = run_train(train, baseline_root=p if p.pixel_baseline else None, extraction=extraction, say=say)
-    report["store"] = extraction["path"]
-    delta = run_record(p, report)
-    say(f"delta: added {delta['added']}, changed {delta['changed']}, removed {delta['removed']} -> {delta['markdown']}")
-    return report | {"delta": delta}
+        extraction = stages.extract(extract_params)
+    report = stages.train(p.training(extraction["path"]), extract_params if p.pixel_baseline else None, extraction)
+    return report | {"delta": stages.record(p, report)}
+
+
+def _sequential_shards(p: ExtractParams, n: int, _address: str | None) -> dict:
+    return run_join(p, [run_shard(p, k, n) for k in range(n)])  # one after the other: the flow runs them on Dask
+
+
+PLAIN = Stages(
+    extract=lambda p: extraction_summary(run_extract(p)),
+    extract_sharded=_sequential_shards,
+    train=lambda p, baseline, extraction: run_train(p, baseline_source=baseline, extraction=extraction),
+    record=run_record,
+)
+
+
+def run_all(p: RunParams) -> dict:
+    """The whole job without Prefect."""
+    return run_job(p, PLAIN)

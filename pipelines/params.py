@@ -1,56 +1,47 @@
-"""Typed parameters for every job: a bad value fails here, before any work or Prefect server starts."""
+"""Every parameter of every command, declared once: its type, default, limits and help text.
+
+The command line (pipelines.cli), the config file (``--config run.toml``) and Prefect's flow
+parameters are all generated from these models, so a bad value fails here, with one line, before
+any work or Prefect server starts. To add an option, add one field (with :func:`option`) to the
+model of the commands that take it; the CLI flag is the field's name with dashes, unless ``flag``
+names another. Required fields are positional arguments.
+"""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from classifiers.persist import ClassifierError, verify_classifier
+from classifiers.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES
+from classifiers.persist import verify_classifier
 from classifiers.probes import DEFAULT_PROBES, PROBES
-from data.sources import SourceError, check_source, open_source
-from features.engine import DEFAULT_STORE_DIR
+from classifiers.report import DEFAULT_RUNS_DIR
+from classifiers.train import check_trainable
+from classifiers.versions import resolve_classifier
+from data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, FASHION_SIZE, check_demo
+from data.sources import FORMATS, check_source, is_remote, open_source
+from features.backbones import DEFAULT_BACKBONE, check_backbone_name
+from features.decode import DECODERS, DEFAULT_DECODER
+from features.export import EXPORT_FORMATS
+from features.runtime import AMP_MODES, DEFAULT_AMP, check_device
+from features.runtimes import PRECISIONS, RUNTIMES
+from features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
 
-BACKBONE_PATTERN = re.compile(r"^(efficientnet_lite[02]|tv:[A-Za-z0-9_]+(:[A-Za-z0-9_]+)?|timm:[A-Za-z0-9_.\-]+)$")
 
-
-def check_backbone_name(name: str) -> str:
-    if name.startswith("tv:") and BACKBONE_PATTERN.match(name):
-        import torchvision
-
-        model, _, weights = name[3:].partition(":")
-        if model not in torchvision.models.list_models():
-            raise ValueError(f"unknown backbone '{name}': torchvision has no model '{model}' "
-                             "(see torchvision.models.list_models())")
-        known = torchvision.models.get_model_weights(model).__members__
-        if weights and weights not in known:
-            raise ValueError(f"unknown backbone '{name}': {model} has no weights '{weights}' "
-                             f"(choose from {', '.join(known)})")
-        return name
-    if name.startswith("timm:") and BACKBONE_PATTERN.match(name):
-        import timm
-
-        if not timm.is_model(name[5:]):
-            raise ValueError(f"unknown backbone '{name}': timm has no model '{name[5:]}' (see timm.list_models())")
-        return name
-    if BACKBONE_PATTERN.match(name):
-        return name
-    if os.path.sep in name or name.endswith((".pt", ".pth", ".pt2", ".ts")):
-        if not Path(name).is_file():
-            raise ValueError(f"backbone checkpoint {name} does not exist: give a TorchScript, .pt2 or state_dict file")
-        return name
-    raise ValueError(
-        f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite2, tv:<torchvision name>, "
-        "timm:<timm name>, or a checkpoint path"
-    )
+def option(default=..., help: str = "", *, flag: str | None = None, positional: bool = False, repeat: bool = False,
+           first: bool = False, **limits):
+    """A pydantic field that the CLI turns into ``--name`` (or ``flag``), or a positional argument (a required
+    field, or ``positional``; ``first`` puts it before the others). ``repeat``: a flag given once per value."""
+    extra = {k: v for k, v in (("flag", flag), ("positional", positional), ("repeat", repeat), ("first", first)) if v}
+    if callable(default):  # a factory for a mutable default (list, or a lambda)
+        return Field(default_factory=default, description=help, json_schema_extra=extra or None, **limits)
+    return Field(default, description=help, json_schema_extra=extra or None, **limits)
 
 
 def _source_given(v: str) -> str:
-    from data.sources import is_remote
-
     if not is_remote(v) and not any(ch in v for ch in "*?[{") and not Path(v).exists():
         raise ValueError(f"source {v} does not exist: give a folder of images, a .csv manifest, Parquet/Arrow "
                          "tables, WebDataset tars, or a URL")
@@ -72,54 +63,111 @@ def _storage_options(v: dict | list | None) -> dict:
     return out
 
 
-def check_trainable_store(path: str) -> None:
-    """Raise ValueError unless ``path`` is a store whose labels a classifier can be trained on.
-
-    Reads only the labels and splits, so a bad store or a one-class dataset fails before any work.
-    """
-    import numpy as np
-
-    from classifiers.train import TrainingError, check_trainable
-    from features.store import Features, StoreError, _strings, open_store
-
+def _trainable_store(v: str) -> str:
+    """A store whose labels a classifier can be trained on: only its index is read, not its embeddings."""
+    if not Path(v).is_file():
+        raise ValueError(f"store {v} does not exist: run 'featurebank extract' first")
     try:
-        with open_store(path) as f:
-            y = f["labels"][()].astype(np.int64)
-            features = Features(
-                X=np.zeros((len(y), 0), np.float32), y=y, ids=[], fingerprint="", path=Path(path),
-                class_names=[str(c) for c in f["labels"].attrs.get("class_names", [])],
-                splits=np.array(_strings(f["splits"]), dtype=object),
-            )
-        check_trainable(features)
-    except (StoreError, TrainingError) as exc:
+        check_trainable(read_index(v))  # TrainingError is a ValueError
+    except StoreError as exc:
         raise ValueError(str(exc)) from None
-    except OSError as exc:  # damaged inside the data the header promised
-        raise ValueError(f"{path} is damaged ({exc}); delete it and extract again") from None
+    return v
 
 
-def _known_probes(v: list[str]) -> list[str]:
-    unknown = [p for p in v if p not in PROBES]
-    if unknown or not v:
-        raise ValueError(f"unknown probe(s) {unknown or v}: choose from {', '.join(PROBES)}")
+def _readable_store(v: str) -> str:
+    try:
+        read_index(v)
+    except StoreError as exc:
+        raise ValueError(str(exc)) from None
+    return v
+
+
+def _known(choices, what: str):
+    def check(v: list[str]) -> list[str]:
+        unknown = [p for p in v if p not in choices]
+        if unknown or not v:
+            raise ValueError(f"{what} {unknown or v}: choose from {', '.join(choices)}")
+        return v
+
+    return AfterValidator(check)
+
+
+def _shots(v: list[int]) -> list[int]:
+    if any(k < 1 for k in v):
+        raise ValueError(f"shots must be positive integers, got {v}")
+    return sorted(set(v))
+
+
+def _classifier(v: str) -> str:
+    verify_classifier(resolve_classifier(v))  # a tampered model file is refused before any work
     return v
 
 
 SourcePath = Annotated[str, AfterValidator(_source_given)]
-ProbeNames = Annotated[list[str], AfterValidator(_known_probes)]
+StorePath = Annotated[str, AfterValidator(_trainable_store)]
+ProbeNames = Annotated[list[str], _known(PROBES, "unknown probe(s)")]
+Shots = Annotated[list[int], AfterValidator(_shots)]
+SOURCE_HELP = ("image folder (one subfolder per class), .csv manifest, Parquet/Arrow tables, WebDataset tars "
+               "('shards/train-{0000..0099}.tar'), local or a URL")
+STORE_HELP = "an HDF5 store file written by 'extract'"
 
 
-class _Params(BaseModel):
+class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _SourceParams(_Params):
+class EngineOptions(Params):
+    """How a source is embedded: the backbone, the store, and the engine's options."""
+
+    backbone: str = option(DEFAULT_BACKBONE, "efficientnet_lite0 (bundled), efficientnet_lite2, tv:NAME[:WEIGHTS], "
+                           "timm:NAME, or a checkpoint path")
+    layer: str | None = option(None, "embed an intermediate layer by node name (global-average-pooled)")
+    arch: str | None = option(None, "architecture of a state_dict checkpoint (tv:NAME or timm:NAME)")
+    store_dir: str = option(DEFAULT_STORE_DIR, "folder of HDF5 stores", flag="--store")
+    dataset: str | None = option(None, "dataset name in the store file name (default: the folder's name)")
+    batch_size: int | None = option(None, "images per forward pass (default: automatic: 32 on a CPU, the largest "
+                                    "that fits on a GPU)", ge=1, le=4096)
+    device: str | None = option(None, "auto (default), cpu, cuda, cuda:N or mps")
+    workers: int | None = option(None, "CPU: model replica processes (0: all in this process); GPU: loader workers "
+                                 "(default: chosen from the machine)", ge=0, le=64)
+    dtype: Literal[DTYPES] = option(DTYPES[0], "stored embedding type")
+    amp: Literal[AMP_MODES] = option(DEFAULT_AMP, "autocast on CUDA (auto: bf16 where supported, else fp16; fp32: off)")
+    compile: bool = option(False, "torch.compile the model (CUDA only)")
+    decoder: Literal[DECODERS] = option(DEFAULT_DECODER, "image decoding: fast, or plain (PIL and the reference transform)")
+    content_hash: bool = option(False, "fingerprint files by sha256, not size+mtime")
+    retry_failures: bool = option(False, "try again the files recorded as unusable")
+    runtime: Literal[RUNTIMES] = option(RUNTIMES[0], "what runs the forward pass (auto: OpenVINO on a CPU when it "
+                                        "converts and agrees with torch, else torch)")
+    precision: Literal[PRECISIONS] = option(PRECISIONS[0], "how the forward pass computes (part of the store's "
+                                            "fingerprint; bf16 where the CPU has it; int8 by NNCF post-training "
+                                            "quantization)")
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, v: str) -> str:
+        return check_backbone_name(v)  # BackboneError is a ValueError
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        return check_device(v)
+
+    def engine(self) -> dict:
+        """The keyword arguments of features.engine.extract that these options set."""
+        return self.model_dump(include=set(EngineOptions.model_fields) - {"backbone", "layer", "arch", "store_dir"})
+
+
+class SourceOptions(Params):
     """Where the samples are and how to read them (see data.sources.open_source)."""
 
-    source: SourcePath
-    source_format: Literal["auto", "folder", "manifest", "parquet", "webdataset"] = "auto"
-    image_column: str | None = None  # tables: the image column (default: detected)
-    label_column: str | None = None  # tables: the label column (default: label)
-    storage_options: Annotated[dict, BeforeValidator(_storage_options)] = Field(default_factory=dict)  # fsspec KEY=VALUE
+    source: SourcePath = option(help=SOURCE_HELP)
+    source_format: Literal[FORMATS] = option(FORMATS[0], "how to read the source (auto: detected from it)")
+    image_column: str | None = option(None, "Parquet/Arrow: the image column (HF Image struct, binary or path; "
+                                      "default: detected)")
+    label_column: str | None = option(None, "Parquet/Arrow: the label column (default: label)")
+    storage_options: Annotated[dict, BeforeValidator(_storage_options)] = option(
+        dict, "fsspec option KEY=VALUE for remote sources (repeatable), e.g. anon=true", flag="--storage-option",
+        repeat=True)
 
     def source_options(self) -> dict:
         return {"format": self.source_format, "image_column": self.image_column, "label_column": self.label_column,
@@ -130,132 +178,47 @@ class _SourceParams(_Params):
 
     @model_validator(mode="after")
     def _source_lists_samples(self):
-        try:
-            check_source(self.source, **self.source_options())  # an empty folder or a bad table answers here
-        except SourceError as exc:
-            raise ValueError(str(exc)) from None
+        check_source(self.source, **self.source_options())  # an empty folder or a bad table answers here
         return self
 
 
-class ExtractParams(_SourceParams):
-    backbone: str = "efficientnet_lite0"
-    store_dir: str = DEFAULT_STORE_DIR
-    dataset: str | None = None
-    batch_size: int = Field(32, ge=1, le=4096)
-    device: str | None = None
-    workers: int | None = Field(None, ge=0, le=64)
-    dtype: Literal["float32", "float16"] = "float32"
-    content_hash: bool = False
-    retry_failures: bool = False
-    layer: str | None = None
-    arch: str | None = None
-    runtime: Literal["auto", "torch", "openvino"] = "auto"  # what runs the forward pass (features.runtimes)
-    precision: Literal["f32", "bf16", "int8"] = "f32"  # how it computes; part of the store's fingerprint
-
-    @field_validator("backbone")
-    @classmethod
-    def _backbone(cls, v: str) -> str:
-        return check_backbone_name(v)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str | None) -> str | None:
-        if v is None or v in ("auto", "cpu", "mps") or re.match(r"^cuda(:\d+)?$", v):
-            return v
-        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, not '{v}'")
+class ExtractParams(EngineOptions, SourceOptions):
+    pass
 
 
-def _shots(v: list[int]) -> list[int]:
-    if not v or any(k < 1 for k in v):
-        raise ValueError(f"shots must be positive integers, got {v}")
-    return sorted(set(v))
+class TrainOptions(Params):
+    out_dir: str = option(DEFAULT_RUNS_DIR, "folder for runs (reports, classifiers)", flag="--out")
+    probes: ProbeNames = option(lambda: list(DEFAULT_PROBES), f"comma-separated, from {', '.join(PROBES)}")
+    memory_budget_mb: float | None = option(None, "MB: when the embeddings exceed it, train the logistic probe out "
+                                            "of core within it", flag="--memory-budget", gt=0)
 
 
-class TrainParams(_Params):
-    store: str
-    out_dir: str = "featurebank-runs"
-    probes: ProbeNames = Field(default_factory=lambda: list(DEFAULT_PROBES))
-    memory_budget_mb: float | None = Field(None, gt=0)
-    shots: Annotated[list[int], AfterValidator(lambda v: _shots(v) if v else v)] = Field(default_factory=list)
-    seeds: int = Field(5, ge=1, le=100)
-
-    @field_validator("store")
-    @classmethod
-    def _store_exists(cls, v: str) -> str:
-        if not Path(v).is_file():
-            raise ValueError(f"store {v} does not exist: run 'featurebank extract' first")
-        check_trainable_store(v)
-        return v
+class TrainParams(TrainOptions):
+    store: StorePath = option(help=STORE_HELP)
+    shots: Shots = option(list, "also add a few-shot table (logreg, knn) to the report, e.g. 1,5,10")
+    seeds: int = option(DEFAULT_SEEDS, "few-shot draws per number of shots", ge=1, le=100)
 
 
-def _fewshot_probes(v: list[str]) -> list[str]:
-    from classifiers.fewshot import FEWSHOT_PROBES
-
-    unknown = [p for p in v if p not in FEWSHOT_PROBES]
-    if unknown or not v:
-        raise ValueError(f"few-shot probe(s) {unknown or v} not supported: choose from {', '.join(FEWSHOT_PROBES)}")
-    return v
-
-
-class FewshotParams(_Params):
-    store: str
-    out_dir: str = "featurebank-runs"
-    shots: Annotated[list[int], AfterValidator(_shots)] = Field(default_factory=lambda: [1, 5, 10])
-    seeds: int = Field(5, ge=1, le=100)
-    probes: Annotated[list[str], AfterValidator(_fewshot_probes)] = Field(default_factory=lambda: ["logreg", "knn"])
-
-    @field_validator("store")
-    @classmethod
-    def _store_exists(cls, v: str) -> str:
-        return TrainParams._store_exists(v)
+class FewshotParams(Params):
+    store: StorePath = option(help=STORE_HELP)
+    out_dir: str = option(DEFAULT_RUNS_DIR, "folder for runs", flag="--out")
+    shots: Annotated[Shots, Field(min_length=1)] = option(lambda: list(DEFAULT_SHOTS), "examples per class, comma-separated")
+    seeds: int = option(DEFAULT_SEEDS, "draws per number of shots", ge=1, le=100)
+    probes: Annotated[list[str], _known(FEWSHOT_PROBES, "few-shot probe(s) not supported")] = option(
+        lambda: list(FEWSHOT_PROBES), "comma-separated, from " + ", ".join(FEWSHOT_PROBES))
 
 
-class ExportParams(_Params):
-    store: str
-    to: Literal["parquet"] = "parquet"
-    out: str | None = None  # default: the store's path with the format's suffix
-
-    @field_validator("store")
-    @classmethod
-    def _store_exists(cls, v: str) -> str:
-        from features.store import StoreError, open_store
-
-        try:
-            open_store(v).close()
-        except StoreError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+class PredictParams(EngineOptions, SourceOptions):
+    classifier: Annotated[str, AfterValidator(_classifier)] = option(
+        help="a classifier folder written by 'train' (…/classifiers/logreg), or a probe folder of versions written "
+             "by 'run' (<out>/classifiers/logreg: its current version)", first=True)
+    out: str = option("predictions.csv", "CSV file to write")
 
 
-class PredictParams(_SourceParams):
-    classifier: str
-    out: str = "predictions.csv"
-    store_dir: str = DEFAULT_STORE_DIR
-    batch_size: int = Field(32, ge=1, le=4096)
-    device: str | None = None
-
-    @field_validator("classifier")
-    @classmethod
-    def _classifier_exists(cls, v: str) -> str:
-        from classifiers.versions import CURRENT, resolve_classifier
-
-        if not (Path(v) / "manifest.json").is_file() and not (Path(v) / CURRENT).is_file():
-            raise ValueError(f"{v} is not a classifier directory (no manifest.json) nor a probe folder with a "
-                             f"'{CURRENT}' version: use one written by 'train' or 'run'")
-        try:
-            verify_classifier(resolve_classifier(v))  # a tampered model file is refused before any work
-        except ClassifierError as exc:
-            raise ValueError(str(exc)) from None
-        return v
-
-
-class RunParams(ExtractParams):
-    out_dir: str = "featurebank-runs"
-    probes: ProbeNames = Field(default_factory=lambda: list(DEFAULT_PROBES))
-    memory_budget_mb: float | None = Field(None, gt=0)
-    pixel_baseline: bool = False
-    shards: int = Field(1, ge=1, le=999)  # > 1: shards run as tasks on a Dask cluster (see docs/operations.md)
-    dask_address: str | None = None  # an existing Dask scheduler; None: a local cluster when shards > 1
+class RunOptions(EngineOptions, TrainOptions):
+    pixel_baseline: bool = option(False, "also train logistic regression on raw pixels")
+    shards: int = option(1, "split extraction into this many shard tasks on a Dask cluster", ge=1, le=999)
+    dask_address: str | None = option(None, "an existing Dask scheduler (tcp://host:8786); default: a local cluster")
 
     @field_validator("dask_address")
     @classmethod
@@ -264,12 +227,11 @@ class RunParams(ExtractParams):
             return v
         raise ValueError(f"dask_address must be a scheduler address such as tcp://host:8786, not '{v}'")
 
+
+class RunParams(RunOptions, SourceOptions):
     @model_validator(mode="after")
     def _two_classes(self) -> RunParams:
-        try:
-            classes = self.open_source(self.dataset).classes
-        except SourceError as exc:
-            raise ValueError(str(exc)) from None
+        classes = self.open_source(self.dataset).classes
         if len(classes) < 2:
             found = f"only one class ({classes[0]})" if classes else "no labels"
             raise ValueError(
@@ -278,16 +240,73 @@ class RunParams(ExtractParams):
             )
         return self
 
+    def extraction(self) -> ExtractParams:
+        return ExtractParams.model_construct(**self.model_dump(include=set(ExtractParams.model_fields)))
 
-def one_line(exc: Exception) -> str:
-    """A pydantic ValidationError as one line: 'field: message; field: message'."""
+    def training(self, store: str) -> TrainParams:
+        return TrainParams(store=store, **self.model_dump(include=set(TrainOptions.model_fields)))
+
+
+class DemoParams(RunOptions):
+    demo: Annotated[str, AfterValidator(check_demo)] = option(DEFAULT_DEMO, ", ".join(DEMOS), positional=True)
+    size: int | None = option(None, f"fashion-mnist: number of images (default {FASHION_SIZE})", ge=10)
+    data_dir: str = option(DEFAULT_DATA_DIR, "where demo images are written")
+    demo_format: Literal[DEMO_FORMATS] = option(DEMO_FORMATS[0], "write the demo as an image folder, HF-style "
+                                                "Parquet or WebDataset tars", flag="--format")
+    pixel_baseline: bool = option(True, "also train logistic regression on raw pixels")
+
+    def run(self, source: str) -> RunParams:
+        return RunParams(source=source, **self.model_dump(include=set(RunOptions.model_fields)))
+
+
+class ServeParams(RunParams):
+    cron: str | None = option(None, 'cron schedule, e.g. "0 * * * *" (hourly)')
+    interval: float | None = option(None, "or: seconds between runs", gt=0)
+    name: str = option("featurebank-scheduled", "deployment name")
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> ServeParams:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError('give a schedule: --cron "0 * * * *" or --interval SECONDS')
+        return self
+
+    def run(self) -> RunParams:
+        return RunParams.model_construct(**self.model_dump(include=set(RunParams.model_fields)))
+
+
+class ExportParams(Params):
+    store: Annotated[str, AfterValidator(_readable_store)] = option(help=STORE_HELP)
+    to: Literal[EXPORT_FORMATS] = option(EXPORT_FORMATS[0], "output format (Parquet: a fixed-size list column of "
+                                         "embeddings)")
+    out: str | None = option(None, "file to write (default: the store's path with the format's suffix)")
+
+
+class CompareParams(Params):
+    run_dirs: list[str] = option(help="run folders written by 'train' or 'run'", min_length=1)
+
+
+class AsFlow(Params):
+    prefect: bool = option(False, "run as a Prefect flow")
+
+
+class AsFlowByDefault(Params):
+    prefect: bool = option(True, "run as a Prefect flow (--no-prefect: the same steps without Prefect)")
+
+
+def one_line(exc: Exception, labels: dict[str, str] | None = None) -> str:
+    """A pydantic ValidationError as one line: 'label: message; label: message' (labels: field -> flag)."""
     from pydantic import ValidationError
 
+    labels = labels or {}
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors():
             where = ".".join(str(x) for x in err["loc"])
+            label = labels.get(str(err["loc"][0]), where) if err["loc"] else ""
+            if err["type"] == "missing":
+                parts.append(f"{label} is required")
+                continue
             msg = err["msg"].removeprefix("Value error, ")
-            parts.append(f"{where}: {msg}" if where and where not in msg else msg)
+            parts.append(f"{label}: {msg}" if where and where not in msg else msg)
         return "; ".join(parts)
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -28,7 +28,7 @@ def write_store(path: Path, X: np.ndarray, y: np.ndarray, splits) -> Path:
     splits, content) written directly, so tests need no backbone."""
     import h5py
 
-    from features.store import FORMAT_VERSION, ROWS_PER_CHUNK, STORE_FORMAT, STR, _write_failures
+    from features.store import FORMAT_VERSION, ROWS_PER_CHUNK, STORE_FORMAT, STR, write_failures
 
     fingerprint = hashlib.sha256(X.tobytes()).hexdigest()
     with h5py.File(path, "w") as f:
@@ -40,7 +40,7 @@ def write_store(path: Path, X: np.ndarray, y: np.ndarray, splits) -> Path:
         labels.attrs["class_names"] = [str(c) for c in range(int(np.max(y)) + 1)]
         f.create_dataset("splits", data=np.asarray(splits, dtype=object), dtype=STR)
         f.create_dataset("content", data=np.array(["stat:0:0"] * len(X), dtype=object), dtype=STR)
-        _write_failures(f, [])
+        write_failures(f, [])
     return path
 
 

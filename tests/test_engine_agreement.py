@@ -16,7 +16,7 @@ from PIL import Image
 
 from features.backbones import create_backbone
 from features.decode import Decoder, decode_on_device
-from features.engine import _collate, _Files, extract
+from features.engine import collate, FileDataset, extract
 from features.images import load_image
 from features.runtime import Layout
 from features.store import read_features
@@ -126,7 +126,7 @@ def test_gpu_batch_decoding_logic_on_the_cpu(lite0, photos, reference):
     the fallback for other formats and broken files) run with device=cpu."""
     paths = sorted(str(p) for p in photos.rglob("*.*"))
     dec = Decoder(lite0.preprocessing)
-    batch = _collate([_Files(paths, dec, gpu_decode=True)[i] for i in range(len(paths))])
+    batch = collate([FileDataset(paths, dec, gpu_decode=True)[i] for i in range(len(paths))])
     assert batch["jpeg_sizes"] and batch["pixels"] is not None  # JPEG bytes and the PNG decoded on the CPU
     jpegs = list(torch.split(batch["jpeg_bytes"], batch["jpeg_sizes"]))
     tensors, fails = decode_on_device(jpegs, [paths[i] for i in batch["jpeg_idx"]], dec, torch.device("cpu"))

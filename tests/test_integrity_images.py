@@ -25,7 +25,7 @@ from data.sources import escape_id, unescape_id
 from features.backbones import create_backbone
 from features.engine import extract
 from features.images import ImageError, load_image
-from features.store import _strings, read_features
+from features.store import strings, read_features
 
 COFFEE = Image.fromarray(skimage.data.coffee()).resize((96, 64), Image.BICUBIC)
 CAT = Image.fromarray(skimage.data.chelsea()).resize((96, 64), Image.BICUBIC)
@@ -128,7 +128,7 @@ def hostile(tmp_path_factory, backbone):
     seconds = time.perf_counter() - t0
     feats = read_features(result.path)
     with h5py.File(result.path, "r") as f:
-        failures = dict(zip(_strings(f["failures/ids"]), _strings(f["failures/reasons"])))
+        failures = dict(zip(strings(f["failures/ids"]), strings(f["failures/reasons"])))
     yield root, feats, failures, result, seconds, non_utf8
     unreadable.chmod(0o644)
 

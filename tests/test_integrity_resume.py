@@ -24,7 +24,7 @@ from PIL import Image
 
 from features.backbones import create_backbone
 from features.engine import extract
-from features.store import _strings, read_features
+from features.store import strings, read_features
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS_PER_PART = 2
@@ -52,9 +52,9 @@ def snapshot(path: Path) -> dict:
     """Everything a store holds, as comparable Python values."""
     feats = read_features(path)
     with h5py.File(path, "r") as f:
-        content = _strings(f["content"])
-        failures = sorted(zip(_strings(f["failures/ids"]), _strings(f["failures/reasons"]),
-                              _strings(f["failures/content"])))
+        content = strings(f["content"])
+        failures = sorted(zip(strings(f["failures/ids"]), strings(f["failures/reasons"]),
+                              strings(f["failures/content"])))
     return {"ids": feats.ids, "labels": [feats.class_names[y] if y >= 0 else None for y in feats.y],
             "splits": list(feats.splits), "content": content, "failures": failures, "X": feats.X}
 
@@ -76,7 +76,7 @@ def assert_committed_rows_correct(store_dir: Path, want: dict) -> int:
             ids, X = snap["ids"], snap["X"]
         else:
             with h5py.File(path, "r") as f:
-                ids, X = _strings(f["ids"]), f["embeddings"][()]
+                ids, X = strings(f["ids"]), f["embeddings"][()]
         for i, x in zip(ids, X):
             np.testing.assert_allclose(x, rows[i], atol=1e-4, rtol=0)
             checked += 1

@@ -20,7 +20,7 @@ from PIL import Image
 from classifiers.persist import ClassifierError, load_classifier, save_classifier
 from features.backbones import BackboneError, create_backbone
 from features.engine import extract
-from features.store import StoreError, StoreWriter, _strings, open_store, read_features
+from features.store import StoreError, StoreWriter, strings, open_store, read_features
 
 ROOT = Path(__file__).resolve().parents[1]
 PICTURES = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut()]
@@ -42,8 +42,8 @@ def make_folder(root: Path, n_per_class: int = 3) -> Path:
 def snapshot(path: Path) -> dict:
     feats = read_features(path)
     with h5py.File(path, "r") as f:
-        content = _strings(f["content"])
-        failures = sorted(zip(_strings(f["failures/ids"]), _strings(f["failures/reasons"])))
+        content = strings(f["content"])
+        failures = sorted(zip(strings(f["failures/ids"]), strings(f["failures/reasons"])))
     return {"ids": feats.ids, "labels": [feats.class_names[y] for y in feats.y], "splits": list(feats.splits),
             "content": content, "failures": failures, "X": feats.X}
 

@@ -118,9 +118,12 @@ def test_scheduled_runs_fire_and_report_the_delta(prefect_server, tmp_path):
     write_folder(folder, n_per_class=12)
     out = tmp_path / "runs"
     log = tmp_path / "serve.log"
-    runner = _start([sys.executable, "-m", "pipelines.cli", "serve", str(folder), "--interval", "4",
-                     "--name", DEPLOYMENT, "--store", str(tmp_path / "store"), "--out", str(out),
-                     "--workers", "0", "--probes", "logreg,knn"], prefect_server, log)
+    # the deployment's options come from a config file (the command line adds the schedule): its scheduled
+    # runs must use them (the store and run folders, the probes)
+    config = tmp_path / "serve.toml"
+    config.write_text(f'store = "{tmp_path / "store"}"\nout = "{out}"\nworkers = 0\nprobes = ["logreg", "knn"]\n')
+    runner = _start([sys.executable, "-m", "pipelines.cli", "serve", str(folder), "--config", str(config),
+                     "--interval", "4", "--name", DEPLOYMENT], prefect_server, log)
     logs = [log, tmp_path / "server.log"]
     try:
         with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}), \
@@ -164,5 +167,6 @@ def test_scheduled_runs_fire_and_report_the_delta(prefect_server, tmp_path):
             assert set(report["drift"]) == {"0", "1"}
             for probe in ("logreg", "knn"):
                 assert (out / "classifiers" / probe / "current").is_file()
+            assert any((tmp_path / "store").glob("digits-*.h5")), "the runs did not use the config file's store"
     finally:
         _stop(runner)

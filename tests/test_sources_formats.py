@@ -21,7 +21,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from data.demo import _folder_items, write_parquet, write_webdataset
+from data.demo import folder_items, write_parquet, write_webdataset
 from data.sources import SourceError, escape_id, open_source
 from data.tables import TableReader
 from data.webdataset import TarReader
@@ -47,7 +47,7 @@ def formats(tmp_path_factory):
     """The same images as a folder, as HF-style Parquet (2 files) and as WebDataset (2 shards)."""
     base = tmp_path_factory.mktemp("formats")
     folder = make_images(base / "pets")
-    items, classes = _folder_items(folder)
+    items, classes = folder_items(folder)
     write_parquet(items, classes, base / "pets-parquet", files=2, row_group_size=3)
     write_webdataset(items, base / "pets-webdataset", shards=2)
     return folder, base / "pets-parquet", base / "pets-webdataset", items
@@ -64,8 +64,15 @@ def by_image(features, ids_to_path):
 def test_folder_parquet_and_webdataset_give_the_same_embeddings_and_labels(formats, tmp_path, lite0):
     folder, parquet, shards, items = formats
     got = {}
-    for name, loc in (("folder", folder), ("parquet", parquet), ("webdataset", str(shards) + "/shard-{00000..00001}.tar")):
-        r = extract(loc, lite0, tmp_path / name, workers=0, batch_size=4, progress=False)
+    from features.runtime import Layout
+
+    # the folder in this process; the Parquet rows read by two replica processes (the reader pickled to
+    # them); the tars through the one-process GPU loop (JPEG bytes decoded "on the device", here the CPU)
+    runs = (("folder", folder, {"workers": 0}), ("parquet", parquet, {"workers": 2}),
+            ("webdataset", str(shards) + "/shard-{00000..00001}.tar",
+             {"device": "cpu", "layout": Layout("cpu", replicas=0, threads=1, loader_workers=0, gpu_decode=True)}))
+    for name, loc, how in runs:
+        r = extract(loc, lite0, tmp_path / name, batch_size=4, progress=False, **how)
         assert r.embedded == len(items) and r.failed == 0, r.summary()
         got[name] = read_features(r.path)
     key_of = {f"{j:06d}": p for j, (p, _, _) in enumerate(items)}
@@ -247,9 +254,8 @@ def test_bad_rows_members_and_files_are_recorded_with_reasons(formats, tmp_path)
 
 
 def test_demo_formats_and_pixel_baseline_on_every_source(formats, tmp_path):
-    from classifiers.train import pixel_features
     from data.demo import convert
-    from features.store import Features
+    from features.pixels import pixel_features
 
     folder, _, _, items = formats
     import shutil
@@ -262,8 +268,7 @@ def test_demo_formats_and_pixel_baseline_on_every_source(formats, tmp_path):
     pixels = []
     for src in sources:  # the raw-pixel baseline reads its bytes through any source
         ids = [escape_id(s.id) for s in src.samples]
-        f = Features(np.zeros((len(ids), 1), np.float32), np.zeros(len(ids), np.int64), ids, ["a"], np.array([]), "")
-        pixels.append(pixel_features(f, src, size=8))
+        pixels.append(pixel_features(src, ids, size=8))
     np.testing.assert_array_equal(pixels[0], pixels[1])
     np.testing.assert_array_equal(pixels[0], pixels[2])  # tar keys are in the folder's order
 
@@ -368,3 +373,17 @@ def test_missing_optional_remote_package_is_one_line():
         pytest.skip("s3fs is installed")
     with pytest.raises(SourceError, match=r"s3fs: pip install 'featurebank\[s3\]'"):
         open_source("s3://bucket/train-{0000..0001}.tar")
+
+
+def test_storage_options_and_source_options_reach_the_source(formats):
+    from pipelines.cli import build_parser
+    from pipelines.params import ExtractParams, _storage_options
+
+    assert _storage_options(["anon=true", "block_size=3", "profile=x=y"]) == {"anon": True, "block_size": 3, "profile": "x=y"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _storage_options(["nokey"])
+    _, parquet, _, items = formats
+    args = build_parser().parse_args(["extract", str(parquet), "--source-format", "parquet", "--image-column", "image",
+                                      "--label-column", "label", "--storage-option", "a=1"])
+    p = ExtractParams(**{k: v for k, v in vars(args).items() if k in ExtractParams.model_fields and v is not None})
+    assert p.storage_options == {"a": 1} and len(p.open_source().samples) == len(items)

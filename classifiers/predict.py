@@ -1,0 +1,53 @@
+"""Prediction with a saved classifier: which store configuration it needs, and its predictions as a CSV."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+from classifiers.persist import check_store_fingerprint, load_classifier, verify_classifier
+from classifiers.versions import resolve_classifier
+from features.store import DTYPES, StoreConfig, read_features
+
+
+def classifier_for_prediction(path: str | os.PathLike) -> tuple[Path, dict]:
+    """The classifier directory (a probe folder of versions means its current version) and its verified manifest."""
+    directory = resolve_classifier(path)
+    return directory, verify_classifier(directory)  # a tampered file is refused before any work
+
+
+def store_dtype(directory: str | os.PathLike, manifest: dict, backbone) -> str:
+    """The stored dtype whose configuration of ``backbone`` reproduces the store the classifier was trained
+    on; none does (another layer, other weights): a one-line ClassifierError, before any work."""
+    for dtype in DTYPES:
+        if StoreConfig.for_backbone(backbone, dtype).fingerprint == manifest["store_fingerprint"]:
+            return dtype
+    check_store_fingerprint(directory, manifest, StoreConfig.for_backbone(backbone).fingerprint)
+    raise AssertionError("check_store_fingerprint raises for a fingerprint that differs")
+
+
+def write_predictions(directory: str | os.PathLike, store: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Classify every row of ``store`` with the classifier in ``directory``; write ``id, predicted,
+    probability, p_<class>...`` to the CSV ``out`` (replaced atomically)."""
+    features = read_features(store)
+    model, manifest = load_classifier(directory, features.fingerprint)
+    classes = list(manifest["classes"])
+    model_classes = [classes[int(c)] for c in model.classes_]
+    proba = model.predict_proba(features.X) if len(features.ids) else np.zeros((0, len(model_classes)))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "predicted", "probability", *[f"p_{c}" for c in model_classes]])
+            for sample_id, row in zip(features.ids, proba):
+                k = int(np.argmax(row))
+                w.writerow([sample_id, model_classes[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

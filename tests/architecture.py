@@ -1,0 +1,74 @@
+"""An import-linter contract type: no module uses another module's private names, however reached.
+
+``from features.engine import _collate``, ``import features.engine as e; e._collate`` and
+``from features import engine; engine._Files`` all count. Used by the ``public names`` contract in
+pyproject.toml (``make test`` runs it with ``lint-imports`` before pytest).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from importlinter.application import output
+from importlinter.domain import fields
+from importlinter.domain.contract import Contract, ContractCheck
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_uses(path: Path, module: str, packages: set[str]) -> list[str]:
+    """``module``'s uses of other project modules' private names, as 'line: what'."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    internal = lambda name: name.split(".")[0] in packages and name != module
+    aliases: dict[str, str] = {}  # local name -> project module it is bound to
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if internal(a.name):
+                    aliases[a.asname or a.name] = a.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and internal(node.module):
+            for a in node.names:
+                if _private(a.name):
+                    found.append(f"{node.lineno}: from {node.module} import {a.name}")
+                else:
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            base = node.value
+            dotted = []
+            while isinstance(base, ast.Attribute):
+                dotted.insert(0, base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in aliases:
+                found.append(f"{node.lineno}: {'.'.join([aliases[base.id], *dotted, node.attr])}")
+    return found
+
+
+class PublicNamesContract(Contract):
+    type_name = "public_names"
+
+    packages = fields.ListField(subfield=fields.StringField())  # folders whose modules are checked
+    project = fields.ListField(subfield=fields.StringField())  # packages whose private names are protected
+
+    def check(self, graph, verbose: bool) -> ContractCheck:
+        project = set(self.project)
+        broken = {}
+        for folder in self.packages:
+            for path in sorted((ROOT / folder).rglob("*.py")):
+                module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                uses = private_uses(path, module, project)
+                if uses:
+                    broken[module] = uses
+        return ContractCheck(kept=not broken, metadata={"broken": broken})
+
+    def render_broken_contract(self, check: ContractCheck) -> None:
+        for module, uses in check.metadata["broken"].items():
+            for use in uses:
+                output.print_error(f"{module}:{use} is another module's private name")
+            output.new_line()
