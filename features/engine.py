@@ -28,9 +28,10 @@ from data.sources import Source, escape_id, open_source, split_of
 from features.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from features.decode import DEFAULT_DECODER, Decoder
 from features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
-    CPU_BATCH, FileDataset, _chunks, _collate, _decode_batch, _Files, _mp_context, collate, mp_context, run_in_process,
-    run_pipelined, run_replicas, steady_allocator,
+    CPU_BATCH, FileDataset, chunks, collate, decode_batch, mp_context, run_in_process, run_pipelined, run_replicas,
+    steady_allocator,
 )
+from features.runpaths import chunks as _chunks  # noqa: F401 - the old name
 from features.runtime import DEFAULT_AMP, Layout, pick_device
 from features.runtimes import create_runtime
 from features.runtimes.torch_runtime import Forward, is_oom  # noqa: F401 - re-exported
@@ -116,7 +117,12 @@ def extract(
 
     check_precision(precision)
     calibration_samples = calibration_samples or CALIBRATION_SAMPLES
-    config = StoreConfig.for_backbone(backbone, dtype, precision, calibration_samples)
+    recipe = None
+    if precision == "int8":
+        from features.runtimes.openvino_runtime import int8_recipe
+
+        recipe = int8_recipe(calibration_samples)
+    config = StoreConfig.for_backbone(backbone, dtype, precision, recipe)
     path = store_path(store_dir, dataset or source.name, config)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -327,9 +333,9 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
         say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
         runtime = "torch"
     rt = create_runtime(runtime, backbone, dev, precision, cpu_batch, say=say,
-                        first_images=lambda: _first_images(dec, paths),
-                        calibration=lambda: _calibration_images(dec, source, calibration_samples),
-                        int8_key=_calibration_set(dataset), calibration_samples=calibration_samples)
+                        first_images=lambda: first_images(dec, paths),
+                        calibration=lambda: calibration_images(dec, source, calibration_samples),
+                        int8_key=calibration_set(dataset), calibration_samples=calibration_samples)
     writer.runtime = f"{rt.name} {rt.precision}"
     if layout is None:
         layout = rt.layout(dev, len(paths), cpu_batch, workers)
@@ -356,23 +362,23 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
         result.stages = {k: round(v, 4) for k, v in rec.stages.items()}
 
 
-def _first_images(dec: Decoder, paths, n: int | None = None) -> torch.Tensor | None:
+def first_images(dec: Decoder, paths, n: int | None = None) -> torch.Tensor | None:
     """The first images still to embed that decode (auto's agreement check runs on them)."""
     from features.runtimes import CHECK_IMAGES
 
-    tensors, _, _ = _decode_batch(dec, 0, [paths[j] for j in range(min(n or CHECK_IMAGES, len(paths)))])
+    tensors, _, _ = decode_batch(dec, 0, [paths[j] for j in range(min(n or CHECK_IMAGES, len(paths)))])
     return torch.stack(tensors) if tensors else None
 
 
-def _calibration_set(dataset: str) -> str:
+def calibration_set(dataset: str) -> str:
     """The name int8 calibration is cached under: the dataset's, shared by all its shards."""
-    from features.shards import SHARD_NAME
+    import re
 
-    m = SHARD_NAME.match(dataset)
+    m = re.match(r"^(?P<dataset>.+)\.s\d{3}of\d{3}$", dataset)  # features.shards.shard_dataset's names
     return m.group("dataset") if m else dataset
 
 
-def _calibration_images(dec: Decoder, source: Source, n: int):
+def calibration_images(dec: Decoder, source: Source, n: int):
     """Up to ``n`` decoded train-split samples of the whole source (lowest sha256 of the id first, so
     the choice is stable and spread over the classes), in batches of 32."""
     import hashlib
@@ -384,7 +390,7 @@ def _calibration_images(dec: Decoder, source: Source, n: int):
     while got < n and j < len(files):
         take = [files[i] for i in range(j, min(len(files), j + 32))]
         j += len(take)
-        tensors, _, _ = _decode_batch(dec, 0, take)
+        tensors, _, _ = decode_batch(dec, 0, take)
         tensors = tensors[:n - got]
         if tensors:
             got += len(tensors)

@@ -42,7 +42,7 @@ def worker_started(_worker_id=None) -> None:
     steady_allocator()
 
 
-def _chunks(n: int, batch: int, replicas: int) -> list[tuple[int, int]]:
+def chunks(n: int, batch: int, replicas: int) -> list[tuple[int, int]]:
     """Batches of ``batch``; the last ones smaller, so that replicas finish together."""
     out, start = [], 0
     tail = max(0, n - replicas * batch)
@@ -56,7 +56,7 @@ def _chunks(n: int, batch: int, replicas: int) -> list[tuple[int, int]]:
     return out
 
 
-def _decode_batch(dec: Decoder, start: int, batch_paths: list[str]):
+def decode_batch(dec: Decoder, start: int, batch_paths: list[str]):
     tensors, idx, bad = [], [], []
     for j, path in enumerate(batch_paths, start):
         try:
@@ -94,7 +94,7 @@ def _replica(rank, runtime, dec, threads, tasks, results):
         with torch.inference_mode():
             while (task := tasks.get()) is not None:
                 before = dict(dec.timings)
-                tensors, idx, bad = _decode_batch(dec, *task)
+                tensors, idx, bad = decode_batch(dec, *task)
                 emb, t0 = None, time.perf_counter()
                 if tensors:
                     emb = runtime.embed(torch.stack(tensors))
@@ -135,7 +135,7 @@ def run_replicas(runtime, dec: Decoder, paths, batch: int, layout: Layout, rec) 
     stop = threading.Event()
 
     def feed():
-        for a, b in _chunks(len(paths), batch, layout.replicas):
+        for a, b in chunks(len(paths), batch, layout.replicas):
             item = (a, [paths[j] for j in range(a, b)])
             while not stop.is_set():
                 try:
@@ -364,5 +364,3 @@ def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec) -> None:
     # less the time spent waiting for decoded batches
     rec.time("forward", max(0.0, time.perf_counter() - t0 - rec.stages.get("wait for decode", 0.0)))
 
-
-_mp_context, _Files, _collate = mp_context, FileDataset, collate  # the old names

@@ -93,14 +93,9 @@ class StoreConfig:
 
     @classmethod
     def for_backbone(cls, backbone, dtype: str = DTYPES[0], precision: str = "f32",
-                     calibration_samples: int = 300) -> StoreConfig:
-        """The configuration of a store of ``backbone``'s embeddings computed at ``precision`` and
-        stored as ``dtype``."""
-        recipe = None
-        if precision == "int8":
-            from features.runtimes.openvino_runtime import int8_recipe
-
-            recipe = int8_recipe(calibration_samples)
+                     recipe: dict | None = None) -> StoreConfig:
+        """The configuration of a store of ``backbone``'s embeddings computed at ``precision`` (int8:
+        quantized by ``recipe``, features.runtimes.openvino_runtime.int8_recipe) and stored as ``dtype``."""
         return cls(backbone.name, backbone.weights_sha256, backbone.preprocessing.as_dict(),
                    backbone.layer, backbone.pooling, dtype, backbone.dim, precision, recipe)
 
