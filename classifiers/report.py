@@ -141,7 +141,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
     train/test counts when ``features`` holds only a sample of the store (out-of-core runs)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    probes = [r for r in results if r.name != "pixels"] or results
+    probes = [r for r in results if r.name not in ("pixels", "tfidf")] or results
     best = max(probes, key=lambda r: r.metrics["accuracy"])
     plots = _plots(run_dir, best, features)
     rows = summary_table(results)

@@ -116,6 +116,38 @@ def pixel_baseline(features: Features, pixels: np.ndarray, say=print) -> ProbeRe
     return ProbeResult("pixels", metrics, cm, y_pred)
 
 
+def is_text_store(features: Features) -> bool:
+    """True for a store of text embeddings (its preprocessing says so)."""
+    import json
+
+    try:
+        return json.loads(str(features.attrs.get("preprocessing", "{}"))).get("modality") == "text"
+    except ValueError:
+        return False
+
+
+def tfidf_baseline(features: Features, texts: list[str], say=print) -> ProbeResult:
+    """TF-IDF (words and bigrams, sublinear tf) + logistic regression on the raw texts: the usual text
+    baseline, the bar the sentence embeddings must clear. ``texts`` are in the order of ``features.ids``."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    check_trainable(features)
+    labelled = features.y >= 0
+    train = labelled & (features.splits == "train")
+    test = labelled & (features.splits == "test")
+    t0 = time.perf_counter()
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=200_000)
+    X_train = vec.fit_transform([texts[i] for i in np.flatnonzero(train)])
+    model = LogisticRegression(max_iter=2000, C=10.0).fit(X_train, features.y[train])
+    fit_seconds = time.perf_counter() - t0
+    y_pred = model.predict(vec.transform([texts[i] for i in np.flatnonzero(test)]))
+    metrics, cm = evaluate(features.y[test], y_pred, len(features.class_names))
+    metrics.update(fit_seconds=round(fit_seconds, 3), n_train=int(train.sum()))
+    say(f"  {'tfidf':<10} test accuracy {metrics['accuracy']:.4f}  (TF-IDF + logistic regression baseline)")
+    return ProbeResult("tfidf", metrics, cm, y_pred)
+
+
 def exceeds_budget(path: str | os.PathLike, memory_budget_mb: float | None) -> bool:
     """True when the store's embeddings, held as float32 as ``read_features`` holds them, exceed the budget."""
     if memory_budget_mb is None:

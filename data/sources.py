@@ -24,6 +24,7 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -131,6 +132,7 @@ class Source:
     class_names: list[str] | None = None
     # what sharded extraction groups by (one tar or table file per shard); None: the id
     shard_key: Callable[[Sample], str] | None = None
+    modality: ClassVar[str] = "image"  # what the samples are: "image" here, "text" for data.text sources
 
     @property
     def classes(self) -> list[str]:
@@ -310,26 +312,53 @@ def detect_format(location: str | os.PathLike) -> str:
     return "folder"
 
 
-FORMATS = ("auto", "folder", "manifest", "parquet", "webdataset")
+FORMATS = ("auto", "folder", "manifest", "parquet", "webdataset", "text")
 #: format -> opener(location, name, image_column=, label_column=, storage_options=): the modules that read
 #: a format register it here (data.tables, data.webdataset; the data package imports them), so that this
 #: module never imports them back
 FORMAT_OPENERS: dict[str, Callable[..., Source]] = {}
+#: format -> detector(location, text_column) -> bool, consulted first when the format is "auto" (data.text
+#: registers one: a .jsonl file, a table with a text column, a folder of .txt files without images)
+FORMAT_DETECTORS: dict[str, Callable[..., bool]] = {}
 
 
-def register_format(name: str, opener: Callable[..., Source]) -> None:
+def register_format(name: str, opener: Callable[..., Source], detect: Callable[..., bool] | None = None) -> None:
     FORMAT_OPENERS[name] = opener
+    if detect is not None:
+        FORMAT_DETECTORS[name] = detect
+
+
+def has_images(root: str | os.PathLike) -> bool:
+    """True when a folder holds at least one image-like entry (stops at the first)."""
+    return next(_image_entries(Path(root)), None) is not None
+
+
+def source_kind(location: str | os.PathLike, format: str = FORMATS[0], text_column: str | None = None) -> str:
+    """The format ``open_source`` reads ``location`` as: registered detectors first, then the location's form."""
+    if format != FORMATS[0]:
+        return format
+    for name, detect in FORMAT_DETECTORS.items():
+        if detect(location, text_column):
+            return name
+    return detect_format(location)
+
+
+def source_modality(location: str | os.PathLike, text_column: str | None = None) -> str:
+    """"text" or "image": what ``open_source`` would list at ``location`` (cheap)."""
+    return "text" if source_kind(location, text_column=text_column) == "text" else "image"
 
 
 def open_source(location: str | os.PathLike, name: str | None = None, *, format: str = FORMATS[0],
                 image_column: str | None = None, label_column: str | None = None,
-                storage_options: dict | None = None) -> Source:
+                storage_options: dict | None = None, text_column: str | None = None) -> Source:
     """Open any source: an image folder, a CSV manifest, Parquet/Arrow tables (a file, a folder, a
     glob, a ``save_to_disk`` folder), WebDataset tars (a tar, a folder of tars, a brace pattern), local
     or behind ``http(s)://``, ``s3://``, ``gs://``, ``hf://``. ``format`` overrides the detection."""
     if format not in FORMATS:
         raise SourceError(f"unknown source format '{format}': choose one of {', '.join(FORMATS)}")
-    kind = detect_format(location) if format == "auto" else format
+    kind = source_kind(location, format, text_column)
+    if kind == "text":  # data.text: a folder of .txt files, or a CSV/Parquet/JSONL table with a text column
+        return FORMAT_OPENERS[kind](location, name, text_column=text_column, label_column=label_column)
     if kind in FORMAT_OPENERS:
         return FORMAT_OPENERS[kind](location, name, image_column=image_column, label_column=label_column,
                                     storage_options=storage_options)
@@ -343,7 +372,7 @@ def open_source(location: str | os.PathLike, name: str | None = None, *, format:
 def check_source(location: str | os.PathLike, **options) -> None:
     """Raise SourceError unless ``location`` lists at least one sample. A folder stops at its first
     image; tables and tars are listed (their listing is what extraction needs first anyway)."""
-    kind = detect_format(location) if options.get("format", "auto") == "auto" else options["format"]
+    kind = source_kind(location, options.get("format", FORMATS[0]), options.get("text_column"))
     if kind == "folder" and not is_remote(location):
         location = Path(location)
         _check_folder(location)

@@ -73,6 +73,7 @@ class Backbone:
     dim: int
     layer: str = "pooled"
     pooling: str = "avg"
+    modality: str = "image"  # what it embeds (text backbones: features.text)
 
 
 def _load_state_dict(path: str | os.PathLike) -> dict:
@@ -299,12 +300,18 @@ def _is_checkpoint(name: str) -> bool:
     return os.path.sep in name or name.endswith(CHECKPOINT_SUFFIXES)
 
 
+def is_text_backbone(name: str) -> bool:
+    """True for text backbone names (built by features.text): ``minilm``, ``st:<name>``, a
+    sentence-transformers folder (one with ``modules.json``)."""
+    return name == "minilm" or name.startswith("st:") or (Path(name) / "modules.json").is_file()
+
+
 def check_backbone_name(name: str) -> str:
     """Return ``name`` if it names a backbone this registry can build, else raise a one-line BackboneError.
 
     Cheap: nothing is loaded (torchvision's and timm's model lists are consulted, a checkpoint path
     must exist), so a mistyped name answers before any work starts."""
-    if name in LITE_VARIANTS:
+    if name in LITE_VARIANTS or is_text_backbone(name):
         return name
     if name.startswith("tv:") and _TV_NAME.match(name[3:]):
         import torchvision

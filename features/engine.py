@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from data.sources import Source, escape_id, open_source, split_of
-from features.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from features.backbones import DEFAULT_BACKBONE, Backbone
 from features.decode import DEFAULT_DECODER, Decoder
+from features.registry import build_backbone, modality
 from features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
     CPU_BATCH, FileDataset, chunks, collate, decode_batch, mp_context, run_in_process, run_pipelined, run_replicas,
     steady_allocator,
@@ -36,6 +37,11 @@ from features.runtime import DEFAULT_AMP, Layout, pick_device
 from features.runtimes import create_runtime
 from features.runtimes.torch_runtime import Forward, is_oom  # noqa: F401 - re-exported
 from features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, read_index, store_path
+
+
+class ModalityError(ValueError):
+    """A backbone that embeds another kind of sample than the source holds (one line, before any work)."""
+
 
 
 @dataclass
@@ -52,6 +58,7 @@ class ExtractResult:
     layout: str = ""  # how the forward passes ran (see features.runtime)
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over processes
     settings: dict = field(default_factory=dict)  # the engine options this extraction ran with
+    notes: dict[str, int] = field(default_factory=dict)  # rows of the store by note (text: truncated, replaced)
 
     def summary(self) -> str:
         if self.embedded == 0 and self.failed == 0 and self.removed == 0:
@@ -60,6 +67,10 @@ class ExtractResult:
             head = (f"embedded {self.embedded}, reused {self.reused}, failed {self.failed}, "
                     f"removed {self.removed} in {self.seconds:.1f} s")
         tail = f"; {self.failed_total} unusable files recorded in the store" if self.failed_total else ""
+        if self.notes.get("truncated"):
+            tail += f"; {self.notes['truncated']} texts longer than the maximum length"
+        if self.notes.get("replaced"):
+            tail += f"; {self.notes['replaced']} not valid UTF-8 (decoded with replacement characters)"
         return f"{head}{tail} -> {self.path}"
 
 
@@ -105,17 +116,24 @@ def extract(
     torch or openvino (see features.runtimes). ``precision``: how the forward pass computes, f32, bf16
     or int8 (part of the store's fingerprint; ``dtype`` is how the store keeps the numbers).
     ``calibration_samples``: int8 only, the train-split samples NNCF calibrates on (default 300).
+    Text backbones carry their precision themselves (features.text) and take ``runtime`` too.
     """
     t0 = time.perf_counter()
     if not isinstance(source, Source):
         source = open_source(source, dataset)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
-    if not isinstance(backbone, Backbone):
-        backbone = create_backbone(backbone)
+    if isinstance(backbone, str):
+        backbone = build_backbone(backbone)
+    if modality(backbone) != source.modality:
+        hint = "a text backbone such as minilm" if source.modality == "text" else "an image backbone such as efficientnet_lite0"
+        raise ModalityError(f"{backbone.name} embeds {modality(backbone)}s but {source.name} holds {source.modality}s: "
+                            f"use {hint}")
     from features.runtimes import check_precision
 
     check_precision(precision)
+    if source.modality == "text":
+        precision = "f32"  # a text backbone's precision is in its own (fingerprinted) preprocessing
     calibration_samples = calibration_samples or CALIBRATION_SAMPLES
     recipe = None
     if precision == "int8":
@@ -147,9 +165,13 @@ def extract(
         listed = set(ids)
         stale = any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
         if todo:
-            _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-                   amp=amp, compile=compile, decoder=decoder, layout=layout, runtime=runtime, precision=precision,
-                   calibration_samples=calibration_samples, dataset=dataset or source.name, say=say)
+            if source.modality == "text":
+                _embed_text(source, backbone, writer, todo, ids, content, batch_size, device, progress, result,
+                            runtime, say)
+            else:
+                _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
+                       amp=amp, compile=compile, decoder=decoder, layout=layout, runtime=runtime, precision=precision,
+                       calibration_samples=calibration_samples, dataset=dataset or source.name, say=say)
         # what this run added, counted by the writer (ids escaped, so printable whatever the file name)
         result.embedded = writer.added_rows
         result.failures = list(writer.added_failures)
@@ -161,9 +183,11 @@ def extract(
             result.removed = counts["removed"]
             result.rows = counts["rows"]
             result.failed_total = counts["failures"]
+            result.notes = counts.get("notes", {})
         else:
             result.rows = len(index.content)
             result.failed_total = len(index.failures)
+            result.notes = index.notes
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -235,9 +259,11 @@ class _Recorder:
         self._shown = 0.0
         self.thread = WriterThread(writer) if threaded else None
 
-    def rows(self, positions, embeddings: np.ndarray) -> None:
+    def rows(self, positions, embeddings: np.ndarray, notes=None) -> None:
         ks = [self.todo[p] for p in positions]
         args = ([self.ids[k] for k in ks], np.asarray(embeddings, np.float32), [self.content[k] for k in ks])
+        if notes is not None:
+            args = (*args, list(notes))
         self._write("rows", args)
         self.result.embedded += len(ks)
 
@@ -314,6 +340,24 @@ class WriterThread:
             self._thread.join()
         if self._errors:
             raise self._errors[0]
+
+
+def _embed_text(source, backbone, writer, todo, ids, content, batch_size, device, progress, result, runtime, say):
+    """Texts: read, tokenised and sorted by length a window at a time, in this process (see features.text)."""
+    from tqdm import tqdm
+
+    from features.text import embed_texts
+
+    dev = pick_device(device)
+    bar = tqdm(total=len(todo), unit="text", desc=f"embedding ({backbone.name})", disable=not progress, dynamic_ncols=True)
+    rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=True)
+    try:
+        name = embed_texts(source, backbone, todo, rec, batch_size, runtime, dev.type, say=say)
+        result.layout = f"{dev.type}: {name}, 1 process x {torch.get_num_threads()} threads"
+    finally:
+        bar.close()
+        rec.close()
+        result.stages = {k: round(v, 4) for k, v in rec.stages.items()}
 
 
 def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,

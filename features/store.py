@@ -7,6 +7,8 @@ Layout of a store file (all datasets at the root have one row per embedded sampl
     labels      [N]    int64, -1 = unknown     attrs["class_names"]: the names, by label index
     splits      [N]    "train" / "test"        decided by a hash of the id unless the source says
     content     [N]    content fingerprints    "stat:<size>:<mtime_ns>" or "sha256:<hex>"
+    notes       [N]    (text stores only)     per row: "", "truncated", "replaced" or "replaced,truncated";
+                                              attrs["notes_counts"]: JSON of rows per note
     failures/ids, failures/reasons, failures/content   samples that could not be used, and why
     attrs: format, format_version, fingerprint, config (JSON of everything that changes the numbers),
            backbone, weights_sha256, preprocessing, layer, pooling, dtype, dim, dataset,
@@ -283,12 +285,21 @@ class StoreIndex:
 
     content: dict[str, str]  # escaped id -> content fingerprint of the embedded row
     failures: dict[str, tuple[str, str]]  # escaped id -> (reason, content fingerprint)
+    notes: dict[str, int] = field(default_factory=dict)  # rows per note (text stores: truncated, replaced)
+
+
+def count_notes(notes: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in notes:
+        for part in filter(None, n.split(",")):
+            counts[part] = counts.get(part, 0) + 1
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _write_table(group: h5py.Group, ids: Sequence[str], embeddings: np.ndarray | None, content, dim, dtype):
+def _write_table(group: h5py.Group, ids: Sequence[str], embeddings: np.ndarray | None, content, dim, dtype, notes=None):
     n = len(ids)
     if embeddings is not None:
         group.create_dataset(
@@ -297,6 +308,8 @@ def _write_table(group: h5py.Group, ids: Sequence[str], embeddings: np.ndarray |
         )
     group.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=STR, maxshape=(None,))
     group.create_dataset("content", data=np.array(list(content), dtype=object), dtype=STR, maxshape=(None,))
+    if notes is not None:
+        group.create_dataset("notes", data=np.array(list(notes), dtype=object), dtype=STR, maxshape=(None,))
 
 
 def write_failures(group: h5py.Group, fails: Sequence[tuple[str, str, str]]) -> None:
@@ -483,6 +496,8 @@ class StoreWriter:
         self._ids: list[str] = []
         self._emb: list[np.ndarray] = []
         self._content: list[str] = []
+        self._notes: list[str] = []
+        self._any_notes = False
         self._fail: list[tuple[str, str, str]] = []
         self._last_flush = time.monotonic()
         # parts are named by a sequence number that continues the parts already there, so that their
@@ -531,32 +546,40 @@ class StoreWriter:
         """Rows and failures already committed, in the store and in leftover parts (latest wins)."""
         content: dict[str, str] = {}
         failures: dict[str, tuple[str, str]] = {}
+        notes = []
         for i, entry in self._latest(self._sources()).items():
             if entry[0] == "row":
                 content[i] = entry[3]
+                notes.append(entry[4])
             else:
                 failures[i] = (entry[1], entry[2])
-        return StoreIndex(content, failures)
+        return StoreIndex(content, failures, count_notes(notes))
 
     @staticmethod
     def _latest(sources: Sequence[Path]) -> dict[str, tuple]:
-        """id -> ("row", source index, row, content) or ("fail", reason, content); later sources win."""
+        """id -> ("row", source index, row, content, note) or ("fail", reason, content); later sources win."""
         latest: dict[str, tuple] = {}
         for s_idx, src in enumerate(sources):
             with h5py.File(src, "r") as f:
-                for row, (i, c) in enumerate(zip(strings(f["ids"]), strings(f["content"]))):
-                    latest[i] = ("row", s_idx, row, c)
+                ids = strings(f["ids"])
+                notes = strings(f["notes"]) if "notes" in f else [""] * len(ids)
+                for row, (i, c, n) in enumerate(zip(ids, strings(f["content"]), notes)):
+                    latest[i] = ("row", s_idx, row, c, n)
                 if "failures" in f:
                     g = f["failures"]
                     for i, r, c in zip(strings(g["ids"]), strings(g["reasons"]), strings(g["content"])):
                         latest[i] = ("fail", r, c)
         return latest
 
-    def add(self, ids: Sequence[str], embeddings: np.ndarray, content: Sequence[str]) -> None:
-        """Queue embedded rows (ids already escaped); a part is committed when enough have queued."""
+    def add(self, ids: Sequence[str], embeddings: np.ndarray, content: Sequence[str],
+            notes: Sequence[str] | None = None) -> None:
+        """Queue embedded rows (ids already escaped); a part is committed when enough have queued.
+        ``notes``: per row, what happened on the way (text: "truncated", "replaced"), kept in the store."""
         self._ids.extend(ids)
         self._emb.append(np.asarray(embeddings))
         self._content.extend(content)
+        self._notes.extend(notes if notes is not None else [""] * len(ids))
+        self._any_notes = self._any_notes or notes is not None
         self.added_rows += len(ids)
         self._maybe_flush()
 
@@ -576,6 +599,7 @@ class StoreWriter:
         if not self._ids and not self._fail:
             return
         ids, content, fail = self._ids, self._content, self._fail
+        notes = self._notes if self._any_notes else None
         emb = np.concatenate(self._emb) if self._emb else np.zeros((0, self.config.dim), np.float32)
         name = f"part-{self._seq:012d}-{os.getpid()}-{time.time_ns()}.h5"
 
@@ -583,7 +607,7 @@ class StoreWriter:
             f.attrs["fingerprint"] = self.config.fingerprint
             if self.runtime and ids:
                 f.attrs["runtime"] = self.runtime
-            _write_table(f, ids, emb, content, self.config.dim, self.config.dtype)
+            _write_table(f, ids, emb, content, self.config.dim, self.config.dtype, notes)
             write_failures(f, fail)
 
         try:
@@ -596,7 +620,7 @@ class StoreWriter:
             ) from None
         self._seq += 1
         self.committed_rows += len(ids)
-        self._ids, self._emb, self._content, self._fail = [], [], [], []
+        self._ids, self._emb, self._content, self._fail, self._notes = [], [], [], [], []
         self._last_flush = time.monotonic()
 
     def _parts(self) -> list[Path]:
@@ -651,6 +675,8 @@ class StoreWriter:
         fails = [(i, *latest[i][1:]) for i in ids if latest.get(i, ("none",))[0] == "fail"]
         dim, dtype = self.config.dim, self.config.dtype
         handles = [h5py.File(src, "r") for src in sources]
+        with_notes = self._any_notes or any("notes" in h for h in handles)
+        notes = [latest[ids[k]][4] for k in keep] if with_notes else None
 
         def fill(f):
             n = len(keep)
@@ -663,7 +689,9 @@ class StoreWriter:
                     pairs = sorted((e[2], j) for j, e in enumerate(block) if e[1] == s_idx)
                     out[[j for _, j in pairs]] = handles[s_idx]["embeddings"][[r for r, _ in pairs]]
                 emb[start:start + len(block)] = out
-            _write_table(f, [ids[k] for k in keep], None, [latest[ids[k]][3] for k in keep], dim, dtype)
+            _write_table(f, [ids[k] for k in keep], None, [latest[ids[k]][3] for k in keep], dim, dtype, notes)
+            if notes is not None:
+                f.attrs["notes_counts"] = json.dumps(count_notes(notes), sort_keys=True)
             lab = f.create_dataset("labels", data=np.array(
                 [class_index[labels[k]] if labels[k] is not None else -1 for k in keep], dtype=np.int64),
                 maxshape=(None,))
@@ -700,7 +728,7 @@ class StoreWriter:
         except OSError:
             pass
         return {"rows": len(keep), "failures": len(fails), "removed": removed,
-                "unfinished": len(ids) - len(keep) - len(fails)}
+                "unfinished": len(ids) - len(keep) - len(fails), "notes": count_notes(notes or [])}
 
     def _write_attrs(self, f: h5py.File, merged_parts: Iterable[str]) -> None:
         c = self.config

@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     from features.store import StoreError
 
     # a file system error (disk full, permission denied) is reported like the others: one line, exit 1
-    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, OSError)
+    from features.engine import ModalityError
+
+    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, ModalityError, OSError)
     argv = sys.argv[1:] if argv is None else argv
     try:
         command, models = parse(argv)

