@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.sources import SourceError, file_fingerprint, is_remote
+from data.sources import REMOTE_FOLDER_DETECTORS, TABLE_SUFFIXES, TAR_SUFFIXES, SourceError, file_fingerprint, is_remote
 
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gs"), "gcs": ("gcsfs", "gs"),
           "hf": ("huggingface_hub", "hf"), "az": ("adlfs", None), "abfs": ("adlfs", None)}
@@ -100,6 +100,18 @@ def _fetch(fs, url: str, identity: str) -> str:
     return str(target)
 
 
+def list_remote_folder(fs, url: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The files ending in ``suffixes`` in a remote folder, sorted (none when it cannot be listed)."""
+    proto = url.split("://", 1)[0]
+    try:
+        found = fs.find(url) if proto not in ("http", "https") else fs.ls(url.rstrip("/") + "/", detail=False)
+    except Exception:  # not a folder, not listable: the caller says that it names no files
+        return []
+    names = [u if "://" in u else f"{proto}://{u}" for u in found]
+    return sorted(u for u in names if u.lower().split("?", 1)[0].endswith(suffixes)
+                  and not os.path.basename(u.rstrip("/")).startswith("."))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -146,10 +158,13 @@ def _resolve_remote(loc: str, suffixes, what: str, storage_options) -> FileSet:
     fs = filesystem(loc, storage_options)
     patterns = expand_braces(loc)
     urls: list[str] = []
+    proto = loc.split("://", 1)[0]
+    full = lambda u: u if "://" in u else f"{proto}://{u}"  # noqa: E731
     for pat in patterns:
-        if any(ch in pat.split("://", 1)[1] for ch in "*?[") and not pat.startswith(("http://", "https://")):
-            proto = pat.split("://", 1)[0]
-            urls += [u if "://" in u else f"{proto}://{u}" for u in sorted(fs.glob(pat))]
+        if any(ch in pat.split("://", 1)[1] for ch in "*?["):
+            urls += sorted(full(u) for u in fs.glob(pat))
+        elif not pat.lower().split("?", 1)[0].endswith(suffixes):
+            urls += list_remote_folder(fs, pat, suffixes)  # a folder (for http(s): its index page's links)
         else:
             urls.append(pat)
     if not urls:
@@ -172,3 +187,16 @@ def _resolve_remote(loc: str, suffixes, what: str, storage_options) -> FileSet:
     if len(urls) == 1 and errors:
         raise SourceError(f"source {urls[0]}: {errors[0]}")
     return FileSet(root, names, [g[0] for g in got], [g[1] for g in got], errors)
+
+
+def remote_folder_kind(url: str) -> str | None:
+    """"parquet" or "webdataset" for a remote folder holding tables or tars, else None."""
+    fs = filesystem(url)
+    if list_remote_folder(fs, url, TABLE_SUFFIXES):
+        return "parquet"
+    if list_remote_folder(fs, url, TAR_SUFFIXES):
+        return "webdataset"
+    return None
+
+
+REMOTE_FOLDER_DETECTORS.append(remote_folder_kind)

@@ -283,6 +283,11 @@ def is_remote(location: str | os.PathLike) -> bool:
     return str(location).startswith(REMOTE_PREFIXES)
 
 
+#: functions that tell what a remote folder holds ("parquet", "webdataset" or None); data.remote registers
+#: one, so that this module never imports it
+REMOTE_FOLDER_DETECTORS: list[Callable[[str], str | None]] = []
+
+
 def detect_format(location: str | os.PathLike) -> str:
     """folder, manifest, parquet or webdataset, from the location alone (cheap: at most one listing)."""
     loc = str(location)
@@ -293,9 +298,12 @@ def detect_format(location: str | os.PathLike) -> str:
         return "parquet"
     if low.endswith(TAR_SUFFIXES):
         return "webdataset"
-    if is_remote(loc):
+    if is_remote(loc):  # a remote folder: what it holds decides (data.remote registers how to look)
+        for detect in REMOTE_FOLDER_DETECTORS:
+            if kind := detect(loc):
+                return kind
         raise SourceError(f"source {loc}: a remote source must name .parquet/.arrow or .tar files "
-                          "(a file, a glob or a brace pattern)")
+                          "(a file, a folder of them, a glob or a brace pattern)")
     p = Path(loc)
     if p.is_dir():
         names = [n for n in os.listdir(p) if not n.startswith(".")]

@@ -153,9 +153,9 @@ class EngineOptions(Params):
 
     @model_validator(mode="after")
     def _default_backbone(self):
-        if self.backbone is None:  # the source's modality decides: minilm for texts, the image default otherwise
-            source = getattr(self, "source", None)
-            text = source is not None and source_modality(source, getattr(self, "text_column", None)) == "text"
+        source = getattr(self, "source", None)
+        if self.backbone is None and source is not None:  # the source's modality decides (a demo decides when built)
+            text = source_modality(source, getattr(self, "text_column", None)) == "text"
             self.backbone = DEFAULT_TEXT_BACKBONE if text else DEFAULT_BACKBONE
         return self
 

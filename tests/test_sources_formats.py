@@ -358,6 +358,10 @@ def test_parquet_on_a_loopback_http_server_without_range_support(formats, tmp_pa
         assert fetched == 2
         again = extract(url, lite0, tmp_path / "store", dataset="pets", workers=0, progress=False)
         assert again.embedded == 0 and gets() == fetched
+        # the server's folder (its index page) and a glob name the same files, already cached
+        for where in (f"http://127.0.0.1:{port}/{parquet.name}/", f"http://127.0.0.1:{port}/{parquet.name}/*.parquet"):
+            assert [s.id for s in open_source(where).samples] == [s.id for s in open_source(parquet).samples]
+        assert gets() == fetched
         with pytest.raises(SourceError, match="not found on the server|cannot fetch"):
             open_source(f"http://127.0.0.1:{port}/{parquet.name}/missing.parquet")
     finally:
