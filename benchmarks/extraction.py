@@ -4,14 +4,19 @@
     python benchmarks/extraction.py --memory        # and the flat-memory run (2,000 vs 20,000 images)
 
 In one run, for the same backbone, batch size, dtype and device:
-  (a) bare forward: images/s of the model on tensors already in memory, the best over the process and
-      thread layouts worth trying on this machine (CPU: 1 process x N threads, N x 1, N/2 x 2);
+  (a) bare forward: images/s of the model on tensors already in memory, measured by this file's own
+      code (not through the project's runtimes), the best over the ways worth trying on this machine:
+      torch eager over process x thread layouts (CPU: 1 process x N threads, N x 1, N/2 x 2), and on a
+      CPU OpenVINO (convert_model, static batch, THROUGHPUT hint, explicit inference precision,
+      AsyncInferQueue) at the precision asked for (--precision; int8 quantized here by NNCF);
   (b) end to end: images/s from image files to a finished HDF5 store, through ``features.engine.extract``
       (startup, listing, writing and the final merge included);
   (c) decode ceiling: images/s the engine's decoders reach on all cores with the model idle;
   (d) the stages of (b): read, decode and transform, host-to-device copy, forward, write, in
       milliseconds per image summed over processes (core-ms on a CPU).
-It prints (b) / min((a), (c)) and the stages, writes JSON (--json) and appends a row to BENCHMARKS.md.
+It prints (b) / (a) and (b) / ceiling, where on a CPU the ceiling is 1 / (1/(a) + 1/(c)) (decoding and
+the forward pass share the cores, so their costs per image add up) and on a GPU min((a), (c)); the
+stages; writes JSON (--json) and appends a row to BENCHMARKS.md.
 
 It generates its own input (photo-like JPEGs, from scikit-image's sample photos when installed) or
 takes a folder of images (--data). It needs torch, torchvision, timm, h5py, numpy, pillow, filelock
@@ -43,7 +48,7 @@ import torch  # noqa: E402
 from data.sources import Source, open_source  # noqa: E402
 from features.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, random_weights_backbone  # noqa: E402
 from features.decode import Decoder  # noqa: E402
-from features.engine import collate, FileDataset, mp_context, extract, steady_allocator  # noqa: E402
+from features.engine import FileDataset, collate, extract, mp_context, steady_allocator  # noqa: E402
 from features.runtime import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the input
@@ -101,8 +106,18 @@ def make_images(folder: Path, n: int, size: tuple[int, int], quality: int = 90) 
 
 
 def random_backbone(name: str) -> Backbone:
-    """The architecture of ``name`` with random weights: throughput is the same, no download needed."""
-    return random_weights_backbone(name)
+    """The architecture of ``name`` with random weights (seeded, and identified by their sha256, so a
+    converted model in the cache is this one): throughput is the same, no download needed."""
+    import dataclasses
+    import hashlib
+
+    torch.manual_seed(0)
+    bb = random_weights_backbone(name)
+    h = hashlib.sha256()
+    for key, t in bb.model.state_dict().items():
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return dataclasses.replace(bb, weights_sha256=h.hexdigest())
 
 
 # ------------------------------------------------------------------------------------ (a) bare forward
@@ -161,6 +176,47 @@ def bare_forward_cpu(model, shape, batch, seconds, layouts=None) -> tuple[float,
         results[f"{procs}x{threads}"] = round(rate, 2)
     best = max(results.values())
     return best, results
+
+
+def bare_forward_openvino(model, shape, batch, seconds, precision="f32", calibration=None) -> tuple[float, dict]:
+    """OpenVINO's own throughput on the CPU, set up here independently of features.runtimes: convert the
+    eval-mode module under no_grad, (int8: NNCF post-training quantization on ``calibration``, a list
+    of [1, 3, H, W] arrays), a static batch, the THROUGHPUT hint, the inference precision stated
+    explicitly, and as many async requests as OpenVINO finds optimal."""
+    import openvino as ov
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        m = ov.convert_model(model.eval(), example_input=torch.zeros(1, *shape))
+    if precision == "int8":
+        import nncf
+
+        m = nncf.quantize(m, nncf.Dataset(calibration), subset_size=len(calibration))
+    m.reshape([batch, *shape])
+    compiled = ov.Core().compile_model(m, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT",
+                                                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"})
+    prep = time.perf_counter() - t0
+    nreq = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    q = ov.AsyncInferQueue(compiled, nreq)
+    x = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
+    for _ in range(nreq):  # warm-up
+        q.start_async({0: x})
+    q.wait_all()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        q.start_async({0: x})
+        n += batch
+    q.wait_all()
+    rate = n / (time.perf_counter() - t0)
+    return rate, {f"openvino {precision}, {nreq} requests": round(rate, 2), "openvino_prepare_s": round(prep, 1)}
+
+
+def reference_images(pre: Preprocessing, paths: list[str], n: int) -> list[np.ndarray]:
+    """``n`` images decoded by PIL with the reference transform, as [1, 3, H, W] arrays (int8 calibration)."""
+    from features.images import load_image
+
+    tf = pre.transform()
+    return [tf(load_image(p))[None].numpy() for p in paths[:n]]
 
 
 def bare_forward_cuda(model, shape, batch, seconds, amp, compile_model) -> tuple[float, dict]:
@@ -240,14 +296,15 @@ def decode_ceiling_cuda(pre: Preprocessing, paths: list[str], batch: int, worker
 # ------------------------------------------------------------------------------------- (b) end to end
 
 
-def end_to_end(folder: Path, backbone: Backbone, batch, device, amp, compile_model, workers) -> tuple[float, dict]:
+def end_to_end(folder: Path, backbone: Backbone, batch, device, amp, compile_model, workers, runtime="auto",
+               precision="f32") -> tuple[float, dict]:
     """(b), then the incremental rerun: the same folder grown by 1 % new files, into the same store."""
     from data.sources import Sample
     from features.store import library_versions
 
     library_versions()  # the store imports these to record them: a one-off cost of any process, not timed
     options = dict(batch_size=batch, device=device, workers=workers, amp=amp, compile=compile_model,
-                   progress=False, say=lambda s: None)
+                   runtime=runtime, precision=precision, progress=False, say=print)
     with tempfile.TemporaryDirectory(prefix="fb-bench-store-") as store:
         t0 = time.perf_counter()
         r = extract(folder, backbone, store, **options)
@@ -414,6 +471,12 @@ def machine() -> dict:
         versions["timm"] = timm.__version__
     except ImportError:
         pass
+    try:
+        import openvino
+
+        versions["openvino"] = openvino.__version__.split("-")[0]
+    except ImportError:
+        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"cpu": cpu, "cores": usable_cores(), "gpu": gpu, "versions": versions}
 
@@ -446,6 +509,26 @@ machine it names. Columns:
 """
 
 
+RUNTIMES_HEADER = """
+## Runtimes and precisions (from `--runtime` / `--precision` on)
+
+Columns as above, except:
+
+- **bare (a)**: the fastest bare forward pass this machine has for the same weights at the same
+  precision, measured by the benchmark's own code in the same run: torch eager over process x thread
+  layouts and, on a CPU, OpenVINO called directly (static batch, THROUGHPUT hint, explicit inference
+  precision, async requests; int8 quantized by NNCF on 300 of the images). The winner in brackets.
+- **ceiling**: on a CPU decoding and the forward pass share the cores, so the pipeline cannot beat
+  1 / (1/(a) + 1/(c)); on a GPU min((a), (c)).
+- **(b)/(a)** and **(b)/ceiling**: end to end against the bare model, and against that ceiling.
+
+| date (UTC) | machine | versions | backbone | device, batch, precision | engine runtime | images | bare (a) \
+| decode (c) | ceiling | e2e (b) | (b)/(a) | (b)/ceiling | stages (ms/img) | rerun +1 % | memory |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+"""
+RUNTIMES_MARK = "## Runtimes and precisions"
+
+
 SOURCES_HEADER = """
 ## Parquet and WebDataset against the folder
 
@@ -470,20 +553,15 @@ def record_sources(path: Path, report: dict) -> None:
            report["backbone"], t["images"], t["source"], f"{med['folder']:.1f}", f"{med[t['source']]:.1f}",
            f"{t['ratio_median']:.3f}", f"{100 * t['rerun_share_median']:.1f} %"]
     line = "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"
-    path.write_text(_insert_row(text, line, "## Parquet and WebDataset against the folder"))
-
-
-def _insert_row(text: str, line: str, heading: str | None = None) -> str:
-    """``text`` with ``line`` added at the end of the first table after ``heading`` (or of the file's first
-    table), so that each table stays contiguous however many tables follow it."""
-    lines = text.rstrip("\n").split("\n")
-    k = next((i for i, x in enumerate(lines) if x.startswith(heading)), 0) if heading else 0
-    while k < len(lines) and not lines[k].startswith("|"):
-        k += 1
-    while k < len(lines) and lines[k].startswith("|"):
-        k += 1
-    lines.insert(k, line)
-    return "\n".join(lines) + "\n"
+    lines = text.split("\n")
+    start = next(k for k, x in enumerate(lines) if x.startswith("## Parquet and WebDataset against the folder"))
+    end = start + 1
+    while end < len(lines) and not lines[end].startswith("|"):
+        end += 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines.insert(end, line)
+    path.write_text("\n".join(lines) if text.endswith("\n") else "\n".join(lines) + "\n")
 
 
 def record(path: Path, report: dict) -> None:
@@ -494,7 +572,7 @@ def record(path: Path, report: dict) -> None:
         path.write_text(HEADER)
     m = report["machine"]
     v = m["versions"]
-    versions = ", ".join(f"{k} {v[k]}" for k in ("torch", "torchvision", "timm", "h5py", "numpy") if k in v)
+    versions = ", ".join(f"{k} {v[k]}" for k in ("torch", "torchvision", "timm", "openvino", "h5py", "numpy") if k in v)
     mem = report.get("memory") or {}
     mem_s = (f"+{mem['growth_mb']} MB ({mem[f'peak_rss_mb_{2000}']} -> {mem[f'peak_rss_mb_{20000}']} MB)"
              if "growth_mb" in mem else mem.get("skipped", "not run"))
@@ -503,14 +581,30 @@ def record(path: Path, report: dict) -> None:
         st = t["stages_ms_per_image"]
         stages = " / ".join(f"{st.get(k, 0):.1f}" for k in ("read", "decode+transform", "copy", "forward", "write"))
         ratio = f"{t['ratio_median']:.3f} ({t['ratio_best']:.3f})" if len(t["ratios"]) > 1 else f"{t['ratio_median']:.3f}"
-        cells = [t["images_desc"], t["layout"], f"{t['bare_forward']:.1f} [{t['bare_best_layout']}]",
-                 f"{t['decode_ceiling']:.1f}", f"{t['end_to_end']:.1f}", ratio, stages,
-                 f"{100 * t['rerun_share']:.1f} % (start-up {t['process_startup_s']} s)"]
+        cells = [report.get("runtime", ""), t["images_desc"], f"{t['bare_forward']:.1f} [{t['bare_best_layout']}]",
+                 f"{t['decode_ceiling']:.1f}", f"{t['ceiling']:.1f}", f"{t['end_to_end']:.1f}", f"{t['ratio_bare']:.3f}",
+                 ratio, stages, f"{100 * t['rerun_share']:.1f} % (start-up {t['process_startup_s']} s)"]
     else:
-        cells = ["-"] * 8
+        cells = ["-"] * 10
     row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
-           versions, report["backbone"], f"{report['device']}, {report['batch_size']}, {report['amp']}", *cells, mem_s]
-    path.write_text(_insert_row(path.read_text(), "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"))
+           versions, report["backbone"], f"{report['device']}, {report['batch_size']}, {report.get('precision', 'f32')}",
+           *cells, mem_s]
+    _insert_row(path, RUNTIMES_MARK, RUNTIMES_HEADER, "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
+
+
+def _insert_row(path: Path, mark: str, header: str, line: str) -> None:
+    """Add ``line`` at the end of the table under the heading ``mark`` (made from ``header`` on first use)."""
+    text = path.read_text() if path.exists() else HEADER
+    if mark not in text:
+        text = text.rstrip("\n") + "\n" + header
+    lines = text.split("\n")
+    end = next(k for k, x in enumerate(lines) if x.startswith(mark)) + 1
+    while end < len(lines) and not lines[end].startswith("|"):
+        end += 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines.insert(end, line)
+    path.write_text("\n".join(lines) if text.endswith("\n") else "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -528,6 +622,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=None, help="default: the engine's choice")
     ap.add_argument("--amp", default=DEFAULT_AMP, help="CUDA autocast: auto, bf16, fp16, fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"], help="the engine's runtime")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "int8"],
+                    help="how the forward pass computes, in (a) and (b)")
     ap.add_argument("--workers", type=int, default=None, help="override the engine's layout")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each bare-forward measurement")
     ap.add_argument("--repeat", type=int, default=1, help="repeat (a), (c), (b) and report the median ratio")
@@ -573,6 +670,22 @@ def main(argv=None) -> dict:
     return report
 
 
+def _warm_runtime(folder: Path, backbone: Backbone, batch: int, runtime: str, precision: str) -> str:
+    """Make the runtime's one-off work (OpenVINO conversion, int8 calibration) happen before (b) is
+    timed, exactly as extract() will do it; returns which runtime extract() will use."""
+    from features.engine import CALIBRATION_SAMPLES, SampleFiles, calibration_images, first_images, sample_decoder
+    from features.runtimes import create_runtime
+
+    src = open_source(folder)
+    dec = sample_decoder(src, backbone)
+    files = SampleFiles(src, list(range(len(src.samples))))
+    rt = create_runtime(runtime, backbone, torch.device("cpu"), precision, batch, say=print,
+                        first_images=lambda: first_images(dec, files),
+                        calibration=lambda: calibration_images(dec, src, CALIBRATION_SAMPLES),
+                        int8_key=src.name, calibration_samples=CALIBRATION_SAMPLES)
+    return rt.describe()
+
+
 def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
     if a.data:
         folder = Path(a.data)
@@ -588,6 +701,7 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
     shape = (3, pre.size, pre.size)
     amp_dtype = pick_amp(dev, a.amp) if dev.type == "cuda" else None
     report["amp"] = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
+    report["precision"] = a.precision
     layout = choose_layout(dev, len(paths), a.batch_size or 32, a.workers, backbone.model, pre.size)
     if dev.type == "cuda" and a.batch_size is None:
         from features.engine import Forward
@@ -598,51 +712,70 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
     else:
         batch = a.batch_size or 32
     report["batch_size"] = batch
-    print(f"{desc}: {backbone.name} at {pre.size} px on {dev.type}, batch {batch}, {report['amp']}; "
-          f"engine layout: {layout.describe()}", flush=True)
+    engine_rt = _warm_runtime(folder, backbone, batch, a.runtime, a.precision) if dev.type == "cpu" else "torch"
+    report["runtime"] = engine_rt
+    print(f"{desc}: {backbone.name} at {pre.size} px on {dev.type}, batch {batch}, {a.precision}; "
+          f"engine runtime: {engine_rt}", flush=True)
+    calibration = reference_images(pre, paths, 300) if (dev.type == "cpu" and a.precision == "int8") else None
     runs = []
     for _ in range(a.repeat):
         if dev.type == "cuda":
             bare, layouts = bare_forward_cuda(backbone.model, shape, batch, a.seconds, a.amp, a.compile)
             ceiling = decode_ceiling_cuda(pre, paths, batch, layout.loader_workers)
+            bare_ov = None
         else:
-            bare, layouts = bare_forward_cpu(backbone.model, shape, batch, a.seconds)
+            bare_torch, layouts = bare_forward_cpu(backbone.model, shape, batch, a.seconds)
+            bare_ov, ov_info = bare_forward_openvino(backbone.model, shape, batch, a.seconds, a.precision, calibration)
+            layouts.update(ov_info)
+            bare = max(bare_torch, bare_ov)
             ceiling = decode_ceiling_cpu(pre, paths)
-        print(f"  (a) bare forward: {bare:.1f} img/s (layouts: {layouts})", flush=True)
+        print(f"  (a) bare forward: {bare:.1f} img/s (torch layouts and OpenVINO: {layouts})", flush=True)
         print(f"  (c) decode ceiling: {ceiling:.1f} img/s", flush=True)
         e2e, info = end_to_end(folder, backbone, batch, None if a.device == "auto" else a.device, a.amp, a.compile,
-                               a.workers)
+                               a.workers, a.runtime, a.precision)
         print(f"  (b) end to end: {e2e:.1f} img/s ({info['images']} images in {info['seconds']} s, {info['layout']})")
         print(f"  rerun with {info['rerun_new']} new files (1 %): {info['rerun_seconds']} s = "
               f"{100 * info['rerun_share']:.1f} % of the full run", flush=True)
         if dev.type == "cpu":
-            # measured again after (b), the winning layout only: on a machine whose load drifts, the mean
+            # the fastest bare forward measured again after (b): on a machine whose load drifts, the mean
             # of the two brackets (b) (on a quiet machine they agree and the mean is either)
-            best = max(layouts, key=layouts.get)
-            procs, threads = (int(v) for v in best.split("x"))
-            again, _ = bare_forward_cpu(backbone.model, shape, batch, a.seconds, [(procs, threads)])
+            if bare_ov is not None and bare_ov >= bare_torch:
+                again, _ = bare_forward_openvino(backbone.model, shape, batch, a.seconds, a.precision, calibration)
+                best = next(k for k in layouts if k.startswith("openvino "))
+            else:
+                best = max((k for k in layouts if "x" in k and not k.startswith("openvino")), key=layouts.get)
+                procs, threads = (int(v) for v in best.split("x"))
+                again, _ = bare_forward_cpu(backbone.model, shape, batch, a.seconds, [(procs, threads)])
             layouts[best + " (after b)"] = round(again, 2)
             bare = (layouts[best] + again) / 2
             print(f"  (a) bare forward again after (b): {again:.1f} img/s -> (a) = mean {bare:.1f}", flush=True)
-        ratio = e2e / min(bare, ceiling)
+            # decoding and the forward pass share the cores: their costs per image add up
+            limit = 1 / (1 / bare + 1 / ceiling)
+        else:
+            limit = min(bare, ceiling)
+        ratio = e2e / limit
         stages = stage_breakdown(info["stages"], info["images"])
         print(f"  (d) stages, ms per image: {stages}")
-        print(f"  ratio (b)/min(a,c) = {ratio:.3f}", flush=True)
+        print(f"  ratios: (b)/(a) = {e2e / bare:.3f}; (b)/ceiling = {ratio:.3f} "
+              f"(ceiling {'1/(1/a+1/c)' if dev.type == 'cpu' else 'min(a, c)'} = {limit:.1f} img/s)", flush=True)
         runs.append({"bare_forward": bare, "bare_layouts": layouts, "decode_ceiling": ceiling, "end_to_end": e2e,
-                     "ratio": ratio, "info": info, "stages_ms_per_image": stages})
+                     "ceiling": limit, "ratio": ratio, "ratio_bare": e2e / bare, "info": info,
+                     "stages_ms_per_image": stages})
     ratios = [x["ratio"] for x in runs]
     med = sorted(runs, key=lambda x: x["ratio"])[(len(runs) - 1) // 2]  # the median run (lower middle)
+    numeric = {k: v for k, v in med["bare_layouts"].items() if not k.endswith("_s")}
     out = {
         "images_desc": desc, "layout": med["info"]["layout"], "bare_forward": med["bare_forward"],
-        "bare_best_layout": max(med["bare_layouts"], key=med["bare_layouts"].get).replace(" (after b)", ""),
-        "bare_layouts": med["bare_layouts"],
+        "bare_best_layout": max(numeric, key=numeric.get).replace(" (after b)", ""),
+        "bare_layouts": med["bare_layouts"], "ceiling": med["ceiling"], "ratio_bare": med["ratio_bare"],
         "decode_ceiling": med["decode_ceiling"], "end_to_end": med["end_to_end"],
         "ratios": [round(x, 4) for x in ratios], "ratio_median": statistics.median_low(ratios), "ratio_best": max(ratios),
         "stages_ms_per_image": med["stages_ms_per_image"], "runs": runs,
         "rerun_share": med["info"]["rerun_share"], "process_startup_s": round(process_startup(), 2),
     }
     print(f"process start-up (interpreter + imports, apart from the times above): {out['process_startup_s']} s")
-    print(f"ratio: median {out['ratio_median']:.3f}, best {out['ratio_best']:.3f} over {len(ratios)} run(s)")
+    print(f"(b)/ceiling: median {out['ratio_median']:.3f}, best {out['ratio_best']:.3f} over {len(ratios)} run(s); "
+          f"(b)/(a) of the median run {out['ratio_bare']:.3f}")
     return out
 
 

@@ -12,14 +12,11 @@ memory flat with bounded queues.
 
 from __future__ import annotations
 
-import gc
 import multiprocessing as mp
 import os
 import queue
-import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +26,16 @@ import torch
 
 from data.sources import Source, escape_id, open_source, split_of
 from features.backbones import DEFAULT_BACKBONE, Backbone
-from features.decode import DEFAULT_DECODER, Decoder, decode_on_device, read_for_gpu
-from features.images import ImageError
-from features.processes import die_with_parent
+from features.decode import DEFAULT_DECODER, Decoder
 from features.registry import build_backbone, modality
-from features.runtime import DEFAULT_AMP, GPU_MAX_BATCH, Layout, choose_layout, pick_amp, pick_device
+from features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
+    CPU_BATCH, FileDataset, chunks, collate, decode_batch, mp_context, run_in_process, run_pipelined, run_replicas,
+    steady_allocator,
+)
+from features.runpaths import chunks as _chunks  # noqa: F401 - the old name
+from features.runtime import DEFAULT_AMP, Layout, pick_device
+from features.runtimes import create_runtime
+from features.runtimes.torch_runtime import Forward, is_oom  # noqa: F401 - re-exported
 from features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, read_index, store_path
 
 
@@ -54,8 +56,8 @@ class ExtractResult:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) of this run
     layout: str = ""  # how the forward passes ran (see features.runtime)
-    settings: dict = field(default_factory=dict)  # the engine options this extraction ran with
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over processes
+    settings: dict = field(default_factory=dict)  # the engine options this extraction ran with
     notes: dict[str, int] = field(default_factory=dict)  # rows of the store by note (text: truncated, replaced)
 
     def summary(self) -> str:
@@ -94,6 +96,8 @@ def extract(
     decoder: str = DEFAULT_DECODER,
     layout: Layout | None = None,
     runtime: str = "auto",
+    precision: str = "f32",
+    calibration_samples: int | None = None,
 ) -> ExtractResult:
     """Embed every new or changed sample of ``source`` into its store file and return what happened.
 
@@ -107,8 +111,12 @@ def extract(
     ``amp``: autocast dtype on CUDA (auto = bf16 where supported, else fp16; fp32 turns it off).
     ``compile``: torch.compile the model (CUDA only). ``decoder``: "fast" (features.decode) or
     "plain" (PIL and the backbone's reference transform). ``layout``: force a layout instead of the
-    automatic one (e.g. the GPU path's device decoding on a CPU, as the tests do). ``runtime``: for
-    text backbones, auto (OpenVINO on a CPU when it agrees with torch), torch or openvino.
+    automatic one (e.g. the GPU path's device decoding on a CPU, as the tests do).
+    ``runtime``: auto (OpenVINO on a CPU when it converts and agrees with the eager model, else torch),
+    torch or openvino (see features.runtimes). ``precision``: how the forward pass computes, f32, bf16
+    or int8 (part of the store's fingerprint; ``dtype`` is how the store keeps the numbers).
+    ``calibration_samples``: int8 only, the train-split samples NNCF calibrates on (default 300).
+    Text backbones carry their precision themselves (features.text) and take ``runtime`` too.
     """
     t0 = time.perf_counter()
     if not isinstance(source, Source):
@@ -121,7 +129,18 @@ def extract(
         hint = "a text backbone such as minilm" if source.modality == "text" else "an image backbone such as efficientnet_lite0"
         raise ModalityError(f"{backbone.name} embeds {modality(backbone)}s but {source.name} holds {source.modality}s: "
                             f"use {hint}")
-    config = StoreConfig.for_backbone(backbone, dtype)
+    from features.runtimes import check_precision
+
+    check_precision(precision)
+    if source.modality == "text":
+        precision = "f32"  # a text backbone's precision is in its own (fingerprinted) preprocessing
+    calibration_samples = calibration_samples or CALIBRATION_SAMPLES
+    recipe = None
+    if precision == "int8":
+        from features.runtimes.openvino_runtime import int8_recipe
+
+        recipe = int8_recipe(calibration_samples)
+    config = StoreConfig.for_backbone(backbone, dtype, precision, recipe)
     path = store_path(store_dir, dataset or source.name, config)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +148,7 @@ def extract(
         raise StoreError(f"cannot create the store folder {path.parent} ({exc.strerror or exc})") from None
 
     ids = [escape_id(s.id) for s in source.samples]
-    content = source.fingerprints(content_hash)  # the source owns its bytes: files, table rows, tar members
+    content = sample_fingerprints(source, content_hash)
     labels = [None if s.label is None else escape_id(s.label) for s in source.samples]
     splits = [s.split or split_of(s.id) for s in source.samples]
 
@@ -151,7 +170,8 @@ def extract(
                             runtime, say)
             else:
                 _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-                       amp=amp, compile=compile, decoder=decoder, layout=layout)
+                       amp=amp, compile=compile, decoder=decoder, layout=layout, runtime=runtime, precision=precision,
+                       calibration_samples=calibration_samples, dataset=dataset or source.name, say=say)
         # what this run added, counted by the writer (ids escaped, so printable whatever the file name)
         result.embedded = writer.added_rows
         result.failures = list(writer.added_failures)
@@ -190,9 +210,41 @@ def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
 
 
 
+# ------------------------------------------------------------------------------------- sample access
+# The only place where the engine reads a sample's fingerprint and names what the decoders open.
+
+def sample_fingerprints(source: Source, content_hash: bool) -> list[str]:
+    """The content fingerprint of every sample of ``source`` (what reuse compares)."""
+    return source.fingerprints(content_hash)  # the source owns its bytes: files, table rows, tar members
+
+
+class SampleFiles:
+    """The locations of the samples still to embed (read by the source's reader, see
+    :func:`sample_decoder`), made on demand (a list of them would grow with the dataset): ``files[j]``
+    is the j-th sample of ``todo``."""
+
+    def __init__(self, source, todo):
+        self.source, self.todo = source, todo
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, j: int) -> str:
+        return str(self.source.samples[self.todo[j]].path)
+
+
+def sample_decoder(source: Source, backbone: Backbone, mode: str = "fast") -> Decoder:
+    """The decoder of ``source``'s samples: it reads their bytes through the source's reader (in the
+    worker processes) and makes the backbone's input tensor."""
+    return Decoder(backbone.preprocessing, mode, reader=source.reader)
+
+
+_Paths = SampleFiles  # the old name
+
+
 # ----------------------------------------------------------------------------------------- embedding
 
-CPU_BATCH = 32
+CALIBRATION_SAMPLES = 300
 
 
 class _Recorder:
@@ -309,378 +361,81 @@ def _embed_text(source, backbone, writer, todo, ids, content, batch_size, device
 
 
 def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-           amp=DEFAULT_AMP, compile=False, decoder=DEFAULT_DECODER, layout=None):
+           amp=DEFAULT_AMP, compile=False, decoder=DEFAULT_DECODER, layout=None, runtime="auto", precision="f32",
+           calibration_samples=CALIBRATION_SAMPLES, dataset="", say=print):
     from tqdm import tqdm
 
     dev = pick_device(device)
-    paths = _Paths(source, todo)
+    paths = SampleFiles(source, todo)
     cpu_batch = batch_size or CPU_BATCH
+    dec = sample_decoder(source, backbone, decoder)
+    if layout is not None and runtime == "auto":
+        runtime = "torch"  # a forced layout is a torch layout (the tests' way to run the GPU path on a CPU)
+    if runtime == "auto" and mp.current_process().daemon and precision == "f32":
+        # a pool worker (Dask, multiprocessing) may not start decoding processes, and OpenVINO started
+        # in a forked child can hang in its thread pool: the eager module, in this process
+        say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
+        runtime = "torch"
+    rt = create_runtime(runtime, backbone, dev, precision, cpu_batch, say=say,
+                        first_images=lambda: first_images(dec, paths),
+                        calibration=lambda: calibration_images(dec, source, calibration_samples),
+                        int8_key=calibration_set(dataset), calibration_samples=calibration_samples)
+    writer.runtime = f"{rt.name} {rt.precision}"
     if layout is None:
-        layout = choose_layout(dev, len(paths), cpu_batch, workers, backbone.model, backbone.preprocessing.size)
+        layout = rt.layout(dev, len(paths), cpu_batch, workers)
     if mp.current_process().daemon and (layout.replicas or layout.loader_workers):
         # a daemonic process (a Dask or multiprocessing pool worker) may not start processes: all in here
         layout = Layout(dev.type, 0, torch.get_num_threads() if dev.type == "cpu" else layout.threads, 0, layout.gpu_decode)
-    result.layout = f"{dev.type}: {layout.describe()}"
+    result.layout = f"{dev.type}: {layout.describe()}, {rt.describe()}"
     result.settings = {"device": str(dev), "batch_size": batch_size or "auto", "workers": workers,
-                       "replicas": layout.replicas, "amp": amp, "compile": compile, "decoder": decoder}
+                       "replicas": layout.replicas, "amp": amp, "compile": compile, "decoder": decoder,
+                       "runtime": rt.name, "precision": precision}
     bar = tqdm(total=len(paths), unit="img", desc=f"embedding ({backbone.name}, {result.layout})",
                disable=not progress, dynamic_ncols=True)
-    dec = Decoder(backbone.preprocessing, decoder, reader=source.reader)  # reads bytes in the worker processes
     rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=not layout.replicas)
     try:
-        if layout.replicas:
-            _run_replicas(backbone.model, dec, paths, cpu_batch, layout, rec)
+        if rt.pipelined:
+            run_pipelined(rt, dec, paths, layout, rec)
+        elif layout.replicas:
+            run_replicas(rt, dec, paths, cpu_batch, layout, rec)
         else:
-            _run_in_process(backbone, dec, paths, batch_size, dev, layout, rec, amp, compile)
+            run_in_process(rt, dec, paths, batch_size, dev, layout, rec, amp, compile)
     finally:
         bar.close()
         rec.close()
         result.stages = {k: round(v, 4) for k, v in rec.stages.items()}
 
 
-# --- CPU: model replicas in worker processes
+def first_images(dec: Decoder, paths, n: int | None = None) -> torch.Tensor | None:
+    """The first images still to embed that decode (auto's agreement check runs on them)."""
+    from features.runtimes import CHECK_IMAGES
+
+    tensors, _, _ = decode_batch(dec, 0, [paths[j] for j in range(min(n or CHECK_IMAGES, len(paths)))])
+    return torch.stack(tensors) if tensors else None
 
 
-def _chunks(n: int, batch: int, replicas: int) -> list[tuple[int, int]]:
-    """Batches of ``batch``; the last ones smaller, so that replicas finish together."""
-    out, start = [], 0
-    tail = max(0, n - replicas * batch)
-    while start < tail:
-        out.append((start, min(start + batch, tail)))
-        start = out[-1][1]
-    small = max(1, batch // 4)
-    while start < n:
-        out.append((start, min(start + small, n)))
-        start = out[-1][1]
-    return out
+def calibration_set(dataset: str) -> str:
+    """The name int8 calibration is cached under: the dataset's, shared by all its shards."""
+    import re
+
+    m = re.match(r"^(?P<dataset>.+)\.s\d{3}of\d{3}$", dataset)  # features.shards.shard_dataset's names
+    return m.group("dataset") if m else dataset
 
 
-class _Paths:
-    """The locations of the samples still to embed (read by the source's reader), made on demand (a
-    list of them would grow with the dataset)."""
+def calibration_images(dec: Decoder, source: Source, n: int):
+    """Up to ``n`` decoded train-split samples of the whole source (lowest sha256 of the id first, so
+    the choice is stable and spread over the classes), in batches of 32."""
+    import hashlib
 
-    def __init__(self, source, todo):
-        self.source, self.todo = source, todo
-
-    def __len__(self) -> int:
-        return len(self.todo)
-
-    def __getitem__(self, j: int) -> str:
-        return str(self.source.samples[self.todo[j]].path)
-
-
-def _decode_batch(dec: Decoder, start: int, batch_paths: list[str]):
-    tensors, idx, bad = [], [], []
-    for j, path in enumerate(batch_paths, start):
-        try:
-            tensors.append(dec(path))
-            idx.append(j)
-        except ImageError as exc:
-            bad.append((j, str(exc)))
-        except Exception as exc:  # a decoder bug must cost one file, not the run
-            bad.append((j, f"cannot decode: {type(exc).__name__}: {exc}"))
-    return tensors, idx, bad
-
-
-def steady_allocator() -> None:
-    """Keep freed memory in this process's heap instead of handing it back and asking for it again
-    with every batch (glibc only; elsewhere nothing happens). The resident size then rises to the
-    working set within a few batches and stays there, instead of see-sawing by tens of megabytes,
-    and the forward pass stops paying page faults for its activations."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not return the top of the heap
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MiB come from the heap
-    except (OSError, AttributeError):
-        pass
-
-
-def _replica(rank, model, dec, threads, tasks, results):
-    """One worker process: take batches of (first position, paths), decode them inline, run the model,
-    send the embeddings back."""
-    die_with_parent()  # a killed parent (SIGKILL included) takes its replicas with it
-    try:
-        steady_allocator()
-        torch.set_num_threads(threads)
-        waited = 0.0
-        with torch.inference_mode():
-            while (task := tasks.get()) is not None:
-                before = dict(dec.timings)
-                tensors, idx, bad = _decode_batch(dec, *task)
-                emb, t0 = None, time.perf_counter()
-                if tensors:
-                    x = torch.stack(tensors).contiguous(memory_format=torch.channels_last)
-                    emb = model(x).float().numpy()
-                times = {"read": dec.timings["read"] - before["read"], "decode": dec.timings["decode"] - before["decode"],
-                         "forward": time.perf_counter() - t0, "blocked on writer": waited}
-                t1 = time.perf_counter()
-                results.put(("batch", idx, emb, bad, times))
-                waited = time.perf_counter() - t1  # blocked on a full queue: the parent's writing is behind
-        results.put(("done", rank, None, None, None))
-    except BaseException:
-        results.put(("error", rank, traceback.format_exc(), None, None))
-
-
-def mp_context(threads: int = 1):
-    """fork shares the model with the workers at no cost and starts them in milliseconds. It is safe
-    for single-threaded workers only: a forked child that runs OpenMP on several threads after its
-    parent did can hang (GNU libgomp), and fork is unsafe on macOS; those cases use spawn, which
-    pickles the model once per worker."""
-    return mp.get_context("fork" if sys.platform.startswith("linux") and threads == 1 else "spawn")
-
-
-def _run_replicas(model, dec: Decoder, paths, batch: int, layout: Layout, rec: _Recorder) -> None:
-    ctx = mp_context(layout.threads)
-    model = model.to("cpu").to(memory_format=torch.channels_last).eval()
-    # both queues are bounded and the paths travel with the tasks, so memory stays flat however many
-    # images there are; gc.freeze keeps the children's garbage collector off the parent's objects
-    # (touching them would copy their pages into every child)
-    tasks = ctx.Queue(maxsize=4 * layout.replicas)
-    results = ctx.Queue(maxsize=2 * layout.replicas)
-    procs = [ctx.Process(target=_replica, args=(r, model, dec, layout.threads, tasks, results),
-                         name=f"featurebank-replica-{r}", daemon=True) for r in range(layout.replicas)]
-    gc.freeze()
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        gc.unfreeze()
-    stop = threading.Event()
-
-    def feed():
-        for a, b in _chunks(len(paths), batch, layout.replicas):
-            item = (a, [paths[j] for j in range(a, b)])
-            while not stop.is_set():
-                try:
-                    tasks.put(item, timeout=0.5)
-                    break
-                except queue.Full:
-                    pass
-        for _ in procs:
-            while not stop.is_set():
-                try:
-                    tasks.put(None, timeout=0.5)
-                    break
-                except queue.Full:
-                    pass
-
-    feeder = threading.Thread(target=feed, name="featurebank-feeder", daemon=True)
-    feeder.start()
-    done = 0
-    try:
-        while done < len(procs):
-            try:
-                kind, a, b, c, times = results.get(timeout=2.0)
-            except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"a model replica died (exit code {dead[0].exitcode}); "
-                                       "if it ran out of memory, pass fewer workers or a smaller batch size") from None
-                continue
-            if kind == "error":
-                raise RuntimeError(f"model replica {a} failed:\n{b}")
-            if kind == "done":
-                done += 1
-                continue
-            idx, emb, bad = a, b, c
-            for stage, t in times.items():
-                rec.time(stage, t)
-            rec.failures(bad)
-            if idx:
-                rec.rows(idx, emb)
-            rec.advance(len(idx) + len(bad))
-    finally:
-        stop.set()
-        for p in procs:
-            if p.is_alive() and done < len(procs):
-                p.terminate()
-        for p in procs:
-            p.join(timeout=10)
-        feeder.join(timeout=5)
-        tasks.cancel_join_thread()
-        tasks.close()
-        results.close()
-
-
-# --- one process: CUDA (GPU decoding), MPS, or a CPU with one core
-
-
-class FileDataset(torch.utils.data.Dataset):
-    """Per item (position, kind, payload, reason): on a GPU layout a JPEG's bytes, otherwise the
-    finished tensor; a failure is returned, never raised."""
-
-    def __init__(self, paths, dec: Decoder, gpu_decode: bool):
-        self.paths, self.dec, self.gpu_decode = paths, dec, gpu_decode
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        t0 = time.perf_counter()
-        try:
-            if self.gpu_decode:
-                kind, payload = read_for_gpu(self.paths[i], self.dec)
-            else:
-                kind, payload = "pixels", self.dec(self.paths[i])
-            return i, kind, payload, None, time.perf_counter() - t0
-        except ImageError as exc:
-            return i, None, None, str(exc), time.perf_counter() - t0
-        except Exception as exc:  # a decoder bug must cost one file, not the run
-            return i, None, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0
-
-
-def collate(items):
-    """One batch: the JPEGs' bytes as one flat tensor with their sizes (one shared-memory block per
-    batch, not one per file), the CPU-decoded images stacked, and the failures."""
-    pixels = [(i, p) for i, k, p, _, _ in items if k == "pixels"]
-    jpegs = [p for _, k, p, _, _ in items if k == "jpeg"]
-    return {
-        "jpeg_idx": [i for i, k, _, _, _ in items if k == "jpeg"],
-        "jpeg_bytes": torch.cat(jpegs) if jpegs else None,
-        "jpeg_sizes": [len(p) for p in jpegs],
-        "pixel_idx": [i for i, _ in pixels],
-        "pixels": torch.stack([p for _, p in pixels]) if pixels else None,
-        "bad": [(i, r) for i, _, _, r, _ in items if r is not None],
-        "decode_s": sum(t for *_, t in items),
-    }
-
-
-def is_oom(exc: BaseException) -> bool:
-    oom = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t)
-    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
-class Forward:
-    """The model under inference mode and autocast, splitting a batch (and remembering the smaller
-    size) whenever the device runs out of memory."""
-
-    def __init__(self, model, device: torch.device, amp_dtype: torch.dtype | None, max_batch: int, pad: bool = False):
-        self.model, self.device, self.amp_dtype = model, device, amp_dtype
-        self.max_batch, self.pad = max(1, max_batch), pad
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        n = len(x)
-        if self.pad and n < self.max_batch:  # a compiled model sees one shape only
-            x = torch.cat([x, x[-1:].expand(self.max_batch - n, *x.shape[1:])])
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                                    enabled=self.amp_dtype is not None):
-            return self.model(x)[:n].float()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        while True:
-            try:
-                return torch.cat([self._run(x[s:s + self.max_batch]) for s in range(0, len(x), self.max_batch)])
-            except Exception as exc:
-                if not is_oom(exc) or self.max_batch == 1:
-                    raise
-                self.max_batch //= 2
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-
-    def probe(self, shape: tuple[int, ...], start: int) -> int:
-        """The largest batch up to ``start`` that runs (halving on out-of-memory); it becomes max_batch."""
-        self.max_batch = max(1, start)
-        self(torch.zeros(start, *shape, device=self.device).contiguous(memory_format=torch.channels_last))
-        return self.max_batch
-
-
-def _run_in_process(backbone, dec: Decoder, paths, batch_size, dev: torch.device, layout: Layout,
-                    rec: _Recorder, amp, compile_model) -> None:
-    from torch.utils.data import DataLoader
-
-    if dev.type == "cpu":
-        torch.set_num_threads(layout.threads)
-    model = backbone.model.to(dev).to(memory_format=torch.channels_last).eval()
-    amp_dtype = pick_amp(dev, amp) if dev.type == "cuda" else None
-    if compile_model and dev.type == "cuda":
-        model = torch.compile(model)
-    size = backbone.preprocessing.size
-    forward = Forward(model, dev, amp_dtype, batch_size or CPU_BATCH, pad=bool(compile_model and dev.type == "cuda"))
-    if batch_size is None and dev.type == "cuda":
-        forward.probe((3, size, size), min(GPU_MAX_BATCH, len(paths)))
-        torch.cuda.empty_cache()
-    batch = forward.max_batch
-    loader = DataLoader(
-        FileDataset(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
-        collate_fn=collate, pin_memory=dev.type == "cuda", worker_init_fn=die_with_parent,
-        prefetch_factor=4 if layout.loader_workers else None, persistent_workers=False,
-    )
-    cuda = dev.type == "cuda"
-    pending = None  # the batch whose embeddings are still on their way back from the device
-    for b in _timed(loader, rec):
-        bad = list(b["bad"])
-        parts, order = [], []
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda else None
-        t1 = time.perf_counter()
-        if cuda:
-            ev[0].record()
-        if b["pixels"] is not None:
-            parts.append(b["pixels"].to(dev, non_blocking=True))
-            order.extend(b["pixel_idx"])
-        if cuda:
-            ev[1].record()
-        else:
-            rec.time("copy", time.perf_counter() - t1)
-        t1 = time.perf_counter()
-        if b["jpeg_sizes"]:
-            jpegs = list(torch.split(b["jpeg_bytes"], b["jpeg_sizes"]))
-            tensors, fails = decode_on_device(jpegs, [paths[i] for i in b["jpeg_idx"]], dec, dev)
-            bad.extend((b["jpeg_idx"][k], r) for k, r in fails)
-            ok = [k for k, t in enumerate(tensors) if t is not None]
-            if ok:
-                parts.append(torch.stack([tensors[k] for k in ok]))
-                order.extend(b["jpeg_idx"][k] for k in ok)
-        if cuda:
-            ev[2].record()
-        else:
-            rec.time("decode (device)", time.perf_counter() - t1)
-        rec.failures(bad)
-        if parts:
-            x = (torch.cat(parts) if len(parts) > 1 else parts[0]).contiguous(memory_format=torch.channels_last)
-            t1 = time.perf_counter()
-            emb = forward(x)
-            if cuda:
-                # the copy back is queued behind the forward pass; it is collected after the next batch
-                # has been launched, so the device never waits for the host
-                host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
-                host.copy_(emb, non_blocking=True)
-                ev[3].record()
-                emb = host
-            else:
-                rec.time("forward", time.perf_counter() - t1)
-        else:
-            emb = None
-        if pending is not None:
-            _collect(pending, rec)
-        pending = (order, emb, ev, len(bad))
-    if pending is not None:
-        _collect(pending, rec)
-
-
-def _timed(loader, rec: _Recorder):
-    """Iterate the loader, timing how long the model waited for decoded batches."""
-    it = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            b = next(it)
-        except StopIteration:
-            return
-        rec.time("wait for decode", time.perf_counter() - t0)
-        rec.time("read+decode (workers)", b["decode_s"])
-        yield b
-
-
-def _collect(pending, rec: _Recorder) -> None:
-    """Wait for a batch's embeddings, record its device timings, hand it to the writer."""
-    order, emb, ev, n_bad = pending
-    if ev is not None:
-        ev[3].synchronize()
-        rec.time("copy", ev[0].elapsed_time(ev[1]) / 1000)
-        rec.time("decode (device)", ev[1].elapsed_time(ev[2]) / 1000)
-        rec.time("forward", ev[2].elapsed_time(ev[3]) / 1000)
-    if emb is not None:
-        rec.rows(order, emb.numpy())
-    rec.advance(len(order) + n_bad)
+    train = [k for k, s in enumerate(source.samples) if (s.split or split_of(s.id)) == "train"]
+    train.sort(key=lambda k: hashlib.sha256(source.samples[k].id.encode("utf-8", "surrogateescape")).hexdigest())
+    files = SampleFiles(source, train)
+    got, j = 0, 0
+    while got < n and j < len(files):
+        take = [files[i] for i in range(j, min(len(files), j + 32))]
+        j += len(take)
+        tensors, _, _ = decode_batch(dec, 0, take)
+        tensors = tensors[:n - got]
+        if tensors:
+            got += len(tensors)
+            yield torch.stack(tensors)

@@ -131,7 +131,8 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
         first = dict(handles[0].attrs)
         config = json.loads(first["config"])
         dim, dtype = int(first["dim"]), str(first["dtype"])
-        path = store_path(store_dir, dataset, StoreConfig(**{k: config[k] for k in StoreConfig.__dataclass_fields__}))
+        fields = {k: config[k] for k in StoreConfig.__dataclass_fields__ if k in config}  # f32 records no precision
+        path = store_path(store_dir, dataset, StoreConfig(**fields))
         rows = [h["embeddings"].shape[0] for h in handles]
         n = sum(rows)
         class_names = _merge_class_names([[str(c) for c in h["labels"].attrs.get("class_names", [])] for h in handles])

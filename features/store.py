@@ -70,9 +70,19 @@ class StoreConfig:
     pooling: str
     dtype: str  # "float32" or "float16": how embeddings are stored
     dim: int
+    precision: str = "f32"  # how the forward pass computes: f32, bf16 or int8
+    int8_recipe: dict | None = None  # at int8: how the model was quantized (features.runtimes.openvino_runtime)
 
     def as_dict(self) -> dict:
+        extra = {}
+        # f32 adds nothing, so stores written before precision was recorded (all f32) keep their name;
+        # any other precision (and the int8 recipe) gives a different fingerprint, hence another file
+        if self.precision != "f32":
+            extra["precision"] = self.precision
+        if self.int8_recipe is not None:
+            extra["int8_recipe"] = self.int8_recipe
         return {
+            **extra,
             "format_version": FORMAT_VERSION,
             "backbone": self.backbone,
             "weights_sha256": self.weights_sha256,
@@ -84,10 +94,12 @@ class StoreConfig:
         }
 
     @classmethod
-    def for_backbone(cls, backbone, dtype: str = DTYPES[0]) -> StoreConfig:
-        """The configuration of a store of ``backbone``'s embeddings stored as ``dtype``."""
+    def for_backbone(cls, backbone, dtype: str = DTYPES[0], precision: str = "f32",
+                     recipe: dict | None = None) -> StoreConfig:
+        """The configuration of a store of ``backbone``'s embeddings computed at ``precision`` (int8:
+        quantized by ``recipe``, features.runtimes.openvino_runtime.int8_recipe) and stored as ``dtype``."""
         return cls(backbone.name, backbone.weights_sha256, backbone.preprocessing.as_dict(),
-                   backbone.layer, backbone.pooling, dtype, backbone.dim)
+                   backbone.layer, backbone.pooling, dtype, backbone.dim, precision, recipe)
 
     @property
     def fingerprint(self) -> str:
@@ -494,6 +506,7 @@ class StoreWriter:
         self.committed_rows = 0
         self.added_rows = 0  # rows handed to this writer
         self.added_failures: list[tuple[str, str]] = []  # (escaped id, reason) handed to this writer
+        self.runtime: str | None = None  # what computes this run's rows (recorded, not fingerprinted)
 
     # -- context manager: the lock is released however the writer ends
     def __enter__(self) -> StoreWriter:
@@ -592,6 +605,8 @@ class StoreWriter:
 
         def fill(f):
             f.attrs["fingerprint"] = self.config.fingerprint
+            if self.runtime and ids:
+                f.attrs["runtime"] = self.runtime
             _write_table(f, ids, emb, content, self.config.dim, self.config.dtype, notes)
             write_failures(f, fail)
 
@@ -685,6 +700,16 @@ class StoreWriter:
                              maxshape=(None,))
             write_failures(f, fails)
             self._write_attrs(f, [p.name for p in parts])
+            runtimes = set()
+            for h in handles:  # every runtime whose rows the store holds (f32 runtimes share a store)
+                runtimes.update(json.loads(h.attrs.get("runtimes", "[]")))
+                if h.attrs.get("runtime"):
+                    runtimes.add(str(h.attrs["runtime"]))
+            if self.runtime:
+                runtimes.add(self.runtime)
+            f.attrs["runtimes"] = json.dumps(sorted(runtimes))
+            if self.runtime or runtimes:
+                f.attrs["runtime"] = self.runtime or sorted(runtimes)[-1]
 
         try:
             atomic_h5(self.path, fill)
@@ -720,6 +745,7 @@ class StoreWriter:
             "pooling": c.pooling,
             "dtype": c.dtype,
             "dim": c.dim,
+            "precision": c.precision,
             "library_versions": json.dumps(library_versions(), sort_keys=True),
             "merged_parts": json.dumps(sorted(merged_parts)),
             "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

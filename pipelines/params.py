@@ -27,8 +27,9 @@ from features.backbones import DEFAULT_BACKBONE, check_backbone_name
 from features.decode import DECODERS, DEFAULT_DECODER
 from features.export import EXPORT_FORMATS
 from features.runtime import AMP_MODES, DEFAULT_AMP, check_device
+from features.runtimes import PRECISIONS, RUNTIMES
 from features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
-from features.text import DEFAULT_TEXT_BACKBONE, LONG_TEXT, PRECISIONS as TEXT_PRECISIONS, RUNTIMES as TEXT_RUNTIMES
+from features.text import DEFAULT_TEXT_BACKBONE, LONG_TEXT
 
 
 def option(default=..., help: str = "", *, flag: str | None = None, positional: bool = False, repeat: bool = False,
@@ -139,10 +140,11 @@ class EngineOptions(Params):
     retry_failures: bool = option(False, "try again the files recorded as unusable")
     long_text: Literal[LONG_TEXT] = option(LONG_TEXT[0], "texts longer than the model's maximum length: truncate, "
                                            "or embed the mean of their chunks (fingerprinted)")
-    runtime: Literal[TEXT_RUNTIMES] = option(TEXT_RUNTIMES[0], "text backbones: auto (OpenVINO on a CPU when it agrees "
-                                             "with torch), torch or openvino")
-    precision: Literal[TEXT_PRECISIONS] = option(TEXT_PRECISIONS[0], "text backbones: how the forward pass computes "
-                                                 "(fingerprinted)")
+    runtime: Literal[RUNTIMES] = option(RUNTIMES[0], "what runs the forward pass (auto: OpenVINO on a CPU when it "
+                                        "converts and agrees with torch, else torch)")
+    precision: Literal[PRECISIONS] = option(PRECISIONS[0], "how the forward pass computes (part of the store's "
+                                            "fingerprint; bf16 where the CPU has it; int8 by NNCF post-training "
+                                            "quantization, images only)")
 
     @field_validator("backbone")
     @classmethod
@@ -164,8 +166,9 @@ class EngineOptions(Params):
 
     def engine(self) -> dict:
         """The keyword arguments of features.engine.extract that these options set."""
+        # a text backbone carries its precision itself (features.text); an image one gets it from extract()
         return self.model_dump(include=set(EngineOptions.model_fields) - {"backbone", "layer", "arch", "store_dir",
-                                                                          "long_text", "precision"})
+                                                                          "long_text"})
 
 
 class SourceOptions(Params):

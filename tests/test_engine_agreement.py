@@ -102,20 +102,21 @@ def _check(result, ref, minimum: float):
 
 
 def test_replicas_with_plain_decoding_match_to_1e4(lite0, photos, reference, tmp_path):
-    r = extract(photos, lite0, tmp_path, workers=2, batch_size=3, decoder="plain", progress=False, say=lambda s: None)
+    r = extract(photos, lite0, tmp_path, workers=2, batch_size=3, decoder="plain", runtime="torch", progress=False,
+                say=lambda s: None)
     assert r.layout.startswith("cpu: 2 replicas")
     _check(r, reference, 0.9999)
 
 
 def test_fast_decoding_in_replicas_matches_to_1e3(lite0, photos, reference, tmp_path):
-    r = extract(photos, lite0, tmp_path, workers=2, batch_size=4, progress=False, say=lambda s: None)
+    r = extract(photos, lite0, tmp_path, workers=2, batch_size=4, runtime="torch", progress=False, say=lambda s: None)
     assert r.embedded == len(reference) and r.failed == 1
     assert {"read", "decode", "forward"} <= set(r.stages)
     _check(r, reference, 0.999)
 
 
 def test_fast_decoding_in_one_process_matches_to_1e3(lite0, photos, reference, tmp_path):
-    r = extract(photos, lite0, tmp_path, workers=0, batch_size=5, progress=False, say=lambda s: None)
+    r = extract(photos, lite0, tmp_path, workers=0, batch_size=5, runtime="torch", progress=False, say=lambda s: None)
     assert r.layout.startswith("cpu: 1 process")
     _check(r, reference, 0.999)
 

@@ -1,0 +1,366 @@
+"""Run paths: how decoded batches reach a runtime and its embeddings reach the store.
+
+Three paths, chosen by :func:`features.engine.extract` from the runtime and the layout
+(features.runtime.choose_layout; docs/engine.md):
+
+- :func:`run_replicas` (torch on a CPU): N worker processes, each holding the model on its own
+  threads and decoding its batches inline; the parent only receives embeddings and writes.
+- :func:`run_pipelined` (OpenVINO on a CPU): the runtime's asynchronous infer requests in this
+  process, fed by decoding worker processes, so that decoding overlaps inference; on a CPU both
+  share the cores, and the ceiling is 1 / (1/forward + 1/decode).
+- :func:`run_in_process` (CUDA, MPS, or a CPU with one core): DataLoader workers read (and on a CPU
+  decode); on CUDA JPEGs are decoded on the device; copies and forward passes overlap.
+
+Every path reports failures as (position, reason) and embeddings as (positions, array) to the
+recorder (features.engine._Recorder), and keeps memory flat with bounded queues.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import queue
+import sys
+import threading
+import time
+import traceback
+
+import torch
+
+from features.decode import Decoder, decode_on_device, read_for_gpu
+from features.images import ImageError
+from features.processes import die_with_parent
+from features.runtime import GPU_MAX_BATCH, Layout
+
+CPU_BATCH = 32
+
+
+def worker_started(_worker_id=None) -> None:
+    """Called first in every worker process this package starts (replicas, decoding workers; it is
+    also a DataLoader ``worker_init_fn``): a killed parent (SIGKILL included) takes it with it."""
+    die_with_parent()
+    steady_allocator()
+
+
+def chunks(n: int, batch: int, replicas: int) -> list[tuple[int, int]]:
+    """Batches of ``batch``; the last ones smaller, so that replicas finish together."""
+    out, start = [], 0
+    tail = max(0, n - replicas * batch)
+    while start < tail:
+        out.append((start, min(start + batch, tail)))
+        start = out[-1][1]
+    small = max(1, batch // 4)
+    while start < n:
+        out.append((start, min(start + small, n)))
+        start = out[-1][1]
+    return out
+
+
+def decode_batch(dec: Decoder, start: int, batch_paths: list[str]):
+    tensors, idx, bad = [], [], []
+    for j, path in enumerate(batch_paths, start):
+        try:
+            tensors.append(dec(path))
+            idx.append(j)
+        except ImageError as exc:
+            bad.append((j, str(exc)))
+        except Exception as exc:  # a decoder bug must cost one file, not the run
+            bad.append((j, f"cannot decode: {type(exc).__name__}: {exc}"))
+    return tensors, idx, bad
+
+
+def steady_allocator() -> None:
+    """Keep freed memory in this process's heap instead of handing it back and asking for it again
+    with every batch (glibc only; elsewhere nothing happens). The resident size then rises to the
+    working set within a few batches and stays there, instead of see-sawing by tens of megabytes,
+    and the forward pass stops paying page faults for its activations."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not return the top of the heap
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MiB come from the heap
+    except (OSError, AttributeError):
+        pass
+
+
+def _replica(rank, runtime, dec, threads, tasks, results):
+    """One worker process: take batches of (first position, paths), decode them inline, run the
+    runtime, send the embeddings back."""
+    try:
+        worker_started()
+        runtime.in_worker(threads)
+        waited = 0.0
+        with torch.inference_mode():
+            while (task := tasks.get()) is not None:
+                before = dict(dec.timings)
+                tensors, idx, bad = decode_batch(dec, *task)
+                emb, t0 = None, time.perf_counter()
+                if tensors:
+                    emb = runtime.embed(torch.stack(tensors))
+                times = {"read": dec.timings["read"] - before["read"], "decode": dec.timings["decode"] - before["decode"],
+                         "forward": time.perf_counter() - t0, "blocked on writer": waited}
+                t1 = time.perf_counter()
+                results.put(("batch", idx, emb, bad, times))
+                waited = time.perf_counter() - t1  # blocked on a full queue: the parent's writing is behind
+        results.put(("done", rank, None, None, None))
+    except BaseException:
+        results.put(("error", rank, traceback.format_exc(), None, None))
+
+
+def mp_context(threads: int = 1):
+    """fork shares the model with the workers at no cost and starts them in milliseconds. It is safe
+    for single-threaded workers only: a forked child that runs OpenMP on several threads after its
+    parent did can hang (GNU libgomp), and fork is unsafe on macOS; those cases use spawn, which
+    pickles the model once per worker."""
+    return mp.get_context("fork" if sys.platform.startswith("linux") and threads == 1 else "spawn")
+
+
+def run_replicas(runtime, dec: Decoder, paths, batch: int, layout: Layout, rec) -> None:
+    ctx = mp_context(layout.threads)
+    runtime.model  # noqa: B018 - laid out (channels_last, eval) once in the parent: forked replicas share it
+    # both queues are bounded and the paths travel with the tasks, so memory stays flat however many
+    # images there are; gc.freeze keeps the children's garbage collector off the parent's objects
+    # (touching them would copy their pages into every child)
+    tasks = ctx.Queue(maxsize=4 * layout.replicas)
+    results = ctx.Queue(maxsize=2 * layout.replicas)
+    procs = [ctx.Process(target=_replica, args=(r, runtime, dec, layout.threads, tasks, results),
+                         name=f"featurebank-replica-{r}", daemon=True) for r in range(layout.replicas)]
+    gc.freeze()
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        gc.unfreeze()
+    stop = threading.Event()
+
+    def feed():
+        for a, b in chunks(len(paths), batch, layout.replicas):
+            item = (a, [paths[j] for j in range(a, b)])
+            while not stop.is_set():
+                try:
+                    tasks.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    pass
+        for _ in procs:
+            while not stop.is_set():
+                try:
+                    tasks.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    pass
+
+    feeder = threading.Thread(target=feed, name="featurebank-feeder", daemon=True)
+    feeder.start()
+    done = 0
+    try:
+        while done < len(procs):
+            try:
+                kind, a, b, c, times = results.get(timeout=2.0)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a model replica died (exit code {dead[0].exitcode}); "
+                                       "if it ran out of memory, pass fewer workers or a smaller batch size") from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"model replica {a} failed:\n{b}")
+            if kind == "done":
+                done += 1
+                continue
+            idx, emb, bad = a, b, c
+            for stage, t in times.items():
+                rec.time(stage, t)
+            rec.failures(bad)
+            if idx:
+                rec.rows(idx, emb)
+            rec.advance(len(idx) + len(bad))
+    finally:
+        stop.set()
+        for p in procs:
+            if p.is_alive() and done < len(procs):
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+        feeder.join(timeout=5)
+        tasks.cancel_join_thread()
+        tasks.close()
+        results.close()
+
+
+# --- one process: CUDA (GPU decoding), MPS, or a CPU with one core
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Per item (position, kind, payload, reason): on a GPU layout a JPEG's bytes, otherwise the
+    finished tensor; a failure is returned, never raised."""
+
+    def __init__(self, paths, dec: Decoder, gpu_decode: bool):
+        self.paths, self.dec, self.gpu_decode = paths, dec, gpu_decode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        t0 = time.perf_counter()
+        try:
+            if self.gpu_decode:
+                kind, payload = read_for_gpu(self.paths[i], self.dec)
+            else:
+                kind, payload = "pixels", self.dec(self.paths[i])
+            return i, kind, payload, None, time.perf_counter() - t0
+        except ImageError as exc:
+            return i, None, None, str(exc), time.perf_counter() - t0
+        except Exception as exc:  # a decoder bug must cost one file, not the run
+            return i, None, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0
+
+
+def collate(items):
+    """One batch: the JPEGs' bytes as one flat tensor with their sizes (one shared-memory block per
+    batch, not one per file), the CPU-decoded images stacked, and the failures."""
+    pixels = [(i, p) for i, k, p, _, _ in items if k == "pixels"]
+    jpegs = [p for _, k, p, _, _ in items if k == "jpeg"]
+    return {
+        "jpeg_idx": [i for i, k, _, _, _ in items if k == "jpeg"],
+        "jpeg_bytes": torch.cat(jpegs) if jpegs else None,
+        "jpeg_sizes": [len(p) for p in jpegs],
+        "pixel_idx": [i for i, _ in pixels],
+        "pixels": torch.stack([p for _, p in pixels]) if pixels else None,
+        "bad": [(i, r) for i, _, _, r, _ in items if r is not None],
+        "decode_s": sum(t for *_, t in items),
+    }
+
+
+def run_in_process(runtime, dec: Decoder, paths, batch_size, dev: torch.device, layout: Layout,
+                   rec, amp, compile_model) -> None:
+    from torch.utils.data import DataLoader
+
+    if dev.type == "cpu":
+        torch.set_num_threads(layout.threads)
+    forward = runtime.forward(amp, batch_size or CPU_BATCH, pad=bool(compile_model and dev.type == "cuda"))
+    if compile_model and dev.type == "cuda":
+        forward.model = torch.compile(forward.model)
+    size = runtime.size
+    if batch_size is None and dev.type == "cuda":
+        forward.probe((3, size, size), min(GPU_MAX_BATCH, len(paths)))
+        torch.cuda.empty_cache()
+    batch = forward.max_batch
+    loader = DataLoader(
+        FileDataset(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
+        collate_fn=collate, pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if layout.loader_workers else None, persistent_workers=False,
+        worker_init_fn=worker_started if layout.loader_workers else None,
+    )
+    cuda = dev.type == "cuda"
+    pending = None  # the batch whose embeddings are still on their way back from the device
+    for b in _timed(loader, rec):
+        bad = list(b["bad"])
+        parts, order = [], []
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda else None
+        t1 = time.perf_counter()
+        if cuda:
+            ev[0].record()
+        if b["pixels"] is not None:
+            parts.append(b["pixels"].to(dev, non_blocking=True))
+            order.extend(b["pixel_idx"])
+        if cuda:
+            ev[1].record()
+        else:
+            rec.time("copy", time.perf_counter() - t1)
+        t1 = time.perf_counter()
+        if b["jpeg_sizes"]:
+            jpegs = list(torch.split(b["jpeg_bytes"], b["jpeg_sizes"]))
+            tensors, fails = decode_on_device(jpegs, [paths[i] for i in b["jpeg_idx"]], dec, dev)
+            bad.extend((b["jpeg_idx"][k], r) for k, r in fails)
+            ok = [k for k, t in enumerate(tensors) if t is not None]
+            if ok:
+                parts.append(torch.stack([tensors[k] for k in ok]))
+                order.extend(b["jpeg_idx"][k] for k in ok)
+        if cuda:
+            ev[2].record()
+        else:
+            rec.time("decode (device)", time.perf_counter() - t1)
+        rec.failures(bad)
+        if parts:
+            x = (torch.cat(parts) if len(parts) > 1 else parts[0]).contiguous(memory_format=torch.channels_last)
+            t1 = time.perf_counter()
+            emb = forward(x)
+            if cuda:
+                # the copy back is queued behind the forward pass; it is collected after the next batch
+                # has been launched, so the device never waits for the host
+                host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
+                host.copy_(emb, non_blocking=True)
+                ev[3].record()
+                emb = host
+            else:
+                rec.time("forward", time.perf_counter() - t1)
+        else:
+            emb = None
+        if pending is not None:
+            _collect(pending, rec)
+        pending = (order, emb, ev, len(bad))
+    if pending is not None:
+        _collect(pending, rec)
+
+
+def _timed(loader, rec):
+    """Iterate the loader, timing how long the model waited for decoded batches."""
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        rec.time("wait for decode", time.perf_counter() - t0)
+        rec.time("read+decode (workers)", b["decode_s"])
+        yield b
+
+
+def _collect(pending, rec) -> None:
+    """Wait for a batch's embeddings, record its device timings, hand it to the writer."""
+    order, emb, ev, n_bad = pending
+    if ev is not None:
+        ev[3].synchronize()
+        rec.time("copy", ev[0].elapsed_time(ev[1]) / 1000)
+        rec.time("decode (device)", ev[1].elapsed_time(ev[2]) / 1000)
+        rec.time("forward", ev[2].elapsed_time(ev[3]) / 1000)
+    if emb is not None:
+        rec.rows(order, emb.numpy())
+    rec.advance(len(order) + n_bad)
+
+
+def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec) -> None:
+    """An asynchronous runtime (OpenVINO) in this process, fed by ``layout.loader_workers`` decoding
+    processes through a DataLoader: decoding the next batches overlaps the requests in flight.
+    Batches are the runtime's static batch size; failures shorten a batch, which the runtime pads."""
+    from torch.utils.data import DataLoader
+
+    workers = layout.loader_workers
+    loader = DataLoader(
+        FileDataset(paths, dec, False), batch_size=runtime.batch, num_workers=workers, collate_fn=collate,
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+        worker_init_fn=worker_started if workers else None,
+        multiprocessing_context=mp_context() if workers else None,
+    )
+    busy = {"t": time.perf_counter()}
+
+    def batches():
+        for b in _timed(loader, rec):
+            bad = list(b["bad"])
+            rec.failures(bad)
+            if b["pixels"] is None:
+                rec.advance(len(bad))
+                continue
+            busy["t"] = time.perf_counter()
+            yield (b["pixel_idx"], len(bad)), b["pixels"]
+
+    t0 = time.perf_counter()
+    for (order, n_bad), emb in runtime.map(batches()):
+        rec.rows(order, emb)
+        rec.advance(len(order) + n_bad)
+    # the requests run in OpenVINO's threads, overlapped with decoding: their share is wall time
+    # less the time spent waiting for decoded batches
+    rec.time("forward", max(0.0, time.perf_counter() - t0 - rec.stages.get("wait for decode", 0.0)))
+

@@ -1,0 +1,128 @@
+"""Runtimes: what turns a prepared batch (a float tensor [B, 3, H, W]) into numpy embeddings [B, D].
+
+A runtime owns how the forward pass uses the machine (replicas and threads for torch; infer requests
+and streams for OpenVINO), its warm-up and its memory estimate. The engine (features.engine) decides
+what to embed and commits it; the run paths (features.runpaths) feed decoded batches to a runtime and
+hand its embeddings to the store. Adding a runtime means one module here and one line in
+:func:`create_runtime`: neither the store, nor the sources, nor the probes change.
+
+``precision`` is how the forward pass computes (f32, bf16, int8); it is part of the store's fingerprint
+(features.store.StoreConfig). Runtimes at f32 share a store: they agree to a cosine of 0.9999 per image
+on real photos (tests/test_runtimes.py), and the store records which runtime wrote it.
+
+``runtime="auto"`` (the default): OpenVINO on a CPU when it is installed, the backbone converts and
+its embeddings of the dataset's first images agree with the eager torch module; otherwise torch, with
+one line saying why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+RUNTIMES = ("auto", "torch", "openvino")
+PRECISIONS = ("f32", "bf16", "int8")
+# auto's agreement check against the eager f32 module, per image, on the dataset's first images
+AGREEMENT = {"f32": 0.9999, "bf16": 0.99}
+CHECK_IMAGES = 8
+
+
+class RuntimeUnavailable(RuntimeError):
+    """This runtime cannot run this backbone/precision here; the message says why in one line."""
+
+
+class Runtime:
+    """The interface the run paths use. Subclasses: TorchRuntime, OpenVINORuntime."""
+
+    name = "runtime"
+    precision = "f32"
+    #: True: the runtime overlaps its own work (async requests) and runs in the calling process, fed by
+    #: decoding workers (features.runpaths.run_pipelined); False: synchronous (replicas or one process)
+    pipelined = False
+
+    def layout(self, device: torch.device, n_images: int, batch: int, workers: int | None):
+        """How this runtime lays an extraction out on the machine (a features.runtime.Layout)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name} {self.precision}"
+
+    def memory_bytes(self, batch: int) -> int:
+        """Estimated working set of one instance (weights + activations of one batch)."""
+        raise NotImplementedError
+
+    def warmup(self) -> None:
+        """Run once on zeros so that the first real batch pays no one-off cost."""
+
+    def embed(self, x: torch.Tensor) -> np.ndarray:
+        """Embeddings of one batch of any size, synchronously."""
+        raise NotImplementedError
+
+    def map(self, batches: Iterable[tuple[object, torch.Tensor]]) -> Iterator[tuple[object, np.ndarray]]:
+        """(tag, batch) in, (tag, embeddings) out, possibly out of order and overlapped; the default
+        is synchronous."""
+        for tag, x in batches:
+            yield tag, self.embed(x)
+
+    def in_worker(self, threads: int) -> None:
+        """Called at the start of a replica process (torch sets its thread count)."""
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(den, 1e-12)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
+def create_runtime(runtime: str, backbone, device: torch.device, precision: str = "f32", batch: int = 32,
+                   first_images: Callable[[], torch.Tensor | None] | None = None, say: Callable[[str], None] = print,
+                   calibration: Callable[[], Iterable[torch.Tensor]] | None = None, int8_key: str = "",
+                   calibration_samples: int = 300) -> Runtime:
+    """The runtime that embeds ``backbone`` on ``device`` at ``precision``.
+
+    ``auto``: OpenVINO on a CPU when it is installed, the backbone converts and (f32, bf16) it agrees
+    with the eager module on ``first_images()``; otherwise torch, saying why in one line. An explicit
+    ``openvino`` that cannot run raises RuntimeUnavailable; ``torch`` runs f32 (and bf16 by autocast).
+    ``calibration()`` yields the int8 calibration batches, ``int8_key`` names the calibration set in
+    the quantized model's cache key.
+    """
+    from features.runtimes.torch_runtime import TorchRuntime
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    check_precision(precision)
+    if runtime == "torch" or (runtime == "auto" and device.type != "cpu"):
+        if precision == "int8":
+            raise RuntimeUnavailable("precision int8 needs the OpenVINO runtime on a CPU (--runtime openvino)")
+        return TorchRuntime(backbone, device, precision, batch)
+    if device.type != "cpu":
+        raise RuntimeUnavailable(f"the OpenVINO runtime runs on the CPU here, not on {device.type}: use --runtime torch")
+    try:
+        from features.runtimes.openvino_runtime import OpenVINORuntime
+
+        ov = OpenVINORuntime(backbone, precision, batch, calibration=calibration, int8_key=int8_key,
+                             calibration_samples=calibration_samples, say=say)
+    except RuntimeUnavailable as exc:
+        if runtime == "openvino" or precision == "int8":
+            raise
+        say(f"runtime: torch ({exc})")
+        return TorchRuntime(backbone, device, precision, batch)
+    if runtime == "auto" and precision in AGREEMENT and first_images is not None:
+        x = first_images()
+        if x is not None and len(x):
+            eager = TorchRuntime(backbone, device, "f32", len(x)).embed(x)
+            worst = float(cosines(ov.embed(x), eager).min())
+            if worst < AGREEMENT[precision]:
+                say(f"runtime: torch (OpenVINO {precision} disagrees with the eager model on the first "
+                    f"{len(x)} images: cosine {worst:.6f} < {AGREEMENT[precision]})")
+                ov.close()
+                return TorchRuntime(backbone, device, precision, batch)
+    return ov

@@ -1,0 +1,273 @@
+"""The OpenVINO runtime on the CPU: the backbone converted once, cached on disk, compiled for throughput.
+
+- Conversion: ``openvino.convert_model`` traces the eval-mode module under ``torch.no_grad()`` with an
+  example input. The result is saved with ``compress_to_fp16=False`` (``save_model`` compresses weights
+  to FP16 by default, and a cached model would then differ from a fresh conversion).
+- Cache: ``<cache>/openvino/<key>/model.xml|.bin`` where the key covers the backbone's identity (name,
+  weights sha256, layer, pooling, input size), the model kind (float, or int8 with its recipe and
+  calibration set) and the openvino version. Written to a temporary folder and renamed, so every
+  process (the test suite, Dask shards) shares one cache and never reads half a model. The cache is
+  ``$FEATUREBANK_CACHE_DIR`` or ``$XDG_CACHE_HOME/featurebank`` (default ``~/.cache/featurebank``).
+- Compilation: a static batch shape (the last, partial batch is padded: no second compilation),
+  ``PERFORMANCE_HINT=THROUGHPUT`` and ``INFERENCE_PRECISION_HINT`` set explicitly (f32 or bf16: the CPU
+  plugin silently computes in bf16 on CPUs with AVX512_BF16 or AMX unless told f32), an
+  ``OPTIMAL_NUMBER_OF_INFER_REQUESTS`` asynchronous infer requests kept busy round robin (streams
+  decided by OpenVINO). Not an ``AsyncInferQueue``: its Python callbacks run in OpenVINO's threads and
+  need the GIL, and waiting for the queue while holding it hung intermittently here.
+- int8: NNCF post-training quantization (its default recipe) of the float model, calibrated on
+  samples of the dataset's train split, cached by key under a file lock (one calibration per store,
+  shared by a grown folder and by every shard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from features.runtime import Layout, model_bytes, usable_cores
+from features.runtimes import Runtime, RuntimeUnavailable
+
+CALIBRATION_SAMPLES = 300
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (shared by all processes of this user)."""
+    env = os.environ.get("FEATUREBANK_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featurebank"
+
+
+def _openvino():
+    try:
+        import openvino as ov
+    except ImportError:
+        raise RuntimeUnavailable("openvino is not installed (pip install openvino)") from None
+    return ov
+
+
+def openvino_version() -> str:
+    ov = _openvino()
+    return ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
+
+
+def int8_recipe(samples: int = CALIBRATION_SAMPLES) -> dict:
+    """How int8 models are made; part of the store's fingerprint at precision int8."""
+    from importlib.metadata import version
+
+    return {"method": "nncf.quantize (post-training, default recipe)", "nncf": version("nncf"),
+            "calibration": f"{samples} train-split samples, lowest sha256 of the id first",
+            "other_layers": "f32"}
+
+
+def cpu_has_bf16() -> bool:
+    ov = _openvino()
+    try:
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:
+        return False
+    return "BF16" in [str(c).upper() for c in caps]
+
+
+def backbone_key(backbone) -> dict:
+    return {"backbone": backbone.name, "weights_sha256": backbone.weights_sha256, "layer": backbone.layer,
+            "pooling": backbone.pooling, "size": backbone.preprocessing.size}
+
+
+def _key(backbone, kind: dict) -> str:
+    blob = json.dumps({**backbone_key(backbone), **kind, "openvino": openvino_version()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _write_atomically(final: Path, write: Callable[[Path], dict]) -> None:
+    """``write(folder)`` into a temporary folder beside ``final``, then rename it into place; when
+    another process got there first, its model is kept and this one discarded."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        meta = write(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "model.xml").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert(backbone) -> object:
+    """A fresh OpenVINO model of the backbone (no cache)."""
+    ov = _openvino()
+    size = backbone.preprocessing.size
+    model = backbone.model
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    try:
+        with torch.no_grad():
+            return ov.convert_model(model, example_input=torch.zeros(1, 3, size, size))
+    except Exception as exc:
+        line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise RuntimeUnavailable(f"{backbone.name} does not convert to OpenVINO ({line})") from None
+
+
+def float_model_path(backbone, say: Callable[[str], None] = lambda s: None) -> Path:
+    """The cached float (f32 weights) model of ``backbone``, converting it on first use."""
+    ov = _openvino()
+    folder = cache_dir() / "openvino" / _key(backbone, {"kind": "float"})
+    if not (folder / "model.xml").is_file():
+        def write(tmp: Path) -> dict:
+            t0 = time.perf_counter()
+            m = convert(backbone)
+            ov.save_model(m, str(tmp / "model.xml"), compress_to_fp16=False)
+            return {**backbone_key(backbone), "kind": "float", "openvino": openvino_version(),
+                    "conversion_seconds": round(time.perf_counter() - t0, 2)}
+
+        say(f"converting {backbone.name} to OpenVINO (once; cached in {folder.parent})")
+        _write_atomically(folder, write)
+    return folder / "model.xml"
+
+
+def int8_model_path(backbone, calibration: Callable[[], Iterable[torch.Tensor]], key: str, samples: int,
+                    say: Callable[[str], None] = lambda s: None) -> Path:
+    """The cached int8 model, quantized by NNCF on ``calibration()``'s images on first use."""
+    from filelock import FileLock
+
+    ov = _openvino()
+    recipe = int8_recipe(samples)
+    folder = cache_dir() / "openvino" / _key(backbone, {"kind": "int8", "recipe": recipe, "calibration_set": key})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):  # shards of one store calibrate once, not once each
+        if not (folder / "model.xml").is_file():
+            try:
+                import nncf
+            except ImportError:
+                raise RuntimeUnavailable("precision int8 needs nncf (pip install nncf)") from None
+            base = ov.Core().read_model(str(float_model_path(backbone, say)))
+
+            def write(tmp: Path) -> dict:
+                t0 = time.perf_counter()
+                items = [x[i:i + 1].numpy() for x in calibration() for i in range(len(x))]
+                if not items:
+                    raise RuntimeUnavailable("precision int8 needs calibration samples from the train split; none decode")
+                q = nncf.quantize(base, nncf.Dataset(items), subset_size=len(items))
+                ov.save_model(q, str(tmp / "model.xml"), compress_to_fp16=False)
+                return {**backbone_key(backbone), "kind": "int8", "recipe": recipe, "calibration_set": key,
+                        "calibration_images": len(items), "openvino": openvino_version(),
+                        "quantization_seconds": round(time.perf_counter() - t0, 2)}
+
+            say(f"calibrating int8 {backbone.name} on {samples} train samples (once; cached in {folder.parent})")
+            _write_atomically(folder, write)
+    return folder / "model.xml"
+
+
+class OpenVINORuntime(Runtime):
+    name = "openvino"
+    pipelined = True
+
+    def __init__(self, backbone, precision: str = "f32", batch: int = 32, *, calibration=None, int8_key: str = "",
+                 calibration_samples: int = CALIBRATION_SAMPLES, say: Callable[[str], None] = lambda s: None,
+                 model_path: str | os.PathLike | None = None):
+        ov = _openvino()
+        if precision == "bf16" and not cpu_has_bf16():
+            raise RuntimeUnavailable("precision bf16 needs a CPU with bf16 support (AVX512_BF16 or AMX); this one has none")
+        self.backbone, self.precision, self.batch = backbone, precision, max(1, int(batch))
+        self.size = backbone.preprocessing.size
+        if model_path is None:
+            if precision == "int8":
+                if calibration is None:
+                    raise RuntimeUnavailable("precision int8 needs calibration samples (extract() provides them)")
+                model_path = int8_model_path(backbone, calibration, int8_key, calibration_samples, say)
+            else:
+                model_path = float_model_path(backbone, say)
+        self.model_path = Path(model_path)
+        core = ov.Core()
+        model = core.read_model(str(self.model_path))
+        try:
+            model.reshape([self.batch, 3, self.size, self.size])
+        except Exception as exc:
+            raise RuntimeUnavailable(f"{backbone.name} cannot take a static batch in OpenVINO ({exc})") from None
+        config = {"PERFORMANCE_HINT": "THROUGHPUT",
+                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
+        self._requests = None
+
+    def close(self) -> None:
+        self._requests = None
+        self.compiled = None
+
+    def describe(self) -> str:
+        return f"openvino {self.precision}, {self.requests} requests x batch {self.batch}, {self.streams} streams"
+
+    def layout(self, device, n_images, batch, workers) -> Layout:
+        # decoding runs in worker processes while the requests run: both share the cores
+        cores = usable_cores()
+        loader = max(1, cores) if workers is None else workers
+        return Layout("cpu", 0, cores, loader)
+
+    def memory_bytes(self, batch: int) -> int:
+        return model_bytes(self.backbone.model) + self.requests * self.batch * 3 * self.size * self.size * 4 * 24
+
+    def _padded(self, x: torch.Tensor) -> np.ndarray:
+        a = np.ascontiguousarray(x.detach().cpu().float().numpy())
+        if len(a) < self.batch:  # the static shape: pad the last batch by repeating its last image
+            a = np.concatenate([a, np.repeat(a[-1:], self.batch - len(a), 0)])
+        return a
+
+    def warmup(self) -> None:
+        self.embed(torch.zeros(1, 3, self.size, self.size))
+
+    def embed(self, x: torch.Tensor) -> np.ndarray:
+        return np.concatenate([e for _, e in sorted(self.map((s, x[s:s + self.batch]) for s in range(0, len(x), self.batch)),
+                                                    key=lambda te: te[0])])
+
+    def map(self, batches: Iterable[tuple[object, torch.Tensor]]) -> Iterator[tuple[object, np.ndarray]]:
+        """Keep ``requests`` infer requests busy, round robin: a request's result is collected (with
+        ``wait``, which releases the GIL) just before it takes the next batch. No Python callbacks run
+        in OpenVINO's threads, so nothing there waits for the GIL that this thread holds."""
+        if self._requests is None:
+            self._requests = [self.compiled.create_infer_request() for _ in range(self.requests)]
+        reqs = self._requests
+        pending: list = [None] * len(reqs)  # per request: (tag, n, input kept alive) or None
+        k = 0
+
+        def collect(i):
+            tag, n, _keep = pending[i]
+            reqs[i].wait()
+            pending[i] = None
+            return tag, np.array(reqs[i].get_output_tensor(0).data[:n], np.float32)
+
+        try:
+            for tag, x in batches:
+                if len(x) > self.batch:
+                    raise ValueError(f"batch of {len(x)} images for a runtime compiled for {self.batch}")
+                a = self._padded(x)
+                if pending[k] is not None:
+                    yield collect(k)
+                reqs[k].start_async({0: a}, share_inputs=True)
+                pending[k] = (tag, len(x), a)
+                k = (k + 1) % len(reqs)
+            for _ in range(len(reqs)):
+                if pending[k] is not None:
+                    yield collect(k)
+                k = (k + 1) % len(reqs)
+        finally:
+            for i, p in enumerate(pending):  # an abandoned run: let the requests finish before returning
+                if p is not None:
+                    reqs[i].wait()
