@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.cache import cache_root
 from data.sources import REMOTE_FOLDER_DETECTORS, TABLE_SUFFIXES, TAR_SUFFIXES, SourceError, file_fingerprint, is_remote
 
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gs"), "gcs": ("gcsfs", "gs"),
@@ -72,7 +73,7 @@ def filesystem(url: str, storage_options: dict | None = None):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FEATUREBANK_CACHE") or Path.home() / ".cache" / "featurebank") / "remote"
+    return cache_root() / "remote"
 
 
 def _identity(info: dict) -> str:

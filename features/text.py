@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data.cache import cache_root
 from features.backbones import BackboneError
 from features.hashing import file_sha256
 
@@ -300,8 +301,8 @@ AGREEMENT = 0.9999  # runtime "auto" keeps OpenVINO only when it agrees with tor
 
 
 def cache_dir() -> Path:
-    """Where converted encoders are kept, shared by every process (``FEATUREBANK_CACHE`` overrides)."""
-    return Path(os.environ.get("FEATUREBANK_CACHE") or Path.home() / ".cache" / "featurebank") / "openvino"
+    """Where converted encoders are kept, shared by every process (data.cache's folder)."""
+    return cache_root() / "openvino"
 
 
 class TorchTextRuntime:

@@ -332,7 +332,7 @@ def test_parquet_on_a_loopback_http_server_without_range_support(formats, tmp_pa
     import socket
 
     folder, parquet, _, items = formats
-    monkeypatch.setenv("FEATUREBANK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEATUREBANK_CACHE_DIR", str(tmp_path / "cache"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

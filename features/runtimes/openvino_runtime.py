@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.cache import cache_root
 from features.runtime import Layout, model_bytes, usable_cores
 from features.runtimes import Runtime, RuntimeUnavailable
 
@@ -40,11 +42,8 @@ CALIBRATION_SAMPLES = 300
 
 
 def cache_dir() -> Path:
-    """Where converted models are kept (shared by all processes of this user)."""
-    env = os.environ.get("FEATUREBANK_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featurebank"
+    """Where converted models are kept (shared by all processes of this user): data.cache's folder."""
+    return cache_root()
 
 
 def _openvino():
@@ -175,6 +174,31 @@ def int8_model_path(backbone, calibration: Callable[[], Iterable[torch.Tensor]],
     return folder / "model.xml"
 
 
+class _StaticShapeError(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(model_path: str, batch: int, size: int, precision: str):
+    """One compiled model per (file, batch, input size, precision) in a process, shared by every runtime
+    made from it (each keeps its own infer requests): a process that extracts many times (a Prefect
+    worker, the test suite) compiles once and does not create and tear down OpenVINO's thread pools
+    again and again. The file's name holds its cache key, so a changed model is another entry."""
+    core = _core()
+    model = core.read_model(model_path)
+    try:
+        model.reshape([batch, 3, size, size])
+    except Exception as exc:
+        raise _StaticShapeError(str(exc)) from None
+    config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    return core.compile_model(model, "CPU", config)
+
+
+@functools.lru_cache(maxsize=1)
+def _core():
+    return _openvino().Core()
+
+
 class OpenVINORuntime(Runtime):
     name = "openvino"
     pipelined = True
@@ -182,7 +206,7 @@ class OpenVINORuntime(Runtime):
     def __init__(self, backbone, precision: str = "f32", batch: int = 32, *, calibration=None, int8_key: str = "",
                  calibration_samples: int = CALIBRATION_SAMPLES, say: Callable[[str], None] = lambda s: None,
                  model_path: str | os.PathLike | None = None):
-        ov = _openvino()
+        _openvino()  # one line where OpenVINO is not installed
         if precision == "bf16" and not cpu_has_bf16():
             raise RuntimeUnavailable("precision bf16 needs a CPU with bf16 support (AVX512_BF16 or AMX); this one has none")
         self.backbone, self.precision, self.batch = backbone, precision, max(1, int(batch))
@@ -195,15 +219,10 @@ class OpenVINORuntime(Runtime):
             else:
                 model_path = float_model_path(backbone, say)
         self.model_path = Path(model_path)
-        core = ov.Core()
-        model = core.read_model(str(self.model_path))
         try:
-            model.reshape([self.batch, 3, self.size, self.size])
-        except Exception as exc:
+            self.compiled = _compiled(str(self.model_path), self.batch, self.size, precision)
+        except _StaticShapeError as exc:
             raise RuntimeUnavailable(f"{backbone.name} cannot take a static batch in OpenVINO ({exc})") from None
-        config = {"PERFORMANCE_HINT": "THROUGHPUT",
-                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-        self.compiled = core.compile_model(model, "CPU", config)
         self.requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
         self._requests = None
