@@ -136,8 +136,8 @@ def test_csv_corpus_extract_train_predict_through_the_cli(tmp_path, capsys):
     args = ["--text-column", "body", "--label-column", "topic", "--store", str(tmp_path / "store")]
     assert main(["run", str(train_csv), *args, "--out", str(tmp_path / "runs"), "--probes", "logreg",
                  "--pixel-baseline", "--no-prefect"]) == 0
-    out = capsys.readouterr().out
-    assert '"tfidf"' in out and "failed 1" in out
+    out, err = capsys.readouterr()
+    assert '"tfidf"' in out and "failed 1" in err  # stdout: the metrics JSON; stderr: the summary
     new = [(x[2].decode("utf-8", "replace")[:400], x[0]) for t in topics for x in [a for a in arts if a[0] == t][40:44]]
     new_csv = _write_csv(tmp_path / "new.csv", new)
     classifier = tmp_path / "runs" / "classifiers" / "logreg"  # its current version
