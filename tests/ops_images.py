@@ -32,3 +32,17 @@ def write_folder(root: str | os.PathLike, n_per_class: int = 12, classes=(0, 1),
         Image.fromarray(img).save(d / f"{name}.png")
         ids.append(str((d / f"{name}.png").relative_to(root)))
     return ids
+
+
+def alive(pids) -> list[int]:
+    """The processes among ``pids`` that still run (zombies, dead and reaped ones excluded)."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from ops_images import write_folder
+from ops_images import alive, write_folder
 
 from classifiers.report import compare_runs
 from classifiers.runs import RUN_FILES, complete_runs
@@ -71,23 +71,12 @@ def _kill_when(folder: Path, work: Path, moment, prefect: bool = False) -> bool:
     if prefect:
         assert children, "the flow run started no temporary Prefect server"
     deadline = time.monotonic() + 5
-    while (left := _alive(children)) and time.monotonic() < deadline:
+    while (left := alive(children)) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in left:
         os.kill(pid, signal.SIGKILL)  # processes this test started, should the check fail
     assert not left, f"processes {left} outlived the killed job"
     return code == -signal.SIGKILL
-
-
-def _alive(pids) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 def _temporary(work: Path) -> list[Path]:

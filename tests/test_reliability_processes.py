@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from ops_images import write_folder
+from ops_images import alive, write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,17 +23,6 @@ LOADER_EXTRACT = (
     "from features.runtime import Layout\n"
     "extract(sys.argv[1], 'efficientnet_lite0', sys.argv[2], layout=Layout('cpu', 0, 1, 2), batch_size=4)\n"
 )
-
-
-def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 @pytest.mark.parametrize("kind", ["cpu-replicas", "loader-workers"])
@@ -62,13 +51,13 @@ def test_workers_die_when_their_parent_is_killed(tmp_path, kind):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.monotonic() + 5
-        while _alive(children) and time.monotonic() < deadline:
+        while alive(children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = _alive(children)
+        left = alive(children)
         assert not left, f"workers {left} outlived their killed parent"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in _alive(children):
+        for pid in alive(children):
             os.kill(pid, signal.SIGKILL)  # the workers this test started, should the check have failed
