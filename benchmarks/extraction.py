@@ -544,24 +544,13 @@ source as a share of its full run.
 
 def record_sources(path: Path, report: dict) -> None:
     """Add a row to the sources table of BENCHMARKS.md (made on first use), keeping it contiguous."""
-    text = path.read_text() if path.exists() else HEADER
-    if "## Parquet and WebDataset against the folder" not in text:
-        text = text.rstrip("\n") + "\n" + SOURCES_HEADER
     t, m = report["sources"], report["machine"]
     med = sorted(t["runs"], key=lambda r: r["ratio"])[(len(t["runs"]) - 1) // 2]
     row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
            report["backbone"], t["images"], t["source"], f"{med['folder']:.1f}", f"{med[t['source']]:.1f}",
            f"{t['ratio_median']:.3f}", f"{100 * t['rerun_share_median']:.1f} %"]
-    line = "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"
-    lines = text.split("\n")
-    start = next(k for k, x in enumerate(lines) if x.startswith("## Parquet and WebDataset against the folder"))
-    end = start + 1
-    while end < len(lines) and not lines[end].startswith("|"):
-        end += 1
-    while end < len(lines) and lines[end].startswith("|"):
-        end += 1
-    lines.insert(end, line)
-    path.write_text("\n".join(lines) if text.endswith("\n") else "\n".join(lines) + "\n")
+    _insert_row(path, "## Parquet and WebDataset against the folder", SOURCES_HEADER,
+                "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
 
 
 def record(path: Path, report: dict) -> None:
