@@ -47,17 +47,16 @@ class Preprocessing:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
-    def transform(self):
-        """The reference transform for a PIL image (torchvision), matching timm's eval transform."""
+    def transform(self, normalize: bool = True):
+        """The reference transform for a PIL image (torchvision), matching timm's eval transform;
+        ``normalize=False`` stops at the cropped PIL image."""
         from torchvision import transforms as T
 
         mode = T.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-        return T.Compose([
-            T.Resize(self.resize, interpolation=mode),
-            T.CenterCrop(self.size),
-            T.ToTensor(),
-            T.Normalize(self.mean, self.std),
-        ])
+        steps = [T.Resize(self.resize, interpolation=mode), T.CenterCrop(self.size)]
+        if normalize:
+            steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
+        return T.Compose(steps)
 
 
 def _preprocessing(size: int, crop_pct: float, interpolation: str, mean, std) -> Preprocessing:

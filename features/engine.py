@@ -33,7 +33,7 @@ from features.runpaths import (  # noqa: F401 - re-exported for the benchmark an
     steady_allocator,
 )
 from features.runpaths import chunks as _chunks  # noqa: F401 - the old name
-from features.runtime import DEFAULT_AMP, Layout, pick_device
+from features.runtime import AMP_OF_PRECISION, DEFAULT_AMP, Layout, cuda_precision, pick_device
 from features.runtimes import create_runtime
 from features.runtimes.torch_runtime import Forward, is_oom  # noqa: F401 - re-exported
 from features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, read_index, store_path
@@ -134,6 +134,10 @@ def extract(
     check_precision(precision)
     if source.modality == "text":
         precision = "f32"  # a text backbone's precision is in its own (fingerprinted) preprocessing
+    elif pick_device(device).type == "cuda" and runtime != "openvino":
+        # on CUDA autocast computes the rows: the fingerprint records its dtype, and amp follows it
+        precision = cuda_precision(pick_device(device), precision, amp)
+        amp = AMP_OF_PRECISION.get(precision, amp)
     calibration_samples = calibration_samples or CALIBRATION_SAMPLES
     recipe = None
     if precision == "int8":
@@ -171,7 +175,8 @@ def extract(
             else:
                 _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
                        amp=amp, compile=compile, decoder=decoder, layout=layout, runtime=runtime, precision=precision,
-                       calibration_samples=calibration_samples, dataset=dataset or source.name, say=say)
+                       calibration_samples=calibration_samples, dataset=dataset or source.name,
+                       stored_runtimes=index.runtimes, say=say)
         # what this run added, counted by the writer (ids escaped, so printable whatever the file name)
         result.embedded = writer.added_rows
         result.failures = list(writer.added_failures)
@@ -362,13 +367,13 @@ def _embed_text(source, backbone, writer, todo, ids, content, batch_size, device
 
 def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
            amp=DEFAULT_AMP, compile=False, decoder=DEFAULT_DECODER, layout=None, runtime="auto", precision="f32",
-           calibration_samples=CALIBRATION_SAMPLES, dataset="", say=print):
+           calibration_samples=CALIBRATION_SAMPLES, dataset="", stored_runtimes=frozenset(), say=print):
     from tqdm import tqdm
 
     dev = pick_device(device)
     paths = SampleFiles(source, todo)
     cpu_batch = batch_size or CPU_BATCH
-    dec = sample_decoder(source, backbone, decoder)
+    dec = check_dec = sample_decoder(source, backbone, decoder)
     if layout is not None and runtime == "auto":
         runtime = "torch"  # a forced layout is a torch layout (the tests' way to run the GPU path on a CPU)
     if runtime == "auto" and mp.current_process().daemon and precision == "f32":
@@ -376,10 +381,12 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
         # in a forked child can hang in its thread pool: the eager module, in this process
         say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
         runtime = "torch"
-    rt = create_runtime(runtime, backbone, dev, precision, cpu_batch, say=say,
-                        first_images=lambda: first_images(dec, paths),
-                        calibration=lambda: calibration_images(dec, source, calibration_samples),
-                        int8_key=calibration_set(dataset), calibration_samples=calibration_samples)
+    rt = create_runtime(runtime, backbone, dev, precision, batch_size, say=say,
+                        first_images=lambda: first_images(check_dec, paths),
+                        calibration=lambda: calibration_images(check_dec, source, calibration_samples),
+                        int8_key=calibration_set(dataset), calibration_samples=calibration_samples,
+                        # the store's rows came from OpenVINO at this precision: it agreed on their first batch
+                        agreed=f"openvino {precision}" in stored_runtimes)
     writer.runtime = f"{rt.name} {rt.precision}"
     if layout is None:
         layout = rt.layout(dev, len(paths), cpu_batch, workers)
@@ -393,6 +400,8 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
     bar = tqdm(total=len(paths), unit="img", desc=f"embedding ({backbone.name}, {result.layout})",
                disable=not progress, dynamic_ncols=True)
     rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=not layout.replicas)
+    if rt.takes_pixels:
+        dec = dec.as_pixels()  # the runtime normalises inside its graph
     try:
         if rt.pipelined:
             run_pipelined(rt, dec, paths, layout, rec)

@@ -100,6 +100,22 @@ def pick_amp(device: torch.device, amp: str | None = DEFAULT_AMP) -> torch.dtype
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def cuda_precision(device: torch.device, precision: str, amp: str | None = DEFAULT_AMP) -> str:
+    """What the forward pass computes in on a CUDA device, as the store's fingerprint records it.
+    ``--precision bf16`` means bf16 autocast; at f32 (the default) the ``amp`` setting decides, as it
+    always has on CUDA (auto: bf16 where supported, else fp16; fp32: no autocast). So a GPU store made
+    under autocast is fingerprinted "bf16" (or "fp16") and never shares rows with an f32 store."""
+    if precision == "bf16":
+        return "bf16"
+    if precision != "f32":
+        return precision  # int8: refused by the runtime, with its reason
+    dtype = pick_amp(device, amp)
+    return {None: "f32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+AMP_OF_PRECISION = {"f32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
 @dataclass(frozen=True)
 class Layout:
     """How one extraction runs. ``replicas`` > 0: that many worker processes each holding the model

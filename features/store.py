@@ -286,6 +286,7 @@ class StoreIndex:
     content: dict[str, str]  # escaped id -> content fingerprint of the embedded row
     failures: dict[str, tuple[str, str]]  # escaped id -> (reason, content fingerprint)
     notes: dict[str, int] = field(default_factory=dict)  # rows per note (text stores: truncated, replaced)
+    runtimes: set[str] = field(default_factory=set)  # what computed the rows held ("openvino f32", ...)
 
 
 def count_notes(notes: Iterable[str]) -> dict[str, int]:
@@ -553,7 +554,13 @@ class StoreWriter:
                 notes.append(entry[4])
             else:
                 failures[i] = (entry[1], entry[2])
-        return StoreIndex(content, failures, count_notes(notes))
+        runtimes: set[str] = set()
+        for src in self._sources():
+            with h5py.File(src, "r") as f:
+                runtimes.update(json.loads(f.attrs.get("runtimes", "[]")))
+                if f.attrs.get("runtime"):
+                    runtimes.add(str(f.attrs["runtime"]))
+        return StoreIndex(content, failures, count_notes(notes), runtimes)
 
     @staticmethod
     def _latest(sources: Sequence[Path]) -> dict[str, tuple]:

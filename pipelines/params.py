@@ -127,8 +127,8 @@ class EngineOptions(Params):
     arch: str | None = option(None, "architecture of a state_dict checkpoint (tv:NAME or timm:NAME)")
     store_dir: str = option(DEFAULT_STORE_DIR, "folder of HDF5 stores", flag="--store")
     dataset: str | None = option(None, "dataset name in the store file name (default: the folder's name)")
-    batch_size: int | None = option(None, "images per forward pass (default: automatic: 32 on a CPU, the largest "
-                                    "that fits on a GPU)", ge=1, le=4096)
+    batch_size: int | None = option(None, "images per forward pass (default: automatic: 2 per OpenVINO infer "
+                                    "request, 32 for torch on a CPU, the largest that fits on a GPU)", ge=1, le=4096)
     device: str | None = option(None, "auto (default), cpu, cuda, cuda:N or mps")
     workers: int | None = option(None, "CPU: model replica processes (0: all in this process); GPU: loader workers "
                                  "(default: chosen from the machine)", ge=0, le=64)

@@ -166,3 +166,59 @@ def test_auto_falls_back_to_torch_in_one_line(photos, tmp_path):
     lines = [s for s in said if s.startswith("runtime: torch")]
     assert len(lines) == 1 and "disagrees" in lines[0] and "\n" not in lines[0]
     assert "torch f32" in r.layout and r.embedded == 12
+
+
+def test_pixel_decoders_are_the_normalising_ones_before_normalisation(lite0, photos):
+    """Decoder(pixels=True) hands uint8 pixels to a runtime that normalises in its graph: normalised
+    by the backbone's mean and std they are exactly the normalising decoder's output (fast and plain)."""
+    pre = lite0.preprocessing
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    for mode in ("fast", "plain"):
+        dec = Decoder(pre, mode)
+        for p in sorted(photos.rglob("*.jpg"))[:4]:
+            px = dec.as_pixels()(p)
+            assert px.dtype == torch.uint8 and px.shape == (pre.size, pre.size, 3)
+            again = (px.permute(2, 0, 1).float() / 255 - mean) / std
+            assert torch.allclose(again, dec(p), atol=1e-5), mode
+
+
+def test_openvino_takes_pixels_and_floats_alike_and_cuts_batches_into_requests(lite0, photos, batch, eager):
+    rt = OpenVINORuntime(lite0, "f32", batch=2)
+    assert rt.takes_pixels and rt.requests >= 2
+    dec = Decoder(lite0.preprocessing, pixels=True)
+    pixels = torch.stack([dec(p) for p in sorted(photos.rglob("*.jpg"))])
+    out = list(rt.map([("a", pixels[:7]), ("b", pixels[7:8]), ("c", batch[8:])]))  # 4 requests, 1, 2 (floats)
+    assert [t for t, _ in out] == ["a", "b", "c"]  # in order, each batch whole
+    got = np.concatenate([e for _, e in out])
+    assert got.shape == (12, lite0.dim) and cosines(got, eager).min() >= 0.9999
+
+
+def test_a_rerun_trusts_the_agreement_its_store_already_passed(lite0, photos, tmp_path, monkeypatch):
+    import features.engine
+
+    r = extract(photos, lite0, tmp_path, **quiet)  # auto: OpenVINO after the agreement check
+    with h5py.File(r.path) as f:
+        assert "openvino f32" in json.loads(f.attrs["runtimes"])
+
+    def no_check():
+        raise AssertionError("the agreement check ran again")
+
+    rt = create_runtime("auto", lite0, torch.device("cpu"), "f32", first_images=no_check, agreed=True)
+    assert rt.name == "openvino"
+    monkeypatch.setattr(features.engine, "first_images", lambda *a, **k: no_check())
+    files = sorted(photos.rglob("*.jpg"))
+    files[0].write_bytes(files[0].read_bytes())  # one changed file: the rerun embeds it without a check
+    r2 = extract(photos, lite0, tmp_path, **quiet)
+    assert r2.embedded == 1 and "openvino" in r2.layout
+
+
+def test_cuda_autocast_is_the_precision_the_store_records():
+    from features.runtime import cuda_precision
+
+    gpu = torch.device("cuda")  # explicit amp settings only: nothing here touches a device
+    assert cuda_precision(gpu, "f32", "fp32") == "f32"
+    assert cuda_precision(gpu, "f32", "bf16") == "bf16"
+    assert cuda_precision(gpu, "f32", "fp16") == "fp16"
+    assert cuda_precision(gpu, "bf16", "fp16") == "bf16"  # --precision bf16 means bf16 autocast
+    rt = TorchRuntime(create_backbone("efficientnet_lite0"), gpu, "fp16")
+    assert rt.amp_dtype() is torch.float16 and TorchRuntime(rt.backbone, gpu, "f32").amp_dtype() is None

@@ -41,6 +41,9 @@ class Runtime:
     #: True: the runtime overlaps its own work (async requests) and runs in the calling process, fed by
     #: decoding workers (features.runpaths.run_pipelined); False: synchronous (replicas or one process)
     pipelined = False
+    #: True: the runtime takes uint8 pixels [B, H, W, 3] (``Decoder(pixels=True)``) and normalises them
+    #: itself; False: normalised float batches [B, 3, H, W]
+    takes_pixels = False
 
     def layout(self, device: torch.device, n_images: int, batch: int, workers: int | None):
         """How this runtime lays an extraction out on the machine (a features.runtime.Layout)."""
@@ -82,27 +85,30 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def create_runtime(runtime: str, backbone, device: torch.device, precision: str = "f32", batch: int = 32,
+def create_runtime(runtime: str, backbone, device: torch.device, precision: str = "f32", batch: int | None = None,
                    first_images: Callable[[], torch.Tensor | None] | None = None, say: Callable[[str], None] = print,
                    calibration: Callable[[], Iterable[torch.Tensor]] | None = None, int8_key: str = "",
-                   calibration_samples: int = 300) -> Runtime:
+                   calibration_samples: int = 300, agreed: bool = False) -> Runtime:
     """The runtime that embeds ``backbone`` on ``device`` at ``precision``.
 
     ``auto``: OpenVINO on a CPU when it is installed, the backbone converts and (f32, bf16) it agrees
     with the eager module on ``first_images()``; otherwise torch, saying why in one line. An explicit
     ``openvino`` that cannot run raises RuntimeUnavailable; ``torch`` runs f32 (and bf16 by autocast).
-    ``calibration()`` yields the int8 calibration batches, ``int8_key`` names the calibration set in
-    the quantized model's cache key.
+    ``batch``: images per forward pass (None: the runtime's own choice, 32 for torch on a CPU, 2 per
+    OpenVINO infer request). ``calibration()`` yields the int8 calibration batches, ``int8_key`` names the calibration set in
+    the quantized model's cache key. ``agreed``: the check already passed for this store (its rows
+    were computed by OpenVINO at this precision), so a rerun does not pay for it again.
     """
     from features.runtimes.torch_runtime import TorchRuntime
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
-    check_precision(precision)
+    if not (precision == "fp16" and device.type == "cuda"):  # fp16: CUDA autocast (features.runtime.cuda_precision)
+        check_precision(precision)
     if runtime == "torch" or (runtime == "auto" and device.type != "cpu"):
         if precision == "int8":
             raise RuntimeUnavailable("precision int8 needs the OpenVINO runtime on a CPU (--runtime openvino)")
-        return TorchRuntime(backbone, device, precision, batch)
+        return TorchRuntime(backbone, device, precision, batch or 32)
     if device.type != "cpu":
         raise RuntimeUnavailable(f"the OpenVINO runtime runs on the CPU here, not on {device.type}: use --runtime torch")
     try:
@@ -114,8 +120,8 @@ def create_runtime(runtime: str, backbone, device: torch.device, precision: str 
         if runtime == "openvino" or precision == "int8":
             raise
         say(f"runtime: torch ({exc})")
-        return TorchRuntime(backbone, device, precision, batch)
-    if runtime == "auto" and precision in AGREEMENT and first_images is not None:
+        return TorchRuntime(backbone, device, precision, batch or 32)
+    if runtime == "auto" and precision in AGREEMENT and first_images is not None and not agreed:
         x = first_images()
         if x is not None and len(x):
             eager = TorchRuntime(backbone, device, "f32", len(x)).embed(x)
@@ -124,5 +130,5 @@ def create_runtime(runtime: str, backbone, device: torch.device, precision: str 
                 say(f"runtime: torch (OpenVINO {precision} disagrees with the eager model on the first "
                     f"{len(x)} images: cosine {worst:.6f} < {AGREEMENT[precision]})")
                 ov.close()
-                return TorchRuntime(backbone, device, precision, batch)
+                return TorchRuntime(backbone, device, precision, batch or 32)
     return ov

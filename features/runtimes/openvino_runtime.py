@@ -8,12 +8,13 @@
   calibration set) and the openvino version. Written to a temporary folder and renamed, so every
   process (the test suite, Dask shards) shares one cache and never reads half a model. The cache is
   ``$FEATUREBANK_CACHE_DIR`` or ``$XDG_CACHE_HOME/featurebank`` (default ``~/.cache/featurebank``).
-- Compilation: a static batch shape (the last, partial batch is padded: no second compilation),
+- Compilation: a static shape of a few images per request (DEFAULT_BATCH; a partial request is padded:
+  no second compilation), uint8 pixel input normalised inside the graph (PrePostProcessor),
   ``PERFORMANCE_HINT=THROUGHPUT`` and ``INFERENCE_PRECISION_HINT`` set explicitly (f32 or bf16: the CPU
-  plugin silently computes in bf16 on CPUs with AVX512_BF16 or AMX unless told f32), an
-  ``OPTIMAL_NUMBER_OF_INFER_REQUESTS`` asynchronous infer requests kept busy round robin (streams
-  decided by OpenVINO). Not an ``AsyncInferQueue``: its Python callbacks run in OpenVINO's threads and
-  need the GIL, and waiting for the queue while holding it hung intermittently here.
+  plugin silently computes in bf16 on CPUs with AVX512_BF16 or AMX unless told f32), two asynchronous
+  infer requests per stream kept busy round robin (streams decided by OpenVINO). Not an
+  ``AsyncInferQueue``: its Python callbacks run in OpenVINO's threads and need the GIL, and waiting for
+  the queue while holding it hung intermittently here.
 - int8: NNCF post-training quantization (its default recipe) of the float model, calibrated on
   samples of the dataset's train split, cached by key under a file lock (one calibration per store,
   shared by a grown folder and by every shard).
@@ -21,6 +22,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -87,7 +89,7 @@ def _key(backbone, kind: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _write_atomically(final: Path, write: Callable[[Path], dict]) -> None:
+def write_atomically(final: Path, write: Callable[[Path], dict]) -> None:
     """``write(folder)`` into a temporary folder beside ``final``, then rename it into place; when
     another process got there first, its model is kept and this one discarded."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +139,7 @@ def float_model_path(backbone, say: Callable[[str], None] = lambda s: None) -> P
                     "conversion_seconds": round(time.perf_counter() - t0, 2)}
 
         say(f"converting {backbone.name} to OpenVINO (once; cached in {folder.parent})")
-        _write_atomically(folder, write)
+        write_atomically(folder, write)
     return folder / "model.xml"
 
 
@@ -170,7 +172,7 @@ def int8_model_path(backbone, calibration: Callable[[], Iterable[torch.Tensor]],
                         "quantization_seconds": round(time.perf_counter() - t0, 2)}
 
             say(f"calibrating int8 {backbone.name} on {samples} train samples (once; cached in {folder.parent})")
-            _write_atomically(folder, write)
+            write_atomically(folder, write)
     return folder / "model.xml"
 
 
@@ -179,38 +181,69 @@ class _StaticShapeError(Exception):
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(model_path: str, batch: int, size: int, precision: str):
-    """One compiled model per (file, batch, input size, precision) in a process, shared by every runtime
-    made from it (each keeps its own infer requests): a process that extracts many times (a Prefect
-    worker, the test suite) compiles once and does not create and tear down OpenVINO's thread pools
-    again and again. The file's name holds its cache key, so a changed model is another entry."""
-    core = _core()
-    model = core.read_model(model_path)
+def _compiled(model_path: str, batch: int, size: int, precision: str, mean: tuple, std: tuple):
+    """One compiled model per (file, batch, input size, precision, normalisation) in a process, shared
+    by every runtime made from it (each keeps its own infer requests): a process that extracts many
+    times (a Prefect worker, the test suite) compiles once and does not create and tear down
+    OpenVINO's thread pools again and again. The file's name holds its cache key, so a changed model
+    is another entry.
+
+    The compiled model takes uint8 pixels [batch, size, size, 3]: OpenVINO's preprocessing converts
+    them to float, normalises them with the backbone's mean and std and reorders them to NCHW inside
+    the graph, where it costs next to nothing; the decoders then skip the float pass and hand a
+    quarter of the bytes between processes."""
+    ov = _openvino()
+    from openvino.preprocess import PrePostProcessor
+
+    ov_core = core()
+    model = ov_core.read_model(model_path)
     try:
         model.reshape([batch, 3, size, size])
     except Exception as exc:
         raise _StaticShapeError(str(exc)) from None
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).mean([255.0 * m for m in mean]).scale(
+        [255.0 * s for s in std])
+    model = ppp.build()
     config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-    return core.compile_model(model, "CPU", config)
+    return ov_core.compile_model(model, "CPU", config)
 
 
 @functools.lru_cache(maxsize=1)
-def _core():
+def core():
+    """The process's one OpenVINO Core (image and text runtimes share its thread pools)."""
     return _openvino().Core()
+
+
+#: images per infer request. Small batches keep a request's activations in the core's caches: Lite0
+#: f32 here, 2 streams, bare AsyncInferQueue, images/s: batch 1 -> 197, 2 -> 200, 4 -> 162, 8 -> 155,
+#: 32 -> 152 (with 4 requests; benchmarks/extraction.py measures the sweep on every run)
+DEFAULT_BATCH = 2
+#: up to this many images, decoding runs in this process (no worker processes to start)
+INLINE_DECODE_UP_TO = 64
+#: infer requests per stream: one running, one ready, so a stream never waits for this thread
+REQUESTS_PER_STREAM = 2
 
 
 class OpenVINORuntime(Runtime):
     name = "openvino"
     pipelined = True
+    takes_pixels = True
 
-    def __init__(self, backbone, precision: str = "f32", batch: int = 32, *, calibration=None, int8_key: str = "",
+    def __init__(self, backbone, precision: str = "f32", batch: int | None = None, *, calibration=None, int8_key: str = "",
                  calibration_samples: int = CALIBRATION_SAMPLES, say: Callable[[str], None] = lambda s: None,
                  model_path: str | os.PathLike | None = None):
         _openvino()  # one line where OpenVINO is not installed
         if precision == "bf16" and not cpu_has_bf16():
             raise RuntimeUnavailable("precision bf16 needs a CPU with bf16 support (AVX512_BF16 or AMX); this one has none")
-        self.backbone, self.precision, self.batch = backbone, precision, max(1, int(batch))
-        self.size = backbone.preprocessing.size
+        self.backbone, self.precision = backbone, precision
+        self.batch = max(1, int(batch or DEFAULT_BATCH))
+        pre = backbone.preprocessing
+        self.size = pre.size
+        self._mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)
+        self._std = np.asarray(pre.std, np.float32).reshape(1, 3, 1, 1)
         if model_path is None:
             if precision == "int8":
                 if calibration is None:
@@ -220,11 +253,13 @@ class OpenVINORuntime(Runtime):
                 model_path = float_model_path(backbone, say)
         self.model_path = Path(model_path)
         try:
-            self.compiled = _compiled(str(self.model_path), self.batch, self.size, precision)
+            self.compiled = _compiled(str(self.model_path), self.batch, self.size, precision,
+                                      tuple(pre.mean), tuple(pre.std))
         except _StaticShapeError as exc:
             raise RuntimeUnavailable(f"{backbone.name} cannot take a static batch in OpenVINO ({exc})") from None
-        self.requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
+        self.requests = max(int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")),
+                            REQUESTS_PER_STREAM * self.streams)
         self._requests = None
 
     def close(self) -> None:
@@ -232,60 +267,89 @@ class OpenVINORuntime(Runtime):
         self.compiled = None
 
     def describe(self) -> str:
-        return f"openvino {self.precision}, {self.requests} requests x batch {self.batch}, {self.streams} streams"
+        return (f"openvino {self.precision}, {self.requests} requests x batch {self.batch}, {self.streams} streams, "
+                "uint8 input")
 
     def layout(self, device, n_images, batch, workers) -> Layout:
-        # decoding runs in worker processes while the requests run: both share the cores
+        # decoding runs in worker processes while the requests run: both share the cores. A few
+        # images (a rerun's new ones) are decoded here: starting and stopping workers costs more
         cores = usable_cores()
-        loader = max(1, cores) if workers is None else workers
+        if workers is None:
+            loader = 0 if n_images <= INLINE_DECODE_UP_TO else max(1, cores)
+        else:
+            loader = workers
         return Layout("cpu", 0, cores, loader)
 
     def memory_bytes(self, batch: int) -> int:
         return model_bytes(self.backbone.model) + self.requests * self.batch * 3 * self.size * self.size * 4 * 24
 
-    def _padded(self, x: torch.Tensor) -> np.ndarray:
-        a = np.ascontiguousarray(x.detach().cpu().float().numpy())
+    def pixels_of(self, x) -> np.ndarray:
+        """A batch as the compiled model takes it: uint8 [B, size, size, 3]. uint8 pixels (HWC, as
+        ``Decoder(pixels=True)`` makes them) pass as they are; a normalised float batch [B, 3, H, W]
+        (the plain decoders' output) is mapped back to its pixels, exactly, since it was computed from
+        uint8 values."""
+        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if a.dtype == np.uint8:
+            return np.ascontiguousarray(a)
+        a = np.asarray(a, np.float32) * (255.0 * self._std) + 255.0 * self._mean
+        return np.ascontiguousarray(np.clip(np.rint(a), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+
+    def _padded(self, a: np.ndarray) -> np.ndarray:
         if len(a) < self.batch:  # the static shape: pad the last batch by repeating its last image
             a = np.concatenate([a, np.repeat(a[-1:], self.batch - len(a), 0)])
         return a
 
     def warmup(self) -> None:
-        self.embed(torch.zeros(1, 3, self.size, self.size))
+        self.embed(np.zeros((1, self.size, self.size, 3), np.uint8))
 
-    def embed(self, x: torch.Tensor) -> np.ndarray:
-        return np.concatenate([e for _, e in sorted(self.map((s, x[s:s + self.batch]) for s in range(0, len(x), self.batch)),
-                                                    key=lambda te: te[0])])
+    def embed(self, x) -> np.ndarray:
+        return next(iter(self.map([(0, x)])))[1]
 
     def map(self, batches: Iterable[tuple[object, torch.Tensor]]) -> Iterator[tuple[object, np.ndarray]]:
-        """Keep ``requests`` infer requests busy, round robin: a request's result is collected (with
-        ``wait``, which releases the GIL) just before it takes the next batch. No Python callbacks run
-        in OpenVINO's threads, so nothing there waits for the GIL that this thread holds."""
+        """Batches of any size in, in order; each is cut into requests of ``self.batch`` images (the
+        last one padded). ``requests`` infer requests are kept busy, round robin: a request's result is
+        collected (with ``wait``, which releases the GIL) just before it takes the next images. No
+        Python callbacks run in OpenVINO's threads, so nothing there waits for the GIL this thread holds."""
         if self._requests is None:
             self._requests = [self.compiled.create_infer_request() for _ in range(self.requests)]
         reqs = self._requests
-        pending: list = [None] * len(reqs)  # per request: (tag, n, input kept alive) or None
+        pending: list = [None] * len(reqs)  # per request: (entry, slot, n, input kept alive) or None
+        open_: collections.deque = collections.deque()  # per batch, in order: [tag, parts, parts left]
         k = 0
 
         def collect(i):
-            tag, n, _keep = pending[i]
+            entry, slot, n, _keep = pending[i]
             reqs[i].wait()
             pending[i] = None
-            return tag, np.array(reqs[i].get_output_tensor(0).data[:n], np.float32)
+            entry[1][slot] = np.array(reqs[i].get_output_tensor(0).data[:n], np.float32)
+            entry[2] -= 1
+
+        def finished():
+            while open_ and open_[0][2] == 0:
+                tag, parts, _ = open_.popleft()
+                yield tag, (parts[0] if len(parts) == 1 else np.concatenate(parts))
 
         try:
             for tag, x in batches:
-                if len(x) > self.batch:
-                    raise ValueError(f"batch of {len(x)} images for a runtime compiled for {self.batch}")
-                a = self._padded(x)
-                if pending[k] is not None:
-                    yield collect(k)
-                reqs[k].start_async({0: a}, share_inputs=True)
-                pending[k] = (tag, len(x), a)
-                k = (k + 1) % len(reqs)
+                a = self.pixels_of(x)
+                starts = range(0, len(a), self.batch)
+                if not len(starts):
+                    raise ValueError("an empty batch")
+                entry = [tag, [None] * len(starts), len(starts)]
+                open_.append(entry)
+                for slot, s in enumerate(starts):
+                    part = self._padded(a[s:s + self.batch])
+                    if pending[k] is not None:
+                        collect(k)
+                        yield from finished()
+                    reqs[k].start_async({0: part}, share_inputs=True)
+                    pending[k] = (entry, slot, min(self.batch, len(a) - s), part)
+                    k = (k + 1) % len(reqs)
             for _ in range(len(reqs)):
                 if pending[k] is not None:
-                    yield collect(k)
+                    collect(k)
                 k = (k + 1) % len(reqs)
+            yield from finished()
         finally:
             for i, p in enumerate(pending):  # an abandoned run: let the requests finish before returning
                 if p is not None:

@@ -76,11 +76,10 @@ class TorchRuntime(Runtime):
         return state
 
     def amp_dtype(self, amp: str = "auto") -> torch.dtype | None:
-        """Autocast dtype: on CUDA the engine's ``amp`` setting (unchanged); on a CPU bf16 when asked."""
-        from features.runtime import pick_amp
-
+        """Autocast dtype from the precision: on CUDA the engine has already folded its ``amp`` setting
+        into it (features.runtime.cuda_precision); on a CPU bf16 when asked."""
         if self.device.type == "cuda":
-            return pick_amp(self.device, amp)
+            return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         return torch.bfloat16 if self.precision == "bf16" else None
 
     def layout(self, device, n_images, batch, workers) -> Layout:
