@@ -19,12 +19,38 @@ def classifier_for_prediction(path: str | os.PathLike) -> tuple[Path, dict]:
     return directory, verify_classifier(directory)  # a tampered file is refused before any work
 
 
-def store_dtype(directory: str | os.PathLike, manifest: dict, backbone) -> str:
-    """The stored dtype whose configuration of ``backbone`` reproduces the store the classifier was trained
-    on; none does (another layer, other weights): a one-line ClassifierError, before any work."""
-    for dtype in DTYPES:
-        if StoreConfig.for_backbone(backbone, dtype).fingerprint == manifest["store_fingerprint"]:
-            return dtype
+def _store_config(store: str | None) -> dict:
+    """The configuration recorded in a store file, or {} when it is gone or unreadable."""
+    import json
+
+    import h5py
+
+    try:
+        with h5py.File(store, "r") as f:
+            return json.loads(f.attrs.get("config", "{}"))
+    except (OSError, TypeError, ValueError):
+        return {}
+
+
+def store_options(directory: str | os.PathLike, manifest: dict, backbone) -> dict:
+    """The extraction options (``dtype``, ``precision``, at int8 ``calibration_samples``) whose store
+    configuration of ``backbone`` reproduces the store the classifier was trained on; none does
+    (another layer, other weights): a one-line ClassifierError, before any work.
+
+    The manifest records the store's configuration (``store_config``); for classifiers saved before it
+    did, the store they were trained on is read for it when it is still there, else f32, bf16 and fp16
+    are tried."""
+    recorded = manifest.get("store_config") or _store_config(manifest.get("store"))
+    candidates = [("f32", None), ("bf16", None), ("fp16", None)]  # fp16: CUDA autocast
+    if recorded.get("int8_recipe"):
+        candidates.append(("int8", recorded["int8_recipe"]))
+    for precision, recipe in candidates:
+        for dtype in DTYPES:
+            if StoreConfig.for_backbone(backbone, dtype, precision, recipe).fingerprint == manifest["store_fingerprint"]:
+                options = {"dtype": dtype, "precision": precision}
+                if recipe:
+                    options["calibration_samples"] = int(str(recipe.get("calibration", "300")).split()[0])
+                return options
     check_store_fingerprint(directory, manifest, StoreConfig.for_backbone(backbone).fingerprint)
     raise AssertionError("check_store_fingerprint raises for a fingerprint that differs")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -118,7 +119,8 @@ def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.Pa
             directory = save_classifier(
                 probe, Path(out_dir) / "classifiers" / name, classes=features.class_names,
                 store_fingerprint=features.fingerprint, backbone=str(features.attrs.get("backbone", "")),
-                metrics=metrics, extra={"probe": name, "store": str(features.path)},
+                metrics=metrics, extra={"probe": name, "store": str(features.path),
+                                        "store_config": json.loads(features.attrs.get("config", "null"))},
             )
         say(f"  {name:<10} test accuracy {metrics['accuracy']:.4f}  (fit {fit_seconds:.1f} s)")
         results.append(ProbeResult(name, metrics, cm, y_pred, directory))
@@ -210,7 +212,8 @@ def train_out_of_core(path: str | os.PathLike, memory_budget_mb: float, out_dir:
     if out_dir is not None:
         directory = save_classifier(probe, Path(out_dir) / "classifiers" / name, classes=class_names,
                                     store_fingerprint=light.fingerprint, backbone=str(attrs.get("backbone", "")),
-                                    metrics=metrics, extra={"probe": name, "store": str(path)})
+                                    metrics=metrics, extra={"probe": name, "store": str(path),
+                                                            "store_config": json.loads(attrs.get("config", "null"))})
     say(f"  {name:<10} test accuracy {metrics['accuracy']:.4f}  (fit {fit_seconds:.1f} s, streamed in blocks of "
         f"{probe.block_rows_} rows within {memory_budget_mb:g} MB)")
     labelled = np.flatnonzero(labels >= 0)

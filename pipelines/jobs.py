@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from classifiers.fewshot import evaluate_fewshot, fewshot_run
 from classifiers.history import record_run
-from classifiers.predict import classifier_for_prediction, store_dtype, write_predictions
+from classifiers.predict import classifier_for_prediction, store_options, write_predictions
 from classifiers.report import write_report
 from classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
 from classifiers.train import exceeds_budget, is_text_store, pixel_baseline, tfidf_baseline, train_out_of_core, train_probes
@@ -111,7 +111,11 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
         variants = [backbone.with_options(long_text=lt, precision=pr) for lt in LONG_TEXT for pr in TEXT_PRECISIONS]
         backbone = next((b for b in variants for d in DTYPES
                          if StoreConfig.for_backbone(b, d).fingerprint == manifest["store_fingerprint"]), backbone)
-    options = p.engine() | {"dtype": store_dtype(classifier, manifest, backbone)}  # refused here if none fits
+    # the stored dtype and the precision the classifier's store was made with; refused here if none fits
+    found = store_options(classifier, manifest, backbone)
+    if getattr(backbone, "modality", "image") == "text":
+        found.pop("precision")  # a text backbone carries its precision itself
+    options = p.engine() | found
     result = extract(p.open_source(), backbone, p.store_dir, progress=progress, say=say, **options)
     say(result.summary())
     out = write_predictions(classifier, result.path, p.out)

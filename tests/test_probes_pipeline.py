@@ -54,6 +54,27 @@ def test_predict_writes_probabilities_and_refuses_another_configuration(tmp_path
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_predict_reuses_a_bf16_or_int8_store_its_classifier_was_trained_on(tmp_path, capsys):
+    """The classifier's manifest records its store's configuration (precision, int8 recipe): predict
+    extracts at that precision and reuses the store instead of refusing it."""
+    from features.runtimes.openvino_runtime import cpu_has_bf16
+
+    folder = digits_folder(tmp_path / "digits")
+    for precision in (["bf16"] if cpu_has_bf16() else []) + ["int8"]:
+        store, runs = tmp_path / f"store-{precision}", tmp_path / f"runs-{precision}"
+        assert main(["extract", str(folder), "--store", str(store), "--precision", precision]) == 0
+        path = capsys.readouterr().out.strip().splitlines()[-1]
+        assert main(["train", path, "--out", str(runs), "--probes", "logreg"]) == 0
+        capsys.readouterr()
+        classifier = next(runs.glob("*/classifiers/logreg"))
+        manifest = json.loads((classifier / "manifest.json").read_text())
+        assert manifest["store_config"]["precision"] == precision
+        out = tmp_path / f"predictions-{precision}.csv"
+        assert main(["predict", str(classifier), str(folder), "--store", str(store), "--out", str(out)]) == 0
+        assert "24 embeddings reused, no forward pass" in capsys.readouterr().err, precision
+        assert len(list(csv.DictReader(out.open()))) == 24
+
+
 @pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
                     reason="Fashion-MNIST is not installed (Debian package dataset-fashion-mnist)")
 def test_demo_runs_on_a_fashion_mnist_subset(tmp_path, capsys):
