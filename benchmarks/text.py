@@ -11,7 +11,9 @@ In one run, on the same texts and model (all-MiniLM-L6-v2 unless --backbone), sa
   (st)   ``SentenceTransformer.encode`` at its defaults (batch 32, all cores), warmed up, on the texts
          already in memory;
   (bare) OpenVINO's forward on the same token batches (length-sorted, batch 32), called directly by this
-         file (``openvino.convert_model``, throughput hint, async infer queue), not through the project.
+         file (``openvino.convert_model``, throughput hint, async infer queue), not through the project;
+  (compute ceiling) the encoder's arithmetic on those batches (from its config.json) at the rate the
+         cores multiply matrices (a 2048x2048 product in torch): no runtime computes the same numbers faster.
 It prints texts/s of each, e2e / st and e2e / bare (the median over --repeat), the cosine of e2e's
 embeddings to sentence-transformers', writes JSON (--json) and, with --record, appends a row to
 BENCHMARKS.md with the machine.
@@ -82,6 +84,32 @@ def bare_openvino(backbone, batches, precision: str) -> tuple[float, float]:
     return time.perf_counter() - t0, convert_s
 
 
+def encoder_flops(folder: Path, batches) -> float:
+    """Multiply-adds x 2 of a BERT-style encoder over these (padded) token batches, from its config.json:
+    per layer and token the Q, K, V, output and the two feed-forward matrices, plus the attention
+    products (2 L^2 h per sequence). Padding counts: the model computes on the padded shape."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    n, h, i = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]
+    total = 0.0
+    for ids, _mask in batches:
+        b, length = ids.shape
+        total += b * n * (2 * length * (4 * h * h + 2 * h * i) + 2 * 2 * length * length * h)
+    return total
+
+
+def matmul_peak(precision: str, seconds: float = 3.0) -> float:
+    """FLOP/s of a large square matrix product on all cores (torch): what the cores can do at all."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t0, k = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        k += 1
+    return 2 * 2048 ** 3 * k / (time.perf_counter() - t0)
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -146,6 +174,16 @@ def main(argv=None) -> int:
         cos = np.array([float(np.dot(x, ref[index[i]]) / np.linalg.norm(x) / np.linalg.norm(ref[index[i]]))
                         for x, i in zip(got.X, got.ids)])
     med = {k: statistics.median(r[k] for r in runs) for k in ("e2e", "st", "bare", "e2e/st", "e2e/bare")}
+    # the compute ceiling: the encoder's arithmetic on these batches at the cores' matrix-product rate;
+    # no runtime computes the same numbers faster, so it bounds e2e/st at st's rate too
+    flops = encoder_flops(backbone.folder, batches)
+    peak = matmul_peak(a.precision)
+    compute = len(texts) / (flops / peak)
+    med["compute_ceiling"] = compute
+    print(f"compute ceiling: {flops / len(texts) / 1e9:.2f} GFLOP per text at {peak / 1e9:.0f} GFLOP/s "
+          f"(2048x2048 {a.precision} matrix product, all cores) = {compute:.1f} texts/s; e2e / compute ceiling "
+          f"{med['e2e'] / compute:.2f}, sentence-transformers / compute ceiling {med['st'] / compute:.2f}, "
+          f"so e2e/st cannot exceed {compute / med['st']:.2f} here")
     print(f"median of {a.repeat}: e2e {med['e2e']:.1f} texts/s, sentence-transformers {med['st']:.1f}, bare OpenVINO "
           f"{med['bare']:.1f}; ratios e2e/st {med['e2e/st']:.2f}, e2e/bare {med['e2e/bare']:.2f}; "
           f"cosine to sentence-transformers min {cos.min():.5f}, median {np.median(cos):.5f}")

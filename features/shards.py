@@ -36,7 +36,7 @@ import numpy as np
 from data.sources import Source, open_source
 from features.engine import extract
 from features.hashing import file_sha256
-from features.store import STR, StoreConfig, StoreError, atomic_h5, library_versions, store_path, strings
+from features.store import STR, StoreConfig, StoreError, atomic_h5, count_notes, library_versions, store_path, strings
 
 SHARD_NAME = re.compile(r"^(?P<dataset>.+)\.s(?P<k>\d{3})of(?P<n>\d{3})$")
 
@@ -137,14 +137,17 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
         n = sum(rows)
         class_names = _merge_class_names([[str(c) for c in h["labels"].attrs.get("class_names", [])] for h in handles])
         index = {c: k for k, c in enumerate(class_names)}
-        ids, labels, splits, content = [], [], [], []
+        ids, labels, splits, content, notes = [], [], [], [], []
         fail_ids, fail_reasons, fail_content = [], [], []
+        with_notes = any("notes" in h for h in handles)  # text stores: truncated / replaced, per row
+        runtimes = sorted({r for h in handles for r in json.loads(h.attrs.get("runtimes", "[]"))})
         for h in handles:
             names = [str(c) for c in h["labels"].attrs.get("class_names", [])]
             ids += strings(h["ids"])
             labels += [index[names[v]] if v >= 0 else -1 for v in h["labels"][()].tolist()]
             splits += strings(h["splits"])
             content += strings(h["content"])
+            notes += strings(h["notes"]) if "notes" in h else [""] * h["ids"].shape[0]
             fail_ids += strings(h["failures/ids"])
             fail_reasons += strings(h["failures/reasons"])
             fail_content += strings(h["failures/content"])
@@ -170,6 +173,8 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
         lab.attrs["class_names"] = np.array(class_names, dtype=object)
         f.create_dataset("splits", data=np.array(splits, dtype=object), dtype=STR)
         f.create_dataset("content", data=np.array(content, dtype=object), dtype=STR)
+        if with_notes:
+            f.create_dataset("notes", data=np.array(notes, dtype=object), dtype=STR)
         g = f.create_group("failures")
         g.create_dataset("ids", data=np.array(fail_ids, dtype=object), dtype=STR)
         g.create_dataset("reasons", data=np.array(fail_reasons, dtype=object), dtype=STR)
@@ -183,6 +188,8 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
             "library_versions": json.dumps(library_versions(), sort_keys=True),
             "merged_parts": "[]",
             "shards": json.dumps(listing),
+            **({"notes_counts": json.dumps(count_notes(notes), sort_keys=True)} if with_notes else {}),
+            **({"runtimes": json.dumps(runtimes)} if runtimes else {}),
             "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
 

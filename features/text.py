@@ -22,16 +22,15 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from data.cache import cache_root
 from features.backbones import BackboneError
 from features.hashing import file_sha256
+from features.runtimes.text import TEXT_PRECISIONS, create_text_runtime
 
 DEFAULT_TEXT_BACKBONE = "minilm"
 LONG_TEXT = ("truncate", "mean")
@@ -294,151 +293,10 @@ def create_text_backbone(name: str = DEFAULT_TEXT_BACKBONE, long_text: str = "tr
 
 
 # ------------------------------------------------------------------------------------------- runtimes
+# The text runtimes (torch, OpenVINO) live with the image ones, behind the same seam: features.runtimes.text.
 
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = TEXT_PRECISIONS
 RUNTIMES = ("auto", "torch", "openvino")
-AGREEMENT = 0.9999  # runtime "auto" keeps OpenVINO only when it agrees with torch this well on the first batch
-
-
-def cache_dir() -> Path:
-    """Where converted encoders are kept, shared by every process (data.cache's folder)."""
-    return cache_root() / "openvino"
-
-
-class TorchTextRuntime:
-    """The encoder as a torch module in this process, on all its threads or on a GPU (bf16: autocast)."""
-
-    name = "torch"
-
-    def __init__(self, backbone: TextBackbone, precision: str = "f32", device: str = "cpu"):
-        self.device = torch.device(device)
-        self.model, self.precision = backbone.model.to(self.device).eval(), precision
-
-    def __call__(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        out = []
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            for ids, mask in batches:
-                x = torch.from_numpy(ids).to(self.device, non_blocking=True)
-                m = torch.from_numpy(mask).to(self.device, non_blocking=True)
-                out.append(self.model(x, m).float().cpu().numpy())
-        return out
-
-
-def _ov_model_path(backbone: TextBackbone) -> Path:
-    import openvino as ov
-
-    p = backbone.preprocessing
-    key = hashlib.sha256(json.dumps([backbone.weights_sha256, p.config_sha256, p.pooling, p.normalize, ov.__version__],
-                                    separators=(",", ":")).encode()).hexdigest()[:24]
-    return cache_dir() / f"text-{key}" / "model.xml"
-
-
-def convert_openvino(backbone: TextBackbone) -> Path:
-    """The encoder converted to OpenVINO with dynamic batch and sequence length, cached on disk (f32
-    weights: saved without FP16 compression, so a cached model equals a fresh conversion)."""
-    import openvino as ov
-
-    path = _ov_model_path(backbone)
-    if path.is_file() and path.with_suffix(".bin").is_file():
-        return path
-    ids, mask = backbone.batch(backbone.tokenize(["featurebank converts this encoder once.", "and caches it"]).ids)
-    import warnings
-
-    with torch.no_grad(), warnings.catch_warnings():  # convert_model traces: no_grad, not inference_mode
-        warnings.simplefilter("ignore")  # tracer and deprecation warnings about transformers' code, not the user's
-        model = ov.convert_model(backbone.model, example_input=(torch.from_numpy(ids), torch.from_numpy(mask)))
-    tmp = path.parent.with_name(f".{path.parent.name}.{os.getpid()}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-    try:
-        os.replace(tmp, path.parent)  # another process may have won the race: its copy is the same
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-@lru_cache(maxsize=4)
-def _compiled(xml: str, precision: str):
-    """One compilation per model and precision in a process (a flow or server extracts many times)."""
-    import openvino as ov
-
-    return ov.Core().compile_model(xml, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": precision})
-
-
-class OpenVINOTextRuntime:
-    """The converted encoder on OpenVINO's CPU plugin: dynamic shapes (one compilation serves every
-    batch and sequence length), the throughput hint, and an async queue of infer requests. The
-    precision is set explicitly: the plugin computes in bf16 on CPUs that have it unless told f32."""
-
-    name = "openvino"
-
-    def __init__(self, backbone: TextBackbone, precision: str = "f32"):
-        self.compiled = _compiled(str(convert_openvino(backbone)), precision)
-        self.requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-
-    def __call__(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        import openvino as ov
-
-        out: list = [None] * len(batches)
-        queue = ov.AsyncInferQueue(self.compiled, self.requests)
-
-        def done(request, k):
-            out[k] = request.get_output_tensor(0).data.copy()
-
-        queue.set_callback(done)
-        for k, (ids, mask) in enumerate(batches):
-            queue.start_async({0: ids, 1: mask}, k)
-        queue.wait_all()
-        return out
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-
-
-_AGREED: dict[tuple, float] = {}  # (weights, config) -> OpenVINO's cosine to torch on a first batch
-
-
-def text_runtime(backbone: TextBackbone, runtime: str = "auto", precision: str = "f32", device: str = "cpu",
-                 first: tuple[np.ndarray, np.ndarray] | None = None, say=print):
-    """The runtime that will run ``backbone``: OpenVINO on a CPU when it is installed and agrees with
-    torch on ``first`` (the dataset's first batch), else torch (``auto``, saying why in one line)."""
-    if runtime not in RUNTIMES:
-        raise BackboneError(f"runtime must be one of {', '.join(RUNTIMES)}, not '{runtime}'")
-    if precision not in PRECISIONS:
-        raise BackboneError(f"precision for text must be one of {', '.join(PRECISIONS)}, not '{precision}'")
-    if device != "cpu":
-        return TorchTextRuntime(backbone, precision, device)
-    if precision == "bf16" and not _cpu_has_bf16():
-        raise BackboneError("precision bf16 needs a CPU with AVX512_BF16 or AMX; use f32")
-    if runtime == "torch":
-        return TorchTextRuntime(backbone, precision)
-    try:
-        ov_runtime = OpenVINOTextRuntime(backbone, precision)
-    except Exception as exc:
-        if runtime == "openvino":
-            raise BackboneError(f"OpenVINO cannot run {backbone.name}: {type(exc).__name__}: {exc}") from None
-        say(f"runtime: torch (OpenVINO unavailable for {backbone.name}: {type(exc).__name__})")
-        return TorchTextRuntime(backbone, precision)
-    if runtime == "auto" and first is not None and precision == "f32":
-        key = (backbone.weights_sha256, backbone.preprocessing.config_sha256)
-        if key not in _AGREED:  # once per process: a flow or server extracts many times
-            _AGREED[key] = float(_cosine(ov_runtime([first])[0], TorchTextRuntime(backbone)([first])[0]).min())
-        cos = _AGREED[key]
-        if cos < AGREEMENT:
-            say(f"runtime: torch (OpenVINO agreed with torch only to cosine {cos:.6f} on the first batch)")
-            return TorchTextRuntime(backbone, precision)
-    return ov_runtime
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ------------------------------------------------------------------------------------------- extraction
@@ -497,10 +355,10 @@ def embed_texts(source, backbone: TextBackbone, todo: list[int], rec, batch_size
             rec.failures(w["bad"])
             if w["n"]:
                 if run is None:
-                    run = text_runtime(backbone, runtime, backbone.preprocessing.precision, device or "cpu",
-                                       first=w["batches"][0], say=say)
+                    run = create_text_runtime(backbone, runtime, backbone.preprocessing.precision, device or "cpu",
+                                              first=w["batches"][0], say=say)
                 t0 = time.perf_counter()
-                out = run(w["batches"])
+                out = [e for _, e in run.map(enumerate(w["batches"]))]
                 rec.time("forward", time.perf_counter() - t0)
                 tokens = w["tokens"]
                 emb = np.empty((len(tokens.ids), backbone.dim), np.float32)

