@@ -649,6 +649,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--source", default="folder", choices=("folder", "parquet", "webdataset"),
                     help="also measure end to end from the same JPEGs stored as HF-style Parquet or WebDataset "
                          "tars, side by side with the folder (ratio printed)")
+    ap.add_argument("--sweep-niceness", help="also measure (b) with the decoding workers at each of these niceness "
+                                             "values, e.g. 0,5,8,10 (the engine's is features.runpaths.DECODE_NICENESS)")
     ap.add_argument("--_memory-child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._memory_child:
@@ -668,6 +670,8 @@ def main(argv=None) -> dict:
             report["sources"] = compare_sources(a, work)
         elif not a.memory_only:
             report["throughput"] = throughput(a, dev, work, report)
+            if a.sweep_niceness:
+                report["niceness_sweep"] = niceness_sweep(a, work, [int(v) for v in a.sweep_niceness.split(",")])
         if a.memory or a.memory_only:
             print("memory: 2,000 then 20,000 images of 64 px ...", flush=True)
             report["memory"] = memory_run(work, a.backbone, a.batch_size, None if a.device == "auto" else a.device)
@@ -796,6 +800,29 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
     print(f"process start-up (interpreter + imports, apart from the times above): {out['process_startup_s']} s")
     print(f"(b)/ceiling: median {out['ratio_median']:.3f}, best {out['ratio_best']:.3f} over {len(ratios)} run(s); "
           f"(b)/(a) of the median run {out['ratio_bare']:.3f}")
+    return out
+
+
+def niceness_sweep(a, work: Path, values: list[int]) -> dict:
+    """(b) with the pipelined path's decoding workers at each niceness (forked workers read the module's
+    value when they start), alternated ``a.repeat`` times; the median images/s per value."""
+    import features.runpaths as runpaths
+
+    w, h = (int(v) for v in a.size.lower().split("x"))
+    folder = Path(a.data) if a.data else make_images(work / f"jpeg-{w}x{h}-{a.images}", a.images, (w, h))
+    backbone = random_backbone(a.backbone) if a.random_weights else create_backbone(a.backbone)
+    keep, rates = runpaths.DECODE_NICENESS, {v: [] for v in values}
+    try:
+        for _ in range(a.repeat):
+            for v in values:
+                runpaths.DECODE_NICENESS = v
+                rate, _ = end_to_end(folder, backbone, a.batch_size, None if a.device == "auto" else a.device, a.amp,
+                                     a.compile, a.workers, a.runtime, a.precision)
+                rates[v].append(rate)
+    finally:
+        runpaths.DECODE_NICENESS = keep
+    out = {str(v): round(statistics.median(r), 1) for v, r in rates.items()}
+    print(f"  (b) by decoding workers' niceness, images/s (median of {a.repeat}): {out}", flush=True)
     return out
 
 

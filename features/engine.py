@@ -404,7 +404,7 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
         dec = dec.as_pixels()  # the runtime normalises inside its graph
     try:
         if rt.pipelined:
-            run_pipelined(rt, dec, paths, layout, rec)
+            run_pipelined(rt, dec, paths, layout, rec, transfer=cpu_batch)
         elif layout.replicas:
             run_replicas(rt, dec, paths, cpu_batch, layout, rec)
         else:

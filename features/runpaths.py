@@ -360,23 +360,24 @@ def _collect(pending, rec) -> None:
     rec.advance(len(order) + n_bad)
 
 
-def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec) -> None:
+def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec, transfer: int = CPU_BATCH) -> None:
     """An asynchronous runtime (OpenVINO) in this process, fed by ``layout.loader_workers`` decoding
     processes through a DataLoader: decoding the next batches overlaps the requests in flight.
-    Failures shorten a batch; the runtime cuts batches into its requests and pads the last one."""
+    Failures shorten a batch; the runtime cuts batches into its requests and pads the last one.
+
+    Decoded images travel from the workers, and rows on to the writer, in batches of ``transfer``
+    images (the engine's batch size: 32 unless ``batch_size`` says): fewer, larger messages and arrays
+    than one per request (2 images); the runtime cuts each batch into its requests."""
     from torch.utils.data import DataLoader
 
     workers = layout.loader_workers
-    # decoded images travel from the workers in batches of about CPU_BATCH (a whole number of the
-    # runtime's request batches): fewer, larger messages; the runtime cuts them into its requests
-    transfer = runtime.batch * max(1, -(-CPU_BATCH // runtime.batch))
+    transfer = max(1, transfer)
     loader = DataLoader(
         FileDataset(paths, dec, False), batch_size=transfer, num_workers=workers, collate_fn=collate,
         prefetch_factor=4 if workers else None, persistent_workers=False,
         worker_init_fn=decode_worker_started if workers else None,
         multiprocessing_context=mp_context() if workers else None,
     )
-    busy = {"t": time.perf_counter()}
 
     def batches():
         for b in _timed(loader, rec):
@@ -385,10 +386,7 @@ def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec) -> None:
             if b["pixels"] is None:
                 rec.advance(len(bad))
                 continue
-            busy["t"] = time.perf_counter()
-            idx, step = b["pixel_idx"], runtime.batch
-            for s in range(0, len(idx), step):  # one request's images each: rows reach the writer as they finish
-                yield (idx[s:s + step], len(bad) if s == 0 else 0), b["pixels"][s:s + step]
+            yield (b["pixel_idx"], len(bad)), b["pixels"]
 
     t0 = time.perf_counter()
     for (order, n_bad), emb in runtime.map(batches()):

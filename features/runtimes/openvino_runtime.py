@@ -227,6 +227,12 @@ INLINE_DECODE_UP_TO = 64
 REQUESTS_PER_STREAM = 2
 
 
+def streams_and_requests(compiled) -> tuple[int, int]:
+    """The streams OpenVINO chose for a compiled model, and the infer requests to keep busy on them."""
+    streams = int(compiled.get_property("NUM_STREAMS"))
+    return streams, max(int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")), REQUESTS_PER_STREAM * streams)
+
+
 class OpenVINORuntime(Runtime):
     name = "openvino"
     pipelined = True
@@ -257,9 +263,7 @@ class OpenVINORuntime(Runtime):
                                       tuple(pre.mean), tuple(pre.std))
         except _StaticShapeError as exc:
             raise RuntimeUnavailable(f"{backbone.name} cannot take a static batch in OpenVINO ({exc})") from None
-        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
-        self.requests = max(int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")),
-                            REQUESTS_PER_STREAM * self.streams)
+        self.streams, self.requests = streams_and_requests(self.compiled)
         self._requests = None
 
     def close(self) -> None:

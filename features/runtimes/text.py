@@ -25,11 +25,10 @@ import torch
 
 from features.runtime import Layout, model_bytes
 from features.runtimes import Runtime, RuntimeUnavailable, cosines
-from features.runtimes.openvino_runtime import cache_dir, core, openvino_version, write_atomically
+from features.runtimes.openvino_runtime import cache_dir, core, openvino_version, streams_and_requests, write_atomically
 
 TEXT_PRECISIONS = ("f32", "bf16")
 AGREEMENT = 0.9999  # runtime "auto" keeps OpenVINO only when it agrees with torch this well on the first batch
-REQUESTS_PER_STREAM = 2
 
 
 class TorchTextRuntime(Runtime):
@@ -117,9 +116,7 @@ class OpenVINOTextRuntime(Runtime):
         except Exception as exc:
             line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise RuntimeUnavailable(f"{backbone.name} does not convert to OpenVINO ({line})") from None
-        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
-        self.requests = max(int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")),
-                            REQUESTS_PER_STREAM * self.streams)
+        self.streams, self.requests = streams_and_requests(self.compiled)
         self._requests = None
 
     def describe(self) -> str:
