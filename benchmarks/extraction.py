@@ -593,7 +593,7 @@ def record(path: Path, report: dict) -> None:
         stages = " / ".join(f"{st.get(k, 0):.1f}" for k in ("read", "decode+transform", "copy", "forward", "write"))
         ratio = f"{t['ratio_median']:.3f} ({t['ratio_best']:.3f})" if len(t["ratios"]) > 1 else f"{t['ratio_median']:.3f}"
         b32 = t["bare_layouts"].get("openvino_batch32")
-        b32 = f"; batch {report['batch_size']}: {b32:.1f}" if b32 else ""
+        b32 = f"; batch {report.get('bare_batch', 32)}: {b32:.1f}" if b32 else ""
         cells = [report.get("runtime", ""), t["images_desc"], f"{t['bare_forward']:.1f} [{t['bare_best_layout']}{b32}]",
                  f"{t['decode_ceiling']:.1f}", f"{t['ceiling']:.1f}", f"{t['end_to_end']:.1f}", f"{t['ratio_bare']:.3f}",
                  ratio, stages, f"{100 * t['rerun_share']:.1f} % (start-up {t['process_startup_s']} s)"]
@@ -649,8 +649,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--source", default="folder", choices=("folder", "parquet", "webdataset"),
                     help="also measure end to end from the same JPEGs stored as HF-style Parquet or WebDataset "
                          "tars, side by side with the folder (ratio printed)")
-    ap.add_argument("--sweep-niceness", help="also measure (b) with the decoding workers at each of these niceness "
-                                             "values, e.g. 0,5,8,10 (the engine's is features.runpaths.DECODE_NICENESS)")
     ap.add_argument("--_memory-child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._memory_child:
@@ -670,8 +668,6 @@ def main(argv=None) -> dict:
             report["sources"] = compare_sources(a, work)
         elif not a.memory_only:
             report["throughput"] = throughput(a, dev, work, report)
-            if a.sweep_niceness:
-                report["niceness_sweep"] = niceness_sweep(a, work, [int(v) for v in a.sweep_niceness.split(",")])
         if a.memory or a.memory_only:
             print("memory: 2,000 then 20,000 images of 64 px ...", flush=True)
             report["memory"] = memory_run(work, a.backbone, a.batch_size, None if a.device == "auto" else a.device)
@@ -728,9 +724,9 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
         torch.cuda.empty_cache()
     else:
         batch = a.batch_size or 32
-    report["batch_size"] = batch
     # on a CPU the engine picks its own batch unless --batch-size says (OpenVINO: 2 per request)
     engine_batch = a.batch_size if dev.type == "cpu" else batch
+    report["batch_size"], report["bare_batch"] = engine_batch or "auto", batch
     engine_rt = _warm_runtime(folder, backbone, engine_batch, a.runtime, a.precision) if dev.type == "cpu" else "torch"
     report["runtime"] = engine_rt
     print(f"{desc}: {backbone.name} at {pre.size} px on {dev.type}, batch {batch}, {a.precision}; "
@@ -800,29 +796,6 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
     print(f"process start-up (interpreter + imports, apart from the times above): {out['process_startup_s']} s")
     print(f"(b)/ceiling: median {out['ratio_median']:.3f}, best {out['ratio_best']:.3f} over {len(ratios)} run(s); "
           f"(b)/(a) of the median run {out['ratio_bare']:.3f}")
-    return out
-
-
-def niceness_sweep(a, work: Path, values: list[int]) -> dict:
-    """(b) with the pipelined path's decoding workers at each niceness (forked workers read the module's
-    value when they start), alternated ``a.repeat`` times; the median images/s per value."""
-    import features.runpaths as runpaths
-
-    w, h = (int(v) for v in a.size.lower().split("x"))
-    folder = Path(a.data) if a.data else make_images(work / f"jpeg-{w}x{h}-{a.images}", a.images, (w, h))
-    backbone = random_backbone(a.backbone) if a.random_weights else create_backbone(a.backbone)
-    keep, rates = runpaths.DECODE_NICENESS, {v: [] for v in values}
-    try:
-        for _ in range(a.repeat):
-            for v in values:
-                runpaths.DECODE_NICENESS = v
-                rate, _ = end_to_end(folder, backbone, a.batch_size, None if a.device == "auto" else a.device, a.amp,
-                                     a.compile, a.workers, a.runtime, a.precision)
-                rates[v].append(rate)
-    finally:
-        runpaths.DECODE_NICENESS = keep
-    out = {str(v): round(statistics.median(r), 1) for v, r in rates.items()}
-    print(f"  (b) by decoding workers' niceness, images/s (median of {a.repeat}): {out}", flush=True)
     return out
 
 

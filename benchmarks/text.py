@@ -97,26 +97,32 @@ def encoder_flops(folder: Path, batches) -> float:
     return total
 
 
-def matmul_peak(precision: str, seconds: float = 2.0) -> float:
-    """FLOP/s of large square matrix products on all cores (torch; the best of 1024 and 2048): what the
-    cores can do at all."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    before = torch.get_num_threads()
-    torch.set_num_threads(usable_cores())
-    best = 0.0
-    try:
-        for n in (1024, 2048):
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            for _ in range(2):
-                a @ b
-            t0, k = time.perf_counter(), 0
-            while time.perf_counter() - t0 < seconds:
-                a @ b
-                k += 1
-            best = max(best, 2 * n ** 3 * k / (time.perf_counter() - t0))
-    finally:
-        torch.set_num_threads(before)
-    return best
+PEAK_CODE = """
+import sys, time, torch
+dtype = torch.bfloat16 if sys.argv[1] == "bf16" else torch.float32
+torch.set_num_threads(int(sys.argv[2]))
+best = 0.0
+for n in (1024, 2048):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t0, k = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 2.0:
+        a @ b
+        k += 1
+    best = max(best, 2 * n ** 3 * k / (time.perf_counter() - t0))
+print(best)
+"""
+
+
+def matmul_peak(precision: str) -> float:
+    """FLOP/s of large square matrix products on all cores (torch's, the best of 1024 and 2048), in a
+    fresh process: in this one the runtimes' idle thread pools would take their share of the cores."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", PEAK_CODE, precision, str(usable_cores())], capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def shape_sweep(backbone, tokens, precision: str, sizes=(1, 8, 32)) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
-import os
 import queue
 import sys
 import threading
@@ -41,24 +40,6 @@ def worker_started(_worker_id=None) -> None:
     also a DataLoader ``worker_init_fn``): a killed parent (SIGKILL included) takes it with it."""
     die_with_parent()
     steady_allocator()
-
-
-#: how much lower than the forward pass decoding workers run on the pipelined path. Decoding only has
-#: to keep ahead of the infer requests; each time it preempts one, the request loses the core and its
-#: activations' place in the caches (which small request batches rely on). Lite0, 1,000 500x375 JPEGs,
-#: 2 cores, images/s by niceness: f32 0 -> 135, 3 -> 143, 5 -> 153, 8 -> 158, 10 -> 153, 19 -> 142;
-#: int8 0 -> 224, 5 -> 261, 8 -> 261. When the requests wait for images, their threads sleep and the
-#: decoders have the cores whatever their niceness, so no work is lost by it, only bubbles.
-DECODE_NICENESS = 8
-
-
-def decode_worker_started(worker_id=None) -> None:
-    """worker_started, then the niceness of a decoding worker that shares the cores with the forward pass."""
-    worker_started(worker_id)
-    try:
-        os.nice(DECODE_NICENESS)
-    except (OSError, AttributeError):
-        pass
 
 
 def chunks(n: int, batch: int, replicas: int) -> list[tuple[int, int]]:
@@ -375,7 +356,7 @@ def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec, transfer: i
     loader = DataLoader(
         FileDataset(paths, dec, False), batch_size=transfer, num_workers=workers, collate_fn=collate,
         prefetch_factor=4 if workers else None, persistent_workers=False,
-        worker_init_fn=decode_worker_started if workers else None,
+        worker_init_fn=worker_started if workers else None,
         multiprocessing_context=mp_context() if workers else None,
     )
 
