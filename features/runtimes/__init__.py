@@ -1,4 +1,6 @@
-"""Runtimes: what turns a prepared batch (a float tensor [B, 3, H, W]) into numpy embeddings [B, D].
+"""Runtimes: what turns a prepared batch into numpy embeddings [B, D]. For images the batch is a
+normalised float tensor [B, 3, H, W], or uint8 pixels [B, H, W, 3] for a runtime that normalises in its
+own graph (``takes_pixels``: OpenVINO); for texts (features.runtimes.text) token ids and mask [B, L].
 
 A runtime owns how the forward pass uses the machine (replicas and threads for torch; infer requests
 and streams for OpenVINO), its warm-up and its memory estimate. The engine (features.engine) decides
