@@ -539,7 +539,11 @@ Columns as above, except:
 - **bare (a)**: the fastest bare forward pass this machine has for the same weights at the same
   precision, measured by the benchmark's own code in the same run: torch eager over process x thread
   layouts and, on a CPU, OpenVINO called directly (static batch, THROUGHPUT hint, explicit inference
-  precision, async requests; int8 quantized by NNCF on 300 of the images). The winner in brackets.
+  precision, async requests; int8 quantized by NNCF on 300 of the images), swept over 1, 2, 4 and 32
+  images per request (rows from 2026-12-02 on; before, batch 32 only). The winner in brackets, and
+  OpenVINO at batch 32 with its optimal number of requests beside it.
+- **decode (c)**: to uint8 pixels when the engine's runtime normalises inside its graph (OpenVINO, rows
+  from 2026-12-02 on), else to normalised floats.
 - **ceiling**: on a CPU decoding and the forward pass share the cores, so the pipeline cannot beat
   1 / (1/(a) + 1/(c)); on a GPU min((a), (c)).
 - **(b)/(a)** and **(b)/ceiling**: end to end against the bare model, and against that ceiling.

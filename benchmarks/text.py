@@ -12,8 +12,8 @@ In one run, on the same texts and model (all-MiniLM-L6-v2 unless --backbone), sa
          already in memory;
   (bare) OpenVINO's forward on the same token batches (length-sorted, batch 32), called directly by this
          file (``openvino.convert_model``, throughput hint, async infer queue), not through the project;
-  (compute ceiling) the encoder's arithmetic on those batches (from its config.json) at the rate the
-         cores multiply matrices (a 2048x2048 product in torch): no runtime computes the same numbers faster.
+  (arithmetic) the encoder's FLOPs on those batches (from its config.json), the rate each of the three
+         computes them at, and the rate these cores multiply matrices at all (torch, a fresh process).
 It prints texts/s of each, e2e / st and e2e / bare (the median over --repeat), the cosine of e2e's
 embeddings to sentence-transformers', writes JSON (--json) and, with --record, appends a row to
 BENCHMARKS.md with the machine.
@@ -228,19 +228,14 @@ def main(argv=None) -> int:
         cos = np.array([float(np.dot(x, ref[index[i]]) / np.linalg.norm(x) / np.linalg.norm(ref[index[i]]))
                         for x, i in zip(got.X, got.ids)])
     med = {k: statistics.median(r[k] for r in runs) for k in ("e2e", "st", "bare", "e2e/st", "e2e/bare")}
-    # the compute ceiling: the encoder's arithmetic on these batches at the cores' matrix-product rate;
-    # no runtime computes the same numbers faster, so it bounds e2e/st at st's rate too
-    flops = encoder_flops(backbone.folder, batches)
+    # the arithmetic: the encoder's FLOPs on these batches, and the rate each way computes them at, beside
+    # the rate these cores multiply matrices at all (torch, in a fresh process)
+    flops = encoder_flops(backbone.folder, batches) / len(texts)
     peak = matmul_peak(a.precision)
-    compute = len(texts) / (flops / peak)
-    med["compute_ceiling"] = compute
-    print(f"compute ceiling: {flops / len(texts) / 1e9:.2f} GFLOP per text at {peak / 1e9:.0f} GFLOP/s "
-          f"({a.precision} matrix products, all cores) = {compute:.1f} texts/s; e2e / compute ceiling "
-          f"{med['e2e'] / compute:.2f}, sentence-transformers / compute ceiling {med['st'] / compute:.2f}, "
-          f"so e2e/st cannot exceed {compute / med['st']:.2f} here")
-    print(f"median of {a.repeat}: e2e {med['e2e']:.1f} texts/s, sentence-transformers {med['st']:.1f}, bare OpenVINO "
-          f"{med['bare']:.1f}; ratios e2e/st {med['e2e/st']:.2f}, e2e/bare {med['e2e/bare']:.2f}; "
-          f"cosine to sentence-transformers min {cos.min():.5f}, median {np.median(cos):.5f}")
+    med["gflop_per_text"], med["matmul_gflops"] = flops / 1e9, peak / 1e9
+    print(f"arithmetic: {flops / 1e9:.2f} GFLOP per text; end to end computes {med['e2e'] * flops / 1e9:.0f} GFLOP/s, "
+          f"sentence-transformers {med['st'] * flops / 1e9:.0f}, bare OpenVINO {med['bare'] * flops / 1e9:.0f}; "
+          f"these cores multiply {a.precision} matrices at {peak / 1e9:.0f} GFLOP/s (torch, a fresh process)")
     sweep = shape_sweep(backbone, tokens, a.precision) if a.sweep_shapes else None
     report = {"texts": len(texts), "backbone": backbone.name, "shape_sweep": sweep, "precision": a.precision,
               "batch_size": a.batch_size,

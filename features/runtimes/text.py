@@ -8,8 +8,8 @@ here is a sentence encoder (features.text.TextBackbone: ``model(ids, mask)``, ``
 
 OpenVINO runs the encoder with dynamic shapes: one compilation serves every batch and sequence length.
 Static shapes measured no faster here (all-MiniLM-L6-v2, 256-token BBC articles, texts/s at batch
-1 / 8 / 32: dynamic 29.6 / 31.7 / 30.7, static 26.6 / 31.6 / 31.4), and sequence-length buckets would
-add padding and one compilation per bucket.
+1 / 8 / 32: dynamic 31.1 / 29.4 / 28.0, static 30.7 / 29.5 / 28.3; ``benchmarks/text.py --sweep-shapes``),
+and sequence-length buckets would add padding and one compilation per bucket.
 """
 
 from __future__ import annotations
