@@ -134,22 +134,19 @@ def run_replicas(runtime, dec: Decoder, paths, batch: int, layout: Layout, rec) 
         gc.unfreeze()
     stop = threading.Event()
 
+    def put(item) -> None:  # blocks while the queue is full, but gives up once the run stops
+        while not stop.is_set():
+            try:
+                tasks.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                pass
+
     def feed():
         for a, b in chunks(len(paths), batch, layout.replicas):
-            item = (a, [paths[j] for j in range(a, b)])
-            while not stop.is_set():
-                try:
-                    tasks.put(item, timeout=0.5)
-                    break
-                except queue.Full:
-                    pass
+            put((a, [paths[j] for j in range(a, b)]))
         for _ in procs:
-            while not stop.is_set():
-                try:
-                    tasks.put(None, timeout=0.5)
-                    break
-                except queue.Full:
-                    pass
+            put(None)
 
     feeder = threading.Thread(target=feed, name="featurebank-feeder", daemon=True)
     feeder.start()
