@@ -134,9 +134,9 @@ def extract(
     check_precision(precision)
     if source.modality == "text":
         precision = "f32"  # a text backbone's precision is in its own (fingerprinted) preprocessing
-    elif pick_device(device).type == "cuda" and runtime != "openvino":
+    elif (dev := pick_device(device)).type == "cuda" and runtime != "openvino":
         # on CUDA autocast computes the rows: the fingerprint records its dtype, and amp follows it
-        precision = cuda_precision(pick_device(device), precision, amp)
+        precision = cuda_precision(dev, precision, amp)
         amp = AMP_OF_PRECISION.get(precision, amp)
     calibration_samples = calibration_samples or CALIBRATION_SAMPLES
     recipe = None

@@ -572,26 +572,30 @@ class StoreWriter:
         content: dict[str, str] = {}
         failures: dict[str, tuple[str, str]] = {}
         notes = []
-        for i, entry in self._latest(self._sources()).items():
+        held: dict = {}
+        for i, entry in self._latest(self._sources(), held).items():
             if entry[0] == "row":
                 content[i] = entry[3]
                 notes.append(entry[4])
             else:
                 failures[i] = (entry[1], entry[2])
-        runtimes: set[str] = set()
-        for src in self._sources():
-            with h5py.File(src, "r") as f:
-                runtimes.update(json.loads(f.attrs.get("runtimes", "[]")))
-                if f.attrs.get("runtime"):
-                    runtimes.add(str(f.attrs["runtime"]))
-        return StoreIndex(content, failures, count_notes(notes), runtimes)
+        return StoreIndex(content, failures, count_notes(notes), held["runtimes"])
 
     @staticmethod
-    def _latest(sources: Sequence[Path]) -> dict[str, tuple]:
-        """id -> ("row", source index, row, content, note) or ("fail", reason, content); later sources win."""
+    def _latest(sources: Sequence[Path], held: dict | None = None) -> dict[str, tuple]:
+        """id -> ("row", source index, row, content, note) or ("fail", reason, content); later sources win.
+        ``held``, when given, gets what the sources hold besides: "runtimes" (what computed their rows)
+        and "notes" (whether any has per-row notes), read in the same pass."""
         latest: dict[str, tuple] = {}
+        if held is not None:
+            held.update(runtimes=set(), notes=False)
         for s_idx, src in enumerate(sources):
             with h5py.File(src, "r") as f:
+                if held is not None:
+                    held["runtimes"].update(json.loads(f.attrs.get("runtimes", "[]")))
+                    if f.attrs.get("runtime"):
+                        held["runtimes"].add(str(f.attrs["runtime"]))
+                    held["notes"] = held["notes"] or "notes" in f
                 ids = strings(f["ids"])
                 notes = strings(f["notes"]) if "notes" in f else [""] * len(ids)
                 for row, (i, c, n) in enumerate(zip(ids, strings(f["content"]), notes)):
@@ -696,7 +700,8 @@ class StoreWriter:
         self.flush()
         sources = self._sources()
         parts = sources[1:] if sources and sources[0] == self.path else sources
-        latest = self._latest(sources)
+        held: dict = {}
+        latest = self._latest(sources, held)
         listed = set(ids)
         removed = sum(1 for i, v in latest.items() if i not in listed and v[0] == "row")
         present = {lab for lab in labels if lab is not None}
@@ -705,13 +710,7 @@ class StoreWriter:
         keep = [k for k, i in enumerate(ids) if latest.get(i, ("none",))[0] == "row"]
         fails = [(i, *latest[i][1:]) for i in ids if latest.get(i, ("none",))[0] == "fail"]
         dim, dtype = self.config.dim, self.config.dtype
-        with_notes, runtimes = self._any_notes, set()
-        for src in sources:  # one at a time: every runtime whose rows the store holds, and whether rows have notes
-            with h5py.File(src, "r") as h:
-                with_notes = with_notes or "notes" in h
-                runtimes.update(json.loads(h.attrs.get("runtimes", "[]")))
-                if h.attrs.get("runtime"):
-                    runtimes.add(str(h.attrs["runtime"]))
+        with_notes, runtimes = self._any_notes or held["notes"], held["runtimes"]
         if self.runtime:
             runtimes.add(self.runtime)
         handles = _OpenFiles(sources)

@@ -227,6 +227,38 @@ INLINE_DECODE_UP_TO = 64
 REQUESTS_PER_STREAM = 2
 
 
+def round_robin(requests: list, jobs: Iterable[tuple[object, dict]]) -> Iterator[tuple[object, np.ndarray]]:
+    """(tag, inputs) in, (tag, a float32 copy of the first output) out, in the same order, with every
+    infer request of ``requests`` kept busy: a request's result is collected (with ``wait``, which
+    releases the GIL) just before it takes the next inputs. No Python callbacks run in OpenVINO's
+    threads (``AsyncInferQueue``'s hung intermittently here), so nothing there waits for the GIL this
+    thread holds. Inputs are shared with OpenVINO and kept alive until their request is collected."""
+    pending: list = [None] * len(requests)  # per request: (tag, inputs) or None
+    k = 0
+
+    def collect(i):
+        tag, _keep = pending[i]
+        requests[i].wait()
+        pending[i] = None
+        return tag, np.array(requests[i].get_output_tensor(0).data, np.float32)
+
+    try:
+        for tag, inputs in jobs:
+            if pending[k] is not None:
+                yield collect(k)
+            requests[k].start_async(inputs, share_inputs=True)
+            pending[k] = (tag, inputs)
+            k = (k + 1) % len(requests)
+        for _ in range(len(requests)):
+            if pending[k] is not None:
+                yield collect(k)
+            k = (k + 1) % len(requests)
+    finally:
+        for i, p in enumerate(pending):  # an abandoned run: let the requests finish before returning
+            if p is not None:
+                requests[i].wait()
+
+
 def streams_and_requests(compiled) -> tuple[int, int]:
     """The streams OpenVINO chose for a compiled model, and the infer requests to keep busy on them."""
     streams = int(compiled.get_property("NUM_STREAMS"))
@@ -311,29 +343,12 @@ class OpenVINORuntime(Runtime):
 
     def map(self, batches: Iterable[tuple[object, torch.Tensor]]) -> Iterator[tuple[object, np.ndarray]]:
         """Batches of any size in, in order; each is cut into requests of ``self.batch`` images (the
-        last one padded). ``requests`` infer requests are kept busy, round robin: a request's result is
-        collected (with ``wait``, which releases the GIL) just before it takes the next images. No
-        Python callbacks run in OpenVINO's threads, so nothing there waits for the GIL this thread holds."""
+        last one padded) and run by :func:`round_robin` on ``requests`` infer requests."""
         if self._requests is None:
             self._requests = [self.compiled.create_infer_request() for _ in range(self.requests)]
-        reqs = self._requests
-        pending: list = [None] * len(reqs)  # per request: (entry, slot, n, input kept alive) or None
         open_: collections.deque = collections.deque()  # per batch, in order: [tag, parts, parts left]
-        k = 0
 
-        def collect(i):
-            entry, slot, n, _keep = pending[i]
-            reqs[i].wait()
-            pending[i] = None
-            entry[1][slot] = np.array(reqs[i].get_output_tensor(0).data[:n], np.float32)
-            entry[2] -= 1
-
-        def finished():
-            while open_ and open_[0][2] == 0:
-                tag, parts, _ = open_.popleft()
-                yield tag, (parts[0] if len(parts) == 1 else np.concatenate(parts))
-
-        try:
+        def jobs():
             for tag, x in batches:
                 a = self.pixels_of(x)
                 starts = range(0, len(a), self.batch)
@@ -342,19 +357,11 @@ class OpenVINORuntime(Runtime):
                 entry = [tag, [None] * len(starts), len(starts)]
                 open_.append(entry)
                 for slot, s in enumerate(starts):
-                    part = self._padded(a[s:s + self.batch])
-                    if pending[k] is not None:
-                        collect(k)
-                        yield from finished()
-                    reqs[k].start_async({0: part}, share_inputs=True)
-                    pending[k] = (entry, slot, min(self.batch, len(a) - s), part)
-                    k = (k + 1) % len(reqs)
-            for _ in range(len(reqs)):
-                if pending[k] is not None:
-                    collect(k)
-                k = (k + 1) % len(reqs)
-            yield from finished()
-        finally:
-            for i, p in enumerate(pending):  # an abandoned run: let the requests finish before returning
-                if p is not None:
-                    reqs[i].wait()
+                    yield (entry, slot, min(self.batch, len(a) - s)), {0: self._padded(a[s:s + self.batch])}
+
+        for (entry, slot, n), out in round_robin(self._requests, jobs()):
+            entry[1][slot] = out[:n]
+            entry[2] -= 1
+            while open_ and open_[0][2] == 0:
+                tag, parts, _ = open_.popleft()
+                yield tag, (parts[0] if len(parts) == 1 else np.concatenate(parts))

@@ -25,7 +25,9 @@ import torch
 
 from features.runtime import Layout, model_bytes
 from features.runtimes import Runtime, RuntimeUnavailable, cosines
-from features.runtimes.openvino_runtime import cache_dir, core, openvino_version, streams_and_requests, write_atomically
+from features.runtimes.openvino_runtime import (
+    cache_dir, core, openvino_version, round_robin, streams_and_requests, write_atomically,
+)
 
 TEXT_PRECISIONS = ("f32", "bf16")
 AGREEMENT = 0.9999  # runtime "auto" keeps OpenVINO only when it agrees with torch this well on the first batch
@@ -135,34 +137,12 @@ class OpenVINOTextRuntime(Runtime):
         return next(iter(self.map([(0, batch)])))[1]
 
     def map(self, batches: Iterable[tuple[object, tuple[np.ndarray, np.ndarray]]]) -> Iterator[tuple[object, np.ndarray]]:
-        """(tag, (ids, mask)) in, (tag, embeddings) out in the same order; ``requests`` requests in flight,
-        each collected with ``wait`` (which releases the GIL) just before it takes the next batch."""
+        """(tag, (ids, mask)) in, (tag, embeddings) out in the same order, on ``requests`` infer requests
+        kept busy by openvino_runtime.round_robin."""
         if self._requests is None:
             self._requests = [self.compiled.create_infer_request() for _ in range(self.requests)]
-        reqs, pending, k = self._requests, [None] * self.requests, 0
-
-        def collect(i):
-            tag, _keep = pending[i]
-            reqs[i].wait()
-            pending[i] = None
-            return tag, np.array(reqs[i].get_output_tensor(0).data, np.float32)
-
-        try:
-            for tag, (ids, mask) in batches:
-                if pending[k] is not None:
-                    yield collect(k)
-                ids, mask = np.ascontiguousarray(ids), np.ascontiguousarray(mask)
-                reqs[k].start_async({0: ids, 1: mask}, share_inputs=True)
-                pending[k] = (tag, (ids, mask))
-                k = (k + 1) % len(reqs)
-            for _ in range(len(reqs)):
-                if pending[k] is not None:
-                    yield collect(k)
-                k = (k + 1) % len(reqs)
-        finally:
-            for i, p in enumerate(pending):  # an abandoned run: let the requests finish before returning
-                if p is not None:
-                    reqs[i].wait()
+        yield from round_robin(self._requests, ((tag, {0: np.ascontiguousarray(ids), 1: np.ascontiguousarray(mask)})
+                                                for tag, (ids, mask) in batches))
 
 
 _AGREED: dict[tuple, float] = {}  # (weights, config) -> OpenVINO's cosine to torch on a first batch
