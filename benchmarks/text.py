@@ -44,6 +44,8 @@ from features.runtime import usable_cores  # noqa: E402
 from features.store import read_features  # noqa: E402
 from features.text import create_text_backbone  # noqa: E402
 
+from benchmarks.extraction import _insert_row  # noqa: E402
+
 
 def bbc_texts(n: int) -> list[tuple[str, str, bytes]]:
     """The first ``n`` BBC News articles taken round-robin over the five topics (a fixed choice)."""
@@ -162,6 +164,17 @@ def shape_sweep(backbone, tokens, precision: str, sizes=(1, 8, 32)) -> dict:
     return out
 
 
+TEXT_HEADER = """
+## Text
+
+Rows appended by `python benchmarks/text.py --record` (texts/s; e2e: .txt files to a finished store; st:
+SentenceTransformer.encode at its defaults; bare: OpenVINO's forward on the same token batches).
+
+| date | model | machine | texts | e2e | st | bare | e2e/st | e2e/bare | min cosine |
+|---|---|---|---|---:|---:|---:|---:|---:|---:|
+"""
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -249,13 +262,9 @@ def main(argv=None) -> int:
                f"{med['e2e']:.1f} | {med['st']:.1f} | {med['bare']:.1f} | {med['e2e/st']:.2f} | {med['e2e/bare']:.2f} | "
                f"{cos.min():.5f} |\n")
         path = ROOT / "BENCHMARKS.md"
-        text = path.read_text() if path.exists() else ""
-        if "## Text" not in text:
-            text += ("\n## Text\n\nRows appended by `python benchmarks/text.py --record` (texts/s; e2e: .txt files to a "
-                     "finished store; st: SentenceTransformer.encode at its defaults; bare: OpenVINO's forward on the "
-                     "same token batches).\n\n| date | model | machine | texts | e2e | st | bare | e2e/st | e2e/bare | "
-                     "min cosine |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|\n")
-        path.write_text(text + row)
+        # into the text table, wherever later sections put it (appending at the end of the file put
+        # text rows under the Parquet table)
+        _insert_row(path, "## Text", TEXT_HEADER, row.rstrip("\n"))
         print(f"row appended to {path}")
     return 0
 
