@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,12 +154,21 @@ class Source:
         return self.reader.fingerprint(sample.path, content_hash)
 
 
+_UTF8_FS = sys.getfilesystemencoding().lower() in ("utf-8", "utf8")
+
+
 def escape_id(sample_id: str) -> str:
     """Make an id storable as UTF-8, reversibly.
 
     File names are bytes on POSIX; Python keeps undecodable bytes as surrogate escapes, which HDF5's
     UTF-8 strings cannot hold. Those bytes become ``\\xNN`` and a literal backslash becomes ``\\\\``.
     """
+    if isinstance(sample_id, str) and "\\" not in sample_id and _UTF8_FS:
+        try:
+            sample_id.encode("utf-8")
+            return sample_id  # nothing to escape: the same string, not a copy of it per sample
+        except UnicodeEncodeError:
+            pass
     raw = os.fsencode(sample_id) if isinstance(sample_id, str) else sample_id
     out = []
     text = raw.decode("utf-8", "surrogateescape")

@@ -165,10 +165,12 @@ def extract(
                 reused += 1
             elif retry_failures or index.failures.get(i, (None, None))[1] != c:
                 todo.append(k)
+        todo = np.array(todo, np.int64)  # 8 bytes per sample to embed, not a Python int each
         result = ExtractResult(path=path, reused=reused)
         listed = set(ids)
         stale = any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
-        if todo:
+        del listed
+        if len(todo):
             if source.modality == "text":
                 _embed_text(source, backbone, writer, todo, ids, content, batch_size, device, progress, result,
                             runtime, say)
@@ -182,7 +184,7 @@ def extract(
         result.failures = list(writer.added_failures)
         result.failed = len(result.failures)
         classes = [escape_id(c) for c in source.classes]
-        if (todo or stale or writer.needs_merge() or not path.exists()
+        if (len(todo) or stale or writer.needs_merge() or not path.exists()
                 or _labels_changed(path, ids, labels, splits, classes)):
             counts = writer.finish(ids, labels, splits, content, class_names=classes)
             result.removed = counts["removed"]
@@ -225,17 +227,27 @@ def sample_fingerprints(source: Source, content_hash: bool) -> list[str]:
 
 class SampleFiles:
     """The locations of the samples still to embed (read by the source's reader, see
-    :func:`sample_decoder`), made on demand (a list of them would grow with the dataset): ``files[j]``
-    is the j-th sample of ``todo``."""
+    :func:`sample_decoder`): ``files[j]`` is the j-th sample of ``todo``.
+
+    They are packed into one bytes buffer and an offsets array, with no Python object per sample:
+    decoding workers are forked, and reading the source's Sample objects from a worker (a reference
+    count is a write) copied their pages into every worker, so that each worker's memory grew with
+    the dataset (about 0.3 KB per sample each)."""
 
     def __init__(self, source, todo):
-        self.source, self.todo = source, todo
+        encoded = [os.fsencode(str(source.samples[k].path)) for k in todo]
+        self._offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._blob = b"".join(encoded)
 
     def __len__(self) -> int:
-        return len(self.todo)
+        return len(self._offsets) - 1
 
     def __getitem__(self, j: int) -> str:
-        return str(self.source.samples[self.todo[j]].path)
+        if not -len(self) <= j < len(self):
+            raise IndexError(j)
+        j %= len(self)
+        return os.fsdecode(self._blob[self._offsets[j]:self._offsets[j + 1]])
 
 
 def sample_decoder(source: Source, backbone: Backbone, mode: str = "fast") -> Decoder:

@@ -306,8 +306,16 @@ def _timed(loader, rec):
 
     A decoding worker that exits with a non-zero status after the loader has delivered every batch
     (seen rarely, at interpreter exit of a forked worker, with nothing lost) does not fail the
-    extraction: every row it decoded has arrived. Before the last batch it still does."""
-    it = iter(loader)
+    extraction: every row it decoded has arrived. Before the last batch it still does.
+
+    The workers fork as the iterator is made: gc.freeze keeps their garbage collector off the
+    parent's objects (the source's samples, the store's index), whose pages it would otherwise copy
+    into every worker, so that each worker's memory grew with the dataset."""
+    gc.freeze()
+    try:
+        it = iter(loader)
+    finally:
+        gc.unfreeze()
     expected, received = len(loader), 0
     while True:
         t0 = time.perf_counter()

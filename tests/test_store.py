@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import h5py
 import numpy as np
@@ -53,3 +54,66 @@ def test_not_a_store_is_a_clear_error(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
     with pytest.raises(StoreError, match="not a readable HDF5 file"):
         read_features(tmp_path / "junk.h5")
+
+
+def test_merge_of_scattered_rows_keeps_each_id_with_its_own_row_content_and_note(tmp_path):
+    """The merge reads rows block by block from the store and its parts: contiguous reads where
+    they are dense, point reads where scattered (a relisted source, a few rows left in an old store).
+    Every id must keep its own embedding, content fingerprint and note, and the latest entry wins."""
+    from features.store import ROWS_PER_CHUNK, StoreConfig, StoreWriter, store_path
+
+    config = StoreConfig("test-backbone", "0" * 64, {"size": 8}, "pool", "avg", "float32", 3)
+    n = 5 * ROWS_PER_CHUNK + 100
+    ids = [f"x{k:05d}" for k in range(n)]
+    value = {i: np.full(3, k, np.float32) for k, i in enumerate(ids)}
+    path = store_path(tmp_path, "toy", config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with StoreWriter(path, config, "toy", rows_per_part=1500) as w:  # several parts, rows added shuffled
+        order = rng.permutation(n)
+        w.add([ids[k] for k in order], np.stack([value[ids[k]] for k in order]), [f"c{k}" for k in order],
+              ["truncated" if k % 3 == 0 else "" for k in order])
+        w.finish(ids, ["a"] * n, ["train"] * n, [f"c{k}" for k in range(n)])
+    # a second run: every 7th id is re-embedded (its latest row wins), every 11th now failed,
+    # and the listing is interleaved (every 5th id first), so that the old store's rows come back scattered
+    listed = [ids[k] for r in range(5) for k in range(r, n, 5)]
+    with StoreWriter(path, config, "toy") as w:
+        again = [i for k, i in enumerate(ids) if k % 7 == 0 and k % 11]
+        w.add(again, np.stack([value[i] + 0.5 for i in again]), [f"new-{i}" for i in again], ["replaced"] * len(again))
+        lost = [i for k, i in enumerate(ids) if k % 11 == 0]
+        w.add_failures(lost, ["cannot decode"] * len(lost), [f"bad-{i}" for i in lost])
+        counts = w.finish(listed, ["a"] * n, ["train"] * n, ["-"] * n)
+    assert counts["failures"] == len(lost) and counts["rows"] == n - len(lost)
+    with h5py.File(path, "r") as f:
+        got_ids = list(f["ids"].asstr()[:])
+        X, content, notes = f["embeddings"][:], list(f["content"].asstr()[:]), list(f["notes"].asstr()[:])
+        fails = dict(zip(f["failures/ids"].asstr()[:], f["failures/content"].asstr()[:]))
+    assert got_ids == [i for i in listed if i not in set(lost)]
+    for i, x, c, note in zip(got_ids, X, content, notes):
+        k = int(i[1:])
+        if i in again:
+            assert x[0] == k + 0.5 and c == f"new-{i}" and note == "replaced"
+        else:
+            assert x[0] == k and c == f"c{k}" and note == ("truncated" if k % 3 == 0 else "")
+    assert fails == {i: f"bad-{i}" for i in lost}
+    assert counts["notes"] == {"replaced": len(again),
+                               "truncated": sum(1 for i in got_ids if i not in again and int(i[1:]) % 3 == 0)}
+
+
+def test_sample_locations_round_trip_through_the_packed_buffer(tmp_path):
+    """The decoding workers read sample locations from one packed buffer (no object per sample):
+    every path comes back as it was, undecodable bytes and backslashes included."""
+    from data.sources import Sample, Source, escape_id
+    from features.engine import SampleFiles
+
+    names = ["plain.jpg", "ünïcödé/ファイル.png", "back\\slash.jpg", os.fsdecode(b"latin-\xe9.jpg"), "a b/c.jpg"]
+    src = Source("toy", tmp_path, [Sample(id=n, path=str(tmp_path / n)) for n in names])
+    files = SampleFiles(src, [4, 0, 3, 1, 2])
+    assert len(files) == 5
+    assert [files[j] for j in range(5)] == [str(tmp_path / names[k]) for k in (4, 0, 3, 1, 2)]
+    assert files[-1] == str(tmp_path / names[2])
+    with pytest.raises(IndexError):
+        files[5]
+    # ids that need no escaping come back as the same string object (no copy per sample)
+    assert escape_id(names[0]) is names[0] and escape_id(names[1]) is names[1]
+    assert escape_id(names[2]) == "back\\\\slash.jpg" and escape_id(names[3]) == "latin-\\xe9.jpg"
