@@ -396,7 +396,7 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
     rt = create_runtime(runtime, backbone, dev, precision, batch_size, say=say,
                         first_images=lambda: first_images(check_dec, paths),
                         calibration=lambda: calibration_images(check_dec, source, calibration_samples),
-                        int8_key=calibration_set(dataset), calibration_samples=calibration_samples,
+                        int8_key=calibration_set(dataset, source.root), calibration_samples=calibration_samples,
                         # the store's rows came from OpenVINO at this precision: it agreed on their first batch
                         agreed=f"openvino {precision}" in stored_runtimes)
     writer.runtime = f"{rt.name} {rt.precision}"
@@ -435,12 +435,19 @@ def first_images(dec: Decoder, paths, n: int | None = None) -> torch.Tensor | No
     return torch.stack(tensors) if tensors else None
 
 
-def calibration_set(dataset: str) -> str:
-    """The name int8 calibration is cached under: the dataset's, shared by all its shards."""
+def calibration_set(dataset: str, root=None) -> str:
+    """The name int8 calibration is cached under: the dataset's (shared by all its shards, which are
+    named ``<dataset>.sNNNofMMM``) and where its samples are, so that two folders that happen to have
+    the same name never share a quantized model calibrated on the other's images, while a folder that
+    grows keeps its own."""
     import re
 
     m = re.match(r"^(?P<dataset>.+)\.s\d{3}of\d{3}$", dataset)  # features.shards.shard_dataset's names
-    return m.group("dataset") if m else dataset
+    name = m.group("dataset") if m else dataset
+    if root is None:
+        return name
+    where = str(root) if "://" in str(root) else os.path.abspath(os.fspath(root))
+    return f"{name}@{where}"
 
 
 def calibration_images(dec: Decoder, source: Source, n: int):

@@ -147,6 +147,12 @@ def test_int8_is_calibrated_once_on_the_train_split_and_cached(lite0, photos, ea
     again = extract(photos, lite0, tmp_path / "s2", precision="int8", calibration_samples=8, progress=False, say=said.append)
     assert again.embedded == 12 and not any("calibrating" in s for s in said)  # the cached quantized model
     assert np.allclose(read_features(again.path).X, feats.X, atol=1e-5)
+    # another folder that happens to have the same name calibrates on its own images
+    other = tmp_path / "elsewhere" / photos.name
+    shutil.copytree(photos, other)
+    said.clear()
+    extract(other, lite0, tmp_path / "s4", precision="int8", calibration_samples=8, progress=False, say=said.append)
+    assert any("calibrating int8" in s for s in said)
     with pytest.raises(RuntimeUnavailable, match="int8 needs the OpenVINO runtime"):
         extract(photos, lite0, tmp_path / "s3", runtime="torch", precision="int8", **quiet)
 
