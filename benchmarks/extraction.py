@@ -578,7 +578,7 @@ def record_sources(path: Path, report: dict) -> None:
     row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
            report["backbone"], t["images"], t["source"], f"{med['folder']:.1f}", f"{med[t['source']]:.1f}",
            f"{t['ratio_median']:.3f}", f"{100 * t['rerun_share_median']:.1f} %"]
-    _insert_row(path, "## Parquet and WebDataset against the folder", SOURCES_HEADER,
+    insert_row(path, "## Parquet and WebDataset against the folder", SOURCES_HEADER,
                 "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
 
 
@@ -609,10 +609,10 @@ def record(path: Path, report: dict) -> None:
     row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
            versions, report["backbone"], f"{report['device']}, {report['batch_size']}, {report.get('precision', 'f32')}",
            *cells, mem_s]
-    _insert_row(path, RUNTIMES_MARK, RUNTIMES_HEADER, "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
+    insert_row(path, RUNTIMES_MARK, RUNTIMES_HEADER, "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
 
 
-def _insert_row(path: Path, mark: str, header: str, line: str) -> None:
+def insert_row(path: Path, mark: str, header: str, line: str) -> None:
     """Add ``line`` at the end of the table under the heading ``mark`` (made from ``header`` on first use)."""
     text = path.read_text() if path.exists() else HEADER
     if mark not in text:

@@ -44,7 +44,7 @@ from features.runtime import usable_cores  # noqa: E402
 from features.store import read_features  # noqa: E402
 from features.text import create_text_backbone  # noqa: E402
 
-from benchmarks.extraction import _insert_row  # noqa: E402
+from benchmarks.extraction import insert_row  # noqa: E402
 
 
 def bbc_texts(n: int) -> list[tuple[str, str, bytes]]:
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         path = ROOT / "BENCHMARKS.md"
         # into the text table, wherever later sections put it (appending at the end of the file put
         # text rows under the Parquet table)
-        _insert_row(path, "## Text", TEXT_HEADER, row.rstrip("\n"))
+        insert_row(path, "## Text", TEXT_HEADER, row.rstrip("\n"))
         print(f"row appended to {path}")
     return 0
 

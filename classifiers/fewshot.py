@@ -27,9 +27,7 @@ from classifiers.probes import CLIP_C_GRID, DEFAULT_C, CLIPLogisticProbe, Weight
 from classifiers.train import check_trainable
 from features.store import Features, atomic_write
 
-FEWSHOT_PROBES = ("logreg", "knn")
-DEFAULT_SHOTS = (1, 5, 10)
-DEFAULT_SEEDS = 5
+from classifiers.names import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES  # noqa: E402, F401
 DEFAULT_KNN_K = 10
 HOLDOUT_MIN_SHOTS = 5
 

@@ -24,6 +24,8 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from classifiers.names import DEFAULT_PROBES  # noqa: F401 - declared with the other option values
+
 class TrainingError(ValueError):
     """Features that cannot be trained on: the message says why and what to do."""
 
@@ -315,7 +317,6 @@ PROBES = {
     "ridge": ridge,
     "mlp": small_mlp,
 }
-DEFAULT_PROBES = ("logreg", "knn", "svm", "ridge")
 
 
 def make_probe(name: str, **params) -> BaseEstimator:

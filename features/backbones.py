@@ -25,7 +25,7 @@ from torch import nn
 
 from features.hashing import file_sha256
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+from features.names import DEFAULT_BACKBONE  # noqa: E402, F401 - declared with the other option values
 
 
 class BackboneError(ValueError):

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import torch
 
 GPU_MAX_BATCH = 512
-AMP_MODES = ("auto", "bf16", "fp16", "fp32")
-DEFAULT_AMP = AMP_MODES[0]
+from features.names import AMP_MODES, DEFAULT_AMP  # noqa: E402, F401 - declared with the other option values
 
 
 def usable_cores() -> int:

@@ -186,6 +186,28 @@ def parse(argv: list[str] | None = None) -> tuple[str, list[BaseModel]]:
 
 # ----------------------------------------------------------------------------------------- running
 
+# The errors that are answered with one line (exit 1) instead of a traceback, by the module that
+# defines each: an error of a module that was never imported cannot have been raised, so the check
+# imports nothing (torch, scikit-learn and Prefect load only for the commands that use them).
+KNOWN_ERRORS = (
+    ("data.sources", "SourceError"), ("features.backbones", "BackboneError"), ("features.store", "StoreError"),
+    ("classifiers.persist", "ClassifierError"), ("classifiers.probes", "TrainingError"), ("data.demo", "DemoError"),
+    ("features.engine", "ModalityError"), ("classifiers.runs", "RunFolderError"), ("pipelines.deploy", "ServeError"),
+    ("features.runtimes", "RuntimeUnavailable"),
+)
+
+
+class KnownErrors:
+    """``except Exception as exc: if exc in known`` for the errors of KNOWN_ERRORS, and OSError (a file
+    system error: a full disk, permission denied)."""
+
+    def __contains__(self, exc: BaseException) -> bool:
+        if isinstance(exc, OSError):
+            return True
+        return any(module in sys.modules and isinstance(exc, getattr(sys.modules[module], name))
+                   for module, name in KNOWN_ERRORS)
+
+
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -194,21 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # flow runs send heartbeats, so that a server marks a killed run Crashed (pipelines.deploy)
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
-    from classifiers.persist import ClassifierError
-    from classifiers.runs import RunFolderError
-    from classifiers.probes import TrainingError
-    from data.demo import DemoError
-    from data.sources import SourceError
-    from features.backbones import BackboneError
-    from features.store import StoreError
-    from pipelines.deploy import ServeError
-
-    # a file system error (disk full, permission denied) is reported like the others: one line, exit 1
-    from features.engine import ModalityError
-    from features.runtimes import RuntimeUnavailable
-
-    known = (SourceError, BackboneError, StoreError, ClassifierError, TrainingError, DemoError, ModalityError, RunFolderError,
-             ServeError, RuntimeUnavailable, OSError)
+    known = KnownErrors()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--verbose" in argv:  # any command: Prefect's and Dask's INFO logs on the console too (pipelines.console)
         argv.remove("--verbose")
@@ -230,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"featurebank: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except known as exc:
+    except Exception as exc:
+        if exc not in known:
+            raise
         print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     from pipelines.console import to_stderr
@@ -239,12 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with to_stderr():  # stdout carries only what scripts consume, printed by _dispatch to `stdout`
             return _dispatch(command, models, stdout)
-    except known as exc:
-        print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILED
     except KeyboardInterrupt:
         print("featurebank: interrupted; committed work is kept and a rerun resumes", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if exc not in known:
+            raise
+        print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _dispatch(command: str, models: list[BaseModel], stdout=sys.stdout) -> int:

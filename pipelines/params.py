@@ -15,21 +15,50 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from classifiers.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES
-from classifiers.persist import verify_classifier
-from classifiers.probes import DEFAULT_PROBES, PROBES
+from classifiers.names import DEFAULT_PROBES, DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES, PROBE_NAMES
 from classifiers.report import DEFAULT_RUNS_DIR
-from classifiers.train import check_trainable
-from classifiers.versions import resolve_classifier
 from data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, FASHION_SIZE, check_demo
 from data.sources import FORMATS, check_source, is_remote, open_source, source_modality
-from features.backbones import DEFAULT_BACKBONE, check_backbone_name
-from features.decode import DECODERS, DEFAULT_DECODER
 from features.export import EXPORT_FORMATS
-from features.runtime import AMP_MODES, DEFAULT_AMP, check_device
-from features.runtimes import PRECISIONS, RUNTIMES
+from features.names import (AMP_MODES, DECODERS, DEFAULT_AMP, DEFAULT_BACKBONE, DEFAULT_DECODER, DEFAULT_TEXT_BACKBONE,
+                            LONG_TEXT, PRECISIONS, RUNTIMES)
 from features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
-from features.text import DEFAULT_TEXT_BACKBONE, LONG_TEXT
+
+# Validators that need torch or scikit-learn import them when a value is given: ``--help`` and a bad
+# path are answered without loading either (about 4 s on a small machine).
+
+
+def check_trainable(index) -> None:
+    from classifiers.train import check_trainable as check
+
+    check(index)
+
+
+def verify_classifier(path):
+    from classifiers.persist import verify_classifier as verify
+
+    return verify(path)
+
+
+def resolve_classifier(v):
+    from classifiers.versions import resolve_classifier as resolve
+
+    return resolve(v)
+
+
+def check_backbone_name(v: str) -> str:
+    from features.backbones import check_backbone_name as check
+
+    return check(v)
+
+
+def check_device(v: str) -> str:
+    from features.runtime import check_device as check
+
+    return check(v)
+
+
+PROBES = PROBE_NAMES
 
 
 def option(default=..., help: str = "", *, flag: str | None = None, positional: bool = False, repeat: bool = False,

@@ -102,3 +102,30 @@ def test_engine_options_are_the_flow_parameters():
         schema = json.dumps(flow.parameters.model_dump())
         for name in EngineOptions.model_fields:
             assert f'"{name}"' in schema, (flow.name, name)
+
+
+def test_help_and_bad_input_are_answered_without_loading_torch_or_sklearn(tmp_path):
+    """``--help`` and a bad path answer in well under a second: the option values and the validators'
+    imports keep torch, scikit-learn and Prefect out until a command runs (they took ~4 s here)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pipelines.cli import main\n"
+        "codes = [main(['extract', sys.argv[1]]), main(['train', sys.argv[1] + '.h5'])]\n"
+        "heavy = sorted(m for m in ('torch', 'sklearn', 'prefect', 'openvino') if m in sys.modules)\n"
+        "print(codes, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "[2, 2] []", (out.stdout, out.stderr)
+    assert out.stderr.count("featurebank: error:") == 2 and "does not exist" in out.stderr
+
+
+def test_probe_names_declared_for_the_cli_are_the_probes():
+    from classifiers.fewshot import FEWSHOT_PROBES
+    from classifiers.names import DEFAULT_PROBES, PROBE_NAMES
+    from classifiers.probes import PROBES
+
+    assert tuple(PROBES) == PROBE_NAMES and set(DEFAULT_PROBES) <= set(PROBES) and set(FEWSHOT_PROBES) <= set(PROBES)

@@ -24,8 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-RUNTIMES = ("auto", "torch", "openvino")
-PRECISIONS = ("f32", "bf16", "int8")
+from features.names import PRECISIONS, RUNTIMES  # noqa: E402, F401 - declared with the other option values
 # auto's agreement check against the eager f32 module, per image, on the dataset's first images
 AGREEMENT = {"f32": 0.9999, "bf16": 0.99}
 CHECK_IMAGES = 8
