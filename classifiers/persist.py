@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+from features.store import atomic_write
+
 MODEL = "model.skops"
 LEGACY_MODEL = "model.joblib"
 FORMAT_VERSION = 2
@@ -40,6 +42,8 @@ class ClassifierError(RuntimeError):
 
 
 def _sha256(path: Path) -> str:
+    """Read in full every time: features.hashing caches by (path, size, mtime), which a file changed
+    in place with its size and time restored would pass."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -62,13 +66,7 @@ def save_classifier(estimator, directory: str | os.PathLike, *, classes: list[st
     if foreign:
         raise ClassifierError(f"cannot save {type(estimator).__name__}: it holds types that loading would refuse "
                               f"({', '.join(foreign)}); add them to classifiers.persist.TRUSTED_TYPES if they are safe")
-    model = directory / MODEL
-    tmp = directory / f".{MODEL}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, model)
+    atomic_write(directory / MODEL, data)  # the model first: a manifest never names a missing model
     manifest = {
         "format": "featurebank-classifier",
         "format_version": FORMAT_VERSION,
@@ -77,13 +75,11 @@ def save_classifier(estimator, directory: str | os.PathLike, *, classes: list[st
         "classes": list(classes),
         "store_fingerprint": store_fingerprint,
         "backbone": backbone,
-        "sha256": _sha256(model),
+        "sha256": hashlib.sha256(data).hexdigest(),
         "metrics": metrics or {},
         **(extra or {}),
     }
-    tmp = directory / f".manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, directory / "manifest.json")
+    atomic_write(directory / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     return directory
 
 
