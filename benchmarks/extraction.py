@@ -695,7 +695,8 @@ def main(argv=None) -> dict:
 def _warm_runtime(folder: Path, backbone: Backbone, batch: int | None, runtime: str, precision: str) -> str:
     """Make the runtime's one-off work (OpenVINO conversion, int8 calibration) happen before (b) is
     timed, exactly as extract() will do it; returns which runtime extract() will use."""
-    from features.engine import CALIBRATION_SAMPLES, SampleFiles, calibration_images, first_images, sample_decoder
+    from features.engine import (CALIBRATION_SAMPLES, SampleFiles, calibration_images, calibration_set, first_images,
+                                 sample_decoder)
     from features.runtimes import create_runtime
 
     src = open_source(folder)
@@ -704,7 +705,7 @@ def _warm_runtime(folder: Path, backbone: Backbone, batch: int | None, runtime: 
     rt = create_runtime(runtime, backbone, torch.device("cpu"), precision, batch, say=print,
                         first_images=lambda: first_images(dec, files),
                         calibration=lambda: calibration_images(dec, src, CALIBRATION_SAMPLES),
-                        int8_key=src.name, calibration_samples=CALIBRATION_SAMPLES)
+                        int8_key=calibration_set(src.name, src.root), calibration_samples=CALIBRATION_SAMPLES)
     return rt.describe()
 
 
