@@ -208,7 +208,6 @@ class KnownErrors:
                    for module, name in KNOWN_ERRORS)
 
 
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # the server's telemetry heartbeat phones home (there is no network here) and races the first

@@ -16,7 +16,9 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from classifiers.names import DEFAULT_PROBES, DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES, PROBE_NAMES
+from classifiers.persist import verify_classifier
 from classifiers.report import DEFAULT_RUNS_DIR
+from classifiers.versions import resolve_classifier
 from data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, FASHION_SIZE, check_demo
 from data.sources import FORMATS, check_source, is_remote, open_source, source_modality
 from features.export import EXPORT_FORMATS
@@ -24,26 +26,14 @@ from features.names import (AMP_MODES, DECODERS, DEFAULT_AMP, DEFAULT_BACKBONE, 
                             LONG_TEXT, PRECISIONS, RUNTIMES)
 from features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
 
-# Validators that need torch or scikit-learn import them when a value is given: ``--help`` and a bad
-# path are answered without loading either (about 4 s on a small machine).
+# Validators whose modules load torch or scikit-learn import them when a value is given: ``--help``
+# and a bad path are answered without loading either (about 4 s on a small machine).
 
 
 def check_trainable(index) -> None:
     from classifiers.train import check_trainable as check
 
     check(index)
-
-
-def verify_classifier(path):
-    from classifiers.persist import verify_classifier as verify
-
-    return verify(path)
-
-
-def resolve_classifier(v):
-    from classifiers.versions import resolve_classifier as resolve
-
-    return resolve(v)
 
 
 def check_backbone_name(v: str) -> str:
@@ -57,8 +47,6 @@ def check_device(v: str) -> str:
 
     return check(v)
 
-
-PROBES = PROBE_NAMES
 
 
 def option(default=..., help: str = "", *, flag: str | None = None, positional: bool = False, repeat: bool = False,
@@ -135,7 +123,7 @@ def _classifier(v: str) -> str:
 
 SourcePath = Annotated[str, AfterValidator(_source_given)]
 StorePath = Annotated[str, AfterValidator(_trainable_store)]
-ProbeNames = Annotated[list[str], _known(PROBES, "unknown probe(s)")]
+ProbeNames = Annotated[list[str], _known(PROBE_NAMES, "unknown probe(s)")]
 Shots = Annotated[list[int], AfterValidator(_shots)]
 SOURCE_HELP = ("image folder (one subfolder per class), .csv manifest, Parquet/Arrow tables, WebDataset tars "
                "('shards/train-{0000..0099}.tar'), local or a URL")
@@ -232,7 +220,7 @@ class ExtractParams(EngineOptions, SourceOptions):
 
 class TrainOptions(Params):
     out_dir: str = option(DEFAULT_RUNS_DIR, "folder for runs (reports, classifiers)", flag="--out")
-    probes: ProbeNames = option(lambda: list(DEFAULT_PROBES), f"comma-separated, from {', '.join(PROBES)}")
+    probes: ProbeNames = option(lambda: list(DEFAULT_PROBES), f"comma-separated, from {', '.join(PROBE_NAMES)}")
     memory_budget_mb: float | None = option(None, "MB: when the embeddings exceed it, train the logistic probe out "
                                             "of core within it", flag="--memory-budget", gt=0)
 
