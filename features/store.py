@@ -337,6 +337,15 @@ class _OpenFiles:
         self._open.clear()
 
 
+def _read_held(f: h5py.File, held: dict) -> None:
+    """Add what a store or part file holds besides its rows to ``held``: "runtimes" (what computed its
+    rows) and "notes" (whether it has per-row notes)."""
+    held["runtimes"].update(json.loads(f.attrs.get("runtimes", "[]")))
+    if f.attrs.get("runtime"):
+        held["runtimes"].add(str(f.attrs["runtime"]))
+    held["notes"] = held["notes"] or "notes" in f
+
+
 def _pick(dataset, rows: np.ndarray) -> np.ndarray:
     """``dataset[rows]`` for increasing, distinct ``rows``: one contiguous read where they are dense
     (a part, or a store listed in the same order), point reads where they are scattered."""
@@ -591,20 +600,14 @@ class StoreWriter:
         return StoreIndex(content, failures, count_notes(notes), held["runtimes"])
 
     @staticmethod
-    def _latest(sources: Sequence[Path], held: dict | None = None) -> dict[str, tuple]:
+    def _latest(sources: Sequence[Path], held: dict) -> dict[str, tuple]:
         """id -> ("row", source index, row, content, note) or ("fail", reason, content); later sources win.
-        ``held``, when given, gets what the sources hold besides: "runtimes" (what computed their rows)
-        and "notes" (whether any has per-row notes), read in the same pass."""
+        ``held`` gets what the sources hold besides (see :func:`_read_held`), read in the same pass."""
         latest: dict[str, tuple] = {}
-        if held is not None:
-            held.update(runtimes=set(), notes=False)
+        held.update(runtimes=set(), notes=False)
         for s_idx, src in enumerate(sources):
             with h5py.File(src, "r") as f:
-                if held is not None:
-                    held["runtimes"].update(json.loads(f.attrs.get("runtimes", "[]")))
-                    if f.attrs.get("runtime"):
-                        held["runtimes"].add(str(f.attrs["runtime"]))
-                    held["notes"] = held["notes"] or "notes" in f
+                _read_held(f, held)
                 ids = strings(f["ids"])
                 notes = strings(f["notes"]) if "notes" in f else [""] * len(ids)
                 for row, (i, c, n) in enumerate(zip(ids, strings(f["content"]), notes)):
@@ -629,10 +632,7 @@ class StoreWriter:
         held.update(runtimes=set(), notes=False)
         for s_idx, path in enumerate(sources):
             with h5py.File(path, "r") as f:
-                held["runtimes"].update(json.loads(f.attrs.get("runtimes", "[]")))
-                if f.attrs.get("runtime"):
-                    held["runtimes"].add(str(f.attrs["runtime"]))
-                held["notes"] = held["notes"] or "notes" in f
+                _read_held(f, held)
                 for r, i in enumerate(strings(f["ids"])):
                     k = pos.get(i)
                     if k is None:
