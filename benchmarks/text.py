@@ -260,11 +260,11 @@ def main(argv=None) -> int:
         m = report["machine"]
         row = (f"| {report['date']} | text {backbone.name} {a.precision} | {m['cpu']} ({m['cores']} cores) | {len(texts)} BBC | "
                f"{med['e2e']:.1f} | {med['st']:.1f} | {med['bare']:.1f} | {med['e2e/st']:.2f} | {med['e2e/bare']:.2f} | "
-               f"{cos.min():.5f} |\n")
+               f"{cos.min():.5f} |")
         path = ROOT / "BENCHMARKS.md"
         # into the text table, wherever later sections put it (appending at the end of the file put
         # text rows under the Parquet table)
-        insert_row(path, "## Text", TEXT_HEADER, row.rstrip("\n"))
+        insert_row(path, "## Text", TEXT_HEADER, row)
         print(f"row appended to {path}")
     return 0
 

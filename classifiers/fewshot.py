@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from classifiers.names import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES  # noqa: F401 - declared with the other option values
 from classifiers.probes import CLIP_C_GRID, DEFAULT_C, CLIPLogisticProbe, WeightedKNNProbe
 from classifiers.train import check_trainable
 from features.store import Features, atomic_write
 
-from classifiers.names import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES  # noqa: E402, F401
 DEFAULT_KNN_K = 10
 HOLDOUT_MIN_SHOTS = 5
 

@@ -26,6 +26,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from classifiers.names import DEFAULT_PROBES  # noqa: F401 - declared with the other option values
 
+
 class TrainingError(ValueError):
     """Features that cannot be trained on: the message says why and what to do."""
 

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from features.hashing import file_sha256
-
-from features.names import DEFAULT_BACKBONE  # noqa: E402, F401 - declared with the other option values
+from features.names import DEFAULT_BACKBONE  # noqa: F401 - declared with the other option values
 
 
 class BackboneError(ValueError):

@@ -37,8 +37,8 @@ import torch
 from data.sources import FileReader, Reader, UnreadableSample
 from features.backbones import Preprocessing
 from features.images import ImageError, load_image
+from features.names import DECODERS, DEFAULT_DECODER  # noqa: F401 - declared with the other option values
 
-from features.names import DECODERS, DEFAULT_DECODER  # noqa: E402, F401 - declared with the other option values
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from features.names import AMP_MODES, DEFAULT_AMP  # noqa: F401 - declared with the other option values
+
 GPU_MAX_BATCH = 512
-from features.names import AMP_MODES, DEFAULT_AMP  # noqa: E402, F401 - declared with the other option values
 
 
 def usable_cores() -> int:

@@ -30,9 +30,9 @@ from torch import nn
 
 from features.backbones import BackboneError
 from features.hashing import file_sha256
+from features.names import DEFAULT_TEXT_BACKBONE, LONG_TEXT  # noqa: F401 - declared with the other option values
 from features.runtimes.text import TEXT_PRECISIONS, create_text_runtime
 
-from features.names import DEFAULT_TEXT_BACKBONE, LONG_TEXT  # noqa: E402, F401 - declared with the other option values
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
                    "vocab.json", "sentencepiece.bpe.model", "spiece.model", "added_tokens.json")

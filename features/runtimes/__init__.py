@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from features.names import PRECISIONS, RUNTIMES  # noqa: E402, F401 - declared with the other option values
+from features.names import PRECISIONS, RUNTIMES  # noqa: F401 - declared with the other option values
+
 # auto's agreement check against the eager f32 module, per image, on the dataset's first images
 AGREEMENT = {"f32": 0.9999, "bf16": 0.99}
 CHECK_IMAGES = 8
