@@ -524,8 +524,9 @@ machine it names. Columns:
   processes (core-ms on a CPU; on a GPU decode and forward are device time).
 - **rerun +1 %**: time of a rerun over the same folder grown by 1 % new files (into the same store: only
   the new files are embedded) as a share of the full run's time; process start-up (interpreter and
-  imports) is measured apart and shown in brackets (before the repeats from 2026-12-02 06:20 on; after
-  them it read 77 and 105 s against 9.5 s alone); a Prefect temporary server adds 10-20 s per process.
+  imports) is measured apart and shown in brackets (before the repeats from 2026-12-02 06:20 on); it
+  varies from 9.5 to 105 s between runs on this machine, before the repeats as after them, cause not
+  found; a Prefect temporary server adds 10-20 s per process.
 - **memory**: growth of the peak resident memory of the extraction's process tree from 2,000 to
   20,000 images (64 px files, 64 px model input), when run with `--memory`: anonymous memory, each
   process's proportional share (pages a forked replica shares with its parent count once).
@@ -743,7 +744,7 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
     print(f"{desc}: {backbone.name} at {pre.size} px on {dev.type}, batch {batch}, {a.precision}; "
           f"engine runtime: {engine_rt}", flush=True)
     calibration = reference_images(pre, paths, 300) if (dev.type == "cpu" and a.precision == "int8") else None
-    # timed first, on a quiet machine: after the repeats it has read 77 and 105 s (9.5 s alone)
+    # timed before the repeats, so that it is not measured in their wake (it still varies: 9.5-105 s)
     startup = process_startup()
     runs = []
     for _ in range(a.repeat):
