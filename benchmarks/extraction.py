@@ -39,18 +39,20 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from checkout import ROOT, use_checkout  # noqa: E402
+
+use_checkout()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data.sources import Source, open_source  # noqa: E402
-from features.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, random_weights_backbone  # noqa: E402
-from features.decode import Decoder  # noqa: E402
-from features.engine import FileDataset, collate, extract, mp_context, steady_allocator  # noqa: E402
-from features.runtime import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
+from featurebank.data.sources import Source, open_source  # noqa: E402
+from featurebank.features.backbones import (  # noqa: E402
+    DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, random_weights_backbone,
+)
+from featurebank.features.decode import Decoder  # noqa: E402
+from featurebank.features.engine import FileDataset, collate, extract, mp_context, steady_allocator  # noqa: E402
+from featurebank.features.runtime import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the input
 
@@ -234,14 +236,14 @@ def bare_forward_openvino(model, shape, batch, seconds, precision="f32", calibra
 
 def reference_images(pre: Preprocessing, paths: list[str], n: int) -> list[np.ndarray]:
     """``n`` images decoded by PIL with the reference transform, as [1, 3, H, W] arrays (int8 calibration)."""
-    from features.images import load_image
+    from featurebank.features.images import load_image
 
     tf = pre.transform()
     return [tf(load_image(p))[None].numpy() for p in paths[:n]]
 
 
 def bare_forward_cuda(model, shape, batch, seconds, amp, compile_model) -> tuple[float, dict]:
-    from features.engine import Forward
+    from featurebank.features.engine import Forward
 
     dev = torch.device("cuda")
     model = model.to(dev).to(memory_format=torch.channels_last).eval()
@@ -296,7 +298,7 @@ def decode_ceiling_cpu(pre: Preprocessing, paths: list[str], pixels: bool = Fals
 def decode_ceiling_cuda(pre: Preprocessing, paths: list[str], batch: int, workers: int) -> float:
     from torch.utils.data import DataLoader
 
-    from features.decode import decode_on_device
+    from featurebank.features.decode import decode_on_device
 
     dev = torch.device("cuda")
     dec = Decoder(pre)
@@ -322,8 +324,8 @@ def decode_ceiling_cuda(pre: Preprocessing, paths: list[str], batch: int, worker
 def end_to_end(folder: Path, backbone: Backbone, batch, device, amp, compile_model, workers, runtime="auto",
                precision="f32") -> tuple[float, dict]:
     """(b), then the incremental rerun: the same folder grown by 1 % new files, into the same store."""
-    from data.sources import Sample
-    from features.store import library_versions
+    from featurebank.data.sources import Sample
+    from featurebank.features.store import library_versions
 
     library_versions()  # the store imports these to record them: a one-off cost of any process, not timed
     options = dict(batch_size=batch, device=device, workers=workers, amp=amp, compile=compile_model,
@@ -353,9 +355,11 @@ def process_startup() -> float:
     import importlib.util
 
     # a GPU machine may have no Prefect: then the engine's imports alone (the benchmark must still finish)
-    imports = "import features.engine, pipelines.flows" if importlib.util.find_spec("prefect") else "import features.engine"
+    flows = ", featurebank.pipelines.flows" if importlib.util.find_spec("prefect") else ""
+    imports = "import featurebank.features.engine" + flows
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", imports], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run([sys.executable, "-c", f"from checkout import use_checkout; use_checkout(); {imports}"], cwd=ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")})
     return time.perf_counter() - t0
 
 
@@ -697,9 +701,9 @@ def main(argv=None) -> dict:
 def _warm_runtime(folder: Path, backbone: Backbone, batch: int | None, runtime: str, precision: str) -> str:
     """Make the runtime's one-off work (OpenVINO conversion, int8 calibration) happen before (b) is
     timed, exactly as extract() will do it; returns which runtime extract() will use."""
-    from features.engine import (CALIBRATION_SAMPLES, SampleFiles, calibration_images, calibration_set, first_images,
+    from featurebank.features.engine import (CALIBRATION_SAMPLES, SampleFiles, calibration_images, calibration_set, first_images,
                                  sample_decoder)
-    from features.runtimes import create_runtime
+    from featurebank.features.runtimes import create_runtime
 
     src = open_source(folder)
     dec = sample_decoder(src, backbone)
@@ -729,7 +733,7 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
     report["precision"] = a.precision
     layout = choose_layout(dev, len(paths), a.batch_size or 32, a.workers, backbone.model, pre.size)
     if dev.type == "cuda" and a.batch_size is None:
-        from features.engine import Forward
+        from featurebank.features.engine import Forward
 
         probe = Forward(backbone.model.to(dev).to(memory_format=torch.channels_last), dev, amp_dtype, 512)
         batch = probe.probe(shape, min(512, len(paths)))
@@ -819,8 +823,8 @@ def compare_sources(a, work: Path) -> dict:
     """End to end from the same JPEGs as a folder and as ``a.source`` (Parquet or WebDataset), alternated
     in one run, ``a.repeat`` times: the median of format/folder, and the cost of a rerun over the
     unchanged format source (it reads no image bytes) as a share of its full run."""
-    from data.demo import folder_items, write_parquet, write_webdataset
-    from features.store import library_versions
+    from featurebank.data.demo import folder_items, write_parquet, write_webdataset
+    from featurebank.features.store import library_versions
 
     w, h = (int(v) for v in a.size.lower().split("x"))
     folder = Path(a.data) if a.data else make_images(work / f"jpeg-{w}x{h}-{a.images}", a.images, (w, h))

@@ -20,7 +20,7 @@ import numpy as np
 CHILD = r"""
 import json, sys, time, tracemalloc
 import h5py, numpy as np, scipy.optimize, sklearn.linear_model
-from classifiers.outofcore import OutOfCoreLogisticProbe
+from featurebank.classifiers.outofcore import OutOfCoreLogisticProbe
 path, budget = sys.argv[1], float(sys.argv[2])
 def status(key):
     for line in open("/proc/self/status"):
@@ -74,8 +74,8 @@ def main() -> None:
     ap.add_argument("store")
     ap.add_argument("--budget-mb", type=float, default=8.0)
     args = ap.parse_args()
-    from classifiers.probes import CLIPLogisticProbe
-    from features.store import read_features
+    from featurebank.classifiers.probes import CLIPLogisticProbe
+    from featurebank.features.store import read_features
 
     f = read_features(args.store)
     lab = f.subset(f.y >= 0)

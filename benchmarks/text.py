@@ -31,20 +31,20 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from checkout import ROOT, use_checkout  # noqa: E402
+
+use_checkout()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data.text import text_folder  # noqa: E402
-from features.engine import extract  # noqa: E402
-from features.runtime import usable_cores  # noqa: E402
-from features.store import read_features  # noqa: E402
-from features.text import create_text_backbone  # noqa: E402
+from featurebank.data.text import text_folder  # noqa: E402
+from featurebank.features.engine import extract  # noqa: E402
+from featurebank.features.runtime import usable_cores  # noqa: E402
+from featurebank.features.store import read_features  # noqa: E402
+from featurebank.features.text import create_text_backbone  # noqa: E402
 
-from benchmarks.extraction import insert_row  # noqa: E402
+from extraction import insert_row  # noqa: E402
 
 
 def bbc_texts(n: int) -> list[tuple[str, str, bytes]]:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from classifiers.names import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES  # noqa: F401 - declared with the other option values
-from classifiers.probes import CLIP_C_GRID, DEFAULT_C, CLIPLogisticProbe, WeightedKNNProbe
-from classifiers.train import check_trainable
-from features.store import Features, atomic_write
+from featurebank.classifiers.names import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES  # noqa: F401 - declared with the other option values
+from featurebank.classifiers.probes import CLIP_C_GRID, DEFAULT_C, CLIPLogisticProbe, WeightedKNNProbe
+from featurebank.classifiers.train import check_trainable
+from featurebank.features.store import Features, atomic_write
 
 DEFAULT_KNN_K = 10
 HOLDOUT_MIN_SHOTS = 5

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from classifiers.runs import complete_runs
-from classifiers.versions import plan_version
-from features.store import Features, atomic_write, read_features
+from featurebank.classifiers.runs import complete_runs
+from featurebank.classifiers.versions import plan_version
+from featurebank.features.store import Features, atomic_write, read_features
 
 SNAPSHOT = "snapshot.npz"
 

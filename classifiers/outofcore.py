@@ -24,8 +24,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from classifiers.probes import CLIP_C_GRID, DEFAULT_C, TrainingError, clip_search, search_start, validation_split
-from features.store import open_store
+from featurebank.classifiers.probes import CLIP_C_GRID, DEFAULT_C, TrainingError, clip_search, search_start, validation_split
+from featurebank.features.store import open_store
 
 LBFGS_HISTORY = 10  # scipy's default number of correction pairs
 NATIVE_BYTES = 8 << 20

@@ -20,16 +20,16 @@ import json
 import os
 from pathlib import Path
 
-from features.store import atomic_write
+from featurebank.features.store import atomic_write
 
 MODEL = "model.skops"
 LEGACY_MODEL = "model.joblib"
 FORMAT_VERSION = 2
 # Types beyond skops' defaults that featurebank's probes are made of: loading builds these and nothing else.
 TRUSTED_TYPES = (
-    "classifiers.probes.CLIPLogisticProbe",
-    "classifiers.probes.WeightedKNNProbe",
-    "classifiers.outofcore.OutOfCoreLogisticProbe",
+    "featurebank.classifiers.probes.CLIPLogisticProbe",
+    "featurebank.classifiers.probes.WeightedKNNProbe",
+    "featurebank.classifiers.outofcore.OutOfCoreLogisticProbe",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",

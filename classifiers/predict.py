@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from classifiers.persist import check_store_fingerprint, load_classifier, verify_classifier
-from classifiers.versions import resolve_classifier
-from features.store import DTYPES, StoreConfig, read_features
+from featurebank.classifiers.persist import check_store_fingerprint, load_classifier, verify_classifier
+from featurebank.classifiers.versions import resolve_classifier
+from featurebank.features.store import DTYPES, StoreConfig, read_features
 
 
 def classifier_for_prediction(path: str | os.PathLike) -> tuple[Path, dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.store import Features
+from featurebank.features.store import Features
 
 DEFAULT_RUNS_DIR = "featurebank-runs"
 TSNE_MAX_SAMPLES = 2000  # t-SNE up to this many labelled samples, PCA above
@@ -168,7 +168,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         for r in pc_rows)
     fewshot_md = ""
     if fewshot is not None:
-        from classifiers.fewshot import fewshot_markdown
+        from featurebank.classifiers.fewshot import fewshot_markdown
 
         fewshot_md = ("## Few-shot (test split; examples and validation from the train split only)\n\n"
                       f"{fewshot_markdown(fewshot)}\n")

@@ -66,7 +66,7 @@ def clean_leftovers(out_dir: str | os.PathLike) -> list[Path]:
 
 def roll_forward(out_dir: str | os.PathLike) -> list[str]:
     """Register the classifier versions the last complete run planned, where a kill stopped it before."""
-    from classifiers.versions import apply_version
+    from featurebank.classifiers.versions import apply_version
 
     runs = complete_runs(out_dir)
     if not runs or not (runs[-1] / "delta.json").is_file():

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from classifiers.outofcore import OutOfCoreLogisticProbe
-from classifiers.persist import save_classifier
-from classifiers.probes import DEFAULT_PROBES, TrainingError, make_probe
-from features.store import Features, embedding_shape, open_store, read_index
+from featurebank.classifiers.outofcore import OutOfCoreLogisticProbe
+from featurebank.classifiers.persist import save_classifier
+from featurebank.classifiers.probes import DEFAULT_PROBES, TrainingError, make_probe
+from featurebank.features.store import Features, embedding_shape, open_store, read_index
 
 SHOWN_ROWS = 3000  # embeddings read for the report's map when training out of core
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classifiers.persist import ClassifierError, load_classifier, read_manifest
-from features.store import Features, atomic_write
+from featurebank.classifiers.persist import ClassifierError, load_classifier, read_manifest
+from featurebank.features.store import Features, atomic_write
 
 CURRENT = "current"
 

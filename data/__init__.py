@@ -1,3 +1,3 @@
 """Sources and demo datasets. The format modules register themselves with data.sources on import."""
 
-from data import tables, text, webdataset  # noqa: F401
+from featurebank.data import tables, text, webdataset  # noqa: F401

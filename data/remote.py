@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.cache import cache_root
-from data.sources import REMOTE_FOLDER_DETECTORS, TABLE_SUFFIXES, TAR_SUFFIXES, SourceError, file_fingerprint, is_remote
+from featurebank.data.cache import cache_root
+from featurebank.data.sources import (
+    REMOTE_FOLDER_DETECTORS, TABLE_SUFFIXES, TAR_SUFFIXES, SourceError, file_fingerprint, is_remote,
+)
 
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gs"), "gcs": ("gcsfs", "gs"),
           "hf": ("huggingface_hub", "hf"), "az": ("adlfs", None), "abfs": ("adlfs", None)}

@@ -19,8 +19,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from data.remote import FileSet, resolve
-from data.sources import FileReader, Reader, Sample, Source, SourceError, UnreadableSample, is_remote, register_format
+from featurebank.data.remote import FileSet, resolve
+from featurebank.data.sources import FileReader, Reader, Sample, Source, SourceError, UnreadableSample, is_remote, register_format
 
 DEFAULT_LABEL_COLUMN = "label"
 PATH_COLUMNS = ("path", "image_path", "file", "filename", "file_name", "image")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from data.sources import Reader, Sample, Source, SourceError, UnreadableSample, has_images, is_remote, register_format
+from featurebank.data.sources import Reader, Sample, Source, SourceError, UnreadableSample, has_images, is_remote, register_format
 
 TEXT_EXTENSIONS = frozenset({".txt"})
 TABLE_EXTENSIONS = frozenset({".csv", ".parquet", ".jsonl", ".ndjson"})

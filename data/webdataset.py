@@ -26,8 +26,8 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from data.remote import resolve
-from data.sources import Reader, Sample, Source, SourceError, UnreadableSample, register_format
+from featurebank.data.remote import resolve
+from featurebank.data.sources import Reader, Sample, Source, SourceError, UnreadableSample, register_format
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTS = ("cls", "txt", "json")

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from features.hashing import file_sha256
-from features.names import DEFAULT_BACKBONE  # noqa: F401 - declared with the other option values
+from featurebank.features.hashing import file_sha256
+from featurebank.features.names import DEFAULT_BACKBONE  # noqa: F401 - declared with the other option values
 
 
 class BackboneError(ValueError):

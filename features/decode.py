@@ -34,10 +34,10 @@ import warnings
 import numpy as np
 import torch
 
-from data.sources import FileReader, Reader, UnreadableSample
-from features.backbones import Preprocessing
-from features.images import ImageError, load_image
-from features.names import DECODERS, DEFAULT_DECODER  # noqa: F401 - declared with the other option values
+from featurebank.data.sources import FileReader, Reader, UnreadableSample
+from featurebank.features.backbones import Preprocessing
+from featurebank.features.images import ImageError, load_image
+from featurebank.features.names import DECODERS, DEFAULT_DECODER  # noqa: F401 - declared with the other option values
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"

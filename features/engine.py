@@ -24,19 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.sources import Source, escape_id, open_source, split_of
-from features.backbones import DEFAULT_BACKBONE, Backbone
-from features.decode import DEFAULT_DECODER, Decoder
-from features.registry import build_backbone, modality
-from features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
+from featurebank.data.sources import Source, escape_id, open_source, split_of
+from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
+from featurebank.features.decode import DEFAULT_DECODER, Decoder
+from featurebank.features.registry import build_backbone, modality
+from featurebank.features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
     CPU_BATCH, FileDataset, chunks, collate, decode_batch, mp_context, run_in_process, run_pipelined, run_replicas,
     steady_allocator,
 )
-from features.runpaths import chunks as _chunks  # noqa: F401 - the old name
-from features.runtime import AMP_OF_PRECISION, DEFAULT_AMP, Layout, cuda_precision, pick_device
-from features.runtimes import create_runtime
-from features.runtimes.torch_runtime import Forward, is_oom  # noqa: F401 - re-exported
-from features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, read_index, store_path
+from featurebank.features.runpaths import chunks as _chunks  # noqa: F401 - the old name
+from featurebank.features.runtime import AMP_OF_PRECISION, DEFAULT_AMP, Layout, cuda_precision, pick_device
+from featurebank.features.runtimes import create_runtime
+from featurebank.features.runtimes.torch_runtime import Forward, is_oom  # noqa: F401 - re-exported
+from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, read_index, store_path
 
 
 class ModalityError(ValueError):
@@ -129,7 +129,7 @@ def extract(
         hint = "a text backbone such as minilm" if source.modality == "text" else "an image backbone such as efficientnet_lite0"
         raise ModalityError(f"{backbone.name} embeds {modality(backbone)}s but {source.name} holds {source.modality}s: "
                             f"use {hint}")
-    from features.runtimes import check_precision
+    from featurebank.features.runtimes import check_precision
 
     check_precision(precision)
     if source.modality == "text":
@@ -141,7 +141,7 @@ def extract(
     calibration_samples = calibration_samples or CALIBRATION_SAMPLES
     recipe = None
     if precision == "int8":
-        from features.runtimes.openvino_runtime import int8_recipe
+        from featurebank.features.runtimes.openvino_runtime import int8_recipe
 
         recipe = int8_recipe(calibration_samples)
     config = StoreConfig.for_backbone(backbone, dtype, precision, recipe)
@@ -363,7 +363,7 @@ def _embed_text(source, backbone, writer, todo, ids, content, batch_size, device
     """Texts: read, tokenised and sorted by length a window at a time, in this process (see features.text)."""
     from tqdm import tqdm
 
-    from features.text import embed_texts
+    from featurebank.features.text import embed_texts
 
     dev = pick_device(device)
     bar = tqdm(total=len(todo), unit="text", desc=f"embedding ({backbone.name})", disable=not progress, dynamic_ncols=True)
@@ -429,7 +429,7 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
 
 def first_images(dec: Decoder, paths, n: int | None = None) -> torch.Tensor | None:
     """The first images still to embed that decode (auto's agreement check runs on them)."""
-    from features.runtimes import CHECK_IMAGES
+    from featurebank.features.runtimes import CHECK_IMAGES
 
     tensors, _, _ = decode_batch(dec, 0, [paths[j] for j in range(min(n or CHECK_IMAGES, len(paths)))])
     return torch.stack(tensors) if tensors else None

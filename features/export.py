@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.store import ROWS_PER_CHUNK, StoreError, open_store, read_index
+from featurebank.features.store import ROWS_PER_CHUNK, StoreError, open_store, read_index
 
 EXPORT_FORMATS = ("parquet",)
 

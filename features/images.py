@@ -26,7 +26,7 @@ class ImageError(ValueError):
 
 def content_fingerprint(path: str | os.PathLike, content_hash: bool = False) -> str:
     """A local file's fingerprint (kept for callers of the old engine; sources fingerprint their own samples)."""
-    from data.sources import file_fingerprint
+    from featurebank.data.sources import file_fingerprint
 
     return file_fingerprint(path, content_hash)
 
@@ -54,7 +54,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def read_local(path: str | os.PathLike) -> bytes:
     """A local file's bytes, or ImageError with the reason (missing, directory, FIFO, empty, permission)."""
-    from data.sources import UnreadableSample, read_file
+    from featurebank.data.sources import UnreadableSample, read_file
 
     try:
         return read_file(path)

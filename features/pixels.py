@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.sources import Source, escape_id
-from features.images import load_image
+from featurebank.data.sources import Source, escape_id
+from featurebank.features.images import load_image
 
 PIXEL_SIZE = 28  # each image as PIXEL_SIZE x PIXEL_SIZE grey pixels
 

@@ -7,8 +7,8 @@ Image names (``efficientnet_lite0``, ``tv:``, ``timm:``, checkpoints) are built 
 
 from __future__ import annotations
 
-from features.backbones import Backbone, BackboneError, create_backbone, is_text_backbone
-from features.text import TextBackbone, create_text_backbone
+from featurebank.features.backbones import Backbone, BackboneError, create_backbone, is_text_backbone
+from featurebank.features.text import TextBackbone, create_text_backbone
 
 
 def build_backbone(name: str, layer: str | None = None, arch: str | None = None, long_text: str = "truncate",

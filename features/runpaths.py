@@ -27,10 +27,10 @@ import traceback
 
 import torch
 
-from features.decode import Decoder, decode_on_device, read_for_gpu
-from features.images import ImageError
-from features.processes import die_with_parent
-from features.runtime import GPU_MAX_BATCH, Layout
+from featurebank.features.decode import Decoder, decode_on_device, read_for_gpu
+from featurebank.features.images import ImageError
+from featurebank.features.processes import die_with_parent
+from featurebank.features.runtime import GPU_MAX_BATCH, Layout
 
 CPU_BATCH = 32
 

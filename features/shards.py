@@ -33,10 +33,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data.sources import Source, open_source
-from features.engine import extract
-from features.hashing import file_sha256
-from features.store import STR, StoreConfig, StoreError, atomic_h5, count_notes, library_versions, store_path, strings
+from featurebank.data.sources import Source, open_source
+from featurebank.features.engine import extract
+from featurebank.features.hashing import file_sha256
+from featurebank.features.store import STR, StoreConfig, StoreError, atomic_h5, count_notes, library_versions, store_path, strings
 
 SHARD_NAME = re.compile(r"^(?P<dataset>.+)\.s(?P<k>\d{3})of(?P<n>\d{3})$")
 

@@ -45,7 +45,7 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from features.hashing import file_sha256
+from featurebank.features.hashing import file_sha256
 
 DEFAULT_STORE_DIR = "featurebank-store"
 DTYPES = ("float32", "float16")  # how embeddings may be stored; the first is the default

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from features.backbones import BackboneError
-from features.hashing import file_sha256
-from features.names import DEFAULT_TEXT_BACKBONE, LONG_TEXT  # noqa: F401 - declared with the other option values
-from features.runtimes.text import TEXT_PRECISIONS, create_text_runtime
+from featurebank.features.backbones import BackboneError
+from featurebank.features.hashing import file_sha256
+from featurebank.features.names import DEFAULT_TEXT_BACKBONE, LONG_TEXT  # noqa: F401 - declared with the other option values
+from featurebank.features.runtimes.text import TEXT_PRECISIONS, create_text_runtime
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",

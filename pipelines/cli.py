@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 
-from pipelines.params import (AsFlow, AsFlowByDefault, CompareParams, DemoParams, ExportParams, ExtractParams,
+from featurebank.pipelines.params import (AsFlow, AsFlowByDefault, CompareParams, DemoParams, ExportParams, ExtractParams,
                               FewshotParams, PredictParams, RunParams, ServeParams, TrainParams, one_line)
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -190,10 +190,11 @@ def parse(argv: list[str] | None = None) -> tuple[str, list[BaseModel]]:
 # defines each: an error of a module that was never imported cannot have been raised, so the check
 # imports nothing (torch, scikit-learn and Prefect load only for the commands that use them).
 KNOWN_ERRORS = (
-    ("data.sources", "SourceError"), ("features.backbones", "BackboneError"), ("features.store", "StoreError"),
-    ("classifiers.persist", "ClassifierError"), ("classifiers.probes", "TrainingError"), ("data.demo", "DemoError"),
-    ("features.engine", "ModalityError"), ("classifiers.runs", "RunFolderError"), ("pipelines.deploy", "ServeError"),
-    ("features.runtimes", "RuntimeUnavailable"),
+    ("featurebank.data.sources", "SourceError"), ("featurebank.features.backbones", "BackboneError"),
+    ("featurebank.features.store", "StoreError"), ("featurebank.classifiers.persist", "ClassifierError"),
+    ("featurebank.classifiers.probes", "TrainingError"), ("featurebank.data.demo", "DemoError"),
+    ("featurebank.features.engine", "ModalityError"), ("featurebank.classifiers.runs", "RunFolderError"),
+    ("featurebank.pipelines.deploy", "ServeError"), ("featurebank.features.runtimes", "RuntimeUnavailable"),
 )
 
 
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, models = parse(argv)
         if command == "demo":
-            from data.demo import build
+            from featurebank.data.demo import build
 
             demo, flow = models
             source = build(demo.demo, demo.data_dir, demo.size, format=demo.demo_format)
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"featurebank: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
-    from pipelines.console import to_stderr
+    from featurebank.pipelines.console import to_stderr
 
     stdout = sys.stdout
     try:
@@ -261,21 +262,21 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(command: str, models: list[BaseModel], stdout=sys.stdout) -> int:
     import json
 
-    from pipelines import jobs
+    from featurebank.pipelines import jobs
 
     params = models[0]
     if command == "compare":
-        from classifiers.report import compare_runs
+        from featurebank.classifiers.report import compare_runs
 
         print(compare_runs(params.run_dirs), end="", file=stdout)
         return 0
     if command == "export":
-        from features.export import export_parquet
+        from featurebank.features.export import export_parquet
 
         print(export_parquet(params.store, params.out), file=stdout)
         return 0
     if command == "serve":
-        from pipelines.deploy import serve
+        from featurebank.pipelines.deploy import serve
 
         try:
             serve(params)
@@ -289,8 +290,8 @@ def _dispatch(command: str, models: list[BaseModel], stdout=sys.stdout) -> int:
         print(f"few-shot table: {out['markdown']}")
         return 0
     if models[1].prefect:
-        from pipelines import flows
-        from pipelines.deploy import prepare_prefect
+        from featurebank.pipelines import flows
+        from featurebank.pipelines.deploy import prepare_prefect
 
         prepare_prefect()  # a server that does not answer is one line; killed runs get marked Crashed
 

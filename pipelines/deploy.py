@@ -20,7 +20,7 @@ import signal
 from datetime import timedelta
 from pathlib import Path
 
-from pipelines.params import RunParams, ServeParams
+from featurebank.pipelines.params import RunParams, ServeParams
 
 DEPLOYMENT = "featurebank-scheduled"
 START_SERVER = ("start one with 'prefect server start' and set PREFECT_API_URL to its API "
@@ -137,7 +137,7 @@ def serve(params: ServeParams, limit: int = 1, say=None) -> None:
 
     from prefect.runner import Runner
 
-    from pipelines.flows import run_flow
+    from featurebank.pipelines.flows import run_flow
     enable_heartbeats()
     ensure_crash_detection()
 

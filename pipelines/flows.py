@@ -16,10 +16,10 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipelines import jobs
-from pipelines.console import quiet_third_party_logs
-from pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
-from pipelines.tempserver import tie_temporary_server
+from featurebank.pipelines import jobs
+from featurebank.pipelines.console import quiet_third_party_logs
+from featurebank.pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
+from featurebank.pipelines.tempserver import tie_temporary_server
 
 quiet_third_party_logs()  # Prefect's INFO chatter off the console unless --verbose (also in Dask workers)
 tie_temporary_server()  # a temporary Prefect server ends with this process, however it ends

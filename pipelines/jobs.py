@@ -13,20 +13,22 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
-from classifiers.fewshot import evaluate_fewshot, fewshot_run
-from classifiers.history import record_run
-from classifiers.predict import classifier_for_prediction, store_options, write_predictions
-from classifiers.report import write_report
-from classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
-from classifiers.train import exceeds_budget, is_text_store, pixel_baseline, tfidf_baseline, train_out_of_core, train_probes
-from features.registry import build_backbone
-from features.engine import ExtractResult, extract
-from features.pixels import pixel_features
-from features.shards import extract_shard, join_shards, plan_shards
-from features.store import DTYPES, StoreConfig, read_features
-from features.text import LONG_TEXT
-from features.text import PRECISIONS as TEXT_PRECISIONS
-from pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, TrainParams
+from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
+from featurebank.classifiers.history import record_run
+from featurebank.classifiers.predict import classifier_for_prediction, store_options, write_predictions
+from featurebank.classifiers.report import write_report
+from featurebank.classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
+from featurebank.classifiers.train import (
+    exceeds_budget, is_text_store, pixel_baseline, tfidf_baseline, train_out_of_core, train_probes,
+)
+from featurebank.features.registry import build_backbone
+from featurebank.features.engine import ExtractResult, extract
+from featurebank.features.pixels import pixel_features
+from featurebank.features.shards import extract_shard, join_shards, plan_shards
+from featurebank.features.store import DTYPES, StoreConfig, read_features
+from featurebank.features.text import LONG_TEXT
+from featurebank.features.text import PRECISIONS as TEXT_PRECISIONS
+from featurebank.pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, TrainParams
 
 FAILURES_SHOWN = 20  # skipped files listed on the console; all are in the store's failures table
 
@@ -44,7 +46,7 @@ def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractRe
 
 def source_texts(source, stored_ids: list[str]) -> list[str]:
     """The texts of a text source in the order of a store's (escaped) ids; '' where one cannot be read."""
-    from data.sources import escape_id
+    from featurebank.data.sources import escape_id
 
     by_id = {escape_id(s.id): s for s in source.samples}
     out = []

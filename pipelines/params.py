@@ -15,35 +15,36 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from classifiers.names import DEFAULT_PROBES, DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES, PROBE_NAMES
-from classifiers.persist import verify_classifier
-from classifiers.report import DEFAULT_RUNS_DIR
-from classifiers.versions import resolve_classifier
-from data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, FASHION_SIZE, check_demo
-from data.sources import FORMATS, check_source, is_remote, open_source, source_modality
-from features.export import EXPORT_FORMATS
-from features.names import (AMP_MODES, DECODERS, DEFAULT_AMP, DEFAULT_BACKBONE, DEFAULT_DECODER, DEFAULT_TEXT_BACKBONE,
-                            LONG_TEXT, PRECISIONS, RUNTIMES)
-from features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
+from featurebank.classifiers.names import DEFAULT_PROBES, DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES, PROBE_NAMES
+from featurebank.classifiers.persist import verify_classifier
+from featurebank.classifiers.report import DEFAULT_RUNS_DIR
+from featurebank.classifiers.versions import resolve_classifier
+from featurebank.data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, FASHION_SIZE, check_demo
+from featurebank.data.sources import FORMATS, check_source, is_remote, open_source, source_modality
+from featurebank.features.export import EXPORT_FORMATS
+from featurebank.features.names import (
+    AMP_MODES, DECODERS, DEFAULT_AMP, DEFAULT_BACKBONE, DEFAULT_DECODER, DEFAULT_TEXT_BACKBONE, LONG_TEXT, PRECISIONS, RUNTIMES,
+)
+from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
 
 # Validators whose modules load torch or scikit-learn import them when a value is given: ``--help``
 # and a bad path are answered without loading either (about 4 s on a small machine).
 
 
 def check_trainable(index) -> None:
-    from classifiers.train import check_trainable as check
+    from featurebank.classifiers.train import check_trainable as check
 
     check(index)
 
 
 def check_backbone_name(v: str) -> str:
-    from features.backbones import check_backbone_name as check
+    from featurebank.features.backbones import check_backbone_name as check
 
     return check(v)
 
 
 def check_device(v: str) -> str:
-    from features.runtime import check_device as check
+    from featurebank.features.runtime import check_device as check
 
     return check(v)
 

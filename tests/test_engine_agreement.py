@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from features.backbones import create_backbone
-from features.decode import Decoder, decode_on_device
-from features.engine import collate, FileDataset, extract
-from features.images import load_image
-from features.runtime import Layout
-from features.store import read_features
+from featurebank.features.backbones import create_backbone
+from featurebank.features.decode import Decoder, decode_on_device
+from featurebank.features.engine import collate, FileDataset, extract
+from featurebank.features.images import load_image
+from featurebank.features.runtime import Layout
+from featurebank.features.store import read_features
 
 
 def _photos() -> dict[str, np.ndarray]:

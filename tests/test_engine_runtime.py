@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from features.backbones import Preprocessing
-from features.decode import Decoder, jpeg_header, jpeg_orientation
-from features.engine import Forward, WriterThread, _chunks, _Recorder, is_oom
-from features.runtime import choose_layout, pick_amp
+from featurebank.features.backbones import Preprocessing
+from featurebank.features.decode import Decoder, jpeg_header, jpeg_orientation
+from featurebank.features.engine import Forward, WriterThread, _chunks, _Recorder, is_oom
+from featurebank.features.runtime import choose_layout, pick_amp
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -44,7 +44,7 @@ def test_cpu_layout_obeys_workers():
 
 
 def test_cpu_layout_is_capped_by_memory(monkeypatch):
-    import features.runtime as rt
+    import featurebank.features.runtime as rt
 
     monkeypatch.setattr(rt, "available_memory", lambda: 2 * 2**30)
     model = torch.nn.Linear(2**14, 2**12)  # 256 MiB of weights
@@ -263,7 +263,7 @@ def test_device_resizing_path_matches_the_uint8_path():
 
 
 def _extract_in_daemon(folder, store, out):
-    from features.engine import extract
+    from featurebank.features.engine import extract
 
     torch.set_num_threads(1)  # a forked child must not run OpenMP on several threads
     try:
@@ -291,7 +291,7 @@ def test_inside_a_daemonic_worker_everything_runs_in_process(tmp_path):
 
 def test_truncated_jpeg_fails_like_the_plain_path(tmp_path):
     """libjpeg would decode a cut-off file into a half-grey picture; the engine must refuse it."""
-    from features.images import ImageError
+    from featurebank.features.images import ImageError
 
     pre = Preprocessing(224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
     p = tmp_path / "cut.jpg"
@@ -303,7 +303,7 @@ def test_truncated_jpeg_fails_like_the_plain_path(tmp_path):
 def test_a_fifo_is_refused_without_opening_it(tmp_path):
     import os
 
-    from features.images import ImageError
+    from featurebank.features.images import ImageError
 
     pre = Preprocessing(224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
     fifo = tmp_path / "pipe.jpg"

@@ -18,9 +18,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from classifiers.persist import save_classifier
-from features.store import StoreConfig, StoreWriter, store_path
-from pipelines.cli import main
+from featurebank.classifiers.persist import save_classifier
+from featurebank.features.store import StoreConfig, StoreWriter, store_path
+from featurebank.pipelines.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = StoreConfig("test-backbone", "0" * 64, {"size": 8}, "pool", "avg", "float32", 4)
@@ -124,7 +124,7 @@ def test_bad_parameters_answer_before_any_prefect_server_starts(files):
     before = listing(files)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", str(files / "damaged.h5"), "--prefect",
+    proc = subprocess.run([sys.executable, "-m", "featurebank.pipelines.cli", "train", str(files / "damaged.h5"), "--prefect",
                            "--out", str(files / "runs")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     seconds = time.perf_counter() - t0

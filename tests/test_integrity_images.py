@@ -21,11 +21,11 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from data.sources import escape_id, unescape_id
-from features.backbones import create_backbone
-from features.engine import extract
-from features.images import ImageError, load_image
-from features.store import strings, read_features
+from featurebank.data.sources import escape_id, unescape_id
+from featurebank.features.backbones import create_backbone
+from featurebank.features.engine import extract
+from featurebank.features.images import ImageError, load_image
+from featurebank.features.store import strings, read_features
 
 COFFEE = Image.fromarray(skimage.data.coffee()).resize((96, 64), Image.BICUBIC)
 CAT = Image.fromarray(skimage.data.chelsea()).resize((96, 64), Image.BICUBIC)

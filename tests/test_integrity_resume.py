@@ -22,9 +22,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from features.backbones import create_backbone
-from features.engine import extract
-from features.store import strings, read_features
+from featurebank.features.backbones import create_backbone
+from featurebank.features.engine import extract
+from featurebank.features.store import strings, read_features
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS_PER_PART = 2

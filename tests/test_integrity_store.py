@@ -17,10 +17,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from classifiers.persist import ClassifierError, load_classifier, save_classifier
-from features.backbones import BackboneError, create_backbone
-from features.engine import extract
-from features.store import StoreError, StoreWriter, strings, open_store, read_features
+from featurebank.classifiers.persist import ClassifierError, load_classifier, save_classifier
+from featurebank.features.backbones import BackboneError, create_backbone
+from featurebank.features.engine import extract
+from featurebank.features.store import StoreError, StoreWriter, strings, open_store, read_features
 
 ROOT = Path(__file__).resolve().parents[1]
 PICTURES = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut()]
@@ -154,7 +154,7 @@ def test_leftovers_of_killed_writers_are_cleaned_and_merged_parts_not_reapplied(
 
 
 def _config_of(path: Path):
-    from features.store import StoreConfig
+    from featurebank.features.store import StoreConfig
 
     with open_store(path) as f:
         return StoreConfig(**{k: v for k, v in json.loads(f.attrs["config"]).items() if k != "format_version"})

@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import write_digits_folder
 
-from pipelines.cli import COMMANDS, build_parser, flag_of, is_positional, main, parse
-from pipelines.params import EngineOptions, RunParams
+from featurebank.pipelines.cli import COMMANDS, build_parser, flag_of, is_positional, main, parse
+from featurebank.pipelines.params import EngineOptions, RunParams
 
 # a value other than the default for each engine option, as a config file would give it
 ENGINE_VALUES = {"workers": 0, "amp": "bf16", "compile": True, "decoder": "plain", "batch_size": 4}
@@ -64,7 +64,7 @@ def test_unknown_config_key_is_one_line_naming_the_closest_valid_key(tmp_path, d
 
 @pytest.mark.slow
 def test_engine_options_arrive_at_the_engine_from_cli_config_and_flow(tmp_path, prefect_api):
-    from pipelines.flows import run_flow
+    from featurebank.pipelines.flows import run_flow
 
     folder = write_digits_folder(tmp_path / "digits", per_class=5, classes=(0, 1))
     config = tmp_path / "run.toml"
@@ -96,7 +96,7 @@ def test_engine_options_arrive_at_the_engine_from_cli_config_and_flow(tmp_path, 
 
 
 def test_engine_options_are_the_flow_parameters():
-    from pipelines.flows import extract_flow, run_flow
+    from featurebank.pipelines.flows import extract_flow, run_flow
 
     for flow in (extract_flow, run_flow):
         schema = json.dumps(flow.parameters.model_dump())
@@ -124,8 +124,8 @@ def test_help_and_bad_input_are_answered_without_loading_torch_or_sklearn(tmp_pa
 
 
 def test_probe_names_declared_for_the_cli_are_the_probes():
-    from classifiers.fewshot import FEWSHOT_PROBES
-    from classifiers.names import DEFAULT_PROBES, PROBE_NAMES
-    from classifiers.probes import PROBES
+    from featurebank.classifiers.fewshot import FEWSHOT_PROBES
+    from featurebank.classifiers.names import DEFAULT_PROBES, PROBE_NAMES
+    from featurebank.classifiers.probes import PROBES
 
     assert tuple(PROBES) == PROBE_NAMES and set(DEFAULT_PROBES) <= set(PROBES) and set(FEWSHOT_PROBES) <= set(PROBES)

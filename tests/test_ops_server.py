@@ -122,7 +122,7 @@ def test_scheduled_runs_fire_and_report_the_delta(prefect_server, tmp_path):
     # runs must use them (the store and run folders, the probes)
     config = tmp_path / "serve.toml"
     config.write_text(f'store = "{tmp_path / "store"}"\nout = "{out}"\nworkers = 0\nprobes = ["logreg", "knn"]\n')
-    runner = _start([sys.executable, "-m", "pipelines.cli", "serve", str(folder), "--config", str(config),
+    runner = _start([sys.executable, "-m", "featurebank.pipelines.cli", "serve", str(folder), "--config", str(config),
                      "--interval", "4", "--name", DEPLOYMENT], prefect_server, log)
     logs = [log, tmp_path / "server.log"]
     try:
@@ -200,7 +200,7 @@ def test_a_scheduled_text_pipeline_reports_the_delta(prefect_server, tmp_path):
         (staging / topic.name / "more").mkdir(parents=True)
         shutil.copy(files[5], staging / topic.name / "more" / files[5].name)
     out, log = tmp_path / "runs", tmp_path / "serve.log"
-    runner = _start([sys.executable, "-m", "pipelines.cli", "serve", str(folder), "--store", str(tmp_path / "store"),
+    runner = _start([sys.executable, "-m", "featurebank.pipelines.cli", "serve", str(folder), "--store", str(tmp_path / "store"),
                      "--out", str(out), "--probes", "logreg", "--pixel-baseline", "--interval", "4",
                      "--name", DEPLOYMENT + "-text"], prefect_server, log)
     logs = [log, tmp_path / "server.log"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classifiers.history import compare
-from classifiers.persist import ClassifierError
-from classifiers.train import train_probes
-from classifiers.versions import current_version, register, resolve_classifier, set_current, versions
-from features.store import Features
+from featurebank.classifiers.history import compare
+from featurebank.classifiers.persist import ClassifierError
+from featurebank.classifiers.train import train_probes
+from featurebank.classifiers.versions import current_version, register, resolve_classifier, set_current, versions
+from featurebank.features.store import Features
 
 
 def _features(n=60, seed=0, shuffle=False, fingerprint="f" * 64) -> Features:

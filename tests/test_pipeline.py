@@ -11,15 +11,15 @@ from pathlib import Path
 
 from conftest import write_digits_folder
 
-from classifiers.probes import DEFAULT_PROBES
-from pipelines.cli import main
+from featurebank.classifiers.probes import DEFAULT_PROBES
+from featurebank.pipelines.cli import main
 
 
 def test_run_flow_end_to_end_on_a_real_prefect_api(tmp_path, prefect_api, digits_folder):
     from prefect.client.orchestration import get_client
 
-    from pipelines.flows import run_flow
-    from pipelines.params import RunParams
+    from featurebank.pipelines.flows import run_flow
+    from featurebank.pipelines.params import RunParams
 
     params = RunParams(source=str(digits_folder), store_dir=str(tmp_path / "store"), out_dir=str(tmp_path / "runs"),
                        pixel_baseline=True)
@@ -83,7 +83,8 @@ def test_bad_parameters_answer_at_once_with_one_line(tmp_path):
         (["demo", "imagenet"], "unknown demo dataset"),
     ]
     for argv, expected in cases:
-        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True, cwd=tmp_path,
+        proc = subprocess.run([sys.executable, "-m", "featurebank.pipelines.cli", *argv], capture_output=True, text=True,
+                              cwd=tmp_path,
                               env=env)
         assert proc.returncode != 0, argv
         assert expected in proc.stderr and proc.stderr.count("\n") == 1, (argv, proc.stderr)

@@ -11,9 +11,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 from threadpoolctl import threadpool_limits
 
-from classifiers.outofcore import OutOfCoreLogisticProbe
-from classifiers.persist import load_classifier, save_classifier
-from classifiers.probes import PROBES, CLIPLogisticProbe, WeightedKNNProbe, make_probe
+from featurebank.classifiers.outofcore import OutOfCoreLogisticProbe
+from featurebank.classifiers.persist import load_classifier, save_classifier
+from featurebank.classifiers.probes import PROBES, CLIPLogisticProbe, WeightedKNNProbe, make_probe
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 from probes_support import digits_features
 from threadpoolctl import threadpool_limits
 
-from classifiers.fewshot import confidence_interval, evaluate_fewshot, fit_fewshot_probe, sample_shots
+from featurebank.classifiers.fewshot import confidence_interval, evaluate_fewshot, fit_fewshot_probe, sample_shots
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from classifiers.outofcore import MemoryBudgetError, OutOfCoreLogisticProbe
-from classifiers.persist import load_classifier, save_classifier
-from classifiers.probes import CLIPLogisticProbe
+from featurebank.classifiers.outofcore import MemoryBudgetError, OutOfCoreLogisticProbe
+from featurebank.classifiers.persist import load_classifier, save_classifier
+from featurebank.classifiers.probes import CLIPLogisticProbe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_a_budget_too_small_for_the_optimiser_is_refused():
 CHILD = r"""
 import json, sys, tracemalloc
 import h5py, numpy, scipy.optimize, sklearn.linear_model
-from classifiers.outofcore import OutOfCoreLogisticProbe
+from featurebank.classifiers.outofcore import OutOfCoreLogisticProbe
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import write_digits_folder
 
-from data.demo import FASHION_MNIST_DIR
-from pipelines.cli import main
+from featurebank.data.demo import FASHION_MNIST_DIR
+from featurebank.pipelines.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def test_predict_writes_probabilities_and_refuses_another_configuration(tmp_path
 def test_predict_reuses_a_bf16_or_int8_store_its_classifier_was_trained_on(tmp_path, capsys):
     """The classifier's manifest records its store's configuration (precision, int8 recipe): predict
     extracts at that precision and reuses the store instead of refusing it."""
-    from features.runtimes.openvino_runtime import cpu_has_bf16
+    from featurebank.features.runtimes.openvino_runtime import cpu_has_bf16
 
     folder = digits_folder(tmp_path / "digits")
     for precision in (["bf16"] if cpu_has_bf16() else []) + ["int8"]:

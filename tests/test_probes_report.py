@@ -11,9 +11,9 @@ from PIL import Image
 from probes_support import blobs, digits_features, write_store
 from threadpoolctl import threadpool_limits
 
-from classifiers.report import write_report
-from classifiers.train import train_probes
-from pipelines.cli import main
+from featurebank.classifiers.report import write_report
+from featurebank.classifiers.train import train_probes
+from featurebank.pipelines.cli import main
 
 
 @pytest.fixture(autouse=True)

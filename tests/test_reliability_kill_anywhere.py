@@ -19,9 +19,9 @@ import psutil
 import pytest
 from ops_images import alive, write_folder
 
-from classifiers.report import compare_runs
-from classifiers.runs import RUN_FILES, complete_runs
-from classifiers.versions import versions
+from featurebank.classifiers.report import compare_runs
+from featurebank.classifiers.runs import RUN_FILES, complete_runs
+from featurebank.classifiers.versions import versions
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def _start(folder: Path, work: Path, prefect: bool = False) -> subprocess.Popen:
     """``featurebank run``; with ``prefect`` as users run it, as a flow on a temporary Prefect server."""
     global _runs_started
     _runs_started += 1
-    args = [sys.executable, "-m", "pipelines.cli", "run", str(folder), "--workers", "0",
+    args = [sys.executable, "-m", "featurebank.pipelines.cli", "run", str(folder), "--workers", "0",
             "--store", str(work / "store"), "--out", str(work / "runs"), "--probes", ",".join(PROBES)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(work / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classifiers.report import write_report
-from classifiers.probes import TrainingError
-from classifiers.train import train_probes
-from features.store import Features
+from featurebank.classifiers.report import write_report
+from featurebank.classifiers.probes import TrainingError
+from featurebank.classifiers.train import train_probes
+from featurebank.features.store import Features
 
 
 def _small_features() -> Features:

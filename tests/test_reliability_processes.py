@@ -30,7 +30,7 @@ def test_workers_die_when_their_parent_is_killed(tmp_path, kind):
     folder = tmp_path / "digits"
     write_folder(folder, n_per_class=150)  # far more than the few seconds the test lets it run
     if kind == "cpu-replicas":
-        args = [sys.executable, "-m", "pipelines.cli", "extract", str(folder), "--store", str(tmp_path / "store"),
+        args = [sys.executable, "-m", "featurebank.pipelines.cli", "extract", str(folder), "--store", str(tmp_path / "store"),
                 "--workers", "2", "--batch-size", "4"]
     else:
         args = [sys.executable, "-c", LOADER_EXTRACT, str(folder), str(tmp_path / "store")]

@@ -16,7 +16,7 @@ import pytest
 import skops.io as sio
 from ops_images import write_folder
 
-from classifiers.persist import ClassifierError, load_classifier, save_classifier
+from featurebank.classifiers.persist import ClassifierError, load_classifier, save_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def _consistent_manifest(directory: Path, model_file: str, format_version: int) 
 
 
 def _predict(classifier: Path, source: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", str(classifier), str(source),
+    return subprocess.run([sys.executable, "-m", "featurebank.pipelines.cli", "predict", str(classifier), str(source),
                            "--out", str(out / "p.csv"), "--store", str(out / "store")],
                           cwd=out, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
 
@@ -88,7 +88,7 @@ def test_a_malicious_model_with_a_consistent_manifest_is_refused_without_running
 def test_saved_probes_load_back_with_trusted_types_only(tmp_path):
     import numpy as np
 
-    from classifiers.probes import PROBES, make_probe
+    from featurebank.classifiers.probes import PROBES, make_probe
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(40, 6)).astype(np.float32), np.arange(40) % 2

@@ -8,7 +8,7 @@ import socket
 import pytest
 from ops_images import write_folder
 
-from pipelines.cli import main
+from featurebank.pipelines.cli import main
 
 
 def _dead_url() -> str:
@@ -41,7 +41,7 @@ def test_bad_serve_inputs_are_one_line(tmp_path, monkeypatch, capsys, args, code
 def test_the_crash_automation_is_created_once(prefect_api):
     from prefect.client.orchestration import get_client
 
-    from pipelines.deploy import CRASH_AUTOMATION, ensure_crash_detection
+    from featurebank.pipelines.deploy import CRASH_AUTOMATION, ensure_crash_detection
 
     ensure_crash_detection()
     assert ensure_crash_detection() is False  # already there: not created twice

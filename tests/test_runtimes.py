@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from features.backbones import Backbone, Preprocessing, create_backbone
-from features.decode import Decoder
-from features.engine import extract
-from features.runtimes import RuntimeUnavailable, cosines, create_runtime
-from features.runtimes.openvino_runtime import OpenVINORuntime, cache_dir, cpu_has_bf16, float_model_path
-from features.runtimes.torch_runtime import TorchRuntime
-from features.store import read_features
+from featurebank.features.backbones import Backbone, Preprocessing, create_backbone
+from featurebank.features.decode import Decoder
+from featurebank.features.engine import extract
+from featurebank.features.runtimes import RuntimeUnavailable, cosines, create_runtime
+from featurebank.features.runtimes.openvino_runtime import OpenVINORuntime, cache_dir, cpu_has_bf16, float_model_path
+from featurebank.features.runtimes.torch_runtime import TorchRuntime
+from featurebank.features.store import read_features
 
 quiet = {"progress": False, "say": lambda s: None}
 
@@ -95,7 +95,7 @@ def test_openvino_bf16_matches_eager_to_099(lite0, batch, eager):
 
 
 def test_bf16_is_refused_in_one_line_where_the_cpu_lacks_it(lite0, monkeypatch):
-    import features.runtimes.openvino_runtime as ovr
+    import featurebank.features.runtimes.openvino_runtime as ovr
 
     monkeypatch.setattr(ovr, "cpu_has_bf16", lambda: False)  # the capability query, as on an older CPU
     with pytest.raises(RuntimeUnavailable, match="bf16 support") as err:
@@ -200,7 +200,7 @@ def test_openvino_takes_pixels_and_floats_alike_and_cuts_batches_into_requests(l
 
 
 def test_a_rerun_trusts_the_agreement_its_store_already_passed(lite0, photos, tmp_path, monkeypatch):
-    import features.engine
+    from featurebank.features import engine as engine_module
 
     r = extract(photos, lite0, tmp_path, **quiet)  # auto: OpenVINO after the agreement check
     with h5py.File(r.path) as f:
@@ -211,7 +211,7 @@ def test_a_rerun_trusts_the_agreement_its_store_already_passed(lite0, photos, tm
 
     rt = create_runtime("auto", lite0, torch.device("cpu"), "f32", first_images=no_check, agreed=True)
     assert rt.name == "openvino"
-    monkeypatch.setattr(features.engine, "first_images", lambda *a, **k: no_check())
+    monkeypatch.setattr(engine_module, "first_images", lambda *a, **k: no_check())
     files = sorted(photos.rglob("*.jpg"))
     files[0].write_bytes(files[0].read_bytes())  # one changed file: the rerun embeds it without a check
     r2 = extract(photos, lite0, tmp_path, **quiet)
@@ -219,7 +219,7 @@ def test_a_rerun_trusts_the_agreement_its_store_already_passed(lite0, photos, tm
 
 
 def test_cuda_autocast_is_the_precision_the_store_records():
-    from features.runtime import cuda_precision
+    from featurebank.features.runtime import cuda_precision
 
     gpu = torch.device("cuda")  # explicit amp settings only: nothing here touches a device
     assert cuda_precision(gpu, "f32", "fp32") == "f32"

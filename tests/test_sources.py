@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from data.sources import SourceError, escape_id, image_folder, manifest, open_source, split_of, unescape_id
+from featurebank.data.sources import SourceError, escape_id, image_folder, manifest, open_source, split_of, unescape_id
 
 
 def test_image_folder_lists_sorted_relative_ids_with_labels(digits_folder):

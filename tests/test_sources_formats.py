@@ -21,12 +21,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from data.demo import folder_items, write_parquet, write_webdataset
-from data.sources import SourceError, escape_id, open_source
-from data.tables import TableReader
-from data.webdataset import TarReader
-from features.engine import extract
-from features.store import read_features
+from featurebank.data.demo import folder_items, write_parquet, write_webdataset
+from featurebank.data.sources import SourceError, escape_id, open_source
+from featurebank.data.tables import TableReader
+from featurebank.data.webdataset import TarReader
+from featurebank.features.engine import extract
+from featurebank.features.store import read_features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def by_image(features, ids_to_path):
 def test_folder_parquet_and_webdataset_give_the_same_embeddings_and_labels(formats, tmp_path, lite0):
     folder, parquet, shards, items = formats
     got = {}
-    from features.runtime import Layout
+    from featurebank.features.runtime import Layout
 
     # the folder in this process; the Parquet rows read by two replica processes (the reader pickled to
     # them); the tars through the one-process GPU loop (JPEG bytes decoded "on the device", here the CPU)
@@ -87,7 +87,7 @@ def test_folder_parquet_and_webdataset_give_the_same_embeddings_and_labels(forma
             # webdataset labels are the class indices the shards carry (.cls), in the folder's class order
             assert (label if name != "webdataset" else got["folder"].class_names[int(label)]) == want_label
     # out again: Parquet with a fixed-size list column that pandas reads, and read_features as a DataFrame
-    from pipelines.cli import main
+    from featurebank.pipelines.cli import main
 
     store = got["parquet"].path
     assert main(["export", str(store), "--to", "parquet", "--out", str(tmp_path / "out.parquet")]) == 0
@@ -254,8 +254,8 @@ def test_bad_rows_members_and_files_are_recorded_with_reasons(formats, tmp_path)
 
 
 def test_demo_formats_and_pixel_baseline_on_every_source(formats, tmp_path):
-    from data.demo import convert
-    from features.pixels import pixel_features
+    from featurebank.data.demo import convert
+    from featurebank.features.pixels import pixel_features
 
     folder, _, _, items = formats
     import shutil
@@ -274,7 +274,7 @@ def test_demo_formats_and_pixel_baseline_on_every_source(formats, tmp_path):
 
 
 def test_dask_shards_split_by_tar_file(formats):
-    from features.shards import plan_shards
+    from featurebank.features.shards import plan_shards
 
     _, _, shards, _ = formats
     src = open_source(shards)
@@ -380,8 +380,8 @@ def test_missing_optional_remote_package_is_one_line():
 
 
 def test_storage_options_and_source_options_reach_the_source(formats):
-    from pipelines.cli import build_parser
-    from pipelines.params import ExtractParams, _storage_options
+    from featurebank.pipelines.cli import build_parser
+    from featurebank.pipelines.params import ExtractParams, _storage_options
 
     assert _storage_options(["anon=true", "block_size=3", "profile=x=y"]) == {"anon": True, "block_size": 3, "profile": "x=y"}
     with pytest.raises(ValueError, match="KEY=VALUE"):

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from features.engine import extract
-from features.store import StoreError, read_features
+from featurebank.features.engine import extract
+from featurebank.features.store import StoreError, read_features
 
 
 def test_store_layout_reads_with_plain_h5py(tmp_path, lite0, digits_folder):
@@ -60,7 +60,7 @@ def test_merge_of_scattered_rows_keeps_each_id_with_its_own_row_content_and_note
     """The merge reads rows block by block from the store and its parts: contiguous reads where
     they are dense, point reads where scattered (a relisted source, a few rows left in an old store).
     Every id must keep its own embedding, content fingerprint and note, and the latest entry wins."""
-    from features.store import ROWS_PER_CHUNK, StoreConfig, StoreWriter, store_path
+    from featurebank.features.store import ROWS_PER_CHUNK, StoreConfig, StoreWriter, store_path
 
     config = StoreConfig("test-backbone", "0" * 64, {"size": 8}, "pool", "avg", "float32", 3)
     n = 5 * ROWS_PER_CHUNK + 100
@@ -103,8 +103,8 @@ def test_merge_of_scattered_rows_keeps_each_id_with_its_own_row_content_and_note
 def test_sample_locations_round_trip_through_the_packed_buffer(tmp_path):
     """The decoding workers read sample locations from one packed buffer (no object per sample):
     every path comes back as it was, undecodable bytes and backslashes included."""
-    from data.sources import Sample, Source, escape_id
-    from features.engine import SampleFiles
+    from featurebank.data.sources import Sample, Source, escape_id
+    from featurebank.features.engine import SampleFiles
 
     names = ["plain.jpg", "ünïcödé/ファイル.png", "back\\slash.jpg", os.fsdecode(b"latin-\xe9.jpg"), "a b/c.jpg"]
     src = Source("toy", tmp_path, [Sample(id=n, path=str(tmp_path / n)) for n in names])

@@ -28,7 +28,7 @@ def bbc_articles() -> list[tuple[str, str, bytes]]:
 
 @pytest.fixture(scope="session")
 def minilm():
-    from features.text import create_text_backbone
+    from featurebank.features.text import create_text_backbone
 
     return create_text_backbone("minilm")
 
@@ -48,7 +48,7 @@ def test_minilm_config_comes_from_the_model_files(minilm):
     p = minilm.preprocessing
     assert (p.max_length, p.pooling, p.normalize, p.modality) == (256, "mean", True, "text")
     assert len(p.tokenizer_sha256) == 64 and minilm.dim == 384
-    from features.store import StoreConfig
+    from featurebank.features.store import StoreConfig
 
     fingerprints = {StoreConfig.for_backbone(b).fingerprint for b in (
         minilm, minilm.with_options(long_text="mean"), minilm.with_options(precision="bf16"))}
@@ -58,9 +58,9 @@ def test_minilm_config_comes_from_the_model_files(minilm):
 def test_extraction_agrees_with_sentence_transformers(tmp_path, minilm, sentence_transformer):
     """>= 100 BBC articles longer than 256 tokens (every 7th of the long ones) plus short texts, through
     the engine's default runtime, against SentenceTransformer.encode: cosine >= 0.999 per text."""
-    from data.text import text_table
-    from features.engine import extract
-    from features.store import read_features
+    from featurebank.data.text import text_table
+    from featurebank.features.engine import extract
+    from featurebank.features.store import read_features
 
     texts = [b.decode("utf-8", "replace") for _, _, b in bbc_articles()]
     over = [bool(e.overflowing) for e in minilm.tokenizer.encode_batch(texts)]  # longer than 256 tokens
@@ -87,8 +87,8 @@ def test_extraction_agrees_with_sentence_transformers(tmp_path, minilm, sentence
 
 
 def test_text_folder_failures_reuse_and_modality(tmp_path, minilm, lite0):
-    from data.sources import open_source
-    from features.engine import ModalityError, extract
+    from featurebank.data.sources import open_source
+    from featurebank.features.engine import ModalityError, extract
 
     root = tmp_path / "texts"
     arts = bbc_articles()
@@ -126,7 +126,7 @@ def _write_csv(path: Path, rows) -> Path:
 
 def test_csv_corpus_extract_train_predict_through_the_cli(tmp_path, capsys):
     """A CSV corpus with a named text column: run (extract + train + TF-IDF baseline) then predict."""
-    from pipelines.cli import main
+    from featurebank.pipelines.cli import main
 
     arts = bbc_articles()
     topics = ("business", "entertainment", "sports")
@@ -151,7 +151,7 @@ def test_csv_corpus_extract_train_predict_through_the_cli(tmp_path, capsys):
 
 
 def test_image_backbone_on_text_source_is_one_line(tmp_path, capsys):
-    from pipelines.cli import main
+    from featurebank.pipelines.cli import main
 
     root = tmp_path / "t" / "a"
     root.mkdir(parents=True)

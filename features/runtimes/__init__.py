@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from features.names import PRECISIONS, RUNTIMES  # noqa: F401 - declared with the other option values
+from featurebank.features.names import PRECISIONS, RUNTIMES  # noqa: F401 - declared with the other option values
 
 # auto's agreement check against the eager f32 module, per image, on the dataset's first images
 AGREEMENT = {"f32": 0.9999, "bf16": 0.99}
@@ -101,7 +101,7 @@ def create_runtime(runtime: str, backbone, device: torch.device, precision: str 
     the quantized model's cache key. ``agreed``: the check already passed for this store (its rows
     were computed by OpenVINO at this precision), so a rerun does not pay for it again.
     """
-    from features.runtimes.torch_runtime import TorchRuntime
+    from featurebank.features.runtimes.torch_runtime import TorchRuntime
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
@@ -114,7 +114,7 @@ def create_runtime(runtime: str, backbone, device: torch.device, precision: str 
     if device.type != "cpu":
         raise RuntimeUnavailable(f"the OpenVINO runtime runs on the CPU here, not on {device.type}: use --runtime torch")
     try:
-        from features.runtimes.openvino_runtime import OpenVINORuntime
+        from featurebank.features.runtimes.openvino_runtime import OpenVINORuntime
 
         ov = OpenVINORuntime(backbone, precision, batch, calibration=calibration, int8_key=int8_key,
                              calibration_samples=calibration_samples, say=say)

@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.cache import cache_root
-from features.runtime import Layout, model_bytes, usable_cores
-from features.runtimes import Runtime, RuntimeUnavailable
+from featurebank.data.cache import cache_root
+from featurebank.features.runtime import Layout, model_bytes, usable_cores
+from featurebank.features.runtimes import Runtime, RuntimeUnavailable
 
 CALIBRATION_SAMPLES = 300
 

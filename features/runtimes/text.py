@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from features.runtime import Layout, model_bytes
-from features.runtimes import Runtime, RuntimeUnavailable, cosines
-from features.runtimes.openvino_runtime import (
+from featurebank.features.runtime import Layout, model_bytes
+from featurebank.features.runtimes import Runtime, RuntimeUnavailable, cosines
+from featurebank.features.runtimes.openvino_runtime import (
     cache_dir, core, openvino_version, round_robin, streams_and_requests, write_atomically,
 )
 
@@ -154,7 +154,7 @@ def create_text_runtime(backbone, runtime: str = "auto", precision: str = "f32",
     converts and agrees with torch on ``first`` (the dataset's first batch, cosine >= 0.9999 per text at
     f32), else torch (``auto``, saying why in one line). An explicit ``openvino`` that cannot run raises
     RuntimeUnavailable."""
-    from features.runtimes import RUNTIMES
+    from featurebank.features.runtimes import RUNTIMES
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from features.runtime import Layout, choose_layout, model_bytes
-from features.runtimes import Runtime, RuntimeUnavailable
+from featurebank.features.runtime import Layout, choose_layout, model_bytes
+from featurebank.features.runtimes import Runtime, RuntimeUnavailable
 
 
 def is_oom(exc: BaseException) -> bool:
