@@ -14,6 +14,8 @@ import pytest
 BBC = None
 
 
+# Internals, on purpose: the text backbone against sentence-transformers and the text sources directly; the pipeline
+# on texts goes through the CLI.
 def bbc_articles() -> list[tuple[str, str, bytes]]:
     """(topic, file name, bytes) of every BBC News article, in a fixed order."""
     global BBC
