@@ -224,6 +224,15 @@ class Backbone:
                              "calibrate the quantized model (as 'featurebank extract SOURCE --precision int8')")
 
     @classmethod
+    def wrap(cls, model, *, runtime: str = "auto", precision: str = "f32", device: str | None = None,
+             decoder: str = "fast", say=_stderr) -> Backbone:
+        """A Backbone around a model already built by ``featurebank.features.registry.build_backbone``."""
+        out = cls.__new__(cls)
+        out.model, out.runtime, out.precision, out.device, out.decoder = model, runtime, precision, device, decoder
+        out.calibration, out.say, out._runtime = None, say, None
+        return out
+
+    @classmethod
     def from_store(cls, store: str | os.PathLike, **kwargs) -> Backbone:
         """The backbone configuration a store was written with (name, layer, precision; for texts the
         long-text rule), so that ``encode`` agrees with its rows."""
@@ -573,10 +582,7 @@ class Classifier:
         if options.get("precision") == "int8":
             raise ValueError(f"{self.path} was trained on int8 features: predict on a folder or table, whose "
                              "store gives the calibration, not on samples in memory")
-        found = Backbone.__new__(Backbone)
-        found.model, found.runtime, found.device, found.decoder = model, "auto", None, "fast"
-        found.precision, found.calibration, found.say, found._runtime = options.get("precision", "f32"), None, _stderr, None
-        return found
+        return Backbone.wrap(model, precision=options.get("precision", "f32"))
 
     def frame(self, X, ids) -> "pd.DataFrame":  # noqa: F821, UP037
         """Predictions for embeddings ``X``: ``id``, ``predicted``, ``probability``, ``p_<class>``."""

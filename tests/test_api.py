@@ -110,6 +110,10 @@ def test_trained_and_loaded_classifiers_carry_class_names(readme_run, workdir, t
     df = model.predict([Image.open(f) for f in files])
     assert list(df.columns) == ["id", "predicted", "probability", "p_0", "p_1", "p_7"] and list(df["id"]) == [0, 1, 2]
     assert np.allclose(df[["p_0", "p_1", "p_7"]].sum(axis=1), 1.0)
+    import pandas as pd
+
+    table = model.predict(pd.DataFrame({"path": [str(f) for f in files]}, index=["a", "b", "c"]))
+    assert list(table["id"]) == ["a", "b", "c"] and np.allclose(table["p_7"], df["p_7"], atol=1e-3)
     folder = model.predict(workdir / "features", store=tmp_path / "predict-store")
     assert len(folder) == 24 and set(folder["predicted"]) <= {"0", "1", "7"}
     by_id = folder.set_index("id")
