@@ -30,14 +30,16 @@ from pathlib import Path
 
 from featurebank.classifiers.names import DEFAULT_PROBES
 from featurebank.classifiers.report import DEFAULT_RUNS_DIR
+from featurebank.data.demo import DEFAULT_DEMO
 from featurebank.features.names import DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
 from featurebank.features.store import DEFAULT_STORE_DIR
 from featurebank.pipelines.params import (
-    CompareParams, ExportParams, ExtractParams, FewshotParams, PredictParams, RunParams, ServeParams, TrainParams,
+    CompareParams, DemoParams, ExportParams, ExtractParams, FewshotParams, PredictParams, RunParams, ServeParams,
+    TrainParams,
 )
 
 __all__ = [
-    "Backbone", "Classifier", "Listing", "Store", "TrainResult", "compare", "export", "extract", "fewshot", "info",
+    "Backbone", "Classifier", "Listing", "Store", "TrainResult", "compare", "demo", "export", "extract", "fewshot", "info",
     "load_classifier", "ls", "predict", "run", "runs", "serve", "stores", "train",
 ]
 
@@ -492,6 +494,23 @@ def run(source, backbone: str | None = None, *, store: str | os.PathLike = DEFAU
     from featurebank.pipelines import jobs
 
     return TrainResult(run_flow("run", params) if prefect else jobs.run_all(params))
+
+
+def demo_params(params: DemoParams, say=_stderr) -> RunParams:
+    """Build (or reuse) the demo dataset ``params`` names and return the run's parameters over it."""
+    from featurebank.data.demo import build
+
+    source = build(params.demo, params.data_dir, params.size, format=params.demo_format)
+    say(f"demo dataset: {source}")
+    return params.run(str(source))
+
+
+def demo(name: str = DEFAULT_DEMO, *, prefect: bool = False, **options) -> TrainResult:
+    """``featurebank demo``: build a bundled dataset (mnist5k, digits, fashion-mnist, bbc-news) and run
+    the whole job on it. ``options``: those of ``featurebank demo`` (``size``, ``data_dir``, ``demo_format``,
+    and the run's)."""
+    params = name if isinstance(name, DemoParams) else DemoParams(demo=name, **options)
+    return run(demo_params(params), prefect=prefect)
 
 
 def fewshot(store, shots: Sequence[int] = (1, 5, 10), *, out: str | os.PathLike = DEFAULT_RUNS_DIR, say=_stderr,

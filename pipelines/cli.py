@@ -227,12 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, models = parse(argv)
         if command == "demo":
-            from featurebank.data.demo import build
+            from featurebank.pipelines.api import demo_params
 
             demo, flow = models
-            source = build(demo.demo, demo.data_dir, demo.size, format=demo.demo_format)
-            print(f"demo dataset: {source}", file=sys.stderr)
-            command, models = "run", [demo.run(str(source)), flow]
+            command, models = "run", [demo_params(demo), flow]
     except ValidationError as exc:
         command = next((a for a in argv if a in COMMANDS), None)
         print(f"featurebank: error: {one_line(exc, labels(COMMANDS[command].models) if command else None)}",
