@@ -158,6 +158,9 @@ def test_ls_and_info_list_stores_of_different_backbones_and_the_runs(readme_run,
     proc = subprocess.run([sys.executable, "-m", "featurebank.pipelines.cli", "info", str(bad)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "not-a-store.h5" in proc.stderr
+    # ls lists such a file with the reason instead of leaving it out
+    listed = featurebank.ls(tmp_path).stores
+    assert list(listed["path"]) == [str(bad)] and "not a readable HDF5 file" in listed["error"][0]
 
 
 def test_import_featurebank_stays_cheap():
