@@ -36,6 +36,11 @@ def centroids(features: Features) -> dict[str, np.ndarray]:
             if (features.y == c).any()}
 
 
+def _row_labels(features: Features) -> list[str]:
+    names = features.class_names
+    return [names[c] if c >= 0 else "" for c in features.y.tolist()]
+
+
 def write_snapshot(run_dir: str | os.PathLike, features: Features) -> Path:
     cents = centroids(features)
     path = Path(run_dir) / SNAPSHOT
@@ -43,6 +48,7 @@ def write_snapshot(run_dir: str | os.PathLike, features: Features) -> Path:
     np.savez_compressed(
         tmp, store=np.array(features.path.name if features.path else ""), ids=np.array(features.ids, dtype=str),
         content=np.array(features.content or [], dtype=str),
+        labels=np.array(_row_labels(features), dtype=str), splits=np.array(list(features.splits), dtype=str),
         classes=np.array(list(cents), dtype=str),
         centroids=np.array(list(cents.values()), dtype=np.float32).reshape(len(cents), features.X.shape[1]),
     )
@@ -52,8 +58,17 @@ def write_snapshot(run_dir: str | os.PathLike, features: Features) -> Path:
 
 def read_snapshot(run_dir: str | os.PathLike) -> dict:
     with np.load(Path(run_dir) / SNAPSHOT, allow_pickle=False) as z:
-        return {"store": str(z["store"]), "ids": z["ids"].tolist(), "content": z["content"].tolist(),
-                "centroids": dict(zip(z["classes"].tolist(), z["centroids"]))}
+        out = {"store": str(z["store"]), "ids": z["ids"].tolist(), "content": z["content"].tolist(),
+               "centroids": dict(zip(z["classes"].tolist(), z["centroids"]))}
+        if "labels" in z:  # snapshots written before labels and splits were recorded lack them
+            out["labels"], out["splits"] = z["labels"].tolist(), z["splits"].tolist()
+    return out
+
+
+def _classes(snapshot: dict) -> set[str]:
+    if "labels" in snapshot:
+        return {c for c in snapshot["labels"] if c}
+    return set(snapshot["centroids"])
 
 
 def previous_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store_name: str,
@@ -75,7 +90,8 @@ def previous_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store_n
 def compare(previous: dict | None, now: dict) -> dict:
     """Items added, changed and removed, and each class's centroid drift, between two snapshots."""
     if previous is None:
-        return {"added": len(now["ids"]), "changed": 0, "removed": 0, "drift": {}}
+        return {"added": len(now["ids"]), "changed": 0, "removed": 0, "drift": {},
+                "classes_added": sorted(_classes(now)), "classes_removed": []}
     old = dict(zip(previous["ids"], previous["content"]))
     new = dict(zip(now["ids"], now["content"]))
     drift = {}
@@ -89,11 +105,36 @@ def compare(previous: dict | None, now: dict) -> dict:
         "changed": sum(1 for i, c in new.items() if i in old and old[i] != c),
         "removed": sum(1 for i in old if i not in new),
         "drift": drift,
+        "classes_added": sorted(_classes(now) - _classes(previous)),
+        "classes_removed": sorted(_classes(previous) - _classes(now)),
     }
 
 
+def unchanged_since(out_dir: str | os.PathLike, store: str | os.PathLike, options: dict) -> Path | None:
+    """The latest complete run under ``out_dir`` if it was made from exactly what ``store`` holds now
+    (the same ids, content fingerprints, labels and splits of a store of the same name) with the same
+    ``options``; else None. A run over such a store would train the same probes on the same rows:
+    the job reports "unchanged" instead of adding classifier versions."""
+    from featurebank.features.store import read_index
+
+    index = read_index(store)
+    prev_dir = previous_run(out_dir, Path(out_dir) / "~", index.path.name, run_name="~")  # "~" sorts after every run
+    if prev_dir is None:
+        return None
+    try:
+        previous = read_snapshot(prev_dir)
+        recorded = json.loads((prev_dir / "delta.json").read_text()).get("options")
+    except (OSError, ValueError, KeyError):
+        return None
+    if recorded != options or "labels" not in previous:
+        return None
+    same = (previous["ids"] == index.ids and previous["content"] == (index.content or [])
+            and previous["labels"] == _row_labels(index) and previous["splits"] == list(index.splits))
+    return prev_dir if same else None
+
+
 def record_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store: str | os.PathLike,
-               probes: list[str], run_name: str | None = None) -> dict:
+               probes: list[str], run_name: str | None = None, options: dict | None = None) -> dict:
     """Snapshot the store, plan the classifier versions and write the delta report against the previous run.
 
     ``run_dir`` is the run folder the probes were trained into (its metrics.json and classifiers/),
@@ -111,7 +152,8 @@ def record_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store: st
     metrics = json.loads((run_dir / "metrics.json").read_text())
     prev_metrics = json.loads((prev_dir / "metrics.json").read_text()) if prev_dir else {"probes": {}}
     delta.update(run=run_name, previous_run=prev_dir.name if prev_dir else None, store=str(features.path),
-                 rows=len(features.ids), previous_rows=len(previous["ids"]) if previous else 0, probes={})
+                 rows=len(features.ids), previous_rows=len(previous["ids"]) if previous else 0, probes={},
+                 options=options)
     for name in probes:
         acc = metrics["probes"][name]["accuracy"]
         before = prev_metrics["probes"].get(name, {}).get("accuracy")
@@ -132,6 +174,8 @@ def delta_markdown(delta: dict) -> str:
           f"Store `{delta['store']}`: {delta['rows']} embeddings (previous run {delta['previous_rows']}).\n\n"
           "| items added | items changed | items removed |\n|---:|---:|---:|\n"
           f"| {delta['added']} | {delta['changed']} | {delta['removed']} |\n\n"
+          f"Classes added: {', '.join(delta.get('classes_added') or []) or 'none'}; "
+          f"classes removed: {', '.join(delta.get('classes_removed') or []) or 'none'}.\n\n"
           "## Probes (accuracy on each run's test split; promotion compares on this run's)\n\n"
           "| probe | previous | now | change | version | used by predict | decision |\n"
           "|---|---:|---:|---:|---|---|---|\n")

@@ -158,6 +158,7 @@ def extract(
 
     with StoreWriter(path, config, dataset or source.name, lock_timeout=lock_timeout,
                      rows_per_part=rows_per_part, seconds_per_part=seconds_per_part, say=say) as writer:
+        writer.described = describe_source(source)
         index = writer.index()
         todo, reused = [], 0
         for k, (i, c) in enumerate(zip(ids, content)):
@@ -197,6 +198,14 @@ def extract(
             result.notes = index.notes
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def describe_source(source: Source) -> dict[str, str]:
+    """What a store records about where its rows come from (listed by ``featurebank ls``, not fingerprinted)."""
+    root = str(source.root)
+    if "://" not in root and root:
+        root = os.path.abspath(root)
+    return {"source": root, "source_format": str(source.format), "modality": source.modality}
 
 
 def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:

@@ -550,6 +550,7 @@ class StoreWriter:
         self.added_rows = 0  # rows handed to this writer
         self.added_failures: list[tuple[str, str]] = []  # (escaped id, reason) handed to this writer
         self.runtime: str | None = None  # what computes this run's rows (recorded, not fingerprinted)
+        self.described: dict[str, str] = {}  # where the rows come from (source, source_format, modality): recorded
 
     # -- context manager: the lock is released however the writer ends
     def __enter__(self) -> StoreWriter:
@@ -839,6 +840,7 @@ class StoreWriter:
             "library_versions": json.dumps(library_versions(), sort_keys=True),
             "merged_parts": json.dumps(sorted(merged_parts)),
             "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **self.described,
         })
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ValidationError
 
 from featurebank.pipelines.params import (AsFlow, AsFlowByDefault, CompareParams, DemoParams, ExportParams, ExtractParams,
-                              FewshotParams, PredictParams, RunParams, ServeParams, TrainParams, one_line)
+                              FewshotParams, InfoParams, LsParams, PredictParams, RunParams, ServeParams, TrainParams,
+                              one_line)
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -47,6 +48,8 @@ COMMANDS = {
     "run": Command("extract, train and report in one Prefect flow", (RunParams, AsFlowByDefault)),
     "demo": Command("build a bundled demo dataset and run the whole pipeline on it", (DemoParams, AsFlowByDefault)),
     "serve": Command("serve the run flow as a scheduled Prefect deployment (needs a Prefect server)", (ServeParams,)),
+    "ls": Command("list the stores and runs under a folder (default: here)", (LsParams,)),
+    "info": Command("show everything a store holds, but its embeddings", (InfoParams,)),
 }
 
 
@@ -224,12 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, models = parse(argv)
         if command == "demo":
-            from featurebank.data.demo import build
+            from featurebank.pipelines.api import demo_params
 
             demo, flow = models
-            source = build(demo.demo, demo.data_dir, demo.size, format=demo.demo_format)
-            print(f"demo dataset: {source}", file=sys.stderr)
-            command, models = "run", [demo.run(str(source)), flow]
+            command, models = "run", [demo_params(demo), flow]
     except ValidationError as exc:
         command = next((a for a in argv if a in COMMANDS), None)
         print(f"featurebank: error: {one_line(exc, labels(COMMANDS[command].models) if command else None)}",
@@ -260,62 +261,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(command: str, models: list[BaseModel], stdout=sys.stdout) -> int:
+    """Run a command through the public API (pipelines.api): the CLI only parses and prints."""
     import json
 
-    from featurebank.pipelines import jobs
+    from featurebank.pipelines import api
 
     params = models[0]
+    prefect = len(models) > 1 and models[1].prefect
     if command == "compare":
-        from featurebank.classifiers.report import compare_runs
-
-        print(compare_runs(params.run_dirs), end="", file=stdout)
-        return 0
-    if command == "export":
-        from featurebank.features.export import export_parquet
-
-        print(export_parquet(params.store, params.out), file=stdout)
-        return 0
-    if command == "serve":
-        from featurebank.pipelines.deploy import serve
-
+        print(api.compare(*params.run_dirs), end="", file=stdout)
+    elif command == "export":
+        print(api.export(params.store, params.out, params.to), file=stdout)
+    elif command == "ls":
+        print(api.ls(params.dir), end="", file=stdout)
+    elif command == "info":
+        print(json.dumps(api.info(params.store), indent=2), file=stdout)
+    elif command == "serve":
         try:
-            serve(params)
+            api.serve(params)
         except RuntimeError as exc:
             print(f"featurebank: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        return 0
-    if command == "fewshot":
-        out = jobs.run_fewshot(params)
+    elif command == "fewshot":
+        out = api.fewshot(params, say=print)
         print(out["markdown_text"].split("\n\n", 2)[-1], end="", file=stdout)
         print(f"few-shot table: {out['markdown']}")
-        return 0
-    if models[1].prefect:
-        from featurebank.pipelines import flows
-        from featurebank.pipelines.deploy import prepare_prefect
-
-        prepare_prefect()  # a server that does not answer is one line; killed runs get marked Crashed
-
-        flow = {"extract": flows.extract_flow, "train": flows.train_flow,
-                "predict": flows.predict_flow, "run": flows.run_flow}[command]
-        state = flow(params, return_state=True)
-        if not state.is_completed():
-            exc = state.result(raise_on_failure=False)
-            raise exc if isinstance(exc, Exception) else RuntimeError(f"flow ended {state.name}")
-        out = state.result()
-    else:
-        out = {"extract": jobs.run_extract, "train": jobs.run_train, "predict": jobs.run_predict,
-               "run": jobs.run_all}[command](params)
-    if command == "extract":
-        print(out["path"] if isinstance(out, dict) else out.path, file=stdout)
+    elif command == "extract":
+        print(api.extract(params, prefect=prefect, say=print).path, file=stdout)
     elif command == "predict":
-        print(out, file=stdout)
+        print(api.predict(params, None, prefect=prefect, say=print), file=stdout)
     elif command in ("train", "run"):
-        rows = out["rows"]
+        result = api.train(params, prefect=prefect, say=print) if command == "train" else api.run(params, prefect=prefect)
+        rows = result.report["rows"]
         print(json.dumps({r["probe"]: round(r["accuracy"], 4) for r in rows}), file=stdout)
-        print(f"report: {out['html']}")
-        if "delta" in out:
-            d = out["delta"]
-            print(f"delta: added {d['added']}, changed {d['changed']}, removed {d['removed']}: {d['markdown']}")
+        if result.unchanged:
+            print(result.message)
+        print(f"report: {result.report['html']}")
+        if result.delta:
+            d = result.delta
+            classes = "".join(f", classes {what} {', '.join(d[key])}" for what, key in
+                              (("added", "classes_added"), ("removed", "classes_removed")) if d.get(key))
+            print(f"delta: added {d['added']}, changed {d['changed']}, removed {d['removed']}{classes}: {d['markdown']}")
+            if d.get("pruned"):
+                gone = {k: v for k, v in d["pruned"].items() if v}
+                if gone:
+                    print(f"pruned (--keep): {json.dumps(gone)}")
     return 0
 
 

@@ -154,5 +154,14 @@ TASKS = jobs.Stages(
 @flow(name="run", log_prints=True)
 def run_flow(params: RunParams) -> dict:
     """Embed what is new or changed, retrain the probes on the stored split, version them, and report
-    what changed since the previous run."""
-    return jobs.run_job(params, TASKS)
+    what changed since the previous run. Over an unchanged source with unchanged options the run ends
+    in a Completed state named "Unchanged" whose message says so, and adds no classifier version."""
+    out = jobs.run_job(params, TASKS)
+    if out.get("unchanged"):
+        from prefect.states import Completed
+
+        print(out["message"])
+        create_markdown_artifact(key="featurebank-unchanged", markdown=f"# featurebank: unchanged\n\n{out['message']}\n",
+                                 description="featurebank: nothing changed since the previous run")
+        return Completed(name="Unchanged", message=out["message"], data=out)
+    return out

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
-from featurebank.classifiers.history import record_run
+from featurebank.classifiers.history import record_run, unchanged_since
 from featurebank.classifiers.predict import classifier_for_prediction, store_options, write_predictions
-from featurebank.classifiers.report import write_report
+from featurebank.classifiers.report import METRIC_COLUMNS, write_report
+from featurebank.classifiers.retention import prune
 from featurebank.classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
 from featurebank.classifiers.train import (
     exceeds_budget, is_text_store, pixel_baseline, tfidf_baseline, train_out_of_core, train_probes,
@@ -105,9 +106,9 @@ def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dic
     return fewshot_run(read_features(p.store), run_dir, p.shots, p.seeds, p.probes, say=say)
 
 
-def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
-    """Embed ``source`` with the classifier's backbone (reusing the store) and write a predictions CSV."""
-    classifier, manifest = classifier_for_prediction(p.classifier)
+def prediction_backbone(classifier: Path, manifest: dict) -> tuple:
+    """The backbone a classifier was trained on and the extraction options (dtype, precision, ...) that
+    reproduce its store's configuration; refused (ClassifierError) if none does."""
     backbone = build_backbone(manifest["backbone"])
     if getattr(backbone, "modality", "image") == "text":  # the long-text rule and precision the store was made with
         variants = [backbone.with_options(long_text=lt, precision=pr) for lt in LONG_TEXT for pr in TEXT_PRECISIONS]
@@ -117,9 +118,22 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     found = store_options(classifier, manifest, backbone)
     if getattr(backbone, "modality", "image") == "text":
         found.pop("precision")  # a text backbone carries its precision itself
-    options = p.engine() | found
-    result = extract(p.open_source(), backbone, p.store_dir, progress=progress, say=say, **options)
+    return backbone, found
+
+
+def prediction_store(p: PredictParams, progress: bool = True, say=print) -> tuple[Path, ExtractResult]:
+    """Embed ``p.source`` with the classifier's backbone configuration (reusing the store); returns the
+    classifier's directory and the extraction."""
+    classifier, manifest = classifier_for_prediction(p.classifier)
+    backbone, found = prediction_backbone(classifier, manifest)
+    result = extract(p.open_source(), backbone, p.store_dir, progress=progress, say=say, **(p.engine() | found))
     say(result.summary())
+    return classifier, result
+
+
+def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
+    """Embed ``source`` with the classifier's backbone (reusing the store) and write a predictions CSV."""
+    classifier, result = prediction_store(p, progress=progress, say=say)
     out = write_predictions(classifier, result.path, p.out)
     say(f"predictions for {result.rows} samples -> {out}")
     return out
@@ -167,8 +181,29 @@ def run_join(p: ExtractParams, shards: list[dict]) -> dict:
 def run_record(p: RunParams, report: dict, run_name: str | None = None) -> dict:
     """Plan the run's classifier versions and write its delta report against the previous complete run
     (the versions are registered when the run folder is committed)."""
-    delta = record_run(p.out_dir, report["dir"], report["store"], p.probes, run_name=run_name)
+    delta = record_run(p.out_dir, report["dir"], report["store"], p.probes, run_name=run_name, options=run_options(p))
     return delta | {"markdown": str(Path(report["dir"]) / "delta.md")}
+
+
+def run_options(p: RunParams) -> dict:
+    """The options that change what a run trains (the store's name covers the backbone configuration):
+    a run over an unchanged store with the same ones is "unchanged"."""
+    return {"probes": list(p.probes), "pixel_baseline": p.pixel_baseline, "memory_budget_mb": p.memory_budget_mb}
+
+
+def unchanged_report(previous: Path, store: str) -> dict:
+    """What a run that found nothing changed returns: the previous run's report, marked ``unchanged``."""
+    import json
+
+    metrics = json.loads((previous / "metrics.json").read_text())
+    rows = [{"probe": name, **{k: m.get(k) for k, _ in METRIC_COLUMNS}, "chosen": m.get("chosen", {})}
+            for name, m in metrics["probes"].items()]
+    rows_then = json.loads((previous / "delta.json").read_text()).get("rows")
+    message = (f"unchanged: the store holds the same {rows_then} samples (content, labels, splits) and the options "
+               f"are those of run {previous.name}: no new classifier version, no new run folder")
+    return {"unchanged": True, "message": message, "previous_run": previous.name, "dir": str(previous),
+            "metrics": str(previous / "metrics.json"), "markdown": str(previous / "report.md"),
+            "html": str(previous / "report.html"), "rows": rows, "store": store}
 
 
 class Stages(NamedTuple):
@@ -189,11 +224,16 @@ def run_job(p: RunParams, stages: Stages) -> dict:
         extraction = stages.extract_sharded(extract_params, p.shards, p.dask_address)
     else:
         extraction = stages.extract(extract_params)
-    with run_folder(p.out_dir, RUN_FILES) as run:  # the run appears whole, or not at all (classifiers.runs)
+    with run_folder(p.out_dir, RUN_FILES, commit=False) as run:  # the run appears whole, or not at all (classifiers.runs)
+        previous = unchanged_since(p.out_dir, extraction["path"], run_options(p))
+        if previous is not None:  # same rows, labels, splits and options as the last run: no new version
+            return unchanged_report(previous, extraction["path"])
         report = stages.train(p.training(extraction["path"]), extract_params if p.pixel_baseline else None, extraction,
                               str(run.path))
         delta = stages.record(p, report, run.name)
         run.commit()  # then its classifier versions are registered
+        if p.keep:
+            delta["pruned"] = prune(p.out_dir, p.keep)
     return run.rebase(report | {"delta": delta})
 
 

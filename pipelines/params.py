@@ -252,6 +252,8 @@ class RunOptions(EngineOptions, TrainOptions):
     pixel_baseline: bool = option(False, "also train logistic regression on raw pixels")
     shards: int = option(1, "split extraction into this many shard tasks on a Dask cluster", ge=1, le=999)
     dask_address: str | None = option(None, "an existing Dask scheduler (tcp://host:8786); default: a local cluster")
+    keep: int | None = option(None, "keep the newest N run folders and classifier versions, pruning older ones "
+                              "(never the version in use; default: keep all)", ge=1)
 
     @field_validator("dask_address")
     @classmethod
@@ -333,6 +335,14 @@ class ExportParams(Params):
 
 class CompareParams(Params):
     run_dirs: list[str] = option(help="run folders written by 'train' or 'run'", min_length=1)
+
+
+class LsParams(Params):
+    dir: str = option(".", "a folder to list (searched 3 levels down), or a store file", positional=True)
+
+
+class InfoParams(Params):
+    store: Annotated[str, AfterValidator(_readable_store)] = option(help=STORE_HELP)
 
 
 class AsFlow(Params):

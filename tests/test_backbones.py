@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+# Internals, on purpose: the backbone registry itself (features.backbones) against an independent reference: the
+# machinery under featurebank.Backbone.
 from featurebank.features.backbones import BackboneError, create_backbone
 
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+# Internals, on purpose: the engine's fast paths (decoders, layouts, run paths) against the straightforward one:
+# internals by design.
 from featurebank.features.backbones import create_backbone
 from featurebank.features.decode import Decoder, decode_on_device
 from featurebank.features.engine import collate, FileDataset, extract

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+# Internals, on purpose: the engine's machinery without a model (layout rule, chunks, writer thread, back-off):
+# internals by design.
 from featurebank.features.backbones import Preprocessing
 from featurebank.features.decode import Decoder, jpeg_header, jpeg_orientation
 from featurebank.features.engine import Forward, WriterThread, _chunks, _Recorder, is_oom

@@ -18,6 +18,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
+# Internals, on purpose: a store and a classifier are forged through the writer and persistence (features.store,
+# classifiers.persist) to feed the CLI bad files; the behaviour tested is the CLI's.
 from featurebank.classifiers.persist import save_classifier
 from featurebank.features.store import StoreConfig, StoreWriter, store_path
 from featurebank.pipelines.cli import main

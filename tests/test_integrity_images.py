@@ -21,6 +21,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
+# Internals, on purpose: decoders and the engine's extract with the session's lite0 object (built once), whose
+# ExtractResult lists each failure and reason.
 from featurebank.data.sources import escape_id, unescape_id
 from featurebank.features.backbones import create_backbone
 from featurebank.features.engine import extract

@@ -22,6 +22,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
+# Internals, on purpose: the store's parts and the engine's counts after SIGKILL are what is tested; the killed
+# process is a real extraction.
 from featurebank.features.backbones import create_backbone
 from featurebank.features.engine import extract
 from featurebank.features.store import strings, read_features

@@ -17,6 +17,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
+# Internals, on purpose: the store writer's crash safety, locks and write failures: internals by design.
 from featurebank.classifiers.persist import ClassifierError, load_classifier, save_classifier
 from featurebank.features.backbones import BackboneError, create_backbone
 from featurebank.features.engine import extract

@@ -8,6 +8,8 @@ import json
 import pytest
 from conftest import write_digits_folder
 
+# Internals, on purpose: the parameter models and the CLI/config/flow generator (pipelines.params, pipelines.cli):
+# internals by design.
 from featurebank.pipelines.cli import COMMANDS, build_parser, flag_of, is_positional, main, parse
 from featurebank.pipelines.params import EngineOptions, RunParams
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from ops_images import write_folder
 
+# Internals, on purpose: the shard stages (features.shards, pipelines.jobs/flows) on a Dask cluster; the whole-job
+# behaviour is tested through the CLI.
 from featurebank.features.engine import extract
 from featurebank.features.store import StoreError, read_features
 from featurebank.pipelines.params import ExtractParams

@@ -145,6 +145,18 @@ def test_scheduled_runs_fire_and_report_the_delta(prefect_server, tmp_path):
             assert DELTA.search(artifacts["featurebank-delta"]).group(1) == "0"
             assert COUNTS.search(artifacts["featurebank-delta"]).groups() == ("24", "0", "0")
 
+            # the folder unchanged: the scheduled runs that follow train nothing, add no classifier version and
+            # no run folder, and their flow runs end "Unchanged" saying why
+            def unchanged():
+                return [r for r in completed() if r.state.name == "Unchanged"]
+
+            quiet = _wait("a scheduled run over the unchanged folder", unchanged, 120, logs)[0]
+            assert quiet.auto_scheduled and "unchanged" in quiet.state.message
+            assert "featurebank-unchanged" in _artifacts(client, quiet.id)
+            for probe in ("logreg", "knn"):
+                assert sorted(p.name for p in (out / "classifiers" / probe).glob("v[0-9]*")) == ["v0001"]
+            assert len([d for d in out.iterdir() if (d / "metrics.json").is_file()]) == 1
+
             # the folder grows by 4 images at once (a folder renamed in, so no run can see half of it)
             staging = tmp_path / "staging"
             added = write_folder(staging, n_per_class=4, classes=(0,), offset=30, subfolder="more")
@@ -167,6 +179,7 @@ def test_scheduled_runs_fire_and_report_the_delta(prefect_server, tmp_path):
             assert set(report["drift"]) == {"0", "1"}
             for probe in ("logreg", "knn"):
                 assert (out / "classifiers" / probe / "current").is_file()
+                assert sorted(p.name for p in (out / "classifiers" / probe).glob("v[0-9]*")) == ["v0001", "v0002"]
             assert any((tmp_path / "store").glob("digits-*.h5")), "the runs did not use the config file's store"
 
             # SIGTERM stops serve cleanly: no warning, the deployment paused, no run left scheduled

@@ -12,14 +12,13 @@ from pathlib import Path
 from conftest import write_digits_folder
 
 from featurebank.classifiers.probes import DEFAULT_PROBES
-from featurebank.pipelines.cli import main
+from featurebank.pipelines.cli import main  # the CLI in-process (argv in, exit status out): what a user types
 
 
 def test_run_flow_end_to_end_on_a_real_prefect_api(tmp_path, prefect_api, digits_folder):
     from prefect.client.orchestration import get_client
 
-    from featurebank.pipelines.flows import run_flow
-    from featurebank.pipelines.params import RunParams
+    from featurebank import RunParams, run_flow  # the flow and its parameters as users composing deployments get them
 
     params = RunParams(source=str(digits_folder), store_dir=str(tmp_path / "store"), out_dir=str(tmp_path / "runs"),
                        pixel_baseline=True)

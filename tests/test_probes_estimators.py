@@ -11,6 +11,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 from threadpoolctl import threadpool_limits
 
+# Internals, on purpose: the probes as scikit-learn estimators (make_probe) and their persistence: the objects
+# featurebank.train returns wrap these.
 from featurebank.classifiers.outofcore import OutOfCoreLogisticProbe
 from featurebank.classifiers.persist import load_classifier, save_classifier
 from featurebank.classifiers.probes import PROBES, CLIPLogisticProbe, WeightedKNNProbe, make_probe

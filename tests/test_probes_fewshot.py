@@ -10,6 +10,7 @@ import pytest
 from probes_support import digits_features
 from threadpoolctl import threadpool_limits
 
+# Internals, on purpose: the few-shot protocol on synthetic features: classifier internals.
 from featurebank.classifiers.fewshot import confidence_interval, evaluate_fewshot, fit_fewshot_probe, sample_shots
 
 

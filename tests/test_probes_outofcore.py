@@ -15,6 +15,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+# Internals, on purpose: the out-of-core optimiser against scikit-learn on arrays and a streamed store: internals by
+# design.
 from featurebank.classifiers.outofcore import MemoryBudgetError, OutOfCoreLogisticProbe
 from featurebank.classifiers.persist import load_classifier, save_classifier
 from featurebank.classifiers.probes import CLIPLogisticProbe

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import write_digits_folder
 
+# Internals, on purpose: the demo's data folder constant and the CPU's bf16 check; the behaviour is tested through the
+# CLI.
 from featurebank.data.demo import FASHION_MNIST_DIR
 from featurebank.pipelines.cli import main
 

@@ -11,6 +11,8 @@ from PIL import Image
 from probes_support import blobs, digits_features, write_store
 from threadpoolctl import threadpool_limits
 
+# Internals, on purpose: write_report/train_probes on synthetic features to check the report files quickly; the
+# commands are tested through the CLI.
 from featurebank.classifiers.report import write_report
 from featurebank.classifiers.train import train_probes
 from featurebank.pipelines.cli import main

@@ -19,6 +19,8 @@ import psutil
 import pytest
 from ops_images import alive, write_folder
 
+# Internals, on purpose: run folders and versions are inspected after SIGKILL (classifiers.runs/versions): the state
+# on disk is what is tested.
 from featurebank.classifiers.report import compare_runs
 from featurebank.classifiers.runs import RUN_FILES, complete_runs
 from featurebank.classifiers.versions import versions

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# Internals, on purpose: training and the report on synthetic features, to provoke scikit-learn's repeated warnings
+# cheaply.
 from featurebank.classifiers.report import write_report
 from featurebank.classifiers.probes import TrainingError
 from featurebank.classifiers.train import train_probes

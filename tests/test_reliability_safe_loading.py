@@ -16,6 +16,10 @@ import pytest
 import skops.io as sio
 from ops_images import write_folder
 
+import featurebank
+
+# Internals, on purpose: classifiers.persist forges malicious model files; featurebank.load_classifier goes through
+# the same check (asserted below).
 from featurebank.classifiers.persist import ClassifierError, load_classifier, save_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +80,8 @@ def test_a_malicious_model_with_a_consistent_manifest_is_refused_without_running
         expected = "does not trust"
     with pytest.raises(ClassifierError, match=expected):
         load_classifier(clf)
+    with pytest.raises(ClassifierError, match=expected):  # the public API loads through the same check
+        featurebank.load_classifier(clf)
     assert not marker.exists()
     if kind == "skops":
         return  # the command goes through the same check; one run of it (below) is enough
@@ -98,3 +104,6 @@ def test_saved_probes_load_back_with_trusted_types_only(tmp_path):
         assert (d / "model.skops").is_file() and not (d / "model.joblib").exists()
         loaded, _ = load_classifier(d, "f" * 64)
         assert (loaded.predict(X) == probe.predict(X)).all(), name
+        named = featurebank.load_classifier(d)  # the public API: the same model, speaking class names
+        assert list(named.classes_) == ["a", "b"]
+        assert (named.estimator.predict(X) == np.array(["a", "b"])[probe.predict(X)]).all(), name

@@ -8,6 +8,8 @@ import socket
 import pytest
 from ops_images import write_folder
 
+# Internals, on purpose: the crash automation (pipelines.deploy) is read back from the server; serve itself is run
+# through the CLI.
 from featurebank.pipelines.cli import main
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+# Internals, on purpose: the runtimes (torch, OpenVINO, int8) against the eager module directly: internals by design.
 from featurebank.features.backbones import Backbone, Preprocessing, create_backbone
 from featurebank.features.decode import Decoder
 from featurebank.features.engine import extract

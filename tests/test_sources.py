@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+# Internals, on purpose: the data layer (sources, ids, splits): internals by design.
 from featurebank.data.sources import SourceError, escape_id, image_folder, manifest, open_source, split_of, unescape_id
 
 

@@ -21,6 +21,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
+# Internals, on purpose: the data layer's formats and remote reading, and the engine's counts per format: internals by
+# design.
 from featurebank.data.demo import folder_items, write_parquet, write_webdataset
 from featurebank.data.sources import SourceError, escape_id, open_source
 from featurebank.data.tables import TableReader

@@ -9,6 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
+import featurebank
+
+# Internals, on purpose: features.engine.extract with the session's lite0 backbone object (built once; the
+# public featurebank.extract builds it by name per call) returns the ExtractResult counts (embedded, reused)
+# these tests are about; read_features is the store's own reader, which featurebank.Store wraps.
 from featurebank.features.engine import extract
 from featurebank.features.store import StoreError, read_features
 
@@ -29,9 +34,9 @@ def test_store_layout_reads_with_plain_h5py(tmp_path, lite0, digits_folder):
     assert result.path.stem.endswith(attrs["fingerprint"][:16])
     assert "torch" in json.loads(attrs["library_versions"])
 
-    f = read_features(result.path)
+    f = featurebank.Store(result.path)  # what a user reads it with
     assert f.class_names == ["0", "1", "7"] and set(f.splits) <= {"train", "test"}
-    assert np.array_equal(f.X, X)
+    assert np.array_equal(f.X, X) and list(f.ids) == list(ids)
 
 
 def test_second_run_reuses_everything_and_a_new_config_gets_a_new_file(tmp_path, lite0, digits_folder):

@@ -14,6 +14,8 @@ import pytest
 BBC = None
 
 
+# Internals, on purpose: the text backbone against sentence-transformers and the text sources directly; the pipeline
+# on texts goes through the CLI.
 def bbc_articles() -> list[tuple[str, str, bytes]]:
     """(topic, file name, bytes) of every BBC News article, in a fixed order."""
     global BBC
@@ -148,6 +150,14 @@ def test_csv_corpus_extract_train_predict_through_the_cli(tmp_path, capsys):
     truth = {f"new.csv:{k}": label for k, (_, label) in enumerate(new)}
     right = sum(p["predicted"] == truth[p["id"]] for p in preds)
     assert len(preds) == len(new) and right >= len(new) - 2
+    # the same classifier from Python, on the texts held in memory: the same probabilities as the CSV's rows
+    import featurebank
+
+    memory = featurebank.load_classifier(classifier).predict([text for text, _ in new])
+    assert list(memory["id"]) == list(range(len(new)))
+    for p in preds:
+        k = int(p["id"].rsplit(":", 1)[1])
+        assert memory["predicted"][k] == p["predicted"] and abs(memory["probability"][k] - float(p["probability"])) < 1e-3
 
 
 def test_image_backbone_on_text_source_is_one_line(tmp_path, capsys):
