@@ -34,8 +34,9 @@ datasets (embeddings, labels) carry HDF5's Fletcher-32 checksum on each chunk (`
 HDF5 refuses that filter on variable-length strings (it would cover only their references, not their
 bytes, which live in a heap outside the chunks), so each string dataset (ids, content, splits, notes,
 the failures table) carries instead an attribute ``crc32``: the CRC-32 of each chunk's strings
-(UTF-8, joined by NUL), checked as the chunk is read. Readers read row datasets chunk by chunk: a chunk that fails its
-checksum (or cannot be read), and an embedding row holding NaN or inf, make those rows *damaged*.
+(UTF-8, each followed by NUL), checked as the chunk is read. Readers read row datasets chunk by
+chunk: a chunk that fails its checksum (or cannot be read), and an embedding row holding NaN or inf,
+make those rows *damaged*.
 The extraction's index leaves damaged rows out, so they are embedded again from the source (one
 line names the store and the rows); :func:`read_features` and :func:`check_store` refuse a damaged
 store with one line naming the rows. Format 1 stores (written before the checksums) are read and
@@ -816,8 +817,9 @@ class StoreWriter:
                 content = read_rows(f["content"], damage, "content")
                 notes = read_rows(f["notes"], damage, "notes") if "notes" in f else None
                 scan_rows(f, damage)  # the embeddings (checksums, NaN/inf), labels and splits
-                for row in np.flatnonzero(~damage.rows).tolist():
-                    latest[ids[row]] = ("row", s_idx, row, content[row], "" if notes is None else notes[row])
+                for row in range(len(ids)):
+                    if not damage.rows[row]:
+                        latest[ids[row]] = ("row", s_idx, row, content[row], "" if notes is None else notes[row])
                 failed = Damage(f["failures/ids"].shape[0] if "failures" in f else 0)
                 if "failures" in f:
                     g = f["failures"]
