@@ -20,7 +20,7 @@ the forward pass share the cores, so their costs per image add up) and on a GPU 
 stages; writes JSON (--json) and appends a row to BENCHMARKS.md.
 
 It generates its own input (photo-like JPEGs, from scikit-image's sample photos when installed) or
-takes a folder of images (--data). It needs torch, torchvision, timm, h5py, numpy, pillow, filelock
+takes a folder of images (--data). It needs torch, torchvision, timm, h5py, numpy, pillow, simplejpeg, filelock
 and tqdm; not Prefect, and it runs from a source checkout without installing the project.
 """
 

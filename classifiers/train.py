@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 from featurebank.classifiers.outofcore import OutOfCoreLogisticProbe
 from featurebank.classifiers.persist import save_classifier
 from featurebank.classifiers.probes import DEFAULT_PROBES, TrainingError, make_probe
-from featurebank.features.store import Features, embedding_shape, open_store, read_index
+from featurebank.features.store import Features, check_store, embedding_shape, open_store, read_index
 
 SHOWN_ROWS = 3000  # embeddings read for the report's map when training out of core
 
@@ -197,6 +197,7 @@ def train_out_of_core(path: str | os.PathLike, memory_budget_mb: float, out_dir:
     light = read_index(path)
     labels, splits, ids, class_names, attrs = light.y, light.splits, light.ids, light.class_names, light.attrs
     check_trainable(light)
+    check_store(path)  # damaged rows (checksums, NaN/inf) are refused before fitting, not streamed into it
     train = np.flatnonzero((labels >= 0) & (splits == "train"))
     test = np.flatnonzero((labels >= 0) & (splits == "test"))
     probe = OutOfCoreLogisticProbe(memory_budget_mb=memory_budget_mb)

@@ -6,12 +6,16 @@ so it works the same on files, table rows and tar members. Two ways to turn byte
 normalised ``[3, size, size]`` float tensor:
 
 ``plain``  the reference: :func:`features.images.load_image` (PIL) and the backbone's own transform.
-``fast``   JPEG files are decoded by libjpeg through ``torchvision.io.decode_jpeg`` (EXIF orientation
-           applied) and resized, cropped and normalised with torch on uint8 pixels. A JPEG whose
-           short side is at least four times the resize target is decoded at a reduced DCT scale by
-           PIL's ``draft`` instead (to at least twice the target), several times faster. Every
-           other format, a CMYK JPEG, or a JPEG libjpeg refuses goes through ``load_image``, so a bad
-           file fails with the same recorded reason as on the plain path.
+``fast``   JPEG files are decoded by libjpeg-turbo in strict mode (:func:`features.images.jpeg_pixels`,
+           EXIF orientation applied) and resized, cropped and normalised with torch on uint8 pixels.
+           A JPEG whose short side is at least four times the resize target is decoded at a reduced
+           DCT scale (to at least twice the target), several times faster. Every other format, a CMYK
+           JPEG, or a JPEG libjpeg refuses goes through ``load_image``, so a bad file fails with the
+           same recorded reason as on the plain path.
+
+Both paths refuse a JPEG whose data libjpeg reports as damaged (a recorded failure starting with
+``damaged JPEG data``); with ``allow_damaged`` they decode it as libjpeg would and set
+:attr:`Decoder.note` to ``"damaged"`` for that sample (the store keeps it as the row's note).
 
 The geometry (short side to ``resize``, centre crop ``size``) is torchvision's, so the fast path
 agrees with the plain one to a cosine of about 0.9999 per embedding.
@@ -29,76 +33,17 @@ from __future__ import annotations
 
 import inspect
 import time
-import warnings
 
 import numpy as np
 import torch
 
 from featurebank.data.sources import FileReader, Reader, UnreadableSample
 from featurebank.features.backbones import Preprocessing
-from featurebank.features.images import ImageError, load_image
+from featurebank.features.images import (  # noqa: F401 - the JPEG helpers are re-exported for older callers
+    DAMAGED, JPEG_END, JPEG_MAGIC, ImageError, complete_jpeg, decode_image, jpeg_damage, jpeg_header, jpeg_orientation,
+    jpeg_pixels,
+)
 from featurebank.features.names import DECODERS, DEFAULT_DECODER  # noqa: F401 - declared with the other option values
-
-JPEG_MAGIC = b"\xff\xd8\xff"
-JPEG_END = b"\xff\xd9"
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def complete_jpeg(data: bytes) -> bool:
-    """True when the file ends with the end-of-image marker. libjpeg decodes a truncated file into a
-    partly grey picture with only a warning; such files go to load_image, which refuses them."""
-    return data.rstrip(b"\0")[-2:] == JPEG_END
-
-
-def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, components) from a JPEG's frame header, or None when it cannot be found."""
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        if marker in _SOF:
-            if i + 10 > n:
-                return None
-            h = int.from_bytes(data[i + 5:i + 7], "big")
-            w = int.from_bytes(data[i + 7:i + 9], "big")
-            return w, h, data[i + 9]
-        if marker == 0xDA or length < 2:  # start of scan before any frame header
-            return None
-        i += 2 + length
-    return None
-
-
-def jpeg_orientation(data: bytes) -> int:
-    """The EXIF orientation (1-8) of a JPEG, 1 when it has none or it cannot be read."""
-    i, n = 2, min(len(data), 1 << 17)
-    while i + 4 <= n and data[i] == 0xFF:
-        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
-        if marker == 0xDA:
-            break
-        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\0\0":
-            tiff = data[i + 10:i + 2 + length]
-            order = "little" if tiff[:2] == b"II" else "big"
-            try:
-                ifd = int.from_bytes(tiff[4:8], order)
-                for k in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
-                    e = ifd + 2 + 12 * k
-                    if int.from_bytes(tiff[e:e + 2], order) == 0x0112:
-                        value = int.from_bytes(tiff[e + 8:e + 10], order)
-                        return value if 1 <= value <= 8 else 1
-            except (IndexError, ValueError):
-                return 1
-            return 1
-        i += 2 + length
-    return 1
-
 
 def _decode_jpeg_supports_exif() -> bool:
     from torchvision.io import decode_jpeg
@@ -118,14 +63,14 @@ class Decoder:
     """
 
     def __init__(self, pre: Preprocessing, mode: str = DEFAULT_DECODER, reader: Reader | None = None,
-                 pixels: bool = False):
+                 pixels: bool = False, allow_damaged: bool = False):
         if mode not in DECODERS:
             raise ValueError(f"decoder mode must be 'fast' or 'plain', not {mode!r}")
-        self.pre, self.mode, self.pixels = pre, mode, pixels
+        self.pre, self.mode, self.pixels, self.allow_damaged = pre, mode, pixels, allow_damaged
+        self.note = ""  # of the last sample decoded: "damaged" when it was decoded although damaged
         self.reader = reader if reader is not None else FileReader()
         self.timings = {"read": 0.0, "decode": 0.0}
         self._transform = None
-        self._exif = None
         s = 1.0 / (255.0 * np.asarray(pre.std, np.float32))
         self._scale = torch.from_numpy(s).view(3, 1, 1)
         self._shift = torch.from_numpy(np.asarray(pre.mean, np.float32) / np.asarray(pre.std, np.float32)).view(3, 1, 1)
@@ -137,7 +82,7 @@ class Decoder:
 
     def as_pixels(self) -> Decoder:
         """The same decoder returning uint8 pixels [size, size, 3] instead of normalised floats."""
-        return Decoder(self.pre, self.mode, self.reader, pixels=True)
+        return Decoder(self.pre, self.mode, self.reader, pixels=True, allow_damaged=self.allow_damaged)
 
     def read(self, loc) -> bytes:
         """The sample's bytes through the reader (timed), or ImageError with the reason."""
@@ -155,49 +100,39 @@ class Decoder:
     def decode(self, data: bytes) -> torch.Tensor:
         """Encoded image bytes -> the model's input tensor, or ImageError with the reason."""
         t1 = time.perf_counter()
+        self.note = ""
         try:
             if self.mode == "plain":
-                img = load_image(data)
+                img, damage = decode_image(data, allow_damaged=self.allow_damaged)
+                self.note = "damaged" if damage else ""
                 if self._transform is None:
                     self._transform = self.pre.transform(normalize=not self.pixels)
                 out = self._transform(img)
                 return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()) if self.pixels else out
             pixels = self._jpeg(data) if data[:3] == JPEG_MAGIC else None
             if pixels is None:
-                pixels = pil_pixels(data)
+                pixels = pil_pixels(data, allow_damaged=self.allow_damaged, decoder=self)
             return self.finish(pixels)
         finally:
             self.timings["decode"] += time.perf_counter() - t1
 
     def _jpeg(self, data: bytes) -> torch.Tensor | None:
-        """Decode a JPEG with libjpeg; None sends the file to the PIL path (which records why it fails)."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
+        """Decode a JPEG with libjpeg-turbo (strict: damage raises ImageError unless allowed); None sends
+        the file to the PIL path (CMYK, odd headers, files libjpeg refuses: PIL decodes them or names
+        the problem)."""
         head = jpeg_header(data)
-        if head is None or head[2] not in (1, 3) or not complete_jpeg(data):
-            return None  # CMYK, odd, truncated or damaged: PIL handles it or names the problem
-        w, h, _ = head
-        if w * h == 0:
+        if head is None or head[2] not in (1, 3) or head[0] * head[1] == 0:
             return None
-        if min(w, h) >= 4 * self.pre.resize:
-            # DCT-scaled decode to at least twice the target: the antialiased resize that follows
-            # then sees enough pixels to match a full decode (cosine > 0.999)
-            return pil_pixels(data, 2 * self.pre.resize)
-        if self._exif is None:
-            self._exif = _decode_jpeg_supports_exif()
-        if not self._exif and b"Exif" in data[:65536]:
-            return None  # this torchvision cannot apply the orientation: PIL does
-        try:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            kw = {"apply_exif_orientation": True} if self._exif else {}
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                pixels = decode_jpeg(buf, mode=ImageReadMode.RGB, **kw)
-            if any(not issubclass(w.category, DeprecationWarning) for w in caught):
-                return None  # libjpeg complained about the data: let load_image judge the file
-            return pixels
-        except Exception:
+        # a large JPEG: DCT-scaled decode to at least twice the target; the antialiased resize that
+        # follows then sees enough pixels to match a full decode (cosine > 0.999)
+        scaled = 2 * self.pre.resize if min(head[0], head[1]) >= 4 * self.pre.resize else None
+        pixels, damage = jpeg_pixels(data, scaled, self.allow_damaged)
+        if pixels is None:
             return None
+        self.note = "damaged" if damage else ""
+        if pixels.strides[0] < 0 or pixels.strides[1] < 0 or not pixels.flags.c_contiguous:
+            pixels = np.ascontiguousarray(pixels)  # an EXIF-oriented view: torch wants positive strides
+        return torch.from_numpy(pixels).permute(2, 0, 1)
 
     def finish(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [3, H, W] (any device) -> resized, centre-cropped, normalised float [3, size, size]
@@ -222,22 +157,31 @@ class Decoder:
         return x.mul_(scale).sub_(shift)
 
 
-def pil_pixels(data, min_size: int | None = None) -> torch.Tensor:
-    """Decode bytes (or a local file) with ``load_image`` (every format, every oddity) into uint8 [3, H, W]."""
-    img = load_image(data, min_size=min_size)
+def pil_pixels(data, min_size: int | None = None, allow_damaged: bool = False, decoder: Decoder | None = None) -> torch.Tensor:
+    """Decode bytes (or a local file) with ``decode_image`` (every format, every oddity) into uint8 [3, H, W].
+    A damaged JPEG raises ImageError unless ``allow_damaged``; then ``decoder.note`` says so."""
+    img, damage = decode_image(data, min_size=min_size, allow_damaged=allow_damaged)
+    if decoder is not None:
+        decoder.note = "damaged" if damage else ""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def read_for_gpu(loc, decoder: Decoder):
     """On a CPU worker: ("jpeg", bytes as a uint8 tensor) for a JPEG the device can decode, or
     ("pixels", the finished tensor) decoded on the CPU for anything else (other formats, CMYK, EXIF
-    orientation other than 1). Raises ImageError."""
+    orientation other than 1, damaged data). Raises ImageError (a damaged JPEG unless the decoder
+    allows them; then ``decoder.note`` says so).
+
+    The device decoder does not report damaged data, so every JPEG's data is checked here first by
+    libjpeg-turbo at the smallest DCT scale (:func:`features.images.jpeg_damage`): its entropy-coded
+    data is read in full on the CPU, the rest of the decode happens on the device."""
     data = decoder.read(loc)
+    decoder.note = ""
     if data[:3] == JPEG_MAGIC:
         head = jpeg_header(data)
         # the device decoder ignores EXIF orientation: rotated photos are decoded on the CPU
         if (head is not None and head[2] in (1, 3) and head[0] * head[1] > 0 and complete_jpeg(data)
-                and jpeg_orientation(data) == 1):
+                and jpeg_orientation(data) == 1 and not jpeg_damage(data)):
             return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return "pixels", decoder.decode(data)
 

@@ -27,6 +27,7 @@ import torch
 from featurebank.data.sources import Source, escape_id, open_source, split_of
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
 from featurebank.features.decode import DEFAULT_DECODER, Decoder
+from featurebank.features.images import is_damage
 from featurebank.features.registry import build_backbone, modality
 from featurebank.features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
     CPU_BATCH, FileDataset, chunks, collate, decode_batch, mp_context, run_in_process, run_pipelined, run_replicas,
@@ -71,6 +72,8 @@ class ExtractResult:
             tail += f"; {self.notes['truncated']} texts longer than the maximum length"
         if self.notes.get("replaced"):
             tail += f"; {self.notes['replaced']} not valid UTF-8 (decoded with replacement characters)"
+        if self.notes.get("damaged"):
+            tail += f"; {self.notes['damaged']} damaged images embedded anyway (--allow-damaged)"
         return f"{head}{tail} -> {self.path}"
 
 
@@ -98,6 +101,7 @@ def extract(
     runtime: str = "auto",
     precision: str = "f32",
     calibration_samples: int | None = None,
+    allow_damaged: bool = False,
 ) -> ExtractResult:
     """Embed every new or changed sample of ``source`` into its store file and return what happened.
 
@@ -116,6 +120,9 @@ def extract(
     torch or openvino (see features.runtimes). ``precision``: how the forward pass computes, f32, bf16
     or int8 (part of the store's fingerprint; ``dtype`` is how the store keeps the numbers).
     ``calibration_samples``: int8 only, the train-split samples NNCF calibrates on (default 300).
+    ``allow_damaged``: embed JPEGs whose data libjpeg reports as damaged (noted "damaged" in the store)
+    instead of recording them as failures. Without it, rows embedded that way are not reused (their
+    samples are decoded again, and fail); with it, samples recorded as damaged are tried again.
     Text backbones carry their precision themselves (features.text) and take ``runtime`` too.
     """
     t0 = time.perf_counter()
@@ -162,9 +169,10 @@ def extract(
         index = writer.index()
         todo, reused = [], 0
         for k, (i, c) in enumerate(zip(ids, content)):
-            if index.content.get(i) == c:
+            if index.content.get(i) == c and (allow_damaged or i not in index.damaged_images):
                 reused += 1
-            elif retry_failures or index.failures.get(i, (None, None))[1] != c:
+            elif (retry_failures or (failed := index.failures.get(i)) is None or failed[1] != c
+                  or (allow_damaged and is_damage(failed[0]))):
                 todo.append(k)
         todo = np.array(todo, np.int64)  # 8 bytes per sample to embed, not a Python int each
         result = ExtractResult(path=path, reused=reused)
@@ -179,7 +187,7 @@ def extract(
                 _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
                        amp=amp, compile=compile, decoder=decoder, layout=layout, runtime=runtime, precision=precision,
                        calibration_samples=calibration_samples, dataset=dataset or source.name,
-                       stored_runtimes=index.runtimes, say=say)
+                       stored_runtimes=index.runtimes, say=say, allow_damaged=allow_damaged)
         # what this run added, counted by the writer (ids escaped, so printable whatever the file name)
         result.embedded = writer.added_rows
         result.failures = list(writer.added_failures)
@@ -259,10 +267,10 @@ class SampleFiles:
         return os.fsdecode(self._blob[self._offsets[j]:self._offsets[j + 1]])
 
 
-def sample_decoder(source: Source, backbone: Backbone, mode: str = "fast") -> Decoder:
+def sample_decoder(source: Source, backbone: Backbone, mode: str = "fast", allow_damaged: bool = False) -> Decoder:
     """The decoder of ``source``'s samples: it reads their bytes through the source's reader (in the
-    worker processes) and makes the backbone's input tensor."""
-    return Decoder(backbone.preprocessing, mode, reader=source.reader)
+    worker processes) and makes the backbone's input tensor (``allow_damaged``: see extract)."""
+    return Decoder(backbone.preprocessing, mode, reader=source.reader, allow_damaged=allow_damaged)
 
 
 _Paths = SampleFiles  # the old name
@@ -388,13 +396,14 @@ def _embed_text(source, backbone, writer, todo, ids, content, batch_size, device
 
 def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
            amp=DEFAULT_AMP, compile=False, decoder=DEFAULT_DECODER, layout=None, runtime="auto", precision="f32",
-           calibration_samples=CALIBRATION_SAMPLES, dataset="", stored_runtimes=frozenset(), say=print):
+           calibration_samples=CALIBRATION_SAMPLES, dataset="", stored_runtimes=frozenset(), say=print,
+           allow_damaged=False):
     from tqdm import tqdm
 
     dev = pick_device(device)
     paths = SampleFiles(source, todo)
     cpu_batch = batch_size or CPU_BATCH
-    dec = check_dec = sample_decoder(source, backbone, decoder)
+    dec = check_dec = sample_decoder(source, backbone, decoder, allow_damaged)
     if layout is not None and runtime == "auto":
         runtime = "torch"  # a forced layout is a torch layout (the tests' way to run the GPU path on a CPU)
     if runtime == "auto" and mp.current_process().daemon and precision == "f32":
@@ -440,7 +449,7 @@ def first_images(dec: Decoder, paths, n: int | None = None) -> torch.Tensor | No
     """The first images still to embed that decode (auto's agreement check runs on them)."""
     from featurebank.features.runtimes import CHECK_IMAGES
 
-    tensors, _, _ = decode_batch(dec, 0, [paths[j] for j in range(min(n or CHECK_IMAGES, len(paths)))])
+    tensors, _, _, _ = decode_batch(dec, 0, [paths[j] for j in range(min(n or CHECK_IMAGES, len(paths)))])
     return torch.stack(tensors) if tensors else None
 
 
@@ -471,7 +480,7 @@ def calibration_images(dec: Decoder, source: Source, n: int):
     while got < n and j < len(files):
         take = [files[i] for i in range(j, min(len(files), j + 32))]
         j += len(take)
-        tensors, _, _ = decode_batch(dec, 0, take)
+        tensors, _, _, _ = decode_batch(dec, 0, take)
         tensors = tensors[:n - got]
         if tensors:
             got += len(tensors)

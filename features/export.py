@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurebank.features.store import ROWS_PER_CHUNK, StoreError, open_store, read_index
+from featurebank.features.store import ROWS_PER_CHUNK, StoreError, check_store, open_store, read_index
 
 EXPORT_FORMATS = ("parquet",)
 
@@ -29,6 +29,7 @@ def export_parquet(store: str | os.PathLike, out: str | os.PathLike | None = Non
     out = Path(out) if out is not None else store.with_suffix(".parquet")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     index = read_index(store)
+    check_store(store)  # damaged rows (checksums, NaN/inf) are refused in one line, not exported
     names, ids, labels, splits = index.class_names, index.ids, index.y, index.splits.tolist()
     meta = {"class_names": names, "fingerprint": index.fingerprint, "backbone": str(index.attrs.get("backbone", "")),
             "store": store.name}

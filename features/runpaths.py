@@ -11,8 +11,10 @@ Three paths, chosen by :func:`features.engine.extract` from the runtime and the 
 - :func:`run_in_process` (CUDA, MPS, or a CPU with one core): DataLoader workers read (and on a CPU
   decode); on CUDA JPEGs are decoded on the device; copies and forward passes overlap.
 
-Every path reports failures as (position, reason) and embeddings as (positions, array) to the
-recorder (features.engine._Recorder), and keeps memory flat with bounded queues.
+Every path reports failures as (position, reason) and embeddings as (positions, array, notes) to the
+recorder (features.engine._Recorder), and keeps memory flat with bounded queues. A note is what the
+decoder says about a sample it decoded ("damaged": embedded although libjpeg reported damaged data,
+with ``allow_damaged``); notes travel as (position, note) pairs, only for the samples that have one.
 """
 
 from __future__ import annotations
@@ -57,16 +59,28 @@ def chunks(n: int, batch: int, replicas: int) -> list[tuple[int, int]]:
 
 
 def decode_batch(dec: Decoder, start: int, batch_paths: list[str]):
-    tensors, idx, bad = [], [], []
+    """Decode the files of a batch: (tensors, their positions, failures as (position, reason), notes as
+    (position, note) for the decoded samples the decoder noted something about)."""
+    tensors, idx, bad, notes = [], [], [], []
     for j, path in enumerate(batch_paths, start):
         try:
             tensors.append(dec(path))
             idx.append(j)
+            if dec.note:
+                notes.append((j, dec.note))
         except ImageError as exc:
             bad.append((j, str(exc)))
         except Exception as exc:  # a decoder bug must cost one file, not the run
             bad.append((j, f"cannot decode: {type(exc).__name__}: {exc}"))
-    return tensors, idx, bad
+    return tensors, idx, bad, notes
+
+
+def row_notes(positions, notes) -> list[str] | None:
+    """Per row of ``positions``, its note from the (position, note) pairs; None when there are none."""
+    if not notes:
+        return None
+    noted = dict(notes)
+    return [noted.get(p, "") for p in positions]
 
 
 def steady_allocator() -> None:
@@ -94,18 +108,18 @@ def _replica(rank, runtime, dec, threads, tasks, results):
         with torch.inference_mode():
             while (task := tasks.get()) is not None:
                 before = dict(dec.timings)
-                tensors, idx, bad = decode_batch(dec, *task)
+                tensors, idx, bad, notes = decode_batch(dec, *task)
                 emb, t0 = None, time.perf_counter()
                 if tensors:
                     emb = runtime.embed(torch.stack(tensors))
                 times = {"read": dec.timings["read"] - before["read"], "decode": dec.timings["decode"] - before["decode"],
                          "forward": time.perf_counter() - t0, "blocked on writer": waited}
                 t1 = time.perf_counter()
-                results.put(("batch", idx, emb, bad, times))
+                results.put(("batch", idx, emb, bad, times, notes))
                 waited = time.perf_counter() - t1  # blocked on a full queue: the parent's writing is behind
-        results.put(("done", rank, None, None, None))
+        results.put(("done", rank, None, None, None, None))
     except BaseException:
-        results.put(("error", rank, traceback.format_exc(), None, None))
+        results.put(("error", rank, traceback.format_exc(), None, None, None))
 
 
 def mp_context(threads: int = 1):
@@ -154,7 +168,7 @@ def run_replicas(runtime, dec: Decoder, paths, batch: int, layout: Layout, rec) 
     try:
         while done < len(procs):
             try:
-                kind, a, b, c, times = results.get(timeout=2.0)
+                kind, a, b, c, times, notes = results.get(timeout=2.0)
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
@@ -171,7 +185,7 @@ def run_replicas(runtime, dec: Decoder, paths, batch: int, layout: Layout, rec) 
                 rec.time(stage, t)
             rec.failures(bad)
             if idx:
-                rec.rows(idx, emb)
+                rec.rows(idx, emb, row_notes(idx, notes))
             rec.advance(len(idx) + len(bad))
     finally:
         stop.set()
@@ -190,8 +204,8 @@ def run_replicas(runtime, dec: Decoder, paths, batch: int, layout: Layout, rec) 
 
 
 class FileDataset(torch.utils.data.Dataset):
-    """Per item (position, kind, payload, reason): on a GPU layout a JPEG's bytes, otherwise the
-    finished tensor; a failure is returned, never raised."""
+    """Per item (position, kind, payload, reason, seconds, note): on a GPU layout a JPEG's bytes,
+    otherwise the finished tensor; a failure is returned, never raised."""
 
     def __init__(self, paths, dec: Decoder, gpu_decode: bool):
         self.paths, self.dec, self.gpu_decode = paths, dec, gpu_decode
@@ -206,26 +220,27 @@ class FileDataset(torch.utils.data.Dataset):
                 kind, payload = read_for_gpu(self.paths[i], self.dec)
             else:
                 kind, payload = "pixels", self.dec(self.paths[i])
-            return i, kind, payload, None, time.perf_counter() - t0
+            return i, kind, payload, None, time.perf_counter() - t0, self.dec.note
         except ImageError as exc:
-            return i, None, None, str(exc), time.perf_counter() - t0
+            return i, None, None, str(exc), time.perf_counter() - t0, ""
         except Exception as exc:  # a decoder bug must cost one file, not the run
-            return i, None, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0
+            return i, None, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0, ""
 
 
 def collate(items):
     """One batch: the JPEGs' bytes as one flat tensor with their sizes (one shared-memory block per
     batch, not one per file), the CPU-decoded images stacked, and the failures."""
-    pixels = [(i, p) for i, k, p, _, _ in items if k == "pixels"]
-    jpegs = [p for _, k, p, _, _ in items if k == "jpeg"]
+    pixels = [(i, p) for i, k, p, _, _, _ in items if k == "pixels"]
+    jpegs = [p for _, k, p, _, _, _ in items if k == "jpeg"]
     return {
-        "jpeg_idx": [i for i, k, _, _, _ in items if k == "jpeg"],
+        "jpeg_idx": [i for i, k, _, _, _, _ in items if k == "jpeg"],
         "jpeg_bytes": torch.cat(jpegs) if jpegs else None,
         "jpeg_sizes": [len(p) for p in jpegs],
         "pixel_idx": [i for i, _ in pixels],
         "pixels": torch.stack([p for _, p in pixels]) if pixels else None,
-        "bad": [(i, r) for i, _, _, r, _ in items if r is not None],
-        "decode_s": sum(t for *_, t in items),
+        "bad": [(i, r) for i, _, _, r, _, _ in items if r is not None],
+        "notes": [(i, n) for i, _, _, _, _, n in items if n],
+        "decode_s": sum(t for *_, t, _ in items),
     }
 
 
@@ -296,7 +311,7 @@ def run_in_process(runtime, dec: Decoder, paths, batch_size, dev: torch.device, 
             emb = None
         if pending is not None:
             _collect(pending, rec)
-        pending = (order, emb, ev, len(bad))
+        pending = (order, emb, ev, len(bad), b["notes"])
     if pending is not None:
         _collect(pending, rec)
 
@@ -335,14 +350,14 @@ def _timed(loader, rec):
 
 def _collect(pending, rec) -> None:
     """Wait for a batch's embeddings, record its device timings, hand it to the writer."""
-    order, emb, ev, n_bad = pending
+    order, emb, ev, n_bad, notes = pending
     if ev is not None:
         ev[3].synchronize()
         rec.time("copy", ev[0].elapsed_time(ev[1]) / 1000)
         rec.time("decode (device)", ev[1].elapsed_time(ev[2]) / 1000)
         rec.time("forward", ev[2].elapsed_time(ev[3]) / 1000)
     if emb is not None:
-        rec.rows(order, emb.numpy())
+        rec.rows(order, emb.numpy(), row_notes(order, notes))
     rec.advance(len(order) + n_bad)
 
 
@@ -372,11 +387,11 @@ def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec, transfer: i
             if b["pixels"] is None:
                 rec.advance(len(bad))
                 continue
-            yield (b["pixel_idx"], len(bad)), b["pixels"]
+            yield (b["pixel_idx"], len(bad), b["notes"]), b["pixels"]
 
     t0 = time.perf_counter()
-    for (order, n_bad), emb in runtime.map(batches()):
-        rec.rows(order, emb)
+    for (order, n_bad, notes), emb in runtime.map(batches()):
+        rec.rows(order, emb, row_notes(order, notes))
         rec.advance(len(order) + n_bad)
     # the requests run in OpenVINO's threads, overlapped with decoding: their share is wall time
     # less the time spent waiting for decoded batches

@@ -36,7 +36,10 @@ import numpy as np
 from featurebank.data.sources import Source, open_source
 from featurebank.features.engine import extract
 from featurebank.features.hashing import file_sha256
-from featurebank.features.store import STR, StoreConfig, StoreError, atomic_h5, count_notes, library_versions, store_path, strings
+from featurebank.features.store import (
+    StoreConfig, StoreError, atomic_h5, checksummed, count_notes, library_versions, store_path,
+    strings, write_strings,
+)
 
 SHARD_NAME = re.compile(r"^(?P<dataset>.+)\.s(?P<k>\d{3})of(?P<n>\d{3})$")
 
@@ -167,18 +170,18 @@ def join_shards(shard_paths: list[str | os.PathLike], store_dir: str | os.PathLi
                 start += r
             f.create_virtual_dataset("embeddings", layout, fillvalue=np.nan)
         else:
-            f.create_dataset("embeddings", shape=(0, dim), dtype=dtype)
-        f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=STR)
-        lab = f.create_dataset("labels", data=np.array(labels, dtype=np.int64))
+            f.create_dataset("embeddings", shape=(0, dim), dtype=dtype, **checksummed(0, dim))
+        write_strings(f, "ids", ids)
+        lab = f.create_dataset("labels", data=np.array(labels, dtype=np.int64), **checksummed(len(labels)))
         lab.attrs["class_names"] = np.array(class_names, dtype=object)
-        f.create_dataset("splits", data=np.array(splits, dtype=object), dtype=STR)
-        f.create_dataset("content", data=np.array(content, dtype=object), dtype=STR)
+        write_strings(f, "splits", splits)
+        write_strings(f, "content", content)
         if with_notes:
-            f.create_dataset("notes", data=np.array(notes, dtype=object), dtype=STR)
+            write_strings(f, "notes", notes)
         g = f.create_group("failures")
-        g.create_dataset("ids", data=np.array(fail_ids, dtype=object), dtype=STR)
-        g.create_dataset("reasons", data=np.array(fail_reasons, dtype=object), dtype=STR)
-        g.create_dataset("content", data=np.array(fail_content, dtype=object), dtype=STR)
+        write_strings(g, "ids", fail_ids)
+        write_strings(g, "reasons", fail_reasons)
+        write_strings(g, "content", fail_content)
         for key, value in first.items():
             if key not in ("merged_parts", "updated_utc", "dataset", "library_versions"):
                 f.attrs[key] = value

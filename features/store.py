@@ -10,7 +10,8 @@ Layout of a store file (all datasets at the root have one row per embedded sampl
     notes       [N]    (text stores only)     per row: "", "truncated", "replaced" or "replaced,truncated";
                                               attrs["notes_counts"]: JSON of rows per note
     failures/ids, failures/reasons, failures/content   samples that could not be used, and why
-    attrs: format, format_version, fingerprint, config (JSON of everything that changes the numbers),
+    attrs: format, format_version (the file's layout, see below), fingerprint, config (JSON of everything
+           that changes the numbers),
            backbone, weights_sha256, preprocessing, layer, pooling, dtype, dim, dataset,
            library_versions (recorded, not fingerprinted), merged_parts, updated_utc
 
@@ -26,6 +27,21 @@ kill between the merge and the parts' deletion is never applied twice. A new wri
 lock, deletes what killed writers left: temporary files (``.<name>.<pid>.tmp``) and merged parts.
 A failed write (a full disk) is kept from HDF5, which cannot recover from one: the file being written
 is discarded and a one-line StoreError says what happened; what was committed before is untouched.
+
+Damage: from format 2 on, every dataset a store or part holds is checksummed chunk by chunk, so that
+a chunk whose bytes changed on disk reads as damaged instead of as other numbers or names. Numeric
+datasets (embeddings, labels) carry HDF5's Fletcher-32 checksum on each chunk (``fletcher32=True``);
+HDF5 refuses that filter on variable-length strings (it would cover only their references, not their
+bytes, which live in a heap outside the chunks), so each string dataset (ids, content, splits, notes,
+the failures table) carries instead an attribute ``crc32``: the CRC-32 of each chunk's strings
+(UTF-8, each followed by NUL), checked as the chunk is read. Readers read row datasets chunk by
+chunk: a chunk that fails its checksum (or cannot be read), and an embedding row holding NaN or inf,
+make those rows *damaged*.
+The extraction's index leaves damaged rows out, so they are embedded again from the source (one
+line names the store and the rows); :func:`read_features` and :func:`check_store` refuse a damaged
+store with one line naming the rows. Format 1 stores (written before the checksums) are read and
+reused; the next extraction into one rewrites it as format 2, every row then checksummed. The
+format is not part of the fingerprint, so such a store keeps its name.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ import json
 import os
 import re
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +67,12 @@ from featurebank.features.hashing import file_sha256
 DEFAULT_STORE_DIR = "featurebank-store"
 DTYPES = ("float32", "float16")  # how embeddings may be stored; the first is the default
 STORE_FORMAT = "featurebank-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the file's layout: 2 = every dataset chunk-checksummed (Fletcher-32); 1 = without checksums
+READABLE_FORMATS = (1, 2)  # format 1 stores are read and reused, and rewritten as format 2 by the next extraction
+# what the numbers mean, in the fingerprint: 1 since the first store, and not the file's layout, so that
+# a store written in an older layout keeps its file name (and its rows are reused)
+CONFIG_VERSION = 1
+CHECKSUM = {"fletcher32": True}  # on every dataset a store or part writes (see checksummed)
 STR = h5py.string_dtype("utf-8")
 ROWS_PER_CHUNK = 1024
 
@@ -83,7 +105,7 @@ class StoreConfig:
             extra["int8_recipe"] = self.int8_recipe
         return {
             **extra,
-            "format_version": FORMAT_VERSION,
+            "format_version": CONFIG_VERSION,
             "backbone": self.backbone,
             "weights_sha256": self.weights_sha256,
             "preprocessing": self.preprocessing,
@@ -153,9 +175,9 @@ def open_store(path: str | os.PathLike, chunk_cache: bool = True) -> h5py.File:
             raise StoreError(f"{path} is an HDF5 file but not a featurebank store: give a store written by "
                              "'featurebank extract'")
         version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{path} has store format {version}; this featurebank reads {FORMAT_VERSION}: "
-                             "extract again into a new store folder")
+        if version not in READABLE_FORMATS:
+            raise StoreError(f"{path} has store format {version}; this featurebank reads formats "
+                             f"{', '.join(map(str, READABLE_FORMATS))}: extract again into a new store folder")
         n = f["embeddings"].shape[0]
         for name in ("ids", "labels", "splits", "content", "failures/ids", "failures/reasons"):
             if name.startswith("failures/"):
@@ -188,6 +210,124 @@ def _first_line(exc: BaseException) -> str:
 def strings(dataset) -> list[str]:
     """An HDF5 string dataset as a list of Python strings."""
     return [s.decode("utf-8") if isinstance(s, bytes) else s for s in dataset[()]] if len(dataset) else []
+
+
+class Damage:
+    """The rows of one store (or part) file that cannot be trusted, and why: a boolean per row (one
+    byte each, no Python object per row) and, per cause, how many rows it made damaged."""
+
+    def __init__(self, n: int):
+        self.rows = np.zeros(n, bool)
+        self.causes: dict[str, int] = {}
+
+    def mark(self, where, cause: str) -> None:
+        """Mark ``where`` (a slice or an array of row numbers) damaged because of ``cause``."""
+        self.rows[where] = True
+        hit = len(range(*where.indices(len(self.rows)))) if isinstance(where, slice) else int(np.size(where))
+        if hit:
+            self.causes[cause] = self.causes.get(cause, 0) + hit
+
+    def __bool__(self) -> bool:
+        return bool(self.rows.any())
+
+    @property
+    def count(self) -> int:
+        return int(np.count_nonzero(self.rows))
+
+    def describe(self) -> str:
+        """"rows 7, 1024-2047 (1025 rows: checksum error in 'embeddings'; NaN or inf in 'embeddings')"."""
+        return f"{row_ranges(self.rows)} ({self.count} rows: {'; '.join(self.causes)})"
+
+
+def row_ranges(mask: np.ndarray, most: int = 4) -> str:
+    """The rows set in ``mask`` as ranges, 'rows 3, 1024-2047 and 2 more ranges'."""
+    at = np.flatnonzero(mask)
+    if not len(at):
+        return "no rows"
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(at) > 1) + 1])
+    stops = np.concatenate([starts[1:], [len(at)]]) - 1
+    shown = [f"{at[a]}" if a == b else f"{at[a]}-{at[b]}" for a, b in zip(starts[:most], stops[:most])]
+    more = f" and {len(starts) - most} more ranges" if len(starts) > most else ""
+    return "rows " + ", ".join(shown) + more
+
+
+def _blocks(dataset) -> range:
+    """Starts of the row blocks to read ``dataset`` in: one chunk each (a damaged chunk then costs only its
+    own rows), at least ROWS_PER_CHUNK rows for a contiguous dataset."""
+    step = dataset.chunks[0] if dataset.chunks else ROWS_PER_CHUNK
+    return range(0, dataset.shape[0], max(1, step))
+
+
+def _checked_blocks(dataset, damage: Damage, name: str):
+    """(first row, block) for each readable block of a row dataset (strings as str), one chunk at a time.
+    A chunk that cannot be read (its checksum fails) is marked in ``damage``; so are embedding rows
+    (2-D) holding NaN or inf, and split names other than train and test."""
+    n = dataset.shape[0]
+    text = h5py.check_string_dtype(dataset.dtype) is not None
+    view = dataset.asstr() if text else dataset
+    crcs = dataset.attrs["crc32"] if text and "crc32" in dataset.attrs else None  # format 1: none
+    starts = _blocks(dataset)
+    for k, a in enumerate(starts):
+        b = min(n, a + starts.step)
+        try:
+            block = view[a:b]
+        except (OSError, ValueError, RuntimeError, UnicodeDecodeError):  # "data error detected by Fletcher32
+            damage.mark(slice(a, b), f"checksum error in '{name}'")      # checksum" and the like
+            continue
+        if crcs is not None and (k >= len(crcs) or strings_crc(block) != int(crcs[k])):
+            damage.mark(slice(a, b), f"checksum error in '{name}'")
+            continue
+        if block.ndim == 2:
+            bad = ~np.isfinite(block).all(axis=1)
+            if bad.any():
+                damage.mark(np.flatnonzero(bad) + a, f"NaN or inf in '{name}'")
+        elif name == "splits":
+            bad = ~np.isin(block, ("train", "test"))
+            if bad.any():
+                damage.mark(np.flatnonzero(bad) + a, "unknown split name in 'splits'")
+        yield a, block
+
+
+def read_rows(dataset, damage: Damage, name: str, out: np.ndarray | None = None) -> np.ndarray:
+    """A row dataset read chunk by chunk (see :func:`_checked_blocks`) into ``out`` (default: a new array;
+    strings as an object array of str). The rows of a chunk that cannot be read stay "" (strings) or 0."""
+    if out is None:
+        text = h5py.check_string_dtype(dataset.dtype) is not None
+        out = np.full(dataset.shape[0], "", dtype=object) if text else np.zeros(dataset.shape, dataset.dtype)
+    for a, block in _checked_blocks(dataset, damage, name):
+        out[a:a + len(block)] = block
+    return out
+
+
+def scan_rows(f: h5py.File | h5py.Group, damage: Damage, names=("embeddings", "labels", "splits")) -> None:
+    """Check the row datasets ``names`` that ``f`` holds, chunk by chunk, marking damaged rows (memory: one
+    block at a time)."""
+    for name in names:
+        if name in f:
+            for _ in _checked_blocks(f[name], damage, name):
+                pass
+
+
+def store_damage(f: h5py.File) -> Damage:
+    """Every row dataset of an open store checked chunk by chunk: what cannot be trusted."""
+    damage = Damage(f["ids"].shape[0])
+    scan_rows(f, damage, ("embeddings", "ids", "labels", "splits", "content", "notes"))
+    return damage
+
+
+def damage_error(path, damage: Damage) -> StoreError:
+    return StoreError(f"{path} is damaged: {damage.describe()}; run 'featurebank extract' on its source again, "
+                      "which embeds those rows again")
+
+
+def check_store(path: str | os.PathLike) -> None:
+    """Raise a one-line StoreError naming the rows when any row of the store is damaged (a chunk failing its
+    checksum, NaN or inf in an embedding); read chunk by chunk, so memory stays flat. ``read_features``
+    checks the same as it reads; streaming readers (the out-of-core probe) call this first."""
+    with open_store(path, chunk_cache=False) as f:
+        damage = store_damage(f)
+    if damage:
+        raise damage_error(path, damage)
 
 
 @dataclass
@@ -251,19 +391,26 @@ def read_features(path: str | os.PathLike, as_frame: bool = False, *, embeddings
         try:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
             n, dim = f["embeddings"].shape
-            return Features(
-                X=f["embeddings"][()].astype(np.float32, copy=False) if embeddings else np.zeros((n, 0), np.float32),
-                y=f["labels"][()].astype(np.int64),
-                ids=strings(f["ids"]),
+            damage = Damage(n)
+            X = np.zeros((n, dim if embeddings else 0), np.float32)
+            if embeddings:
+                read_rows(f["embeddings"], damage, "embeddings", out=X)  # float16 is widened block by block
+            features = Features(
+                X=X,
+                y=read_rows(f["labels"], damage, "labels").astype(np.int64, copy=False),
+                ids=read_rows(f["ids"], damage, "ids").tolist(),
                 class_names=[str(c) for c in f["labels"].attrs.get("class_names", [])],
-                splits=np.array(strings(f["splits"]), dtype=object),
+                splits=read_rows(f["splits"], damage, "splits"),
                 fingerprint=str(f.attrs["fingerprint"]),
                 path=Path(path),
                 attrs=attrs,
-                content=strings(f["content"]),
+                content=read_rows(f["content"], damage, "content").tolist(),
             )
         except (OSError, KeyError, ValueError) as exc:  # a file truncated or damaged inside its data
             raise StoreError(f"{path} is damaged ({_first_line(exc)}); delete it and extract again") from None
+    if damage:
+        raise damage_error(path, damage)
+    return features
 
 
 def read_index(path: str | os.PathLike) -> Features:
@@ -287,6 +434,8 @@ class StoreIndex:
     failures: dict[str, tuple[str, str]]  # escaped id -> (reason, content fingerprint)
     notes: dict[str, int] = field(default_factory=dict)  # rows per note (text stores: truncated, replaced)
     runtimes: set[str] = field(default_factory=set)  # what computed the rows held ("openvino f32", ...)
+    damaged_images: set[str] = field(default_factory=set)  # ids of rows embedded although their image was damaged
+    damaged_rows: int = 0  # rows left out because the store holds them damaged (checksum, NaN/inf): embedded again
 
 
 def count_notes(notes: Iterable[str]) -> dict[str, int]:
@@ -300,17 +449,45 @@ def count_notes(notes: Iterable[str]) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------- writing
 
 
+def checksummed(n: int, *dims: int) -> dict:
+    """The ``create_dataset`` keywords of a numeric row dataset of ``n`` rows (and ``dims`` after them):
+    chunks of ROWS_PER_CHUNK rows (one row for an empty one), each with its Fletcher-32 checksum, growable."""
+    return {"chunks": (max(1, min(n, ROWS_PER_CHUNK)), *dims), "maxshape": (None, *dims), **CHECKSUM}
+
+
+def strings_crc(block) -> int:
+    """The CRC-32 of a chunk of strings (UTF-8, each followed by NUL) as the ``crc32`` attribute keeps it."""
+    crc = 0
+    for text in block:
+        crc = zlib.crc32(text.encode("utf-8", "surrogateescape") + b"\0", crc)
+    return crc
+
+
+def write_strings(group: h5py.Group, name: str, values, n: int | None = None) -> h5py.Dataset:
+    """A string row dataset in chunks of ROWS_PER_CHUNK rows, with the CRC-32 of each chunk in its ``crc32``
+    attribute. ``values`` None: an empty dataset of ``n`` rows, filled by the caller chunk by chunk, who
+    then sets the attribute (see :func:`strings_crc`)."""
+    n = len(values) if values is not None else n
+    chunk = max(1, min(n, ROWS_PER_CHUNK))
+    kw = {"chunks": (chunk,), "maxshape": (None,)}
+    if values is None:
+        return group.create_dataset(name, shape=(n,), dtype=STR, **kw)
+    values = np.array(list(values), dtype=object) if not isinstance(values, np.ndarray) else values
+    ds = group.create_dataset(name, data=values, shape=(n,), dtype=STR, **kw)
+    ds.attrs["crc32"] = np.array([strings_crc(values[a:a + chunk]) for a in range(0, n, chunk)], np.uint32)
+    return ds
+
+
 def _write_table(group: h5py.Group, ids: Sequence[str], embeddings: np.ndarray | None, content, dim, dtype, notes=None):
     n = len(ids)
     if embeddings is not None:
         group.create_dataset(
-            "embeddings", data=embeddings.astype(dtype, copy=False), shape=(n, dim), dtype=dtype,
-            chunks=(max(1, min(n, ROWS_PER_CHUNK)), dim) if n else None, maxshape=(None, dim),
+            "embeddings", data=embeddings.astype(dtype, copy=False), shape=(n, dim), dtype=dtype, **checksummed(n, dim),
         )
-    group.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=STR, maxshape=(None,))
-    group.create_dataset("content", data=np.array(list(content), dtype=object), dtype=STR, maxshape=(None,))
+    write_strings(group, "ids", ids)
+    write_strings(group, "content", content)
     if notes is not None:
-        group.create_dataset("notes", data=np.array(list(notes), dtype=object), dtype=STR, maxshape=(None,))
+        write_strings(group, "notes", notes)
 
 
 class _OpenFiles:
@@ -351,7 +528,10 @@ def _pick(dataset, rows: np.ndarray) -> np.ndarray:
     (a part, or a store listed in the same order), point reads where they are scattered."""
     lo, hi = int(rows[0]), int(rows[-1]) + 1
     if hi - lo <= 4 * len(rows):
-        return dataset[lo:hi][rows - lo]
+        try:
+            return dataset[lo:hi][rows - lo]
+        except (OSError, ValueError, RuntimeError):  # a damaged chunk between the rows wanted: read only theirs
+            pass
     return dataset[rows]
 
 
@@ -359,7 +539,7 @@ def write_failures(group: h5py.Group, fails: Sequence[tuple[str, str, str]]) -> 
     """The ``failures`` table: (escaped id, one-line reason, content fingerprint) per unusable sample."""
     g = group.create_group("failures")
     for col, name in enumerate(("ids", "reasons", "content")):
-        g.create_dataset(name, data=np.array([x[col] for x in fails], dtype=object), dtype=STR, maxshape=(None,))
+        write_strings(g, name, [x[col] for x in fails])
 
 
 def _fsync_path(path: Path) -> None:
@@ -512,6 +692,8 @@ class StoreWriter:
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self.rows_per_part = rows_per_part
         self.seconds_per_part = seconds_per_part
+        self.say = say
+        self._damage: dict[str, tuple[Damage, Damage]] = {}  # per source file, found by index()
         self._check_store()  # before the lock file is created: a bad store changes nothing
         self._lock = FileLock(str(self.path) + ".lock")
         try:
@@ -587,36 +769,67 @@ class StoreWriter:
                 (self.parts_dir / name).unlink(missing_ok=True)
 
     def index(self) -> StoreIndex:
-        """Rows and failures already committed, in the store and in leftover parts (latest wins)."""
+        """Rows and failures already committed, in the store and in leftover parts (latest wins).
+
+        Every row is checked on the way (chunk checksums, NaN/inf: see :class:`Damage`); damaged rows and
+        failure entries are left out, so the extraction embeds or tries those samples again, and one
+        line per damaged file names it and the rows."""
         content: dict[str, str] = {}
         failures: dict[str, tuple[str, str]] = {}
         notes = []
+        damaged_images = set()
         held: dict = {}
-        for i, entry in self._latest(self._sources(), held).items():
+        self._damage = {}
+        for i, entry in self._latest(self._sources(), held, self._damage).items():
             if entry[0] == "row":
                 content[i] = entry[3]
                 notes.append(entry[4])
+                if "damaged" in entry[4].split(","):
+                    damaged_images.add(i)
             else:
                 failures[i] = (entry[1], entry[2])
-        return StoreIndex(content, failures, count_notes(notes), held["runtimes"])
+        bad_rows = 0
+        if (version := self.old_format()) is not None:
+            self.say(f"{self.path} is in store format {version} (without chunk checksums): it is written again "
+                     f"in format {FORMAT_VERSION}, its rows reused")
+        for src, (damage, failure_damage) in self._damage.items():
+            if damage:
+                bad_rows += damage.count
+                self.say(f"{src} is damaged: {damage.describe()}; those rows are not reused but embedded again "
+                         "from the source")
+            if failure_damage:
+                self.say(f"{src} is damaged: {failure_damage.count} entries of its failures table cannot be read "
+                         f"({'; '.join(failure_damage.causes)}); those samples are tried again")
+        return StoreIndex(content, failures, count_notes(notes), held["runtimes"], damaged_images, bad_rows)
 
     @staticmethod
-    def _latest(sources: Sequence[Path], held: dict) -> dict[str, tuple]:
+    def _latest(sources: Sequence[Path], held: dict, damages: dict | None = None) -> dict[str, tuple]:
         """id -> ("row", source index, row, content, note) or ("fail", reason, content); later sources win.
-        ``held`` gets what the sources hold besides (see :func:`_read_held`), read in the same pass."""
+        ``held`` gets what the sources hold besides (see :func:`_read_held`), read in the same pass.
+        Damaged rows and failure entries are left out; ``damages`` gets (rows' Damage, failures' Damage)
+        per source path."""
         latest: dict[str, tuple] = {}
         held.update(runtimes=set(), notes=False)
         for s_idx, src in enumerate(sources):
             with h5py.File(src, "r") as f:
                 _read_held(f, held)
-                ids = strings(f["ids"])
-                notes = strings(f["notes"]) if "notes" in f else [""] * len(ids)
-                for row, (i, c, n) in enumerate(zip(ids, strings(f["content"]), notes)):
-                    latest[i] = ("row", s_idx, row, c, n)
+                damage = Damage(f["ids"].shape[0])
+                ids = read_rows(f["ids"], damage, "ids")
+                content = read_rows(f["content"], damage, "content")
+                notes = read_rows(f["notes"], damage, "notes") if "notes" in f else None
+                scan_rows(f, damage)  # the embeddings (checksums, NaN/inf), labels and splits
+                for row in range(len(ids)):
+                    if not damage.rows[row]:
+                        latest[ids[row]] = ("row", s_idx, row, content[row], "" if notes is None else notes[row])
+                failed = Damage(f["failures/ids"].shape[0] if "failures" in f else 0)
                 if "failures" in f:
                     g = f["failures"]
-                    for i, r, c in zip(strings(g["ids"]), strings(g["reasons"]), strings(g["content"])):
-                        latest[i] = ("fail", r, c)
+                    f_ids, reasons, f_content = (read_rows(g[c], failed, f"failures/{c}")
+                                                 for c in ("ids", "reasons", "content"))
+                    for k in np.flatnonzero(~failed.rows).tolist():
+                        latest[f_ids[k]] = ("fail", reasons[k], f_content[k])
+                if damages is not None:
+                    damages[str(src)] = (damage, failed)
         return latest
 
     def _locate(self, sources: Sequence[Path], ids: Sequence[str], held: dict) -> tuple:
@@ -634,7 +847,15 @@ class StoreWriter:
         for s_idx, path in enumerate(sources):
             with h5py.File(path, "r") as f:
                 _read_held(f, held)
-                for r, i in enumerate(strings(f["ids"])):
+                # rows and failure entries the index found damaged are never picked (see index)
+                damage = Damage(f["ids"].shape[0])
+                ids = read_rows(f["ids"], damage, "ids")
+                found, failed = self._damage.get(str(path), (None, None))
+                if found is not None:
+                    damage.rows |= found.rows
+                for r, i in enumerate(ids.tolist()):
+                    if damage.rows[r]:
+                        continue
                     k = pos.get(i)
                     if k is None:
                         gone[i] = True
@@ -644,7 +865,11 @@ class StoreWriter:
                         fails.pop(k, None)
                 if "failures" in f:
                     g = f["failures"]
-                    for i, reason, c in zip(strings(g["ids"]), strings(g["reasons"]), strings(g["content"])):
+                    failed = failed if failed is not None else Damage(g["ids"].shape[0])
+                    columns = [read_rows(g[c], failed, f"failures/{c}") for c in ("ids", "reasons", "content")]
+                    for j, (i, reason, c) in enumerate(zip(*columns)):
+                        if failed.rows[j]:
+                            continue
                         k = pos.get(i)
                         if k is None:
                             gone[i] = False
@@ -732,7 +957,18 @@ class StoreWriter:
         return ([self.path] if self.path.exists() else []) + self._parts()
 
     def needs_merge(self) -> bool:
-        return bool(self._ids or self._fail or self._parts())
+        """True when the store must be written again: rows or failures queued or in parts, damage found by
+        :meth:`index`, or a store in an older format (rewritten as the current one, every row reused)."""
+        damaged = any(d or fd for d, fd in self._damage.values())
+        return bool(self._ids or self._fail or self._parts() or damaged or self.old_format())
+
+    def old_format(self) -> int | None:
+        """The store's format when it is older than FORMAT_VERSION (written without checksums), else None."""
+        if not self.path.exists():
+            return None
+        with open_store(self.path) as f:
+            version = int(f.attrs.get("format_version", FORMAT_VERSION))
+        return version if version < FORMAT_VERSION else None
 
     def finish(self, ids: Sequence[str], labels: Sequence[str | None], splits: Sequence[str],
                content: Sequence[str], say=print, class_names: Sequence[str] | None = None) -> dict:
@@ -762,10 +998,10 @@ class StoreWriter:
 
         def fill(f):
             n = len(keep)
-            emb = f.create_dataset("embeddings", shape=(n, dim), dtype=dtype,
-                                   chunks=(max(1, min(n, ROWS_PER_CHUNK)), dim), maxshape=(None, dim))
+            emb = f.create_dataset("embeddings", shape=(n, dim), dtype=dtype, **checksummed(n, dim))
             names = ("ids", "content", "notes") if with_notes else ("ids", "content")
-            cols = {c: f.create_dataset(c, shape=(n,), dtype=STR, maxshape=(None,)) for c in names}
+            cols = {c: write_strings(f, c, None, n) for c in names}
+            crcs: dict[str, list[int]] = {c: [] for c in names}
             notes_counts.clear()
             for start in range(0, n, ROWS_PER_CHUNK):  # block by block: memory stays flat
                 block = keep[start:start + ROWS_PER_CHUNK]
@@ -783,20 +1019,25 @@ class StoreWriter:
                         notes[at] = _pick(h["notes"].asstr(), b_row[at])
                 stop = start + len(block)
                 emb[start:stop] = out
-                cols["ids"][start:stop] = np.array([ids[k] for k in block], dtype=object)
+                block_ids = np.array([ids[k] for k in block], dtype=object)
+                cols["ids"][start:stop] = block_ids
                 cols["content"][start:stop] = content
+                crcs["ids"].append(strings_crc(block_ids))
+                crcs["content"].append(strings_crc(content))
                 if with_notes:
                     cols["notes"][start:stop] = notes
+                    crcs["notes"].append(strings_crc(notes))
                     for note, c in count_notes(notes).items():
                         notes_counts[note] = notes_counts.get(note, 0) + c
+            for c in names:
+                cols[c].attrs["crc32"] = np.array(crcs[c], np.uint32)
             if with_notes:
                 f.attrs["notes_counts"] = json.dumps(notes_counts, sort_keys=True)
             lab = f.create_dataset("labels", data=np.array(
                 [class_index[labels[k]] if labels[k] is not None else -1 for k in keep], dtype=np.int64),
-                maxshape=(None,))
+                **checksummed(len(keep)))
             lab.attrs.create("class_names", data=np.array(class_names, dtype=object), shape=(len(class_names),), dtype=STR)
-            f.create_dataset("splits", data=np.array([splits[k] for k in keep], dtype=object), dtype=STR,
-                             maxshape=(None,))
+            write_strings(f, "splits", [splits[k] for k in keep])
             write_failures(f, [(ids[k], *fails[k]) for k in sorted(fails)])
             self._write_attrs(f, [p.name for p in parts])
             f.attrs["runtimes"] = json.dumps(sorted(runtimes))  # f32 runtimes share a store

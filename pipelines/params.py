@@ -156,6 +156,8 @@ class EngineOptions(Params):
     decoder: Literal[DECODERS] = option(DEFAULT_DECODER, "image decoding: fast, or plain (PIL and the reference transform)")
     content_hash: bool = option(False, "fingerprint files by sha256, not size+mtime")
     retry_failures: bool = option(False, "try again the files recorded as unusable")
+    allow_damaged: bool = option(False, "embed JPEGs whose data the decoder reports as damaged (counted as a note) "
+                                 "instead of recording them as failures")
     long_text: Literal[LONG_TEXT] = option(LONG_TEXT[0], "texts longer than the model's maximum length: truncate, "
                                            "or embed the mean of their chunks (fingerprinted)")
     runtime: Literal[RUNTIMES] = option(RUNTIMES[0], "what runs the forward pass (auto: OpenVINO on a CPU when it "
