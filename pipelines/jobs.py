@@ -15,7 +15,10 @@ from typing import NamedTuple
 
 from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
 from featurebank.classifiers.history import record_run
-from featurebank.classifiers.predict import classifier_for_prediction, store_options, write_predictions
+from featurebank.classifiers.persist import load_classifier
+from featurebank.classifiers.predict import (
+    classifier_for_prediction, prediction_backbone, store_options, write_predictions,
+)
 from featurebank.classifiers.report import write_report
 from featurebank.classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
 from featurebank.classifiers.train import (
@@ -108,7 +111,9 @@ def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dic
 def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     """Embed ``source`` with the classifier's backbone (reusing the store) and write a predictions CSV."""
     classifier, manifest = classifier_for_prediction(p.classifier)
-    backbone = build_backbone(manifest["backbone"])
+    # the classifier's backbone configuration (its layer too); a contradicting --backbone/--layer is one line
+    name, layer = prediction_backbone(classifier, manifest, p.backbone, p.layer)
+    backbone = build_backbone(name, layer=layer, arch=p.arch)
     if getattr(backbone, "modality", "image") == "text":  # the long-text rule and precision the store was made with
         variants = [backbone.with_options(long_text=lt, precision=pr) for lt in LONG_TEXT for pr in TEXT_PRECISIONS]
         backbone = next((b for b in variants for d in DTYPES
@@ -118,9 +123,11 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     if getattr(backbone, "modality", "image") == "text":
         found.pop("precision")  # a text backbone carries its precision itself
     options = p.engine() | found
+    # the estimator is loaded and checked against its manifest (type, classes, feature count) before any embedding
+    loaded = load_classifier(classifier, manifest["store_fingerprint"], backbone.dim)
     result = extract(p.open_source(), backbone, p.store_dir, progress=progress, say=say, **options)
     say(result.summary())
-    out = write_predictions(classifier, result.path, p.out)
+    out = write_predictions(classifier, result.path, p.out, loaded=loaded)
     say(f"predictions for {result.rows} samples -> {out}")
     return out
 

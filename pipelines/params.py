@@ -247,6 +247,12 @@ class PredictParams(EngineOptions, SourceOptions):
              "by 'run' (<out>/classifiers/logreg: its current version)", first=True)
     out: str = option("predictions.csv", "CSV file to write")
 
+    @model_validator(mode="after")
+    def _default_backbone(self):
+        # the classifier's manifest names the backbone configuration (classifiers.predict); --backbone,
+        # --layer, --precision and --dtype, when given, must agree with it, so no default is put in here
+        return self
+
 
 class RunOptions(EngineOptions, TrainOptions):
     pixel_baseline: bool = option(False, "also train logistic regression on raw pixels")
