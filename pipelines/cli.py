@@ -79,8 +79,9 @@ def is_positional(field) -> bool:
 
 def labels(models) -> dict[str, str]:
     """field name -> how an error names it: positional arguments as in the usage line (``SOURCE``); options
-    by their field name, which is also their config-file key (``batch_size``)."""
-    return {name: name.upper() if is_positional(f) else name for m in models for name, f in m.model_fields.items()}
+    by their flag (``--store``, ``--batch-size``; in a config file the key is the flag without dashes), never
+    by the internal field name (``store_dir``)."""
+    return {name: name.upper() if is_positional(f) else flag_of(name, f) for m in models for name, f in m.model_fields.items()}
 
 
 def _default_text(field) -> str:

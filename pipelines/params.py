@@ -264,7 +264,7 @@ class RunOptions(EngineOptions, TrainOptions):
     def _dask_address(cls, v: str | None) -> str | None:
         if v is None or re.match(r"^[a-z][a-z0-9+]*://\S+$", v):
             return v
-        raise ValueError(f"dask_address must be a scheduler address such as tcp://host:8786, not '{v}'")
+        raise ValueError(f"a Dask scheduler address such as tcp://host:8786, not '{v}'")
 
 
 class RunParams(RunOptions, SourceOptions):
