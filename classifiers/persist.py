@@ -236,8 +236,10 @@ def check_manifest_fields(directory: Path, manifest: dict) -> None:
 def memory_limit() -> int:
     """Bytes a classifier's arrays may take when loaded: half of the memory available now."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError):
+        import psutil
+
+        return int(psutil.virtual_memory().available) // 2  # MemAvailable: free memory plus what the page cache gives back
+    except Exception:
         return 4 << 30
 
 

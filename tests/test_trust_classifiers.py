@@ -206,3 +206,16 @@ def test_a_model_that_inflates_to_gigabytes_is_refused_from_its_declared_sizes(t
     assert "inflates from" in done.stderr and "which no trained model does" in done.stderr, done.stderr
     assert peak_mb < 256 + 200 and time.monotonic() - t < 60  # nothing was inflated
     assert not (tmp_path / "store").exists()
+
+
+def test_a_model_larger_than_the_memory_available_is_refused_before_loading(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    from featurebank.classifiers.persist import check_archive
+
+    model = LogisticRegression().fit(np.random.default_rng(0).normal(size=(20, 64)), [0, 1] * 10)
+    clf = save_classifier(model, tmp_path / "clf", classes=["a", "b"], store_fingerprint="f" * 64, backbone="b")
+    total = sum(m.file_size for m in zipfile.ZipFile(clf / "model.skops").infolist())
+    check_archive(clf / "model.skops", limit=total)  # exactly what it declares: fine
+    with pytest.raises(ClassifierError, match="once decompressed, more than the"):
+        check_archive(clf / "model.skops", limit=total - 1)
