@@ -1,7 +1,12 @@
 """Measure the probe suite on a store: the CLIP search's cost, an independent check of the CLIP
 protocol, and the out-of-core probe's accuracy gap and memory. Prints one JSON object.
 
-    python benchmarks/probes.py STORE [--budget-mb 8]
+    python benchmarks/probes.py STORE [--budget-mb 8] [--loaded [--unlimited]]
+
+``--loaded`` adds the loaded-machine case: the logreg probe's fit as ``train`` runs it (thread pools sized
+by featurebank.classifiers.threads), alone and then with two busy processes (one spinning core each) beside
+it, printed with their ratio (the goal: at most 2); ``--unlimited`` also times the loaded fit with the
+libraries' default thread pools (one thread per core), as before they were sized.
 
 The out-of-core fit runs in a child process, so its baseline (after imports) and peak are its own:
 tracemalloc's peak (Python and numpy allocations) and the RSS high-water mark minus the RSS after imports.
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -69,10 +75,62 @@ def independent_clip(Xtr, ytr, Xte, yte):
     return best, float(model.score(scaler.transform(Xte), yte)), {float(c): v for c, v in sorted(score.items())}
 
 
+BUSY = "while True: pass"
+
+
+CPU_SECONDS: list[float] = []  # the process's CPU time of each timed fit (all its threads), in order
+
+
+def timed_fit(X, y, sized: bool = True) -> tuple[float, float, object, int | None]:
+    """(wall seconds, chosen C, the fitted probe, threads used or None) of one CLIP probe fit; its CPU
+    seconds go to CPU_SECONDS."""
+    from featurebank.classifiers.probes import CLIPLogisticProbe
+    from featurebank.classifiers.threads import sized_threads
+
+    t, cpu = time.perf_counter(), time.process_time()
+    if sized:
+        with sized_threads(*X.shape) as threads:
+            probe = CLIPLogisticProbe().fit(X, y)
+    else:
+        threads = None
+        probe = CLIPLogisticProbe().fit(X, y)
+    CPU_SECONDS.append(time.process_time() - cpu)
+    return time.perf_counter() - t, float(probe.C_), probe, threads
+
+
+def loaded_machine(tr, te, unlimited: bool = False) -> dict:
+    """The logreg fit alone, then beside two busy processes; their ratio."""
+    quiet, c_quiet, probe, threads = timed_fit(tr.X, tr.y)
+    out = {"threads": threads, "quiet_seconds": quiet, "quiet_C": c_quiet, "quiet_accuracy": float(probe.score(te.X, te.y))}
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(2)]
+    try:
+        time.sleep(1.0)  # let them take their cores
+        loaded, c_loaded, probe, _ = timed_fit(tr.X, tr.y)
+        out |= {"loaded_seconds": loaded, "loaded_C": c_loaded, "loaded_accuracy": float(probe.score(te.X, te.y)),
+                "ratio": loaded / quiet}
+        if unlimited:
+            free, c_free, probe, _ = timed_fit(tr.X, tr.y, sized=False)
+            out |= {"loaded_default_threads_seconds": free, "loaded_default_threads_C": c_free,
+                    "loaded_default_threads_accuracy": float(probe.score(te.X, te.y))}
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    out["cpu_seconds"] = CPU_SECONDS[-3:] if unlimited else CPU_SECONDS[-2:]  # quiet, loaded[, default pools]
+    try:
+        out["load_average_after"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("store")
     ap.add_argument("--budget-mb", type=float, default=8.0)
+    ap.add_argument("--loaded", action="store_true", help="add the loaded-machine case (two busy processes beside the fit)")
+    ap.add_argument("--unlimited", action="store_true", help="with --loaded: also the fit with default thread pools")
+    ap.add_argument("--loaded-only", action="store_true", help="only the loaded-machine case")
     args = ap.parse_args()
     from featurebank.classifiers.probes import CLIPLogisticProbe
     from featurebank.features.store import read_features
@@ -82,6 +140,11 @@ def main() -> None:
     tr, te = lab.train, lab.test
     out = {"store": args.store, "n_train": len(tr.y), "n_test": len(te.y), "dim": int(f.X.shape[1]),
            "features_mb": f.X.nbytes / 2**20}
+    if args.loaded or args.loaded_only:
+        out["loaded_machine"] = loaded_machine(tr, te, args.unlimited)
+        if args.loaded_only:
+            print(json.dumps(out, indent=1))
+            return
     t = time.perf_counter()
     probe = CLIPLogisticProbe(measure_cold_fit=True).fit(tr.X, tr.y)
     out["clip"] = {"C": probe.C_, "accuracy": float(probe.score(te.X, te.y)), "seconds_with_cold_fit": time.perf_counter() - t,

@@ -25,6 +25,7 @@ import numpy as np
 
 from featurebank.classifiers.names import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES  # noqa: F401 - declared with the other option values
 from featurebank.classifiers.probes import CLIP_C_GRID, DEFAULT_C, CLIPLogisticProbe, WeightedKNNProbe
+from featurebank.classifiers.threads import sized_threads
 from featurebank.classifiers.train import check_trainable
 from featurebank.features.store import Features, atomic_write
 
@@ -97,6 +98,11 @@ def evaluate_fewshot(train: Features, test: Features, shots=DEFAULT_SHOTS, seeds
                      probes=FEWSHOT_PROBES, say=print) -> dict:
     """Few-shot accuracy table. ``train`` and ``test`` are the labelled rows of the two splits; the
     examples, the validation and the hyperparameters come from ``train`` only."""
+    with sized_threads(*train.X.shape):  # one thread on small stores: no oversubscription (classifiers.threads)
+        return _evaluate(train, test, shots, seeds, probes, say)
+
+
+def _evaluate(train: Features, test: Features, shots, seeds: int, probes, say) -> dict:
     rows, runs = [], []
     for probe in probes:
         for k in shots:

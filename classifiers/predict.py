@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurebank.classifiers.persist import check_store_fingerprint, load_classifier, verify_classifier
+from featurebank.classifiers.persist import ClassifierError, check_store_fingerprint, load_classifier, verify_classifier
 from featurebank.classifiers.versions import resolve_classifier
 from featurebank.features.store import DTYPES, StoreConfig, read_features
 
@@ -19,12 +19,52 @@ def classifier_for_prediction(path: str | os.PathLike) -> tuple[Path, dict]:
     return directory, verify_classifier(directory)  # a tampered file is refused before any work
 
 
+def prediction_backbone(directory: str | os.PathLike, manifest: dict, backbone: str | None = None,
+                        layer: str | None = None) -> tuple[str, str | None]:
+    """``(backbone name, layer or None)`` that reproduce the features the classifier was trained on, from
+    its manifest (``backbone_config``, else ``store_config``: classifiers saved before it was recorded).
+
+    ``backbone``/``layer``: what the user gave, if anything. Agreeing with the manifest, they change
+    nothing; contradicting it, they are a one-line ClassifierError (they were silently ignored). A
+    checkpoint backbone is recorded by its file name only: ``backbone`` gives its path (the fingerprint
+    check then confirms it is the same file)."""
+    config = manifest.get("backbone_config") or manifest.get("store_config") or {}
+    name = str(manifest.get("backbone") or config.get("backbone") or "")
+    recorded_layer = config.get("layer") or "pooled"
+    if backbone and backbone != name:
+        tv_default = backbone.startswith("tv:") and backbone.count(":") == 1 and name.startswith(backbone + ":")
+        checkpoint = name.startswith("checkpoint:") and name.split(":")[1] == os.path.basename(backbone)
+        if checkpoint:
+            name = backbone
+        elif not tv_default:
+            raise ClassifierError(f"--backbone {backbone} contradicts classifier {directory}, trained on {name} features: "
+                                  "leave --backbone out (predict uses the classifier's backbone) or give a classifier "
+                                  f"trained on {backbone}")
+    elif name.startswith("checkpoint:"):
+        raise ClassifierError(f"classifier {directory} was trained on features of the checkpoint {name.split(':')[1]}: "
+                              "give its path with --backbone (and --arch for a state_dict)")
+    if layer and layer != recorded_layer:
+        where = "its pooled output" if recorded_layer == "pooled" else f"layer {recorded_layer}"
+        raise ClassifierError(f"--layer {layer} contradicts classifier {directory}, trained on {name} features at "
+                              f"{where}: leave --layer out (predict uses the classifier's layer) or give a classifier "
+                              f"trained on layer {layer}")
+    return name, None if recorded_layer == "pooled" else recorded_layer
+
+
 def _store_config(store: str | None) -> dict:
-    """The configuration recorded in a store file, or {} when it is gone or unreadable."""
+    """The configuration recorded in a store file, or {} when it is gone, unreadable or not a regular file."""
     import json
 
     import h5py
 
+    from featurebank.data.files import UnreadableFile, check_regular
+
+    if not store:
+        return {}
+    try:
+        check_regular(store)  # h5py would wait forever on a FIFO
+    except UnreadableFile:
+        return {}
     try:
         with h5py.File(store, "r") as f:
             return json.loads(f.attrs.get("config", "{}"))
@@ -55,11 +95,17 @@ def store_options(directory: str | os.PathLike, manifest: dict, backbone) -> dic
     raise AssertionError("check_store_fingerprint raises for a fingerprint that differs")
 
 
-def write_predictions(directory: str | os.PathLike, store: str | os.PathLike, out: str | os.PathLike) -> Path:
+def write_predictions(directory: str | os.PathLike, store: str | os.PathLike, out: str | os.PathLike,
+                      loaded: tuple | None = None) -> Path:
     """Classify every row of ``store`` with the classifier in ``directory``; write ``id, predicted,
-    probability, p_<class>...`` to the CSV ``out`` (replaced atomically)."""
+    probability, p_<class>...`` to the CSV ``out`` (replaced atomically). ``loaded``: the ``(model,
+    manifest)`` :func:`load_classifier` already returned (and checked) for it."""
     features = read_features(store)
-    model, manifest = load_classifier(directory, features.fingerprint)
+    if loaded is None:
+        model, manifest = load_classifier(directory, features.fingerprint, features.X.shape[1])
+    else:
+        model, manifest = loaded
+        check_store_fingerprint(directory, manifest, features.fingerprint)
     classes = list(manifest["classes"])
     model_classes = [classes[int(c)] for c in model.classes_]
     proba = model.predict_proba(features.X) if len(features.ids) else np.zeros((0, len(model_classes)))

@@ -170,17 +170,37 @@ def run_folder(out_dir: str | os.PathLike, required: tuple[str, ...] = TRAIN_FIL
         except Timeout:
             raise RunFolderError(f"another run is still writing into {out_dir} after {lock_timeout:.0f} s; "
                                  "wait for it or use another --out") from None
+    except OSError as exc:  # (after Timeout, which is one) a read-only folder, a full disk
+        raise RunFolderError(f"cannot write into the run folder {out_dir} ({exc.strerror or exc}): give --out a "
+                             "folder you can write to, on a disk with free space") from None
     try:
         clean_leftovers(out_dir)
         roll_forward(out_dir)
         run = RunFolder(out_dir, _new_name(out_dir), required)
-        run.path.mkdir()
         try:
+            run.path.mkdir()
             yield run
             if commit:
                 run.commit()
+        except OSError as exc:  # a full disk, a read-only or vanished folder: one line naming where and what to do
+            raise RunFolderError(write_failure(out_dir, run, exc)) from None
         finally:
             if not run.committed:
                 shutil.rmtree(run.path, ignore_errors=True)
     finally:
         lock.release()
+
+
+def write_failure(out_dir: Path, run: RunFolder, exc: OSError) -> str:
+    """The one line for a run that could not be written: where, why, that nothing was kept, what to do."""
+    import errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = f"free space on the disk of {out_dir} or give another --out"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = "give --out a folder you can write to"
+    else:
+        advice = "check that folder or give another --out"
+    return (f"cannot write run {run.name} into {out_dir}: {exc.strerror or exc}{where}; nothing of it was kept "
+            f"(earlier runs are untouched): {advice}")

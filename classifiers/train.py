@@ -15,8 +15,9 @@ import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from featurebank.classifiers.outofcore import OutOfCoreLogisticProbe
-from featurebank.classifiers.persist import save_classifier
+from featurebank.classifiers.persist import backbone_config, save_classifier
 from featurebank.classifiers.probes import DEFAULT_PROBES, TrainingError, make_probe
+from featurebank.classifiers.threads import sized_threads
 from featurebank.features.store import Features, check_store, embedding_shape, open_store, read_index
 
 SHOWN_ROWS = 3000  # embeddings read for the report's map when training out of core
@@ -87,6 +88,14 @@ def warning_notes(counter: Counter) -> list[dict]:
     return [{"category": c, "message": m, "count": n} for (c, m), n in counter.most_common()]
 
 
+def _manifest_extra(probe: str, store, attrs: dict, fingerprint: str) -> dict:
+    """What a saved classifier's manifest records besides its model: the probe, the store it was trained
+    on, the store's configuration and the backbone configuration predict must reproduce."""
+    config = json.loads(attrs.get("config", "null"))
+    return {"probe": probe, "store": str(store), "store_config": config,
+            "backbone_config": backbone_config(config, fingerprint)}
+
+
 def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.PathLike | None = None,
                  say=print) -> list[ProbeResult]:
     """Fit each probe on the labelled train rows, score it on the labelled test rows, save it."""
@@ -94,6 +103,11 @@ def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.Pa
     labelled = features.y >= 0
     train = features.subset(labelled & (features.splits == "train"))
     test = features.subset(labelled & (features.splits == "test"))
+    with sized_threads(*train.X.shape):  # one thread on small stores: no oversubscription (classifiers.threads)
+        return _train_each(features, train, test, probes, out_dir, say)
+
+
+def _train_each(features: Features, train: Features, test: Features, probes, out_dir, say) -> list[ProbeResult]:
     results = []
     seen: Counter = Counter()
     for name in probes:
@@ -119,8 +133,7 @@ def train_probes(features: Features, probes=DEFAULT_PROBES, out_dir: str | os.Pa
             directory = save_classifier(
                 probe, Path(out_dir) / "classifiers" / name, classes=features.class_names,
                 store_fingerprint=features.fingerprint, backbone=str(features.attrs.get("backbone", "")),
-                metrics=metrics, extra={"probe": name, "store": str(features.path),
-                                        "store_config": json.loads(features.attrs.get("config", "null"))},
+                metrics=metrics, extra=_manifest_extra(name, features.path, features.attrs, features.fingerprint),
             )
         say(f"  {name:<10} test accuracy {metrics['accuracy']:.4f}  (fit {fit_seconds:.1f} s)")
         results.append(ProbeResult(name, metrics, cm, y_pred, directory))
@@ -139,7 +152,8 @@ def pixel_baseline(features: Features, pixels: np.ndarray, say=print) -> ProbeRe
     train = labelled & (features.splits == "train")
     test = labelled & (features.splits == "test")
     t0 = time.perf_counter()
-    model = LogisticRegression(max_iter=1000, C=0.1).fit(pixels[train], features.y[train])
+    with sized_threads(*pixels[train].shape):
+        model = LogisticRegression(max_iter=1000, C=0.1).fit(pixels[train], features.y[train])
     fit_seconds = time.perf_counter() - t0
     y_pred = model.predict(pixels[test])
     metrics, cm = evaluate(features.y[test], y_pred, len(features.class_names))
@@ -171,7 +185,8 @@ def tfidf_baseline(features: Features, texts: list[str], say=print) -> ProbeResu
     t0 = time.perf_counter()
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=200_000)
     X_train = vec.fit_transform([texts[i] for i in np.flatnonzero(train)])
-    model = LogisticRegression(max_iter=2000, C=10.0).fit(X_train, features.y[train])
+    with sized_threads(*X_train.shape):
+        model = LogisticRegression(max_iter=2000, C=10.0).fit(X_train, features.y[train])
     fit_seconds = time.perf_counter() - t0
     y_pred = model.predict(vec.transform([texts[i] for i in np.flatnonzero(test)]))
     metrics, cm = evaluate(features.y[test], y_pred, len(features.class_names))
@@ -202,7 +217,8 @@ def train_out_of_core(path: str | os.PathLike, memory_budget_mb: float, out_dir:
     test = np.flatnonzero((labels >= 0) & (splits == "test"))
     probe = OutOfCoreLogisticProbe(memory_budget_mb=memory_budget_mb)
     t0 = time.perf_counter()
-    probe.fit_store(path, train)
+    with sized_threads(len(train), embedding_shape(path)[1]):
+        probe.fit_store(path, train)
     fit_seconds = time.perf_counter() - t0
     y_pred = probe.classes_[np.argmax(probe.predict_proba_store(path, test), axis=1)]
     metrics, cm = evaluate(labels[test], y_pred, len(class_names))
@@ -213,8 +229,7 @@ def train_out_of_core(path: str | os.PathLike, memory_budget_mb: float, out_dir:
     if out_dir is not None:
         directory = save_classifier(probe, Path(out_dir) / "classifiers" / name, classes=class_names,
                                     store_fingerprint=light.fingerprint, backbone=str(attrs.get("backbone", "")),
-                                    metrics=metrics, extra={"probe": name, "store": str(path),
-                                                            "store_config": json.loads(attrs.get("config", "null"))})
+                                    metrics=metrics, extra=_manifest_extra(name, path, attrs, light.fingerprint))
     say(f"  {name:<10} test accuracy {metrics['accuracy']:.4f}  (fit {fit_seconds:.1f} s, streamed in blocks of "
         f"{probe.block_rows_} rows within {memory_budget_mb:g} MB)")
     labelled = np.flatnonzero(labels >= 0)

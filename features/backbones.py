@@ -179,6 +179,56 @@ def _torchvision(spec: str, layer: str | None) -> Backbone:
     return _finish(f"tv:{name}:{weights.name}", model, pre, file_sha256(file) if file.exists() else _state_sha256(model), layer)
 
 
+def _timm_cached_weights(cfg: dict) -> str | None:
+    """The local file holding a timm model's pretrained weights, if it is cached: the Hugging Face cache
+    (``hf_hub_id``, the file names timm tries) or torch hub's checkpoints folder (``url``)."""
+    if cfg.get("file") and Path(cfg["file"]).is_file():
+        return str(cfg["file"])
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = str(cfg["hf_hub_id"]).partition("@")
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else [
+            "model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        for filename in names:
+            try:
+                found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            except Exception:
+                found = None
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    if cfg.get("url"):
+        file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(str(cfg["url"]).split("?")[0])
+        if file.is_file():
+            return str(file)
+    return None
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds (name lookup included)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return False
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)  # a name lookup that hangs counts as unreachable
+    return bool(result and result[0])
+
+
 def _timm(name: str, layer: str | None) -> Backbone:
     import timm
 
@@ -187,10 +237,22 @@ def _timm(name: str, layer: str | None) -> Backbone:
     except Exception:
         raise BackboneError(f"timm has no model '{name}'") from None
     cfg = model.pretrained_cfg
+    where = cfg.get("hf_hub_id") or cfg.get("url") or name
+    cached = _timm_cached_weights(cfg)
+    if cached is None:  # offline, Hugging Face's client retries for about a minute before failing: ask once, briefly
+        hub = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        host = hub if cfg.get("hf_hub_id") else str(cfg.get("url") or hub)
+        if offline or not _reachable(host):
+            why = "HF_HUB_OFFLINE is set" if offline else f"{host.split('/')[2] if '//' in host else host} cannot be reached"
+            raise BackboneError(f"weights for timm:{name} ({where}) are not in the local cache and {why}: put them in "
+                                "the Hugging Face cache (HF_HOME) or connect to the internet")
     try:
-        model = timm.create_model(name, pretrained=True)
+        if cached is not None:  # loaded from the file: no request to the hub at all
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached, "source": ""})
+        else:
+            model = timm.create_model(name, pretrained=True)
     except Exception as exc:
-        where = cfg.get("hf_hub_id") or cfg.get("url") or name
         raise BackboneError(
             f"weights for timm:{name} ({where}) are not in the local cache and could not be downloaded "
             f"({type(exc).__name__}); put them in the Hugging Face cache or connect to the internet"

@@ -597,7 +597,7 @@ class Classifier:
         """The backbone configuration of the store this classifier was trained on."""
         from featurebank.pipelines import jobs
 
-        model, options = jobs.prediction_backbone(self.path, self.manifest)
+        model, options = jobs.classifier_backbone(self.path, self.manifest)
         if options.get("precision") == "int8":
             raise ValueError(f"{self.path} was trained on int8 features: predict on a folder or table, whose "
                              "store gives the calibration, not on samples in memory")
@@ -632,7 +632,7 @@ class Classifier:
             from featurebank.pipelines import jobs
 
             params = PredictParams(classifier=str(self.path), source=_path(samples), store_dir=_path(store), **options)
-            _directory, result = jobs.prediction_store(params, progress=progress, say=say)
+            _directory, result, _loaded = jobs.prediction_store(params, progress=progress, say=say)
             features = read_features(result.path)
             return self.frame(features.X, features.ids)
         if isinstance(samples, pd.DataFrame):

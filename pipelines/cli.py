@@ -82,8 +82,9 @@ def is_positional(field) -> bool:
 
 def labels(models) -> dict[str, str]:
     """field name -> how an error names it: positional arguments as in the usage line (``SOURCE``); options
-    by their field name, which is also their config-file key (``batch_size``)."""
-    return {name: name.upper() if is_positional(f) else name for m in models for name, f in m.model_fields.items()}
+    by their flag (``--store``, ``--batch-size``; in a config file the key is the flag without dashes), never
+    by the internal field name (``store_dir``)."""
+    return {name: name.upper() if is_positional(f) else flag_of(name, f) for m in models for name, f in m.model_fields.items()}
 
 
 def _default_text(field) -> str:
@@ -149,15 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_LIMIT = 1 << 20  # bytes: a config file holds a few options, not megabytes
+
+
 def read_config(path: str, models) -> dict:
     """A TOML file's values by field name; an unknown key is a one-line UsageError naming the closest one."""
     import tomllib
 
+    from featurebank.data.files import UnreadableFile, read_regular
+
+    try:  # a regular file of at most CONFIG_LIMIT bytes: a FIFO or /dev/zero is answered at once
+        raw = read_regular(path, CONFIG_LIMIT)
+    except UnreadableFile as exc:
+        raise UsageError(f"config file {exc}: give a TOML file") from None
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise UsageError(f"config file {path}: {exc.strerror or exc}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                         "TOML files are UTF-8: save it as UTF-8") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML ({exc})") from None
     keys = {}

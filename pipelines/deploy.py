@@ -8,15 +8,15 @@ Prefect Cloud) and ``PREFECT_API_URL`` pointing at it: a temporary server never 
 
 Everything is checked before the server is contacted: the schedule (``pipelines.params.ServeParams``:
 an interval above zero, or a cron expression Prefect's own parser accepts), then that a server answers at
-``PREFECT_API_URL`` (:func:`check_server`). SIGINT and SIGTERM stop ``serve`` the same way: the runner
-pauses the deployment, which makes the server delete the runs it had scheduled (a paused deployment
+``PREFECT_API_URL`` (:func:`check_server`). SIGINT and SIGTERM stop ``serve`` the same way (SIGTERM
+too when SIGINT is ignored, as in a process a script started with ``&``): the runner pauses the
+deployment, which makes the server delete the runs it had scheduled (a paused deployment
 schedules nothing); running ``serve`` again resumes the schedule.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -141,10 +141,18 @@ def serve(params: ServeParams, limit: int = 1, say=None) -> None:
     enable_heartbeats()
     ensure_crash_detection()
 
+    main_task: list = []
+
     class _Runner(Runner):
         def handle_sigterm(self, *args, **kwargs) -> None:
-            # stop as on Ctrl-C: asyncio cancels the runner, whose exit pauses the deployment
-            signal.raise_signal(signal.SIGINT)
+            # stop as on Ctrl-C: cancel the task running the runner, whose exit pauses the deployment. Not by
+            # raising SIGINT: a process started in the background by a script (`featurebank serve ... &`)
+            # inherits SIGINT ignored, and SIGTERM then did nothing
+            if main_task:
+                loop, task = main_task[0]
+                loop.call_soon_threadsafe(task.cancel)
+            else:  # not started yet
+                raise KeyboardInterrupt
 
     runner = _Runner(name=schedule.name, pause_on_shutdown=True, limit=limit)  # runs never overlap
     runner.add_flow(
@@ -155,9 +163,13 @@ def serve(params: ServeParams, limit: int = 1, say=None) -> None:
     )
     when = f"cron '{schedule.cron}'" if schedule.cron else f"every {schedule.interval:g} s"
     say(f"serving deployment 'run/{schedule.name}' ({when}) from {url}; stop with Ctrl-C or SIGTERM")
+    async def run() -> None:
+        main_task.append((asyncio.get_running_loop(), asyncio.current_task()))
+        await runner.start()
+
     try:
-        asyncio.run(runner.start())
-    except KeyboardInterrupt:
+        asyncio.run(run())
+    except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     try:
         pause_and_clear(schedule.name)

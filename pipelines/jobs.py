@@ -15,7 +15,10 @@ from typing import NamedTuple
 
 from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
 from featurebank.classifiers.history import record_run, unchanged_since
-from featurebank.classifiers.predict import classifier_for_prediction, store_options, write_predictions
+from featurebank.classifiers.persist import load_classifier
+from featurebank.classifiers.predict import (
+    classifier_for_prediction, prediction_backbone, store_options, write_predictions,
+)
 from featurebank.classifiers.report import METRIC_COLUMNS, write_report
 from featurebank.classifiers.retention import prune
 from featurebank.classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
@@ -106,10 +109,13 @@ def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dic
     return fewshot_run(read_features(p.store), run_dir, p.shots, p.seeds, p.probes, say=say)
 
 
-def prediction_backbone(classifier: Path, manifest: dict) -> tuple:
-    """The backbone a classifier was trained on and the extraction options (dtype, precision, ...) that
-    reproduce its store's configuration; refused (ClassifierError) if none does."""
-    backbone = build_backbone(manifest["backbone"])
+def classifier_backbone(classifier: Path, manifest: dict, backbone: str | None = None, layer: str | None = None,
+                        arch: str | None = None) -> tuple:
+    """The backbone a classifier was trained on (its layer too) and the extraction options (dtype,
+    precision, ...) that reproduce its store's configuration; refused (ClassifierError) if none does, or if
+    ``backbone``/``layer`` contradict it."""
+    name, layer = prediction_backbone(classifier, manifest, backbone, layer)
+    backbone = build_backbone(name, layer=layer, arch=arch)
     if getattr(backbone, "modality", "image") == "text":  # the long-text rule and precision the store was made with
         variants = [backbone.with_options(long_text=lt, precision=pr) for lt in LONG_TEXT for pr in TEXT_PRECISIONS]
         backbone = next((b for b in variants for d in DTYPES
@@ -121,20 +127,22 @@ def prediction_backbone(classifier: Path, manifest: dict) -> tuple:
     return backbone, found
 
 
-def prediction_store(p: PredictParams, progress: bool = True, say=print) -> tuple[Path, ExtractResult]:
+def prediction_store(p: PredictParams, progress: bool = True, say=print) -> tuple[Path, ExtractResult, tuple]:
     """Embed ``p.source`` with the classifier's backbone configuration (reusing the store); returns the
-    classifier's directory and the extraction."""
+    classifier's directory, the extraction and the loaded ``(model, manifest)``. The estimator is loaded and
+    checked against its manifest (type, classes, feature count) before any embedding."""
     classifier, manifest = classifier_for_prediction(p.classifier)
-    backbone, found = prediction_backbone(classifier, manifest)
+    backbone, found = classifier_backbone(classifier, manifest, p.backbone, p.layer, p.arch)
+    loaded = load_classifier(classifier, manifest["store_fingerprint"], backbone.dim)
     result = extract(p.open_source(), backbone, p.store_dir, progress=progress, say=say, **(p.engine() | found))
     say(result.summary())
-    return classifier, result
+    return classifier, result, loaded
 
 
 def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     """Embed ``source`` with the classifier's backbone (reusing the store) and write a predictions CSV."""
-    classifier, result = prediction_store(p, progress=progress, say=say)
-    out = write_predictions(classifier, result.path, p.out)
+    classifier, result, loaded = prediction_store(p, progress=progress, say=say)
+    out = write_predictions(classifier, result.path, p.out, loaded=loaded)
     say(f"predictions for {result.rows} samples -> {out}")
     return out
 

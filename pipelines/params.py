@@ -249,6 +249,12 @@ class PredictParams(EngineOptions, SourceOptions):
              "by 'run' (<out>/classifiers/logreg: its current version)", first=True)
     out: str = option("predictions.csv", "CSV file to write")
 
+    @model_validator(mode="after")
+    def _default_backbone(self):
+        # the classifier's manifest names the backbone configuration (classifiers.predict); --backbone,
+        # --layer, --precision and --dtype, when given, must agree with it, so no default is put in here
+        return self
+
 
 class RunOptions(EngineOptions, TrainOptions):
     pixel_baseline: bool = option(False, "also train logistic regression on raw pixels")
@@ -262,7 +268,7 @@ class RunOptions(EngineOptions, TrainOptions):
     def _dask_address(cls, v: str | None) -> str | None:
         if v is None or re.match(r"^[a-z][a-z0-9+]*://\S+$", v):
             return v
-        raise ValueError(f"dask_address must be a scheduler address such as tcp://host:8786, not '{v}'")
+        raise ValueError(f"a Dask scheduler address such as tcp://host:8786, not '{v}'")
 
 
 class RunParams(RunOptions, SourceOptions):

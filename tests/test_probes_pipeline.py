@@ -43,16 +43,18 @@ def test_predict_writes_probabilities_and_refuses_another_configuration(tmp_path
         assert abs(sum(p) - 1) < 1e-4 and float(r["probability"]) == pytest.approx(max(p), abs=1e-6)
     assert np.mean([r["predicted"] == r["id"].split("/")[0] for r in rows]) > 0.6  # chance: 1/3
 
-    # a probe trained on an intermediate layer's embeddings belongs to another configuration: refused
+    # a probe trained on an intermediate layer's embeddings predicts with that layer (tests/test_trust_classifiers.py);
+    # asked for another configuration, it is refused with one line
     assert main(["extract", str(folder), "--store", str(tmp_path / "store16"), "--layer", "blocks.5",
                  "--workers", "0"]) == 0
     path16 = capsys.readouterr().out.strip().splitlines()[-1]
     assert main(["train", path16, "--out", str(tmp_path / "runs16"), "--probes", "logreg"]) == 0
     capsys.readouterr()
     other = next((tmp_path / "runs16").glob("*/classifiers/logreg"))
-    assert main(["predict", str(other), str(folder), "--store", str(store), "--out", str(tmp_path / "x.csv")]) == 1
+    assert main(["predict", str(other), str(folder), "--store", str(store), "--layer", "blocks.4",
+                 "--out", str(tmp_path / "x.csv")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("featurebank: error:") and "retrain" in err and err.count("\n") == 1
+    assert err.startswith("featurebank: error:") and "contradicts classifier" in err and err.count("\n") == 1
     assert not (tmp_path / "x.csv").exists()
 
 

@@ -48,6 +48,12 @@ def cache_dir() -> Path:
     return cache_root()
 
 
+def cache_unusable(exc: OSError) -> str:
+    """Why the converted-model cache cannot be used, in a few words (the runtime falls back to torch)."""
+    return (f"the model cache {cache_dir()} cannot be used ({exc.strerror or exc}); set FEATUREBANK_CACHE_DIR "
+            "to a folder you can write")
+
+
 def _openvino():
     try:
         import openvino as ov
@@ -138,6 +144,7 @@ def float_model_path(backbone, say: Callable[[str], None] = lambda s: None) -> P
             return {**backbone_key(backbone), "kind": "float", "openvino": openvino_version(),
                     "conversion_seconds": round(time.perf_counter() - t0, 2)}
 
+        folder.parent.mkdir(parents=True, exist_ok=True)  # an unusable cache answers before any work is announced
         say(f"converting {backbone.name} to OpenVINO (once; cached in {folder.parent})")
         write_atomically(folder, write)
     return folder / "model.xml"
@@ -283,12 +290,15 @@ class OpenVINORuntime(Runtime):
         self._mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)
         self._std = np.asarray(pre.std, np.float32).reshape(1, 3, 1, 1)
         if model_path is None:
-            if precision == "int8":
-                if calibration is None:
-                    raise RuntimeUnavailable("precision int8 needs calibration samples (extract() provides them)")
-                model_path = int8_model_path(backbone, calibration, int8_key, calibration_samples, say)
-            else:
-                model_path = float_model_path(backbone, say)
+            try:
+                if precision == "int8":
+                    if calibration is None:
+                        raise RuntimeUnavailable("precision int8 needs calibration samples (extract() provides them)")
+                    model_path = int8_model_path(backbone, calibration, int8_key, calibration_samples, say)
+                else:
+                    model_path = float_model_path(backbone, say)
+            except OSError as exc:  # FEATUREBANK_CACHE_DIR names a file, a read-only folder, a full disk
+                raise RuntimeUnavailable(cache_unusable(exc)) from None
         self.model_path = Path(model_path)
         try:
             self.compiled = _compiled(str(self.model_path), self.batch, self.size, precision,

@@ -26,7 +26,7 @@ import torch
 from featurebank.features.runtime import Layout, model_bytes
 from featurebank.features.runtimes import Runtime, RuntimeUnavailable, cosines
 from featurebank.features.runtimes.openvino_runtime import (
-    cache_dir, core, openvino_version, round_robin, streams_and_requests, write_atomically,
+    cache_dir, cache_unusable, core, openvino_version, round_robin, streams_and_requests, write_atomically,
 )
 
 TEXT_PRECISIONS = ("f32", "bf16")
@@ -115,6 +115,8 @@ class OpenVINOTextRuntime(Runtime):
             self.compiled = _compiled(str(text_model_path(backbone, say)), precision)
         except RuntimeUnavailable:
             raise
+        except OSError as exc:  # FEATUREBANK_CACHE_DIR names a file, a read-only folder, a full disk
+            raise RuntimeUnavailable(cache_unusable(exc)) from None
         except Exception as exc:
             line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise RuntimeUnavailable(f"{backbone.name} does not convert to OpenVINO ({line})") from None
