@@ -269,7 +269,11 @@ def _resolve_remote(loc: str, suffixes, what: str, storage_options) -> FileSet:
     full = lambda u: u if "://" in u else f"{proto}://{u}"  # noqa: E731
     for pat in patterns:
         if any(ch in pat.split("://", 1)[1] for ch in "*?["):
-            urls += sorted(full(u) for u in fs.glob(pat))
+            try:
+                urls += sorted(full(u) for u in fs.glob(pat))
+            except (OSError, TimeoutError) as exc:  # a glob is a listing: without the server there is none
+                raise SourceError(f"cannot list {pat}: the server cannot be reached ({_first_line(exc)}); "
+                                  "nothing was changed: try again when it answers") from None
         elif not pat.lower().split("?", 1)[0].endswith(suffixes):
             urls += list_remote_folder(fs, pat, suffixes)  # a folder (for http(s): its index page's links)
         else:

@@ -248,6 +248,8 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
             samples.append(Sample(id=fname, path=f"!{i}"))
             continue
         try:
+            if not is_remote(path) and not os.path.isfile(path):  # a FIFO would block the listing forever
+                raise OSError("not a regular file")
             table = _Table(path)
         except Exception as exc:  # pyarrow raises several types for files that are not tables
             if single:
