@@ -23,6 +23,7 @@ from featurebank.features.engine import extract
 from featurebank.features.store import read_features
 
 SHARDS = "shard-{00000..00002}.tar"
+RT = "torch"  # for the tests that move the cache folder, where OpenVINO keeps its converted model
 
 
 def make_images(root: Path, per_class: int = 3) -> Path:
@@ -139,7 +140,7 @@ def test_an_unreachable_server_never_removes_rows(pets, tmp_path, monkeypatch, l
     check_source(url)  # the CLI's up-front check fetches the shards ...
     server.stop()  # ... and the server dies before the extraction
     said = []
-    first = embed(url, store, lite0, dataset="pets", say=said.append)
+    first = embed(url, store, lite0, dataset="pets", runtime=RT, say=said.append)
     assert (first.embedded, first.failed, first.removed) == (len(items), 0, 0), first.summary()
     assert sum("using the copy cached at" in s for s in said) == 3, said
     want = held(first.path)
@@ -147,7 +148,7 @@ def test_an_unreachable_server_never_removes_rows(pets, tmp_path, monkeypatch, l
 
     # down on a rerun: the cached copies, the same rows, nothing embedded or removed
     said.clear()
-    again = embed(url, store, lite0, dataset="pets", say=said.append)
+    again = embed(url, store, lite0, dataset="pets", runtime=RT, say=said.append)
     assert again.summary().startswith("up to date") and again.removed == 0
     assert held(again.path).keys() == want.keys()
 
@@ -155,7 +156,7 @@ def test_an_unreachable_server_never_removes_rows(pets, tmp_path, monkeypatch, l
     lost = url.replace(SHARDS, "shard-00001.tar")
     Path(cached_copy(lost)[0]).unlink()
     said.clear()
-    partial = embed(url, store, lite0, dataset="pets", say=said.append)
+    partial = embed(url, store, lite0, dataset="pets", runtime=RT, say=said.append)
     assert (partial.removed, partial.kept, partial.embedded) == (0, 2, 0), partial.summary()
     assert any(s.startswith("incomplete listing: shard-00001.tar") for s in said), said
     got = held(partial.path)
@@ -177,7 +178,7 @@ def test_an_unreachable_server_never_removes_rows(pets, tmp_path, monkeypatch, l
     monkeypatch.setenv("FEATUREBANK_CACHE_DIR", str(tmp_path / "cache"))
     server = server.again()
     try:
-        back = embed(url, store, lite0, dataset="pets")
+        back = embed(url, store, lite0, dataset="pets", runtime=RT)
         assert (back.embedded, back.removed, back.kept, back.failed_total) == (0, 0, 0, 0), back.summary()
         assert held(back.path).keys() == want.keys()
     finally:
@@ -245,14 +246,14 @@ def test_a_download_cut_short_is_never_cached_and_its_samples_are_accounted_for(
     url = f"http://127.0.0.1:{server.port}/shards/{SHARDS}"
     one = url.replace(SHARDS, "shard-00001.tar")
     try:
-        r = embed(url, tmp_path / "store", lite0, dataset="pets")
+        r = embed(url, tmp_path / "store", lite0, dataset="pets", runtime=RT)
         assert r.embedded == len(items) - 2 and r.failed == 1, r.summary()
         reason = failures_of(r.path)["shard-00001.tar"]
         assert f"download cut off: 3072 of the {full} bytes the server announced arrived" in reason
         assert cached_copy(one) is None
         assert not any(p.stat().st_size == 3072 for p in (tmp_path / "cache").rglob("*") if p.is_file())
         # --retry-failures fetches it again (still cut: recorded again, nothing cached)
-        again = embed(url, tmp_path / "store", lite0, dataset="pets", retry_failures=True)
+        again = embed(url, tmp_path / "store", lite0, dataset="pets", runtime=RT, retry_failures=True)
         assert again.failed == 1 and cached_copy(one) is None, again.summary()
 
         class NoSize(CutGet):  # no size anywhere (HEAD, GET, range): the tar's missing end blocks tell
@@ -266,7 +267,7 @@ def test_a_download_cut_short_is_never_cached_and_its_samples_are_accounted_for(
         assert cached_copy(one) is None
         server.stop()
         server = server.again(Quiet)  # whole again: all samples, as a clean run
-        fixed = embed(url, tmp_path / "store", lite0, dataset="pets")
+        fixed = embed(url, tmp_path / "store", lite0, dataset="pets", runtime=RT)
         assert (fixed.embedded, fixed.rows, fixed.failed_total) == (2, len(items), 0), fixed.summary()
         assert os.path.getsize(cached_copy(one)[0]) == full
     finally:
