@@ -284,7 +284,7 @@ def _resolve_remote(loc: str, suffixes, what: str, storage_options) -> FileSet:
     names = [u[len(root):].lstrip("/") for u in urls]
 
     def one(url: str):
-        """(local path, identity, error, note) of one file."""
+        """(local path, identity, error, (url, why, when fetched) when a cached copy stands in) of one file."""
         try:
             info = fs.info(url)
         except FileNotFoundError as exc:
@@ -301,8 +301,7 @@ def _resolve_remote(loc: str, suffixes, what: str, storage_options) -> FileSet:
         hit = cached_copy(url)  # the server did not give the file: the latest whole copy, if any
         if hit is not None:
             path, meta = hit
-            return path, meta["identity"], None, (f"{url}: {reason}; using the copy cached at {meta['fetched']} "
-                                                  "(a rerun when the server answers picks up any change)")
+            return path, meta["identity"], None, (url, reason, meta["fetched"])
         return "", "remote:error", f"{reason}, and no copy of it is cached", None
 
     with ThreadPoolExecutor(max_workers=min(CONCURRENT_FETCHES, len(urls))) as pool:
@@ -314,8 +313,18 @@ def _resolve_remote(loc: str, suffixes, what: str, storage_options) -> FileSet:
         first = min(errors)
         raise SourceError(f"source {loc}: none of its {len(urls)} files could be fetched ({names[first]}: "
                           f"{errors[first]}); nothing was changed: try again when the server answers")
-    notes = tuple(n for *_, n in got if n)
-    return FileSet(root, names, [g[0] for g in got], [g[1] for g in got], errors, notes)
+    return FileSet(root, names, [g[0] for g in got], [g[1] for g in got], errors, _cache_note(loc, [g[3] for g in got if g[3]]))
+
+
+def _cache_note(loc: str, used: list[tuple[str, str, str]]) -> tuple[str, ...]:
+    """One line saying which files were read from their cached copies, and why: (url, reason, fetched) each."""
+    if not used:
+        return ()
+    when = sorted(fetched for *_, fetched in used)
+    span = when[0] if when[0] == when[-1] else f"{when[0]} to {when[-1]}"
+    what = used[0][0] if len(used) == 1 else f"{len(used)} files of {loc}"
+    return (f"{what}: {used[0][1]}; using the cop{'y' if len(used) == 1 else 'ies'} cached at {span} "
+            "(a rerun when the server answers picks up any change)",)
 
 
 def remote_folder_kind(url: str) -> str | None:
