@@ -376,3 +376,30 @@ def test_a_nul_byte_in_a_path_is_a_recorded_failure(pets, tmp_path, lite0):
     assert r.embedded == 1 and set(failures_of(r.path)) == {"r\\x00s.png"}, r.summary()
     assert read_features(r.path).ids == ["p\\x00q.png"]
     assert np.isfinite(read_features(r.path).X).all()
+
+
+def test_a_run_over_an_incomplete_listing_trains_on_the_kept_rows_and_skips_the_baseline(tmp_path, lite0):
+    """The pixel baseline reads every stored row's image through the source: on an incomplete listing
+    (rows kept that it cannot see) it is skipped with a line instead of failing the run."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import write_digits_folder
+
+    from featurebank.pipelines.jobs import run_train
+    from featurebank.pipelines.params import SourceOptions, TrainParams
+
+    items, _ = folder_items(write_digits_folder(tmp_path / "digits", per_class=8))
+    shards = write_webdataset(items, tmp_path / "tars", shards=3)
+    embed(shards, tmp_path / "store", lite0)
+    (shards / "shard-00001.tar").write_bytes(b"junk" * 300)
+    r = embed(shards, tmp_path / "store", lite0)
+    assert r.kept == 8 and r.rows == len(items), r.summary()
+    said = []
+    report = run_train(TrainParams(store=str(r.path), probes=["ridge"], out_dir=str(tmp_path / "runs")),
+                       baseline_source=SourceOptions(source=str(shards)), say=said.append)
+    assert any(s.startswith("baseline skipped: 1 files of the source could not be read") for s in said), said
+    import json
+
+    metrics = json.loads(Path(report["metrics"]).read_text())
+    assert "ridge" in json.dumps(metrics) and "pixel" not in json.dumps(metrics), metrics
