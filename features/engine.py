@@ -215,6 +215,24 @@ def extract(
     return result
 
 
+def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
+    """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
+    index = read_index(path)
+    names = index.class_names
+    stored = dict(zip(index.ids, zip(index.y.tolist(), index.splits.tolist())))
+    if want_names is None:
+        want_names = sorted({lab for lab in labels if lab is not None})
+    if names != want_names:
+        return True
+    pos = {c: k for k, c in enumerate(names)}
+    for i, lab, sp in zip(ids, labels, splits):
+        if i in stored and stored[i] != (pos.get(lab, -1) if lab is not None else -1, sp):
+            return True
+    return False
+
+
+
+
 def _check_labels_kept(path: Path, source: Source, labels) -> bool:
     """Refuse (SourceError, one line naming the option) a rerun that would drop or replace the labels a
     store holds only because ``--label-column`` was left out this time; True when the store records
@@ -259,24 +277,6 @@ def _keep_unlisted(path: Path, index, ids: list, labels: list, splits: list, con
         splits.append(sp or split_of(unescape_id(i)))
         content.append(index.content[i] if i in index.content else index.failures[i][1])
     return sum(1 for i in extra if i in index.content)
-
-
-def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
-    """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
-    index = read_index(path)
-    names = index.class_names
-    stored = dict(zip(index.ids, zip(index.y.tolist(), index.splits.tolist())))
-    if want_names is None:
-        want_names = sorted({lab for lab in labels if lab is not None})
-    if names != want_names:
-        return True
-    pos = {c: k for k, c in enumerate(names)}
-    for i, lab, sp in zip(ids, labels, splits):
-        if i in stored and stored[i] != (pos.get(lab, -1) if lab is not None else -1, sp):
-            return True
-    return False
-
-
 
 
 # ------------------------------------------------------------------------------------- sample access
