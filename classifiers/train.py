@@ -36,8 +36,8 @@ def check_trainable(features: Features) -> None:
     labelled = features.y >= 0
     if not labelled.any():
         raise TrainingError(
-            f"{features.path}: no sample has a label; put images in one subfolder per class, "
-            "or give a manifest with a 'label' column"
+            f"{features.path}: no sample has a label; put the images or texts in one subfolder per class, "
+            "give a manifest with a 'label' column, or name a table's label column with --label-column"
         )
     classes = np.unique(features.y[labelled])
     if len(classes) < 2:

@@ -41,6 +41,9 @@ class UnreadableSample(ValueError):
     """A sample whose bytes cannot be read; the message is the reason recorded in the store."""
 
 
+NUL_PATH = "its path holds a NUL byte, which no file name can hold"
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     id: str  # stable id: a path relative to the source root, a struct path, a tar key (may hold surrogate escapes)
@@ -72,6 +75,8 @@ def file_fingerprint(path: str | os.PathLike, content_hash: bool = False) -> str
         st = os.stat(path)
     except OSError as exc:
         return f"missing:{exc.strerror or exc}"
+    except ValueError:  # a NUL byte in the path (from a manifest or a table): no such file can exist
+        return "missing:NUL byte in the path"
     if content_hash and stat.S_ISREG(st.st_mode):
         h = hashlib.sha256()
         try:
@@ -89,6 +94,8 @@ def read_file(path: str | os.PathLike) -> bytes:
     a FIFO would block forever)."""
     try:
         st = os.stat(path)
+    except ValueError:  # os functions refuse a path with a NUL byte
+        raise UnreadableSample(NUL_PATH) from None
     except FileNotFoundError:
         raise UnreadableSample("file not found (dangling link or removed)") from None
     except OSError as exc:
@@ -133,6 +140,14 @@ class Source:
     class_names: list[str] | None = None
     # what sharded extraction groups by (one tar or table file per shard); None: the id
     shard_key: Callable[[Sample], str] | None = None
+    # files of the source that could not be read or reached (file name -> reason): the listing is
+    # incomplete, so rows of samples it does not hold are kept, never removed (the engine's rule)
+    incomplete: dict[str, str] = field(default_factory=dict)
+    # what the person should know about the listing (a cached copy used because a server was down)
+    notes: tuple[str, ...] = ()
+    # tables: the column the labels were read from, and whether the person named it (--label-column)
+    label_column: str | None = None
+    label_column_given: bool = False
     modality: ClassVar[str] = "image"  # what the samples are: "image" here, "text" for data.text sources
 
     @property
@@ -161,9 +176,10 @@ def escape_id(sample_id: str) -> str:
     """Make an id storable as UTF-8, reversibly.
 
     File names are bytes on POSIX; Python keeps undecodable bytes as surrogate escapes, which HDF5's
-    UTF-8 strings cannot hold. Those bytes become ``\\xNN`` and a literal backslash becomes ``\\\\``.
+    UTF-8 strings cannot hold. Those bytes become ``\\xNN`` and a literal backslash becomes ``\\\\``; a
+    NUL (which HDF5's strings cannot hold either, and no file name can) becomes ``\\x00``.
     """
-    if isinstance(sample_id, str) and "\\" not in sample_id and _UTF8_FS:
+    if isinstance(sample_id, str) and "\\" not in sample_id and "\0" not in sample_id and _UTF8_FS:
         try:
             sample_id.encode("utf-8")
             return sample_id  # nothing to escape: the same string, not a copy of it per sample
@@ -175,6 +191,8 @@ def escape_id(sample_id: str) -> str:
     for ch in text:
         if ch == "\\":
             out.append("\\\\")
+        elif ch == "\0":
+            out.append("\\x00")
         elif "\udc80" <= ch <= "\udcff":
             out.append(f"\\x{ord(ch) - 0xDC00:02x}")
         else:
@@ -190,7 +208,8 @@ def unescape_id(stored: str) -> str:
             out.append("\\")
             i += 2
         elif stored[i] == "\\" and stored[i + 1 : i + 2] == "x":
-            out.append(chr(0xDC00 + int(stored[i + 2 : i + 4], 16)))
+            code = int(stored[i + 2 : i + 4], 16)  # below 0x80 only a NUL is escaped, as itself
+            out.append(chr(code) if code < 0x80 else chr(0xDC00 + code))
             i += 4
         else:
             out.append(stored[i])
@@ -204,9 +223,15 @@ def split_of(sample_id: str, test_fraction: float = TEST_FRACTION) -> str:
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
 
 
-def _image_entries(root: Path):
-    """Yield ``(relative path, label)`` of each image-like entry under ``root``, folder by folder."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+def _image_entries(root: Path, unreadable: dict[str, str] | None = None):
+    """Yield ``(relative path, label)`` of each image-like entry under ``root``, folder by folder;
+    ``unreadable`` gets the folders that could not be listed (relative path -> reason)."""
+    def onerror(exc: OSError) -> None:
+        if unreadable is not None:
+            where = os.path.relpath(exc.filename, root) if exc.filename else "."
+            unreadable[where] = f"cannot list this folder: {exc.strerror or exc}"
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = os.path.relpath(dirpath, root)
         # a directory named like an image is listed, so that it is recorded as a failure (it is also
@@ -239,11 +264,14 @@ def image_folder(root: str | os.PathLike, name: str | None = None) -> Source:
     """
     root = Path(root)
     _check_folder(root)
-    samples = [Sample(id=rel, path=os.path.join(root, rel), label=label) for rel, label in _image_entries(root)]
+    unreadable: dict[str, str] = {}
+    samples = [Sample(id=rel, path=os.path.join(root, rel), label=label)
+               for rel, label in _image_entries(root, unreadable)]
     samples.sort(key=lambda s: os.fsencode(s.id))
     if not samples:
         raise _no_images(root)
-    return Source(name=name or root.resolve().name, root=root, samples=samples)
+    # a subfolder that cannot be listed (permissions) hides its images: they are not gone
+    return Source(name=name or root.resolve().name, root=root, samples=samples, incomplete=unreadable)
 
 
 def manifest(path: str | os.PathLike, name: str | None = None) -> Source:
@@ -261,7 +289,11 @@ def manifest(path: str | os.PathLike, name: str | None = None) -> Source:
     except Exception as exc:  # pandas raises many types for unreadable tables
         raise SourceError(f"manifest {path} cannot be read as a table: {exc}") from None
     if "path" not in table.columns:
-        raise SourceError(f"manifest {path} has no 'path' column (columns: {', '.join(map(str, table.columns))})")
+        columns = ", ".join(map(str, table.columns))
+        if (text := text_like_column(table)) is not None:
+            raise SourceError(f"{path} has no 'path' column (columns: {columns}) but its column '{text}' holds "
+                              f"texts: for a table of texts give --text-column {text}; for images, a 'path' column")
+        raise SourceError(f"manifest {path} has no 'path' column (columns: {columns})")
     if table.empty:
         raise SourceError(f"manifest {path} lists no samples")
     table = table.astype(object).where(table.notna(), None)
@@ -282,6 +314,23 @@ def manifest(path: str | os.PathLike, name: str | None = None) -> Source:
         )
     ordered = sorted(samples.values(), key=lambda s: os.fsencode(s.id))
     return Source(name=name or path.stem, root=root, samples=ordered, format="manifest")
+
+
+def text_like_column(table) -> str | None:
+    """The column of ``table`` (pandas) that holds texts (prose: several words per value on average),
+    the longest such; None when none does. Used to say ``--text-column NAME`` instead of a riddle."""
+    best, best_len = None, 0.0
+    for col in table.columns:
+        if str(col) in ("path", "label", "split", "id"):
+            continue
+        values = [v for v in table[col].head(200) if isinstance(v, str) and v.strip()]
+        if not values:
+            continue
+        words = sum(len(v.split()) for v in values) / len(values)
+        length = sum(len(v) for v in values) / len(values)
+        if words >= 3 and length > best_len:
+            best, best_len = str(col), length
+    return best
 
 
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "s3a://", "gs://", "gcs://", "hf://", "az://", "abfs://")

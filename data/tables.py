@@ -20,7 +20,9 @@ from collections import Counter
 from pathlib import Path
 
 from featurebank.data.remote import FileSet, resolve
-from featurebank.data.sources import FileReader, Reader, Sample, Source, SourceError, UnreadableSample, is_remote, register_format
+from featurebank.data.sources import (
+    FileReader, Reader, Sample, Source, SourceError, UnreadableSample, escape_id, is_remote, register_format,
+)
 
 DEFAULT_LABEL_COLUMN = "label"
 PATH_COLUMNS = ("path", "image_path", "file", "filename", "file_name", "image")
@@ -189,7 +191,7 @@ class TableReader(Reader):
         if data is None and path_col is not None and (p := path_col[r].as_py()):
             if is_remote(self.files[i]) or os.path.isabs(p) or os.path.exists(os.path.join(self.bases[i], p)):
                 return FileReader().read(p if os.path.isabs(p) else os.path.join(self.bases[i], p))
-            raise UnreadableSample(f"null image bytes and its path {p} is not a file beside the table")
+            raise UnreadableSample(f"null image bytes and its path {escape_id(p)} is not a file beside the table")
         if data is None:
             raise UnreadableSample("null image (no bytes in the row)")
         if not data:
@@ -208,6 +210,24 @@ class TableReader(Reader):
         return f"{self.identities[int(i)]}:{g}:{r}"
 
 
+class PathTableReader(FileReader):
+    """A table of paths: locations are the files' paths, or ``!<file>`` for a table file that cannot be
+    opened (reading it raises the recorded reason, so that its rows are accounted for)."""
+
+    def __init__(self, identities: list[str], errors: dict[int, str]):
+        self.identities, self.errors = identities, errors
+
+    def read(self, loc: str) -> bytes:
+        if loc.startswith("!"):
+            raise UnreadableSample(self.errors[int(loc[1:])])
+        return super().read(loc)
+
+    def fingerprint(self, loc: str, content_hash: bool = False) -> str:
+        if loc.startswith("!"):
+            return self.identities[int(loc[1:])]
+        return super().fingerprint(loc, content_hash)
+
+
 def table_source(location, name: str | None = None, *, image_column: str | None = None,
                  label_column: str | None = None, storage_options: dict | None = None) -> Source:
     """A Parquet/Arrow source (see the module docstring)."""
@@ -221,13 +241,15 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
     errors = dict(files.errors)
     column = kind = None
     class_names: list[str] | None = None
-    int_labels, max_label = True, -1
+    int_labels, present = True, set()
     for i, (fname, path) in enumerate(zip(files.names, files.local)):
         where = f"table {loc if single else fname}"
         if i in errors:
             samples.append(Sample(id=fname, path=f"!{i}"))
             continue
         try:
+            if not is_remote(path) and not os.path.isfile(path):  # a FIFO would block the listing forever
+                raise OSError("not a regular file")
             table = _Table(path)
         except Exception as exc:  # pyarrow raises several types for files that are not tables
             if single:
@@ -284,7 +306,7 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
                 elif lab < 0:
                     lab = None  # HF: -1 is "no label"
                 else:
-                    max_label = max(max_label, lab)
+                    present.add(lab)
                     lab = class_names[lab] if class_names and lab < len(class_names) else str(lab)
             elif lab is not None:
                 int_labels = False
@@ -302,12 +324,12 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
             samples.append(Sample(id=sid, path=where_bytes, label=lab, split=split))
     if column is None:
         raise SourceError(f"source {loc}: no table could be opened ({'; '.join(errors.values())})")
-    if class_names is None and int_labels and max_label >= 0:
-        class_names = [str(k) for k in range(max_label + 1)]  # integer labels keep their values
-    if kind == "path":
-        reader: Reader = FileReader()
-        if errors:
-            samples = [s for s in samples if not s.path.startswith("!")]
+    if class_names is None and int_labels and present:
+        # integer labels keep their values and numeric order; the names are the labels present, never
+        # range(max + 1) (a label of 3000000 is one class, not three million)
+        class_names = [str(k) for k in sorted(present)]
+    if kind == "path":  # a table file that cannot be opened stays listed (as one sample) with its reason
+        reader: Reader = PathTableReader(files.identities, errors)
     else:
         reader = TableReader(files.local, files.identities, column, kind, [os.path.dirname(p) for p in files.local],
                              errors, files.names)
@@ -318,7 +340,9 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
         Path(files.names[0]).stem if single else Path(files.root).name)
     return Source(name=name or default_name or "table", root=files.root, samples=samples, reader=reader,
                   format="parquet", class_names=class_names,
-                  shard_key=reader.file_of if isinstance(reader, TableReader) else None)
+                  shard_key=reader.file_of if isinstance(reader, TableReader) else None,
+                  incomplete={files.names[i]: reason for i, reason in errors.items()}, notes=files.notes,
+                  label_column=label_name, label_column_given=label_column is not None)
 
 
 register_format("parquet", table_source)

@@ -80,8 +80,13 @@ class TextSource(Source):
         return decode_text(data)
 
 
-def _text_entries(root: Path):
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+def _text_entries(root: Path, unreadable: dict[str, str] | None = None):
+    def onerror(exc: OSError) -> None:  # a folder that cannot be listed hides its texts: they are not gone
+        if unreadable is not None:
+            where = os.path.relpath(exc.filename, root) if exc.filename else "."
+            unreadable[where] = f"cannot list this folder: {exc.strerror or exc}"
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = os.path.relpath(dirpath, root)
         for fname in sorted(filenames):
@@ -101,11 +106,14 @@ def text_folder(root: str | os.PathLike, name: str | None = None) -> TextSource:
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"source folder {root} does not exist or is not a folder")
-    samples = [Sample(id=rel, path=os.path.join(root, rel), label=label) for rel, label in _text_entries(root)]
+    unreadable: dict[str, str] = {}
+    samples = [Sample(id=rel, path=os.path.join(root, rel), label=label)
+               for rel, label in _text_entries(root, unreadable)]
     if not samples:
         raise SourceError(f"source folder {root} holds no .txt files: give a folder of texts, one subfolder per class")
     samples.sort(key=lambda s: os.fsencode(s.id))
-    return TextSource(name=name or root.resolve().name, root=root, samples=samples, format="text")
+    return TextSource(name=name or root.resolve().name, root=root, samples=samples, format="text",
+                      incomplete=unreadable)
 
 
 def read_table(path: Path):
@@ -134,11 +142,15 @@ def text_table(path: str | os.PathLike, name: str | None = None, text_column: st
     path = Path(path)
     table = read_table(path) if table is None else table
     text_column = text_column or DEFAULT_TEXT_COLUMN
+    label_given = label_column is not None
     label_column = label_column or DEFAULT_LABEL_COLUMN
     columns = [str(c) for c in table.columns]
     if text_column not in columns:
         raise SourceError(f"{path} has no text column '{text_column}' (columns: {', '.join(columns)}); "
                           "name it with --text-column")
+    if label_given and label_column not in columns:  # a misspelt column is not "no labels"
+        raise SourceError(f"{path} has no label column '{label_column}' (columns: {', '.join(columns)}); "
+                          "name one of them with --label-column")
     if table.empty:
         raise SourceError(f"{path} holds no rows")
     if "split" in columns:
@@ -163,7 +175,7 @@ def text_table(path: str | os.PathLike, name: str | None = None, text_column: st
         samples.append(Sample(id=sid, path=sid, label=lab, split=sp))
     samples.sort(key=lambda s: os.fsencode(s.id))
     return TextSource(name=name or path.stem, root=path.parent, samples=samples, reader=TextTableReader(texts),
-                      format="text")
+                      format="text", label_column=label_column, label_column_given=label_given)
 
 
 def is_text_table(path: Path, text_column: str | None = None) -> bool:

@@ -4,7 +4,11 @@
 Members are grouped into samples by key (the member name up to the first dot of its base name, as
 WebDataset does): ``000123.jpg``, ``000123.cls``, ``000123.json`` are one sample. The image is the
 member with a ``jpg``/``jpeg``/``png``/``webp`` extension; the label comes from ``.cls`` (an
-integer), ``.txt`` (a name) or ``.json`` (``{"label": ...}``, ``{"cls": ...}`` or a bare value).
+integer; the class names are the integers present, in numeric order), ``.txt`` (a name) or ``.json``
+(``{"label": ...}``, ``{"cls": ...}`` or a bare value).
+
+A shard that cannot be read or fetched is listed as one sample (its file name) recorded with the
+reason, and the source is marked incomplete: the rows of its samples stay in the store.
 
 Read with the standard library's ``tarfile``, headers only: listing seeks from header to header and
 reads just the small label members; a sample's location is ``<shard>:<offset>:<size>`` and reading
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -99,23 +104,38 @@ class TarReader(Reader):
         return f"{self.identities[int(i)]}:{off}:{size}"
 
 
-def _members(path: str, size: int):
+def _members(path: str, size: int, cut: list[str] | None = None):
     """Yield (name, data offset, size, truncated) for each regular member; stops (after yielding a
-    cut-off member) at the end of readable data. Raises tarfile.ReadError when it is no tar at all."""
+    cut-off member) at the end of readable data. Raises tarfile.ReadError when it is no tar at all.
+    ``cut`` gets a reason when the tar ends before its end-of-archive blocks (members after the cut,
+    if any, cannot be listed)."""
     with open(path, "rb") as raw:
         tf = tarfile.open(fileobj=raw, mode="r:")
+        end, count = 0, 0
         while True:
             try:
                 m = tf.next()
-            except (tarfile.ReadError, EOFError, OSError):  # cut off after the last whole header
+            except (tarfile.ReadError, EOFError, OSError) as exc:  # cut off after the last whole header
+                if cut is not None:
+                    cut.append(f"the tar is damaged or cut off after {count} members ({exc}): the samples after "
+                               "them cannot be listed")
                 return
             if m is None:
+                raw.seek(end)
+                if cut is not None and (len(block := raw.read(512)) < 512 or any(block)):
+                    cut.append(f"the tar ends without its end-of-archive blocks after {count} members: it was cut "
+                               "off, and the samples after them cannot be listed")
                 return
+            count += 1
+            end = m.offset_data + -(-m.size // 512) * 512  # the next header (or the end blocks) starts here
             if not m.isfile():
                 continue
             truncated = m.offset_data + m.size > size
             yield m.name, m.offset_data, m.size, truncated
             if truncated:
+                if cut is not None:
+                    cut.append(f"the tar is cut off in the middle of member {m.name}: the samples after it cannot "
+                               "be listed")
                 return
 
 
@@ -127,6 +147,7 @@ def webdataset_source(location, name: str | None = None, *, storage_options: dic
     errors: dict[str, str] = {}
     per_shard: list[dict] = []  # key -> {"image": (off, size, truncated), "label": value}
     broken: list[tuple[int, str]] = []
+    shortened: dict[str, str] = {}  # shard name -> why its listing stops before its end
     for i, path in enumerate(files.local):
         if i in files.errors:
             broken.append((i, files.errors[i]))
@@ -134,9 +155,12 @@ def webdataset_source(location, name: str | None = None, *, storage_options: dic
             continue
         groups: dict[str, dict] = {}
         try:
-            size = os.path.getsize(path)
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the listing forever
+                raise OSError("not a regular file")
+            size = st.st_size
             with open(path, "rb") as raw:
-                for mname, off, msize, truncated in _members(path, size):
+                for mname, off, msize, truncated in _members(path, size, cut := []):
                     key, ext = _split_name(mname)
                     last = ext.rsplit(".", 1)[-1]
                     g = groups.setdefault(key, {})
@@ -148,21 +172,27 @@ def webdataset_source(location, name: str | None = None, *, storage_options: dic
                     elif truncated:
                         g.setdefault("cut", ext)
         except (tarfile.ReadError, OSError) as exc:
+            why = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0] if str(exc)
+                   else type(exc).__name__)
             if single:
-                raise SourceError(f"{loc} cannot be opened as a tar: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-            broken.append((i, f"cannot open as a tar: {exc}"))
+                raise SourceError(f"{loc} cannot be opened as a tar: {why}") from None
+            broken.append((i, f"cannot open as a tar: {why}"))
             groups = {}
+        else:
+            if cut:  # what was read is listed; what the cut took cannot be, so its rows are kept
+                shortened[files.names[i]] = cut[0]
         per_shard.append(groups)
     key_count = Counter(k for groups in per_shard for k in groups)
     samples: list[Sample] = []
-    int_labels, max_label = True, -1
+    int_labels, present = True, set()
     for i, groups in enumerate(per_shard):
         shard = files.names[i]
         for key, g in groups.items():
             sid = key if key_count[key] == 1 else f"{shard}/{key}"
             lab = g.get("label")
             if isinstance(lab, int):
-                max_label = max(max_label, lab)
+                if lab >= 0:
+                    present.add(lab)
                 lab = str(lab) if lab >= 0 else None
             elif lab is not None:
                 int_labels = False
@@ -178,15 +208,22 @@ def webdataset_source(location, name: str | None = None, *, storage_options: dic
         where = f"!{i}:"
         errors[where] = reason
         samples.append(Sample(id=files.names[i], path=where))
+    if len(broken) == len(files.names) and not single:
+        i, reason = broken[0]
+        raise SourceError(f"source {loc}: none of its {len(broken)} tars could be read ({files.names[i]}: {reason}); "
+                          "nothing was changed")
     if not samples:
         raise SourceError(f"source {loc} holds no samples (tar members named <key>.jpg/.png/.webp)")
     samples.sort(key=lambda s: os.fsencode(s.id))
-    class_names = [str(k) for k in range(max_label + 1)] if int_labels and max_label >= 0 else None
+    # integer labels keep their numeric order; the names are the labels present, never range(max + 1)
+    # (a .cls of 100000000000 is one class, not a hundred billion)
+    class_names = [str(k) for k in sorted(present)] if int_labels and present else None
     reader = TarReader(files.local, files.identities, files.names, errors)
     default_name = Path(loc.rstrip("/")).name if os.path.isdir(loc) else (
         Path(files.names[0]).stem if single else (Path(files.root).name or "shards"))
     return Source(name=name or default_name, root=files.root, samples=samples, reader=reader, format="webdataset",
-                  class_names=class_names, shard_key=reader.file_of)
+                  class_names=class_names, shard_key=reader.file_of,
+                  incomplete={files.names[i]: reason for i, reason in broken} | shortened, notes=files.notes)
 
 
 register_format("webdataset", lambda location, name=None, *, storage_options=None, **_table_options:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurebank.data.sources import Source, escape_id, open_source, split_of
+from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of, unescape_id
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
 from featurebank.features.decode import DEFAULT_DECODER, Decoder
 from featurebank.features.images import is_damage
@@ -37,7 +37,9 @@ from featurebank.features.runpaths import chunks as _chunks  # noqa: F401 - the 
 from featurebank.features.runtime import AMP_OF_PRECISION, DEFAULT_AMP, Layout, cuda_precision, pick_device
 from featurebank.features.runtimes import create_runtime
 from featurebank.features.runtimes.torch_runtime import Forward, is_oom  # noqa: F401 - re-exported
-from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, read_index, store_path
+from featurebank.features.store import (
+    DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, read_index, store_path,
+)
 
 
 class ModalityError(ValueError):
@@ -53,6 +55,7 @@ class ExtractResult:
     failed: int = 0  # failures recorded by this run
     failed_total: int = 0  # failures held by the store (this run's and earlier ones)
     removed: int = 0
+    kept: int = 0  # rows kept although not listed, because files of the source could not be read
     rows: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) of this run
@@ -68,6 +71,8 @@ class ExtractResult:
             head = (f"embedded {self.embedded}, reused {self.reused}, failed {self.failed}, "
                     f"removed {self.removed} in {self.seconds:.1f} s")
         tail = f"; {self.failed_total} unusable files recorded in the store" if self.failed_total else ""
+        if self.kept:
+            tail += f"; {self.kept} rows kept that this listing could not see (files of the source unreadable)"
         if self.notes.get("truncated"):
             tail += f"; {self.notes['truncated']} texts longer than the maximum length"
         if self.notes.get("replaced"):
@@ -162,6 +167,14 @@ def extract(
     content = sample_fingerprints(source, content_hash)
     labels = [None if s.label is None else escape_id(s.label) for s in source.samples]
     splits = [s.split or split_of(s.id) for s in source.samples]
+    for note in source.notes:  # e.g. a cached copy used because its server did not answer
+        say(note)
+    if source.incomplete:
+        where, why = next(iter(source.incomplete.items()))
+        more = f" and {len(source.incomplete) - 1} more" if len(source.incomplete) > 1 else ""
+        say(f"incomplete listing: {escape_id(where)}{more} could not be read ({escape_id(why)}); the store's rows of "
+            "samples this listing cannot see are kept, not removed (a rerun that reads them decides)")
+    label_column_changed = _check_labels_kept(path, source, labels)
 
     with StoreWriter(path, config, dataset or source.name, lock_timeout=lock_timeout,
                      rows_per_part=rows_per_part, seconds_per_part=seconds_per_part, say=say) as writer:
@@ -176,6 +189,8 @@ def extract(
                 todo.append(k)
         todo = np.array(todo, np.int64)  # 8 bytes per sample to embed, not a Python int each
         result = ExtractResult(path=path, reused=reused)
+        if source.incomplete:  # rows are removed only by a listing that read every file of the source
+            result.kept = _keep_unlisted(path, index, ids, labels, splits, content)
         listed = set(ids)
         stale = any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
         del listed
@@ -193,9 +208,10 @@ def extract(
         result.failures = list(writer.added_failures)
         result.failed = len(result.failures)
         classes = [escape_id(c) for c in source.classes]
-        if (len(todo) or stale or writer.needs_merge() or not path.exists()
+        if (len(todo) or stale or writer.needs_merge() or not path.exists() or label_column_changed
                 or _labels_changed(path, ids, labels, splits, classes)):
-            counts = writer.finish(ids, labels, splits, content, class_names=classes)
+            counts = writer.finish(ids, labels, splits, content, class_names=classes,
+                                   attrs={"label_column": source.label_column})
             result.removed = counts["removed"]
             result.rows = counts["rows"]
             result.failed_total = counts["failures"]
@@ -232,6 +248,52 @@ def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
     return False
 
 
+
+
+def _check_labels_kept(path: Path, source: Source, labels) -> bool:
+    """Refuse (SourceError, one line naming the option) a rerun that would drop or replace the labels a
+    store holds only because ``--label-column`` was left out this time; True when the store records
+    another label column than this listing's (the store is then rewritten to record it)."""
+    if source.label_column is None or not path.exists():
+        return False
+    with open_store(path) as f:
+        stored = f.attrs.get("label_column")
+        stored = None if stored is None else str(stored)
+        labelled = "labels" in f and bool((f["labels"][:] >= 0).any())
+    if source.label_column_given or not labelled:
+        return stored != source.label_column
+    current = source.label_column
+    if stored is not None and stored != current:
+        raise SourceError(f"{path} holds labels read from the column '{stored}', but without --label-column this "
+                          f"source's labels are read from '{current}': give --label-column {stored} again to keep "
+                          f"them (or --label-column {current} to replace them)")
+    if stored is None and all(lab is None for lab in labels):
+        raise SourceError(f"{path} holds labels, but this source lists none from the column '{current}': give "
+                          "--label-column with the column they were read from to keep them (or --label-column "
+                          f"{current} to drop them)")
+    return stored != current
+
+
+def _keep_unlisted(path: Path, index, ids: list, labels: list, splits: list, content: list) -> int:
+    """Append to the listing (in place) the ids the store and its parts hold that it does not list, with
+    their stored labels and splits, so that the merge keeps them; returns how many rows that keeps."""
+    listed = set(ids)
+    extra = [i for i in index.content if i not in listed] + [i for i in index.failures if i not in listed]
+    if not extra:
+        return 0
+    stored: dict[str, tuple] = {}
+    if path.exists():
+        held = read_index(path)
+        names = held.class_names
+        stored = {i: (names[y] if y >= 0 else None, sp)
+                  for i, y, sp in zip(held.ids, held.y.tolist(), held.splits.tolist())}
+    for i in extra:
+        lab, sp = stored.get(i, (None, None))
+        ids.append(i)
+        labels.append(lab)
+        splits.append(sp or split_of(unescape_id(i)))
+        content.append(index.content[i] if i in index.content else index.failures[i][1])
+    return sum(1 for i in extra if i in index.content)
 
 
 # ------------------------------------------------------------------------------------- sample access

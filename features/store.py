@@ -971,14 +971,17 @@ class StoreWriter:
         return version if version < FORMAT_VERSION else None
 
     def finish(self, ids: Sequence[str], labels: Sequence[str | None], splits: Sequence[str],
-               content: Sequence[str], say=print, class_names: Sequence[str] | None = None) -> dict:
+               content: Sequence[str], say=print, class_names: Sequence[str] | None = None,
+               attrs: dict | None = None) -> dict:
         """Merge the store and its parts into a new store file that lists exactly ``ids``.
 
         ``ids``/``labels``/``splits`` describe the source as listed now (ids and labels escaped); each
         row keeps the content fingerprint it was embedded from. Rows of ids no longer listed are
         dropped; ids with neither a row nor a failure are left out (a later run embeds them).
         ``class_names``: the label names in index order when the source knows it (an HF ClassLabel,
-        integer labels); None sorts the labels as strings. Returns counts of what the new file holds.
+        integer labels); None sorts the labels as strings. ``attrs``: more attributes of the new file
+        (how the source was read, e.g. its ``label_column``; None values are left out). Returns counts of
+        what the new file holds.
         """
         self.flush()
         sources = self._sources()
@@ -1040,6 +1043,7 @@ class StoreWriter:
             write_strings(f, "splits", [splits[k] for k in keep])
             write_failures(f, [(ids[k], *fails[k]) for k in sorted(fails)])
             self._write_attrs(f, [p.name for p in parts])
+            f.attrs.update({k: v for k, v in (attrs or {}).items() if v is not None})
             f.attrs["runtimes"] = json.dumps(sorted(runtimes))  # f32 runtimes share a store
             if self.runtime or runtimes:
                 f.attrs["runtime"] = self.runtime or sorted(runtimes)[-1]

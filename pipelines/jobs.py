@@ -85,10 +85,14 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: Sour
     features = read_features(p.store)
     say(f"training on {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
-    if baseline_source and is_text_store(features):  # text: TF-IDF + logistic regression on the source's texts
-        results.append(tfidf_baseline(features, source_texts(baseline_source.open_source(), features.ids), say=say))
-    elif baseline_source:
-        pixels = pixel_features(baseline_source.open_source(), features.ids)
+    source = baseline_source.open_source() if baseline_source else None
+    if source is not None and source.incomplete:  # the store keeps rows this listing cannot read
+        say(f"baseline skipped: {len(source.incomplete)} files of the source could not be read, so the store "
+            "holds rows whose inputs this run cannot see")
+    elif source is not None and is_text_store(features):  # text: TF-IDF + logistic regression on the texts
+        results.append(tfidf_baseline(features, source_texts(source, features.ids), say=say))
+    elif source is not None:
+        pixels = pixel_features(source, features.ids)
         results.append(pixel_baseline(features, pixels, say=say))
     fewshot = None
     if p.shots:
