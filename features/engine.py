@@ -28,6 +28,7 @@ from featurebank.data.sources import Source, escape_id, open_source, split_of
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
 from featurebank.features.decode import DEFAULT_DECODER, Decoder
 from featurebank.features.images import is_damage
+from featurebank.features.names import CALIBRATION_SAMPLES
 from featurebank.features.registry import build_backbone, modality
 from featurebank.features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
     CPU_BATCH, FileDataset, chunks, collate, decode_batch, mp_context, run_in_process, run_pipelined, run_replicas,
@@ -277,8 +278,6 @@ _Paths = SampleFiles  # the old name
 
 
 # ----------------------------------------------------------------------------------------- embedding
-
-CALIBRATION_SAMPLES = 300
 
 
 class _Recorder:

@@ -76,3 +76,45 @@ class PublicNamesContract(Contract):
             for use in uses:
                 output.print_error(f"{module}:{use} is another module's private name")
             output.new_line()
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level module) of every import in a file, function-level ones included."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+class OnlyOwnerImportsContract(Contract):
+    """Only ``owner`` (a package of the project) imports the library ``library``: e.g. only the store
+    package knows HDF5. Every module of the project's folders is read (imports inside functions count);
+    tests and benchmarks are not checked (they inspect files)."""
+
+    type_name = "only_owner_imports"
+
+    library = fields.StringField()  # a top-level module name: h5py
+    owner = fields.StringField()  # a folder of the project: features/store
+
+    def check(self, graph, verbose: bool) -> ContractCheck:
+        owner = (ROOT / self.owner).resolve()
+        broken = {}
+        for folder in PACKAGE_FOLDERS:
+            for path in sorted((ROOT / folder).rglob("*.py")):
+                if path.resolve().is_relative_to(owner):
+                    continue
+                lines = [line for line, name in imports_of(path) if name == self.library]
+                if lines:
+                    broken[str(path.relative_to(ROOT))] = lines
+        return ContractCheck(kept=not broken, metadata={"broken": broken})
+
+    def render_broken_contract(self, check: ContractCheck) -> None:
+        for module, lines in check.metadata["broken"].items():
+            for line in lines:
+                output.print_error(f"{module}:{line} imports {self.library}, which only {self.owner} may import: "
+                                   "read and write stores through featurebank.features.store")
+        output.new_line()

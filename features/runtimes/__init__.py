@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from featurebank.features.names import PRECISIONS, RUNTIMES  # noqa: F401 - declared with the other option values
+from featurebank.features.names import CALIBRATION_SAMPLES, PRECISIONS, RUNTIMES  # noqa: F401 - declared with the other option values
 
 # auto's agreement check against the eager f32 module, per image, on the dataset's first images
 AGREEMENT = {"f32": 0.9999, "bf16": 0.99}
@@ -90,7 +90,7 @@ def check_precision(precision: str) -> str:
 def create_runtime(runtime: str, backbone, device: torch.device, precision: str = "f32", batch: int | None = None,
                    first_images: Callable[[], torch.Tensor | None] | None = None, say: Callable[[str], None] = print,
                    calibration: Callable[[], Iterable[torch.Tensor]] | None = None, int8_key: str = "",
-                   calibration_samples: int = 300, agreed: bool = False) -> Runtime:
+                   calibration_samples: int = CALIBRATION_SAMPLES, agreed: bool = False) -> Runtime:
     """The runtime that embeds ``backbone`` on ``device`` at ``precision``.
 
     ``auto``: OpenVINO on a CPU when it is installed, the backbone converts and (f32, bf16) it agrees

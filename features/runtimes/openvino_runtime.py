@@ -38,9 +38,9 @@ import torch
 
 from featurebank.data.cache import cache_root
 from featurebank.features.runtime import Layout, model_bytes, usable_cores
+from featurebank.features.names import CALIBRATION_SAMPLES
 from featurebank.features.runtimes import Runtime, RuntimeUnavailable
-
-CALIBRATION_SAMPLES = 300
+from featurebank.features.store import int8_recipe_data, recipe_fingerprinted
 
 
 def cache_dir() -> Path:
@@ -68,12 +68,11 @@ def openvino_version() -> str:
 
 
 def int8_recipe(samples: int = CALIBRATION_SAMPLES) -> dict:
-    """How int8 models are made; part of the store's fingerprint at precision int8."""
+    """How int8 models are made, as data (features.store.int8_recipe_data); part of the store's fingerprint at
+    precision int8."""
     from importlib.metadata import version
 
-    return {"method": "nncf.quantize (post-training, default recipe)", "nncf": version("nncf"),
-            "calibration": f"{samples} train-split samples, lowest sha256 of the id first",
-            "other_layers": "f32"}
+    return int8_recipe_data(version("nncf"), samples)
 
 
 def cpu_has_bf16() -> bool:
@@ -157,7 +156,9 @@ def int8_model_path(backbone, calibration: Callable[[], Iterable[torch.Tensor]],
 
     ov = _openvino()
     recipe = int8_recipe(samples)
-    folder = cache_dir() / "openvino" / _key(backbone, {"kind": "int8", "recipe": recipe, "calibration_set": key})
+    # keyed by the recipe's fingerprinted form: the folders cached before the recipe was data are found again
+    keyed = {"kind": "int8", "recipe": recipe_fingerprinted(recipe), "calibration_set": key}
+    folder = cache_dir() / "openvino" / _key(backbone, keyed)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):  # shards of one store calibrate once, not once each
         if not (folder / "model.xml").is_file():
