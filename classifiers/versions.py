@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from featurebank.classifiers.persist import ClassifierError, load_classifier, read_manifest
-from featurebank.features.store import Features, atomic_write
+from featurebank.data.files import atomic_write
+from featurebank.features.store import Features
 
 CURRENT = "current"
 

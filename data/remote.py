@@ -14,12 +14,12 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from featurebank.data.cache import cache_root
+from featurebank.data.files import atomic_path
 from featurebank.data.sources import (
     REMOTE_FOLDER_DETECTORS, TABLE_SUFFIXES, TAR_SUFFIXES, SourceError, file_fingerprint, is_remote,
 )
@@ -91,15 +91,9 @@ def _fetch(fs, url: str, identity: str) -> str:
     if target.exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-    try:
-        # block_size=0: one streamed GET, no range requests (servers without them work the same)
-        with os.fdopen(fd, "wb") as out, fs.open(url, "rb", block_size=0) as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # block_size=0: one streamed GET, no range requests (servers without them work the same)
+    with atomic_path(target) as tmp, open(tmp, "wb") as out, fs.open(url, "rb", block_size=0) as src:
+        shutil.copyfileobj(src, out, 1 << 20)
     return str(target)
 
 
