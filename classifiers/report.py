@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +20,6 @@ DEFAULT_RUNS_DIR = "featurebank-runs"
 TSNE_MAX_SAMPLES = 2000  # t-SNE up to this many labelled samples, PCA above
 METRIC_COLUMNS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"),
                   ("fit_seconds", "fit (s)"))
-
-
-def new_run_dir(out_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> Path:
-    """A new run folder ``<out_dir>/<timestamp>[-k]`` (its name sorts in run order)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = Path(out_dir) / stamp
-    k = 1
-    while run.exists():
-        run = Path(out_dir) / f"{stamp}-{k}"
-        k += 1
-    run.mkdir(parents=True)
-    return run
 
 
 def _confusion_plot(path: Path, best, names: list[str]) -> None:

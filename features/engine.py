@@ -31,7 +31,7 @@ from featurebank.features.images import is_damage
 from featurebank.features.names import CALIBRATION_SAMPLES
 from featurebank.features.registry import build_backbone, modality
 from featurebank.features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
-    CPU_BATCH, FileDataset, chunks, collate, decode_batch, mp_context, run_in_process, run_pipelined, run_replicas,
+    CPU_BATCH, FileDataset, collate, decode_batch, mp_context, run_in_process, run_pipelined, run_replicas,
     steady_allocator,
 )
 from featurebank.features.runpaths import chunks as _chunks  # noqa: F401 - the old name
@@ -274,7 +274,6 @@ def sample_decoder(source: Source, backbone: Backbone, mode: str = "fast", allow
     return Decoder(backbone.preprocessing, mode, reader=source.reader, allow_damaged=allow_damaged)
 
 
-_Paths = SampleFiles  # the old name
 
 
 # ----------------------------------------------------------------------------------------- embedding
