@@ -115,3 +115,38 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
     return path
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file under ``root`` and every folder (a file that cannot be opened is skipped)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in [*files, "."]:
+            try:
+                fsync_path(os.path.join(dirpath, name))
+            except OSError:
+                pass
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path`` (``.<name>.<random>.tmp``) for the caller to fill; when the
+    block ends without error its files are fsynced, it is renamed to ``path`` and the parent folder fsynced.
+    When ``path`` appeared meanwhile (another process finished first), that one is kept and this one discarded.
+    On any error the temporary folder is removed and ``path`` is as it was."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+        fsync_path(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -27,8 +27,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 
 from featurebank.data.cache import cache_root
+from featurebank.data.files import atomic_folder, atomic_write
 from featurebank.features.runtime import Layout, model_bytes, usable_cores
 from featurebank.features.names import CALIBRATION_SAMPLES
 from featurebank.features.runtimes import Runtime, RuntimeUnavailable
@@ -97,21 +96,9 @@ def _key(backbone, kind: dict) -> str:
 def write_atomically(final: Path, write: Callable[[Path], dict]) -> None:
     """``write(folder)`` into a temporary folder beside ``final``, then rename it into place; when
     another process got there first, its model is kept and this one discarded."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_folder(final) as tmp:
         meta = write(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "model.xml").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
 
 
 def convert(backbone) -> object:
