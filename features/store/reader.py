@@ -391,6 +391,27 @@ class StoreReader:
         """The label index of every row (-1: unlabelled), int64."""
         return self._file["labels"][()].astype(np.int64)
 
+    @property
+    def attrs(self) -> dict:
+        """The store's attributes as Python values (JSON ones still as text)."""
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in self._file.attrs.items()}
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self._file["labels"].attrs.get("class_names", [])]
+
+    @property
+    def has_notes(self) -> bool:
+        """Whether rows carry notes (text stores: truncated, replaced)."""
+        return "notes" in self._file
+
+    def splits(self) -> list[str]:
+        return strings(self._file["splits"])
+
+    def failure_reasons(self) -> list[str]:
+        """The one-line reason of every sample recorded as unusable."""
+        return strings(self._file["failures/reasons"])
+
     def split_mask(self, name: str, block: int = 4096) -> np.ndarray:
         """Boolean mask of the rows whose split is ``name``, read in blocks (reading a whole column of
         variable-length strings at once costs about 250 bytes a row)."""
