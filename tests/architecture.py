@@ -118,3 +118,31 @@ class OnlyOwnerImportsContract(Contract):
                 output.print_error(f"{module}:{line} imports {self.library}, which only {self.owner} may import: "
                                    "read and write stores through featurebank.features.store")
         output.new_line()
+
+
+class PackageInitCyclesContract(Contract):
+    """No import cycle through a package's ``__init__``: a module inside a package importing the package
+    itself while the package (its ``__init__``, imports inside functions included) reaches that module.
+    ``acyclic_siblings`` compares a folder's children with each other, so it never sees these."""
+
+    type_name = "no_package_init_cycles"
+
+    packages = fields.ListField(subfield=fields.StringField())  # root packages whose packages are checked
+
+    def check(self, graph, verbose: bool) -> ContractCheck:
+        broken = []
+        for root in self.packages:
+            for package in sorted({root} | graph.find_descendants(root)):
+                if not graph.find_children(package):
+                    continue
+                for module in sorted(graph.find_descendants(package)):
+                    if (graph.direct_import_exists(importer=module, imported=package)
+                            and graph.chain_exists(importer=package, imported=module)):
+                        broken.append((package, module))
+        return ContractCheck(kept=not broken, metadata={"broken": broken})
+
+    def render_broken_contract(self, check: ContractCheck) -> None:
+        for package, module in check.metadata["broken"]:
+            output.print_error(f"{module} imports its package {package}, whose __init__ imports it back: move what "
+                               f"{module} needs out of {package}/__init__.py into a module of its own")
+        output.new_line()

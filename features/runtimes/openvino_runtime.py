@@ -36,9 +36,9 @@ import torch
 
 from featurebank.data.cache import cache_root
 from featurebank.data.files import atomic_folder, atomic_write
-from featurebank.features.runtime import Layout, model_bytes, usable_cores
+from featurebank.features.runtime import Layout, usable_cores
 from featurebank.features.names import CALIBRATION_SAMPLES
-from featurebank.features.runtimes import Runtime, RuntimeUnavailable
+from featurebank.features.runtimes.base import Runtime, RuntimeUnavailable
 from featurebank.features.store import int8_recipe_data, recipe_fingerprinted
 
 
@@ -314,9 +314,6 @@ class OpenVINORuntime(Runtime):
             loader = workers
         return Layout("cpu", 0, cores, loader)
 
-    def memory_bytes(self, batch: int) -> int:
-        return model_bytes(self.backbone.model) + self.requests * self.batch * 3 * self.size * self.size * 4 * 24
-
     def pixels_of(self, x) -> np.ndarray:
         """A batch as the compiled model takes it: uint8 [B, size, size, 3]. uint8 pixels (HWC, as
         ``Decoder(pixels=True)`` makes them) pass as they are; a normalised float batch [B, 3, H, W]
@@ -332,9 +329,6 @@ class OpenVINORuntime(Runtime):
         if len(a) < self.batch:  # the static shape: pad the last batch by repeating its last image
             a = np.concatenate([a, np.repeat(a[-1:], self.batch - len(a), 0)])
         return a
-
-    def warmup(self) -> None:
-        self.embed(np.zeros((1, self.size, self.size, 3), np.uint8))
 
     def embed(self, x) -> np.ndarray:
         return next(iter(self.map([(0, x)])))[1]
