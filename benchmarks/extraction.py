@@ -51,7 +51,8 @@ from featurebank.features.backbones import (  # noqa: E402
     DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, random_weights_backbone,
 )
 from featurebank.features.decode import Decoder  # noqa: E402
-from featurebank.features.engine import FileDataset, collate, extract, mp_context, steady_allocator  # noqa: E402
+from featurebank.features.engine import extract  # noqa: E402
+from featurebank.features.runpaths import FileDataset, collate, mp_context, steady_allocator  # noqa: E402
 from featurebank.features.runtime import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the input
@@ -243,7 +244,7 @@ def reference_images(pre: Preprocessing, paths: list[str], n: int) -> list[np.nd
 
 
 def bare_forward_cuda(model, shape, batch, seconds, amp, compile_model) -> tuple[float, dict]:
-    from featurebank.features.engine import Forward
+    from featurebank.features.runtimes.torch_runtime import Forward
 
     dev = torch.device("cuda")
     model = model.to(dev).to(memory_format=torch.channels_last).eval()
@@ -733,7 +734,7 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
     report["precision"] = a.precision
     layout = choose_layout(dev, len(paths), a.batch_size or 32, a.workers, backbone.model, pre.size)
     if dev.type == "cuda" and a.batch_size is None:
-        from featurebank.features.engine import Forward
+        from featurebank.features.runtimes.torch_runtime import Forward
 
         probe = Forward(backbone.model.to(dev).to(memory_format=torch.channels_last), dev, amp_dtype, 512)
         batch = probe.probe(shape, min(512, len(paths)))

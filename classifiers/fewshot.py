@@ -27,7 +27,8 @@ from featurebank.classifiers.names import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_
 from featurebank.classifiers.probes import CLIP_C_GRID, DEFAULT_C, CLIPLogisticProbe, WeightedKNNProbe
 from featurebank.classifiers.threads import sized_threads
 from featurebank.classifiers.train import check_trainable
-from featurebank.features.store import Features, atomic_write
+from featurebank.data.files import atomic_write
+from featurebank.features.store import Features
 
 DEFAULT_KNN_K = 10
 HOLDOUT_MIN_SHOTS = 5

@@ -24,7 +24,8 @@ import numpy as np
 
 from featurebank.classifiers.runs import complete_runs
 from featurebank.classifiers.versions import plan_version
-from featurebank.features.store import Features, atomic_write, read_features
+from featurebank.data.files import atomic_path, atomic_write
+from featurebank.features.store import Features, read_features
 
 SNAPSHOT = "snapshot.npz"
 
@@ -44,15 +45,14 @@ def _row_labels(features: Features) -> list[str]:
 def write_snapshot(run_dir: str | os.PathLike, features: Features) -> Path:
     cents = centroids(features)
     path = Path(run_dir) / SNAPSHOT
-    tmp = path.with_name(f".{SNAPSHOT}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(
-        tmp, store=np.array(features.path.name if features.path else ""), ids=np.array(features.ids, dtype=str),
-        content=np.array(features.content or [], dtype=str),
-        labels=np.array(_row_labels(features), dtype=str), splits=np.array(list(features.splits), dtype=str),
-        classes=np.array(list(cents), dtype=str),
-        centroids=np.array(list(cents.values()), dtype=np.float32).reshape(len(cents), features.X.shape[1]),
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: numpy would add ".npz" to a name
+        np.savez_compressed(
+            fh, store=np.array(features.path.name if features.path else ""), ids=np.array(features.ids, dtype=str),
+            content=np.array(features.content or [], dtype=str),
+            labels=np.array(_row_labels(features), dtype=str), splits=np.array(list(features.splits), dtype=str),
+            classes=np.array(list(cents), dtype=str),
+            centroids=np.array(list(cents.values()), dtype=np.float32).reshape(len(cents), features.X.shape[1]),
+        )
     return path
 
 

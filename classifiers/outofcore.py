@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import warnings
 
-import h5py
 import numpy as np
 from scipy import optimize
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -25,7 +24,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featurebank.classifiers.probes import CLIP_C_GRID, DEFAULT_C, TrainingError, clip_search, search_start, validation_split
-from featurebank.features.store import open_store
+from featurebank.features.store import Embeddings, StoreReader
 
 LBFGS_HISTORY = 10  # scipy's default number of correction pairs
 NATIVE_BYTES = 8 << 20
@@ -36,7 +35,8 @@ class MemoryBudgetError(TrainingError):
 
 
 class _Rows:
-    """Selected rows of a 2-D array or HDF5 dataset, read in contiguous blocks of at most ``block`` rows.
+    """Selected rows of a 2-D array or a store's embeddings (features.store.Embeddings), read in contiguous
+    blocks of at most ``block`` rows.
 
     The blocks are read into buffers allocated once and reused, so a pass over the data allocates
     nothing per block (and the process's resident memory does not creep with allocator slack)."""
@@ -44,7 +44,7 @@ class _Rows:
     def __init__(self, data, rows: np.ndarray, block: int):
         self.data, self.rows, self.block = data, np.asarray(rows, np.int64), max(1, int(block))
         dim, dtype = data.shape[1], np.dtype(getattr(data, "dtype", np.float64))
-        self._raw = np.empty((self.block, dim), dtype) if isinstance(data, h5py.Dataset) else None
+        self._raw = np.empty((self.block, dim), dtype) if isinstance(data, Embeddings) else None
         self._gather = np.empty((self.block, dim), dtype)
         self._x = np.empty((self.block, dim), np.float64)
 
@@ -59,8 +59,7 @@ class _Rows:
             stop = start + int(np.searchsorted(rows[start:], lo + self.block))  # rows within [lo, lo + block)
             hi, m = rows[stop - 1] + 1, stop - start
             if self._raw is not None:  # one contiguous read of rows lo..hi straight into the buffer
-                self.data.read_direct(self._raw, np.s_[lo:hi], np.s_[0:hi - lo])
-                raw = self._raw[:hi - lo]
+                raw = self.data.read_into(self._raw, lo, hi)
             else:
                 raw = self.data[lo:hi]
             if hi - lo != m:  # gaps: keep only the selected rows
@@ -69,15 +68,6 @@ class _Rows:
             np.copyto(X, raw)
             yield positions[start:stop], X
             start = stop
-
-
-def split_mask(splits: h5py.Dataset, name: str, block: int = 4096) -> np.ndarray:
-    """Boolean mask of the rows whose split is ``name``, read in blocks (reading a whole column of
-    variable-length strings at once costs about 250 bytes a row)."""
-    out = np.zeros(len(splits), bool)
-    for lo in range(0, len(splits), block):
-        out[lo:lo + block] = [(s.decode() if isinstance(s, bytes) else s) == name for s in splits[lo:lo + block]]
-    return out
 
 
 def _budget_rows(budget_bytes: float, dim: int, itemsize: int, n_classes: int, n_rows: int) -> int:
@@ -99,7 +89,7 @@ def _budget_rows(budget_bytes: float, dim: int, itemsize: int, n_classes: int, n
 
 class OutOfCoreLogisticProbe(ClassifierMixin, BaseEstimator):
     """The CLIP-protocol logistic probe (see :class:`classifiers.probes.CLIPLogisticProbe`) with
-    bounded memory: ``fit_store`` streams an HDF5 store's ``embeddings``; ``fit`` does the same over an
+    bounded memory: ``fit_store`` streams a store's ``embeddings``; ``fit`` does the same over an
     in-memory array (useful for tests; its temporaries stay bounded). The split, grid, bisection and
     tolerances are those of the in-memory probe; classes are always fitted multinomially.
 
@@ -127,13 +117,14 @@ class OutOfCoreLogisticProbe(ClassifierMixin, BaseEstimator):
 
     def fit_store(self, path: str | os.PathLike, rows=None, dataset: str = "embeddings"):
         """Fit on rows of a store (default: the labelled rows of the train split), streaming them."""
-        with open_store(path, chunk_cache=False) as f:  # no chunk cache: HDF5 would keep whole 1024-row chunks
-            labels = f["labels"][()].astype(np.int64)
+        with StoreReader(path, chunk_cache=False) as store:  # no chunk cache: it would keep whole 1024-row chunks
+            labels = store.labels()
             if rows is None:
-                rows = np.flatnonzero((labels >= 0) & split_mask(f["splits"], "train"))
+                rows = np.flatnonzero((labels >= 0) & store.split_mask("train"))
             rows = np.sort(np.asarray(rows, np.int64))
-            self.n_features_in_ = f[dataset].shape[1]
-            return self._fit(f[dataset], rows, labels[rows])
+            data = store.rows(dataset)
+            self.n_features_in_ = data.shape[1]
+            return self._fit(data, rows, labels[rows])
 
     def _fit(self, data, rows: np.ndarray, y: np.ndarray):
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -268,8 +259,8 @@ class OutOfCoreLogisticProbe(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         rows = np.asarray(rows, np.int64)
         order = np.argsort(rows, kind="stable")
-        with open_store(path, chunk_cache=False) as f:  # no chunk cache: HDF5 would keep whole 1024-row chunks
-            proba = self._proba(_Rows(f[dataset], rows[order], self.block_rows_))
+        with StoreReader(path, chunk_cache=False) as store:  # no chunk cache: it would keep whole 1024-row chunks
+            proba = self._proba(_Rows(store.rows(dataset), rows[order], self.block_rows_))
         out = np.empty_like(proba)
         out[order] = proba
         return out

@@ -31,7 +31,7 @@ import stat
 from pathlib import Path
 
 from featurebank.data.files import UnreadableFile, check_regular, read_regular
-from featurebank.features.store import atomic_write
+from featurebank.data.files import atomic_write
 
 MODEL = "model.skops"
 LEGACY_MODEL = "model.joblib"

@@ -10,7 +10,8 @@ import numpy as np
 
 from featurebank.classifiers.persist import ClassifierError, check_store_fingerprint, load_classifier, verify_classifier
 from featurebank.classifiers.versions import resolve_classifier
-from featurebank.features.store import DTYPES, StoreConfig, read_features
+from featurebank.data.files import atomic_path
+from featurebank.features.store import DTYPES, StoreConfig, calibration_samples, read_features, recorded_config
 
 
 def classifier_for_prediction(path: str | os.PathLike) -> tuple[Path, dict]:
@@ -51,27 +52,6 @@ def prediction_backbone(directory: str | os.PathLike, manifest: dict, backbone: 
     return name, None if recorded_layer == "pooled" else recorded_layer
 
 
-def _store_config(store: str | None) -> dict:
-    """The configuration recorded in a store file, or {} when it is gone, unreadable or not a regular file."""
-    import json
-
-    import h5py
-
-    from featurebank.data.files import UnreadableFile, check_regular
-
-    if not store:
-        return {}
-    try:
-        check_regular(store)  # h5py would wait forever on a FIFO
-    except UnreadableFile:
-        return {}
-    try:
-        with h5py.File(store, "r") as f:
-            return json.loads(f.attrs.get("config", "{}"))
-    except (OSError, TypeError, ValueError):
-        return {}
-
-
 def store_options(directory: str | os.PathLike, manifest: dict, backbone) -> dict:
     """The extraction options (``dtype``, ``precision``, at int8 ``calibration_samples``) whose store
     configuration of ``backbone`` reproduces the store the classifier was trained on; none does
@@ -80,7 +60,7 @@ def store_options(directory: str | os.PathLike, manifest: dict, backbone) -> dic
     The manifest records the store's configuration (``store_config``); for classifiers saved before it
     did, the store they were trained on is read for it when it is still there, else f32, bf16 and fp16
     are tried."""
-    recorded = manifest.get("store_config") or _store_config(manifest.get("store"))
+    recorded = manifest.get("store_config") or recorded_config(manifest.get("store"))
     candidates = [("f32", None), ("bf16", None), ("fp16", None)]  # fp16: CUDA autocast
     if recorded.get("int8_recipe"):
         candidates.append(("int8", recorded["int8_recipe"]))
@@ -89,7 +69,7 @@ def store_options(directory: str | os.PathLike, manifest: dict, backbone) -> dic
             if StoreConfig.for_backbone(backbone, dtype, precision, recipe).fingerprint == manifest["store_fingerprint"]:
                 options = {"dtype": dtype, "precision": precision}
                 if recipe:
-                    options["calibration_samples"] = int(str(recipe.get("calibration", "300")).split()[0])
+                    options["calibration_samples"] = calibration_samples(recipe)  # data, or older prose
                 return options
     check_store_fingerprint(directory, manifest, StoreConfig.for_backbone(backbone).fingerprint)
     raise AssertionError("check_store_fingerprint raises for a fingerprint that differs")
@@ -111,15 +91,10 @@ def write_predictions(directory: str | os.PathLike, store: str | os.PathLike, ou
     proba = model.predict_proba(features.X) if len(features.ids) else np.zeros((0, len(model_classes)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "predicted", "probability", *[f"p_{c}" for c in model_classes]])
-            for sample_id, row in zip(features.ids, proba):
-                k = int(np.argmax(row))
-                w.writerow([sample_id, model_classes[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "predicted", "probability", *[f"p_{c}" for c in model_classes]])
+        for sample_id, row in zip(features.ids, proba):
+            k = int(np.argmax(row))
+            w.writerow([sample_id, model_classes[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])
     return out

@@ -9,29 +9,17 @@ from __future__ import annotations
 import html
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
+from featurebank.data.files import atomic_write
 from featurebank.features.store import Features
 
 DEFAULT_RUNS_DIR = "featurebank-runs"
 TSNE_MAX_SAMPLES = 2000  # t-SNE up to this many labelled samples, PCA above
 METRIC_COLUMNS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"),
                   ("fit_seconds", "fit (s)"))
-
-
-def new_run_dir(out_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> Path:
-    """A new run folder ``<out_dir>/<timestamp>[-k]`` (its name sorts in run order)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = Path(out_dir) / stamp
-    k = 1
-    while run.exists():
-        run = Path(out_dir) / f"{stamp}-{k}"
-        k += 1
-    run.mkdir(parents=True)
-    return run
 
 
 def _confusion_plot(path: Path, best, names: list[str]) -> None:
@@ -161,7 +149,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
     }
     if fewshot is not None:
         metrics["fewshot"] = fewshot["rows"]
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     per_class_md = "| class | probe | precision | recall | F1 | support |\n|---|---|---:|---:|---:|---:|\n" + "".join(
         f"| {r['class']} | {r['probe']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |\n"
@@ -187,7 +175,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         f"## Plots\n\n![confusion matrix of {best.name}]({plots['confusion_matrix']})\n\n"
         f"![embedding map ({plots['map_method']})]({plots['embedding_map']})\n"
     )
-    (run_dir / "report.md").write_text(md)
+    atomic_write(run_dir / "report.md", md)
 
     summary_html = _html_table(
         ["probe", *[label for _, label in METRIC_COLUMNS], "chosen"],
@@ -203,7 +191,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
             ["probe", "shots", "accuracy (mean ± 95% CI)", "seeds", "validation"],
             [[r["probe"], r["shots"], f"{100 * r['mean_accuracy']:.2f} ± {100 * r['ci95']:.2f}", r["seeds"], r["validation"]]
              for r in fewshot["rows"]])
-    (run_dir / "report.html").write_text(
+    atomic_write(run_dir / "report.html",
         "<!doctype html><html><head><meta charset='utf-8'><title>featurebank report</title>"
         "<style>body{font-family:sans-serif;max-width:64em;margin:2em auto}td,th{padding:.2em .8em;text-align:right}"
         "td:first-child,td:nth-child(2){text-align:left}table{border-collapse:collapse}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from featurebank.classifiers.runs import complete_runs
 from featurebank.classifiers.versions import current_version, versions
-from featurebank.features.store import atomic_write
+from featurebank.data.files import atomic_write
 
 
 def prune(out_dir: str | os.PathLike, keep: int) -> dict[str, list[str]]:

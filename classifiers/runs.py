@@ -27,6 +27,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from featurebank.data.files import fsync_path, fsync_tree
+
 LOCK = ".featurebank-runs.lock"
 TRAIN_FILES = ("metrics.json", "report.md", "report.html")
 RUN_FILES = TRAIN_FILES + ("snapshot.npz", "delta.json", "delta.md")
@@ -111,27 +113,12 @@ class RunFolder:
         missing = [f for f in self.required if not (self.path / f).is_file()]
         if missing:
             raise RunFolderError(f"run {self.name} is incomplete (no {', '.join(missing)}); nothing was committed")
-        _fsync_tree(self.path)
+        fsync_tree(self.path)
         os.replace(self.path, self.final)
+        fsync_path(self.out_dir)
         self.committed = True
         roll_forward(self.out_dir)
         return self.final
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush a run's files to disk before the renaming makes them a run (a power cut keeps them or nothing)."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
 
 
 def _stderr(message: str) -> None:

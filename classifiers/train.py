@@ -18,7 +18,7 @@ from featurebank.classifiers.outofcore import OutOfCoreLogisticProbe
 from featurebank.classifiers.persist import backbone_config, save_classifier
 from featurebank.classifiers.probes import DEFAULT_PROBES, TrainingError, make_probe
 from featurebank.classifiers.threads import sized_threads
-from featurebank.features.store import Features, check_store, embedding_shape, open_store, read_index
+from featurebank.features.store import Features, StoreReader, check_store, embedding_shape, read_index
 
 SHOWN_ROWS = 3000  # embeddings read for the report's map when training out of core
 
@@ -234,8 +234,8 @@ def train_out_of_core(path: str | os.PathLike, memory_budget_mb: float, out_dir:
         f"{probe.block_rows_} rows within {memory_budget_mb:g} MB)")
     labelled = np.flatnonzero(labels >= 0)
     pick = np.sort(np.random.default_rng(0).permutation(labelled)[:SHOWN_ROWS])
-    with open_store(path) as f:
-        sample = f["embeddings"][pick].astype(np.float32)  # h5py reads sorted unique indices directly
+    with StoreReader(path) as store:
+        sample = store.embedding_rows(pick)  # sorted distinct rows, read directly
     shown = Features(sample, labels[pick], [ids[i] for i in pick], class_names, splits[pick], light.fingerprint,
                      Path(path), attrs)
     counts = {"n_train": int(len(train)), "n_test": int(len(test))}

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from featurebank.classifiers.persist import ClassifierError, load_classifier, read_manifest
-from featurebank.features.store import Features, atomic_write
+from featurebank.data.files import atomic_folder, atomic_write
+from featurebank.features.store import Features
 
 CURRENT = "current"
 
@@ -80,8 +81,6 @@ def add_version(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike,
     version = version or next_version(probe_dir)
     if (probe_dir / version / "manifest.json").is_file():
         return version
-    tmp = probe_dir / f".{version}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
 
     def link_or_copy(src, dst):
         try:
@@ -89,8 +88,8 @@ def add_version(probe_dir: str | os.PathLike, classifier_dir: str | os.PathLike,
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(classifier_dir, tmp, copy_function=link_or_copy)
-    os.replace(tmp, probe_dir / version)
+    with atomic_folder(probe_dir / version) as tmp:
+        shutil.copytree(classifier_dir, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
     return version
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from featurebank.data.files import atomic_path, atomic_write
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 DEMOS = ("mnist5k", "digits", "fashion-mnist", "bbc-news")
@@ -43,10 +45,9 @@ def _write_folder(root: Path, images: Iterable[np.ndarray], labels: Iterable[str
         d.mkdir(parents=True, exist_ok=True)
         target = d / f"{name}.png"
         if not target.exists():
-            tmp = d / f".{name}.png.tmp"
-            Image.fromarray(img).save(tmp, format="PNG")
-            os.replace(tmp, target)
-    marker.write_text("ok\n")
+            with atomic_path(target) as tmp:
+                Image.fromarray(img).save(tmp, format="PNG")
+    atomic_write(marker, "ok\n")
     return root
 
 
@@ -127,9 +128,8 @@ def write_parquet(items, class_names: list[str], target: Path, files: int = 1, r
         chunk = items[k * per:(k + 1) * per]
         table = pa.table({"image": [{"bytes": b, "path": p} for p, b, _ in chunk], "label": [lab for *_, lab in chunk]},
                          schema=schema)
-        tmp = target / f".data-{k:05d}.tmp"
-        pq.write_table(table, tmp, row_group_size=row_group_size)
-        os.replace(tmp, target / f"data-{k:05d}-of-{files:05d}.parquet")
+        with atomic_path(target / f"data-{k:05d}-of-{files:05d}.parquet") as tmp:
+            pq.write_table(table, tmp, row_group_size=row_group_size)
     return target
 
 
@@ -142,15 +142,13 @@ def write_webdataset(items, target: Path, shards: int = 1) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     per = -(-len(items) // shards)
     for k in range(shards):
-        tmp = target / f".shard-{k:05d}.tmp"
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+        with atomic_path(target / f"shard-{k:05d}.tar") as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
             for j, (p, data, lab) in enumerate(items[k * per:(k + 1) * per], k * per):
                 ext = os.path.splitext(p)[1].lstrip(".").lower() or "png"
                 for name, payload in ((f"{j:06d}.{ext}", data), (f"{j:06d}.cls", str(lab).encode())):
                     info = tarfile.TarInfo(name)
                     info.size, info.mtime = len(payload), 0
                     tf.addfile(info, io.BytesIO(payload))
-        os.replace(tmp, target / f"shard-{k:05d}.tar")
     return target
 
 
@@ -170,7 +168,7 @@ def convert(folder: Path, format: str) -> Path:
     else:
         # webdataset labels are class indices; the class names are the folder names, in order
         write_webdataset(items, target, shards=n_files)
-    (target / ".complete").write_text("ok\n")
+    atomic_write(target / ".complete", "ok\n")
     return target
 
 
@@ -193,10 +191,9 @@ def bbc_news(data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> Path:
         for f in sorted(topic.glob("*.txt")):
             target = root / topic.name / f.name
             if not target.exists():
-                tmp = target.with_name(f".{f.name}.tmp")
-                shutil.copyfile(f, tmp)
-                os.replace(tmp, target)
-    (root / ".complete").write_text("ok\n")
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(f, tmp)
+    atomic_write(root / ".complete", "ok\n")
     return root
 
 

@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featurebank.data.cache import atomic_bytes, atomic_file, cache_root
+from featurebank.data.cache import cache_root
+from featurebank.data.files import atomic_path, atomic_write
 from featurebank.data.sources import (
     REMOTE_FOLDER_DETECTORS, TABLE_SUFFIXES, TAR_SUFFIXES, SourceError, file_fingerprint, is_remote,
 )
@@ -173,7 +174,8 @@ def _fetch(fs, url: str, info: dict, storage_options: dict | None = None) -> tup
     base = os.path.basename(url.split("?", 1)[0])[-80:]
     target = _url_dir(url) / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}-{base}"
     got, tail = 0, b""
-    with atomic_file(target) as out:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
         # block_size=0: one streamed GET, no range requests (servers without them work the same)
         with fs.open(url, "rb", block_size=0) as src:
             while chunk := src.read(1 << 20):
@@ -185,7 +187,7 @@ def _fetch(fs, url: str, info: dict, storage_options: dict | None = None) -> tup
         if expected is None and not _ends_like_its_format(base, tail):
             raise FetchError(f"download cut off: {got} bytes arrived (the server announced no size) and they do not "
                              "end the way the file's format ends")
-    atomic_bytes(target.with_name(target.name + ".json"), json.dumps(
+    atomic_write(target.with_name(target.name + ".json"), json.dumps(
         {"url": url, "identity": identity, "size": got, "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
     return str(target), identity
 

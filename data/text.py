@@ -24,7 +24,6 @@ from typing import ClassVar
 from featurebank.data.sources import Reader, Sample, Source, SourceError, UnreadableSample, has_images, is_remote, register_format
 
 TEXT_EXTENSIONS = frozenset({".txt"})
-TABLE_EXTENSIONS = frozenset({".csv", ".parquet", ".jsonl", ".ndjson"})
 DEFAULT_TEXT_COLUMN = "text"
 DEFAULT_LABEL_COLUMN = "label"
 

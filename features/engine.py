@@ -28,15 +28,11 @@ from featurebank.data.sources import Source, SourceError, escape_id, open_source
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
 from featurebank.features.decode import DEFAULT_DECODER, Decoder
 from featurebank.features.images import is_damage
+from featurebank.features.names import CALIBRATION_SAMPLES
 from featurebank.features.registry import build_backbone, modality
-from featurebank.features.runpaths import (  # noqa: F401 - re-exported for the benchmark and older callers
-    CPU_BATCH, FileDataset, chunks, collate, decode_batch, mp_context, run_in_process, run_pipelined, run_replicas,
-    steady_allocator,
-)
-from featurebank.features.runpaths import chunks as _chunks  # noqa: F401 - the old name
+from featurebank.features.runpaths import CPU_BATCH, decode_batch, run_in_process, run_pipelined, run_replicas
 from featurebank.features.runtime import AMP_OF_PRECISION, DEFAULT_AMP, Layout, cuda_precision, pick_device
 from featurebank.features.runtimes import create_runtime
-from featurebank.features.runtimes.torch_runtime import Forward, is_oom  # noqa: F401 - re-exported
 from featurebank.features.store import (
     DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, read_index, store_path,
 )
@@ -335,12 +331,9 @@ def sample_decoder(source: Source, backbone: Backbone, mode: str = "fast", allow
     return Decoder(backbone.preprocessing, mode, reader=source.reader, allow_damaged=allow_damaged)
 
 
-_Paths = SampleFiles  # the old name
 
 
 # ----------------------------------------------------------------------------------------- embedding
-
-CALIBRATION_SAMPLES = 300
 
 
 class _Recorder:

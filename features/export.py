@@ -11,9 +11,9 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 
-from featurebank.features.store import ROWS_PER_CHUNK, StoreError, check_store, open_store, read_index
+from featurebank.data.files import atomic_path
+from featurebank.features.store import StoreError, StoreReader, check_store, read_index
 
 EXPORT_FORMATS = ("parquet",)
 
@@ -27,33 +27,26 @@ def export_parquet(store: str | os.PathLike, out: str | os.PathLike | None = Non
 
     store = Path(store)
     out = Path(out) if out is not None else store.with_suffix(".parquet")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     index = read_index(store)
     check_store(store)  # damaged rows (checksums, NaN/inf) are refused in one line, not exported
     names, ids, labels, splits = index.class_names, index.ids, index.y, index.splits.tolist()
     meta = {"class_names": names, "fingerprint": index.fingerprint, "backbone": str(index.attrs.get("backbone", "")),
             "store": store.name}
-    with open_store(store) as f:
-        emb = f["embeddings"]
-        n, dim = emb.shape
+    with StoreReader(store) as reader:
+        n, dim = reader.embeddings.shape
         schema = pa.schema([("id", pa.string()), ("label", pa.string()), ("label_index", pa.int64()),
                             ("split", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
                            metadata={b"featurebank": json.dumps(meta).encode()})
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with pq.ParquetWriter(tmp, schema) as w:
-                for a in range(0, n, ROWS_PER_CHUNK):
-                    b = min(n, a + ROWS_PER_CHUNK)
-                    x = np.ascontiguousarray(emb[a:b], dtype=np.float32)
+            with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as w:
+                for a, x in reader.blocks():
+                    b = a + len(x)
                     vec = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)
                     y = labels[a:b]
                     w.write_table(pa.table({
                         "id": ids[a:b], "label": [names[v] if v >= 0 else None for v in y.tolist()],
                         "label_index": y, "split": splits[a:b], "embedding": vec}, schema=schema))
-            os.replace(tmp, out)
         except OSError as exc:
             raise StoreError(f"cannot write {out} ({exc.strerror or exc})") from None
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     return out

@@ -167,13 +167,6 @@ def jpeg_pixels(data: bytes, min_size: int | None = None, allow_damaged: bool = 
     return orient(pixels, jpeg_orientation(data)), damage
 
 
-def content_fingerprint(path: str | os.PathLike, content_hash: bool = False) -> str:
-    """A local file's fingerprint (kept for callers of the old engine; sources fingerprint their own samples)."""
-    from featurebank.data.sources import file_fingerprint
-
-    return file_fingerprint(path, content_hash)
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurebank.features.store import StoreError, open_store, strings
+from featurebank.features.store import StoreError, StoreReader
 
 MAX_DEPTH = 3  # DIR/, DIR/featurebank-store/, DIR/project/featurebank-store/
 
@@ -35,10 +35,10 @@ def find_stores(root: str | os.PathLike, max_depth: int = MAX_DEPTH) -> list[Pat
     return sorted(found)
 
 
-def _modality(f, attrs: dict) -> str:
+def _modality(store: StoreReader, attrs: dict) -> str:
     if attrs.get("modality"):
         return str(attrs["modality"])
-    return "text" if "notes" in f or "tokenizer" in str(attrs.get("preprocessing", "")) else "image"
+    return "text" if store.has_notes or "tokenizer" in str(attrs.get("preprocessing", "")) else "image"
 
 
 def store_info(path: str | os.PathLike) -> dict:
@@ -46,16 +46,17 @@ def store_info(path: str | os.PathLike) -> dict:
     layer, precision, runtime, rows, labelled rows, failures, classes, splits, size, last update, its
     configuration and library versions. Raises StoreError (one line) for a file that is not a readable store."""
     path = Path(path)
-    with open_store(path) as f:
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-        labels = f["labels"][()]
-        class_names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
-        splits = strings(f["splits"])
-        n, dim = f["embeddings"].shape
-        failures = int(f["failures/ids"].shape[0])
-        modality = _modality(f, attrs)
+    with StoreReader(path) as store:
+        attrs = store.attrs
+        labels = store.labels()
+        class_names = store.class_names
+        splits = store.splits()
+        n, dim = store.embeddings.shape
+        failure_reasons = store.failure_reasons()
+        failures = len(failure_reasons)
+        modality = _modality(store, attrs)
         reasons: dict[str, int] = {}
-        for r in strings(f["failures/reasons"]):
+        for r in failure_reasons:
             reasons[r] = reasons.get(r, 0) + 1
     stat = path.stat()
     per_class = np.bincount(labels[labels >= 0], minlength=len(class_names)) if len(class_names) else np.zeros(0, int)

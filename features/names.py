@@ -11,3 +11,4 @@ DEFAULT_AMP = AMP_MODES[0]
 RUNTIMES = ("auto", "torch", "openvino")  # features.runtimes
 PRECISIONS = ("f32", "bf16", "int8")
 LONG_TEXT = ("truncate", "mean")  # features.text: what a text longer than the maximum length becomes
+CALIBRATION_SAMPLES = 300  # int8: the train-split samples NNCF calibrates on, unless told otherwise

@@ -27,11 +27,6 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
 
-def say(message: str) -> None:
-    """A message for the person at the console (stderr)."""
-    print(message, file=sys.stderr)
-
-
 @contextlib.contextmanager
 def to_stderr() -> Iterator[None]:
     """Send whatever is printed to stdout inside the block to stderr instead."""

@@ -28,8 +28,8 @@ from featurebank.classifiers.train import (
 from featurebank.features.registry import build_backbone
 from featurebank.features.engine import ExtractResult, extract
 from featurebank.features.pixels import pixel_features
-from featurebank.features.shards import extract_shard, join_shards, plan_shards
-from featurebank.features.store import DTYPES, StoreConfig, read_features
+from featurebank.features.shards import extract_shard, plan_shards
+from featurebank.features.store import DTYPES, StoreConfig, join_shards, read_features
 from featurebank.features.text import LONG_TEXT
 from featurebank.features.text import PRECISIONS as TEXT_PRECISIONS
 from featurebank.pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, TrainParams

@@ -18,7 +18,8 @@ from PIL import Image
 # internals by design.
 from featurebank.features.backbones import create_backbone
 from featurebank.features.decode import Decoder, decode_on_device
-from featurebank.features.engine import collate, FileDataset, extract
+from featurebank.features.engine import extract
+from featurebank.features.runpaths import FileDataset, collate
 from featurebank.features.images import load_image
 from featurebank.features.runtime import Layout
 from featurebank.features.store import read_features

@@ -16,7 +16,9 @@ from PIL import Image
 # internals by design.
 from featurebank.features.backbones import Preprocessing
 from featurebank.features.decode import Decoder, jpeg_header, jpeg_orientation
-from featurebank.features.engine import Forward, WriterThread, _chunks, _Recorder, is_oom
+from featurebank.features.engine import WriterThread, _Recorder
+from featurebank.features.runpaths import chunks as _chunks
+from featurebank.features.runtimes.torch_runtime import Forward, is_oom
 from featurebank.features.runtime import choose_layout, pick_amp
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

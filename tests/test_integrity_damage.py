@@ -22,6 +22,7 @@ import skimage.data
 from PIL import Image, ImageOps
 
 import featurebank.features.store as store_module
+import featurebank.features.store.schema as store_schema
 from featurebank.features.backbones import create_backbone
 from featurebank.features.decode import Decoder, read_for_gpu
 from featurebank.features.engine import extract
@@ -194,7 +195,7 @@ def flip_bytes_in_chunk(path: Path, dataset: str, chunk: int, count: int = 8) ->
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Stores written with chunks of 2 rows, so that a 6-image store has 3 chunks per dataset."""
-    monkeypatch.setattr(store_module, "ROWS_PER_CHUNK", 2)
+    monkeypatch.setattr(store_schema, "ROWS_PER_CHUNK", 2)  # the store package reads it from its schema
 
 
 def make_pets(root: Path, n: int = 6) -> Path:

@@ -3,7 +3,7 @@ normalised float tensor [B, 3, H, W], or uint8 pixels [B, H, W, 3] for a runtime
 own graph (``takes_pixels``: OpenVINO); for texts (features.runtimes.text) token ids and mask [B, L].
 
 A runtime owns how the forward pass uses the machine (replicas and threads for torch; infer requests
-and streams for OpenVINO), its warm-up and its memory estimate. The engine (features.engine) decides
+and streams for OpenVINO). The protocol is ``features.runtimes.base.Runtime``. The engine (features.engine) decides
 what to embed and commits it; the run paths (features.runpaths) feed decoded batches to a runtime and
 hand its embeddings to the store. Adding a runtime means one module here and one line in
 :func:`create_runtime`: neither the store, nor the sources, nor the probes change.
@@ -19,78 +19,21 @@ one line saying why.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
-import numpy as np
 import torch
 
-from featurebank.features.names import PRECISIONS, RUNTIMES  # noqa: F401 - declared with the other option values
+from featurebank.features.names import CALIBRATION_SAMPLES, PRECISIONS, RUNTIMES  # noqa: F401 - declared with the other option values
 
-# auto's agreement check against the eager f32 module, per image, on the dataset's first images
-AGREEMENT = {"f32": 0.9999, "bf16": 0.99}
-CHECK_IMAGES = 8
-
-
-class RuntimeUnavailable(RuntimeError):
-    """This runtime cannot run this backbone/precision here; the message says why in one line."""
-
-
-class Runtime:
-    """The interface the run paths use. Subclasses: TorchRuntime, OpenVINORuntime."""
-
-    name = "runtime"
-    precision = "f32"
-    #: True: the runtime overlaps its own work (async requests) and runs in the calling process, fed by
-    #: decoding workers (features.runpaths.run_pipelined); False: synchronous (replicas or one process)
-    pipelined = False
-    #: True: the runtime takes uint8 pixels [B, H, W, 3] (``Decoder(pixels=True)``) and normalises them
-    #: itself; False: normalised float batches [B, 3, H, W]
-    takes_pixels = False
-
-    def layout(self, device: torch.device, n_images: int, batch: int, workers: int | None):
-        """How this runtime lays an extraction out on the machine (a features.runtime.Layout)."""
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        return f"{self.name} {self.precision}"
-
-    def memory_bytes(self, batch: int) -> int:
-        """Estimated working set of one instance (weights + activations of one batch)."""
-        raise NotImplementedError
-
-    def warmup(self) -> None:
-        """Run once on zeros so that the first real batch pays no one-off cost."""
-
-    def embed(self, x: torch.Tensor) -> np.ndarray:
-        """Embeddings of one batch of any size, synchronously."""
-        raise NotImplementedError
-
-    def map(self, batches: Iterable[tuple[object, torch.Tensor]]) -> Iterator[tuple[object, np.ndarray]]:
-        """(tag, batch) in, (tag, embeddings) out, possibly out of order and overlapped; the default
-        is synchronous."""
-        for tag, x in batches:
-            yield tag, self.embed(x)
-
-    def in_worker(self, threads: int) -> None:
-        """Called at the start of a replica process (torch sets its thread count)."""
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(1) / np.maximum(den, 1e-12)
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    return precision
+from featurebank.features.runtimes.base import (  # noqa: F401 - the protocol, re-exported for its callers
+    AGREEMENT, CHECK_IMAGES, Runtime, RuntimeUnavailable, check_precision, cosines,
+)
 
 
 def create_runtime(runtime: str, backbone, device: torch.device, precision: str = "f32", batch: int | None = None,
                    first_images: Callable[[], torch.Tensor | None] | None = None, say: Callable[[str], None] = print,
                    calibration: Callable[[], Iterable[torch.Tensor]] | None = None, int8_key: str = "",
-                   calibration_samples: int = 300, agreed: bool = False) -> Runtime:
+                   calibration_samples: int = CALIBRATION_SAMPLES, agreed: bool = False) -> Runtime:
     """The runtime that embeds ``backbone`` on ``device`` at ``precision``.
 
     ``auto``: OpenVINO on a CPU when it is installed, the backbone converts and (f32, bf16) it agrees

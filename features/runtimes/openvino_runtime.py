@@ -27,8 +27,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,10 +35,11 @@ import numpy as np
 import torch
 
 from featurebank.data.cache import cache_root
-from featurebank.features.runtime import Layout, model_bytes, usable_cores
-from featurebank.features.runtimes import Runtime, RuntimeUnavailable
-
-CALIBRATION_SAMPLES = 300
+from featurebank.data.files import atomic_folder, atomic_write
+from featurebank.features.runtime import Layout, usable_cores
+from featurebank.features.names import CALIBRATION_SAMPLES
+from featurebank.features.runtimes.base import Runtime, RuntimeUnavailable
+from featurebank.features.store import int8_recipe_data, recipe_fingerprinted
 
 
 def cache_dir() -> Path:
@@ -68,12 +67,11 @@ def openvino_version() -> str:
 
 
 def int8_recipe(samples: int = CALIBRATION_SAMPLES) -> dict:
-    """How int8 models are made; part of the store's fingerprint at precision int8."""
+    """How int8 models are made, as data (features.store.int8_recipe_data); part of the store's fingerprint at
+    precision int8."""
     from importlib.metadata import version
 
-    return {"method": "nncf.quantize (post-training, default recipe)", "nncf": version("nncf"),
-            "calibration": f"{samples} train-split samples, lowest sha256 of the id first",
-            "other_layers": "f32"}
+    return int8_recipe_data(version("nncf"), samples)
 
 
 def cpu_has_bf16() -> bool:
@@ -98,21 +96,9 @@ def _key(backbone, kind: dict) -> str:
 def write_atomically(final: Path, write: Callable[[Path], dict]) -> None:
     """``write(folder)`` into a temporary folder beside ``final``, then rename it into place; when
     another process got there first, its model is kept and this one discarded."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_folder(final) as tmp:
         meta = write(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "model.xml").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
 
 
 def convert(backbone) -> object:
@@ -157,7 +143,9 @@ def int8_model_path(backbone, calibration: Callable[[], Iterable[torch.Tensor]],
 
     ov = _openvino()
     recipe = int8_recipe(samples)
-    folder = cache_dir() / "openvino" / _key(backbone, {"kind": "int8", "recipe": recipe, "calibration_set": key})
+    # keyed by the recipe's fingerprinted form: the folders cached before the recipe was data are found again
+    keyed = {"kind": "int8", "recipe": recipe_fingerprinted(recipe), "calibration_set": key}
+    folder = cache_dir() / "openvino" / _key(backbone, keyed)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):  # shards of one store calibrate once, not once each
         if not (folder / "model.xml").is_file():
@@ -326,9 +314,6 @@ class OpenVINORuntime(Runtime):
             loader = workers
         return Layout("cpu", 0, cores, loader)
 
-    def memory_bytes(self, batch: int) -> int:
-        return model_bytes(self.backbone.model) + self.requests * self.batch * 3 * self.size * self.size * 4 * 24
-
     def pixels_of(self, x) -> np.ndarray:
         """A batch as the compiled model takes it: uint8 [B, size, size, 3]. uint8 pixels (HWC, as
         ``Decoder(pixels=True)`` makes them) pass as they are; a normalised float batch [B, 3, H, W]
@@ -344,9 +329,6 @@ class OpenVINORuntime(Runtime):
         if len(a) < self.batch:  # the static shape: pad the last batch by repeating its last image
             a = np.concatenate([a, np.repeat(a[-1:], self.batch - len(a), 0)])
         return a
-
-    def warmup(self) -> None:
-        self.embed(np.zeros((1, self.size, self.size, 3), np.uint8))
 
     def embed(self, x) -> np.ndarray:
         return next(iter(self.map([(0, x)])))[1]

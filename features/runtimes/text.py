@@ -1,10 +1,10 @@
 """Text runtimes: a token batch ``(ids, mask)`` (int64 ``[B, L]`` each) into sentence embeddings ``[B, D]``.
 
-The same seam as the image runtimes (a ``Runtime``: ``embed``, ``map``, ``layout``, ``memory_bytes``,
-``warmup``, ``describe``), the same choices (``auto|torch|openvino``, f32 or bf16) and the same OpenVINO
-machinery (features.runtimes.openvino_runtime: one conversion cache written atomically, one ``Core`` per
-process, requests kept busy round robin without Python callbacks). Only the input differs: a backbone
-here is a sentence encoder (features.text.TextBackbone: ``model(ids, mask)``, ``batch``, ``tokenize``).
+The same seam as the image runtimes (a ``Runtime``: ``embed``, ``map``, ``layout``, ``describe``), the same
+choices (``auto|torch|openvino``, f32 or bf16) and the same OpenVINO machinery
+(features.runtimes.openvino_runtime: one conversion cache written atomically, one ``Core`` per process,
+requests kept busy round robin without Python callbacks). Only the input differs: a backbone here is a
+sentence encoder (features.text.TextBackbone: ``model(ids, mask)``, ``batch``, ``tokenize``).
 
 OpenVINO runs the encoder with dynamic shapes: one compilation serves every batch and sequence length.
 Static shapes measured no faster here (all-MiniLM-L6-v2, 256-token BBC articles, texts/s at batch
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurebank.features.runtime import Layout, model_bytes
-from featurebank.features.runtimes import Runtime, RuntimeUnavailable, cosines
+from featurebank.features.runtime import Layout
+from featurebank.features.runtimes.base import Runtime, RuntimeUnavailable, cosines
 from featurebank.features.runtimes.openvino_runtime import (
     cache_dir, cache_unusable, core, openvino_version, round_robin, streams_and_requests, write_atomically,
 )
@@ -44,12 +44,6 @@ class TorchTextRuntime(Runtime):
 
     def layout(self, device, n_items, batch, workers) -> Layout:
         return Layout(self.device.type, 0, torch.get_num_threads(), 0)
-
-    def memory_bytes(self, batch: int) -> int:
-        return model_bytes(self.model)
-
-    def warmup(self) -> None:
-        self.embed(self.backbone.batch(self.backbone.tokenize(["warm up"]).ids))
 
     def embed(self, batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         ids, mask = batch
@@ -129,12 +123,6 @@ class OpenVINOTextRuntime(Runtime):
     def layout(self, device, n_items, batch, workers) -> Layout:
         return Layout("cpu", 0, self.streams, 0)
 
-    def memory_bytes(self, batch: int) -> int:
-        return model_bytes(self.backbone.model)
-
-    def warmup(self) -> None:
-        self.embed(self.backbone.batch(self.backbone.tokenize(["warm up"]).ids))
-
     def embed(self, batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         return next(iter(self.map([(0, batch)])))[1]
 
@@ -156,7 +144,7 @@ def create_text_runtime(backbone, runtime: str = "auto", precision: str = "f32",
     converts and agrees with torch on ``first`` (the dataset's first batch, cosine >= 0.9999 per text at
     f32), else torch (``auto``, saying why in one line). An explicit ``openvino`` that cannot run raises
     RuntimeUnavailable."""
-    from featurebank.features.runtimes import RUNTIMES
+    from featurebank.features.names import RUNTIMES
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")

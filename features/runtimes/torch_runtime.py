@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from featurebank.features.runtime import Layout, choose_layout, model_bytes
-from featurebank.features.runtimes import Runtime, RuntimeUnavailable
+from featurebank.features.runtime import Layout, choose_layout
+from featurebank.features.runtimes.base import Runtime, RuntimeUnavailable
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -88,17 +88,11 @@ class TorchRuntime(Runtime):
     def describe(self) -> str:
         return f"torch {self.precision}"
 
-    def memory_bytes(self, batch: int) -> int:
-        return model_bytes(self.backbone.model) + batch * 3 * self.size * self.size * 4 * 24
-
     def in_worker(self, threads: int) -> None:
         torch.set_num_threads(threads)
 
     def forward(self, amp: str = "auto", max_batch: int | None = None, pad: bool = False) -> Forward:
         return Forward(self.model, self.device, self.amp_dtype(amp), max_batch or self.batch, pad=pad)
-
-    def warmup(self) -> None:
-        self.embed(torch.zeros(1, 3, self.size, self.size))
 
     def embed(self, x: torch.Tensor) -> np.ndarray:
         dtype = self.amp_dtype()

@@ -1,0 +1,544 @@
+"""Writing stores: an extraction commits its work in part files and merges them into the store at the end.
+
+Crash safety: a reader only ever sees a complete file. An extraction never writes into the store
+file: it commits its work as small *part* files (written to a temporary name, flushed, fsynced and
+renamed: features.store.files.atomic_h5) in ``<store>.parts/``, and at the end merges the store and its
+parts into a new file that atomically replaces the old one. A killed run leaves the old store plus the
+parts it committed; the next run reuses those parts and only embeds the rest.
+
+Parts are named ``part-<sequence>-<pid>-<time>.h5``: their names sort in commit order, and a later
+part's rows win. The store's ``merged_parts`` attribute lists the parts it holds, so a part left by a
+kill between the merge and the parts' deletion is never applied twice. A new writer, holding the
+lock, deletes what killed writers left: temporary files (``.<name>.<pid>.tmp``) and merged parts.
+Damaged rows found by the writer's index (see features.store.reader) are left out of the merge and
+embedded again; a store in format 1 is rewritten in the current format, its rows reused.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+from filelock import FileLock, Timeout
+
+from featurebank.features.store import schema
+from featurebank.features.store.files import atomic_h5
+from featurebank.features.store.reader import Damage, open_store, read_rows, scan_rows
+from featurebank.features.store.schema import (
+    FORMAT_VERSION, STORE_FORMAT, STR, StoreConfig, StoreError, checksummed, count_notes, first_line,
+    library_versions, strings_crc,
+)
+
+
+@dataclass
+class StoreIndex:
+    """What a store (with any parts a killed run committed) already holds: for reuse decisions."""
+
+    content: dict[str, str]  # escaped id -> content fingerprint of the embedded row
+    failures: dict[str, tuple[str, str]]  # escaped id -> (reason, content fingerprint)
+    notes: dict[str, int] = field(default_factory=dict)  # rows per note (text stores: truncated, replaced)
+    runtimes: set[str] = field(default_factory=set)  # what computed the rows held ("openvino f32", ...)
+    damaged_images: set[str] = field(default_factory=set)  # ids of rows embedded although their image was damaged
+    damaged_rows: int = 0  # rows left out because the store holds them damaged (checksum, NaN/inf): embedded again
+
+
+
+def write_strings(group: h5py.Group, name: str, values, n: int | None = None) -> h5py.Dataset:
+    """A string row dataset in chunks of ROWS_PER_CHUNK rows, with the CRC-32 of each chunk in its ``crc32``
+    attribute. ``values`` None: an empty dataset of ``n`` rows, filled by the caller chunk by chunk, who
+    then sets the attribute (see :func:`strings_crc`)."""
+    n = len(values) if values is not None else n
+    chunk = max(1, min(n, schema.ROWS_PER_CHUNK))
+    kw = {"chunks": (chunk,), "maxshape": (None,)}
+    if values is None:
+        return group.create_dataset(name, shape=(n,), dtype=STR, **kw)
+    values = np.array(list(values), dtype=object) if not isinstance(values, np.ndarray) else values
+    ds = group.create_dataset(name, data=values, shape=(n,), dtype=STR, **kw)
+    ds.attrs["crc32"] = np.array([strings_crc(values[a:a + chunk]) for a in range(0, n, chunk)], np.uint32)
+    return ds
+
+def _write_table(group: h5py.Group, ids: Sequence[str], embeddings: np.ndarray | None, content, dim, dtype, notes=None):
+    n = len(ids)
+    if embeddings is not None:
+        group.create_dataset(
+            "embeddings", data=embeddings.astype(dtype, copy=False), shape=(n, dim), dtype=dtype, **checksummed(n, dim),
+        )
+    write_strings(group, "ids", ids)
+    write_strings(group, "content", content)
+    if notes is not None:
+        write_strings(group, "notes", notes)
+
+
+class _OpenFiles:
+    """HDF5 files opened for reading on demand, at most ``limit`` at once (the least recently used is
+    closed). Each open file holds about half a megabyte of HDF5's own memory, so the merge of a
+    20,000-image run's 40 parts, all open together, grew the peak memory with the run by 22 MB."""
+
+    def __init__(self, paths: Sequence[Path], limit: int = 4):
+        self.paths, self.limit = list(paths), limit
+        self._open: dict[int, h5py.File] = {}
+
+    def __getitem__(self, k: int) -> h5py.File:
+        if k not in self._open:
+            if len(self._open) >= self.limit:
+                self._open.pop(next(iter(self._open))).close()
+            self._open[k] = h5py.File(self.paths[k], "r")
+        else:
+            self._open[k] = self._open.pop(k)  # most recently used last
+        return self._open[k]
+
+    def close(self) -> None:
+        for h in self._open.values():
+            h.close()
+        self._open.clear()
+
+
+def _read_held(f: h5py.File, held: dict) -> None:
+    """Add what a store or part file holds besides its rows to ``held``: "runtimes" (what computed its
+    rows) and "notes" (whether it has per-row notes)."""
+    held["runtimes"].update(json.loads(f.attrs.get("runtimes", "[]")))
+    if f.attrs.get("runtime"):
+        held["runtimes"].add(str(f.attrs["runtime"]))
+    held["notes"] = held["notes"] or "notes" in f
+
+
+def _pick(dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for increasing, distinct ``rows``: one contiguous read where they are dense
+    (a part, or a store listed in the same order), point reads where they are scattered."""
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if hi - lo <= 4 * len(rows):
+        try:
+            return dataset[lo:hi][rows - lo]
+        except (OSError, ValueError, RuntimeError):  # a damaged chunk between the rows wanted: read only theirs
+            pass
+    return dataset[rows]
+
+
+def write_failures(group: h5py.Group, fails: Sequence[tuple[str, str, str]]) -> None:
+    """The ``failures`` table: (escaped id, one-line reason, content fingerprint) per unusable sample."""
+    g = group.create_group("failures")
+    for col, name in enumerate(("ids", "reasons", "content")):
+        write_strings(g, name, [x[col] for x in fails])
+
+
+
+class StoreWriter:
+    """Commits an extraction's results in parts and merges them into the store at the end.
+
+    Only one writer per store at a time: the constructor takes the store's lock file, waiting up to
+    ``lock_timeout`` seconds (None: wait forever) and saying so while it waits. Holding the lock, it
+    removes what killed writers left behind: temporary files, and parts already merged into the store.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: StoreConfig, dataset: str,
+                 lock_timeout: float | None = None, rows_per_part: int = 512, seconds_per_part: float = 10.0,
+                 say=print):
+        self.path = Path(path)
+        self.config = config
+        self.dataset = dataset
+        self.parts_dir = self.path.with_name(self.path.name + ".parts")
+        self.rows_per_part = rows_per_part
+        self.seconds_per_part = seconds_per_part
+        self.say = say
+        self._damage: dict[str, tuple[Damage, Damage]] = {}  # per source file, found by index()
+        self._check_store()  # before the lock file is created: a bad store changes nothing
+        self._lock = FileLock(str(self.path) + ".lock")
+        try:
+            try:
+                self._lock.acquire(timeout=0)
+            except Timeout:
+                say(f"waiting: another extraction is writing {self.path.name} (lock {self._lock.lock_file})")
+                try:
+                    self._lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout)
+                except Timeout:
+                    raise StoreError(
+                        f"another extraction is still writing {self.path} after {lock_timeout:.0f} s; "
+                        "try again when it has finished"
+                    ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot lock {self.path} ({first_line(exc)}): is its folder writable?") from None
+        except RuntimeError as exc:  # filelock refuses to wait for a lock this very thread holds
+            raise StoreError(f"{self.path} is already being written by this process ({first_line(exc)})") from None
+        try:
+            self._check_store()  # another writer may have replaced it while this one waited
+            self._remove_leftovers()
+        except BaseException:
+            self.close()
+            raise
+        self._ids: list[str] = []
+        self._emb: list[np.ndarray] = []
+        self._content: list[str] = []
+        self._notes: list[str] = []
+        self._any_notes = False
+        self._fail: list[tuple[str, str, str]] = []
+        self._last_flush = time.monotonic()
+        # parts are named by a sequence number that continues the parts already there, so that their
+        # names sort in commit order whatever the clock does (a later part's rows win over an earlier's)
+        self._seq = 1 + max((int(p.name.split("-")[1]) for p in self._part_files()), default=-1)
+        self.committed_rows = 0
+        self.added_rows = 0  # rows handed to this writer
+        self.added_failures: list[tuple[str, str]] = []  # (escaped id, reason) handed to this writer
+        self.runtime: str | None = None  # what computes this run's rows (recorded, not fingerprinted)
+        self.described: dict[str, str] = {}  # where the rows come from (source, source_format, modality): recorded
+
+    # -- context manager: the lock is released however the writer ends
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._lock.is_locked:
+            self._lock.release()
+
+    def _check_store(self) -> None:
+        if self.path.exists():
+            with open_store(self.path) as f:
+                if f.attrs.get("fingerprint") != self.config.fingerprint:
+                    raise StoreError(f"{self.path} holds another backbone configuration than its name says; "
+                                     "delete it and extract again")
+
+    def _merged_parts(self) -> set[str]:
+        if not self.path.exists():
+            return set()
+        with open_store(self.path) as f:
+            return set(json.loads(f.attrs.get("merged_parts", "[]")))
+
+    def _remove_leftovers(self) -> None:
+        """Delete temporary files of killed writers and parts the store already holds (the lock is held)."""
+        for tmp in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        if self.parts_dir.is_dir():
+            for tmp in self.parts_dir.glob(".part-*.tmp"):
+                tmp.unlink(missing_ok=True)
+            for name in self._merged_parts():
+                (self.parts_dir / name).unlink(missing_ok=True)
+
+    def index(self) -> StoreIndex:
+        """Rows and failures already committed, in the store and in leftover parts (latest wins).
+
+        Every row is checked on the way (chunk checksums, NaN/inf: see :class:`Damage`); damaged rows and
+        failure entries are left out, so the extraction embeds or tries those samples again, and one
+        line per damaged file names it and the rows."""
+        content: dict[str, str] = {}
+        failures: dict[str, tuple[str, str]] = {}
+        notes = []
+        damaged_images = set()
+        held: dict = {}
+        self._damage = {}
+        for i, entry in self._latest(self._sources(), held, self._damage).items():
+            if entry[0] == "row":
+                content[i] = entry[3]
+                notes.append(entry[4])
+                if "damaged" in entry[4].split(","):
+                    damaged_images.add(i)
+            else:
+                failures[i] = (entry[1], entry[2])
+        bad_rows = 0
+        if (version := self.old_format()) is not None:
+            self.say(f"{self.path} is in store format {version} (without chunk checksums): it is written again "
+                     f"in format {FORMAT_VERSION}, its rows reused")
+        for src, (damage, failure_damage) in self._damage.items():
+            if damage:
+                bad_rows += damage.count
+                self.say(f"{src} is damaged: {damage.describe()}; those rows are not reused but embedded again "
+                         "from the source")
+            if failure_damage:
+                self.say(f"{src} is damaged: {failure_damage.count} entries of its failures table cannot be read "
+                         f"({'; '.join(failure_damage.causes)}); those samples are tried again")
+        return StoreIndex(content, failures, count_notes(notes), held["runtimes"], damaged_images, bad_rows)
+
+    @staticmethod
+    def _latest(sources: Sequence[Path], held: dict, damages: dict | None = None) -> dict[str, tuple]:
+        """id -> ("row", source index, row, content, note) or ("fail", reason, content); later sources win.
+        ``held`` gets what the sources hold besides (see :func:`_read_held`), read in the same pass.
+        Damaged rows and failure entries are left out; ``damages`` gets (rows' Damage, failures' Damage)
+        per source path."""
+        latest: dict[str, tuple] = {}
+        held.update(runtimes=set(), notes=False)
+        for s_idx, src in enumerate(sources):
+            with h5py.File(src, "r") as f:
+                _read_held(f, held)
+                damage = Damage(f["ids"].shape[0])
+                ids = read_rows(f["ids"], damage, "ids")
+                content = read_rows(f["content"], damage, "content")
+                notes = read_rows(f["notes"], damage, "notes") if "notes" in f else None
+                scan_rows(f, damage)  # the embeddings (checksums, NaN/inf), labels and splits
+                for row in range(len(ids)):
+                    if not damage.rows[row]:
+                        latest[ids[row]] = ("row", s_idx, row, content[row], "" if notes is None else notes[row])
+                failed = Damage(f["failures/ids"].shape[0] if "failures" in f else 0)
+                if "failures" in f:
+                    g = f["failures"]
+                    f_ids, reasons, f_content = (read_rows(g[c], failed, f"failures/{c}")
+                                                 for c in ("ids", "reasons", "content"))
+                    for k in np.flatnonzero(~failed.rows).tolist():
+                        latest[f_ids[k]] = ("fail", reasons[k], f_content[k])
+                if damages is not None:
+                    damages[str(src)] = (damage, failed)
+        return latest
+
+    def _locate(self, sources: Sequence[Path], ids: Sequence[str], held: dict) -> tuple:
+        """Where the latest entry of each listed id is, for the merge: (source index per id, -1 for
+        none; row in that source; {position: (reason, content)} of the ids whose latest entry is a
+        failure; rows of ids no longer listed). Two arrays and a map of positions, not a tuple per id:
+        the merge's memory grew with the dataset by 0.5 KB per sample (about 9 MB at 20,000) when it
+        held ("row", source, row, content, note) for every id."""
+        pos = {i: k for k, i in enumerate(ids)}
+        src = np.full(len(ids), -1, np.int32)
+        row = np.zeros(len(ids), np.int64)
+        fails: dict[int, tuple[str, str]] = {}
+        gone: dict[str, bool] = {}  # unlisted id -> its latest entry is a row
+        held.update(runtimes=set(), notes=False)
+        for s_idx, path in enumerate(sources):
+            with h5py.File(path, "r") as f:
+                _read_held(f, held)
+                # rows and failure entries the index found damaged are never picked (see index)
+                damage = Damage(f["ids"].shape[0])
+                ids = read_rows(f["ids"], damage, "ids")
+                found, failed = self._damage.get(str(path), (None, None))
+                if found is not None:
+                    damage.rows |= found.rows
+                for r, i in enumerate(ids.tolist()):
+                    if damage.rows[r]:
+                        continue
+                    k = pos.get(i)
+                    if k is None:
+                        gone[i] = True
+                        continue
+                    src[k], row[k] = s_idx, r
+                    if fails:
+                        fails.pop(k, None)
+                if "failures" in f:
+                    g = f["failures"]
+                    failed = failed if failed is not None else Damage(g["ids"].shape[0])
+                    columns = [read_rows(g[c], failed, f"failures/{c}") for c in ("ids", "reasons", "content")]
+                    for j, (i, reason, c) in enumerate(zip(*columns)):
+                        if failed.rows[j]:
+                            continue
+                        k = pos.get(i)
+                        if k is None:
+                            gone[i] = False
+                        else:
+                            src[k] = -1
+                            fails[k] = (reason, c)
+        return src, row, fails, sum(gone.values())
+
+    def add(self, ids: Sequence[str], embeddings: np.ndarray, content: Sequence[str],
+            notes: Sequence[str] | None = None) -> None:
+        """Queue embedded rows (ids already escaped); a part is committed when enough have queued.
+        ``notes``: per row, what happened on the way (text: "truncated", "replaced"), kept in the store."""
+        self._ids.extend(ids)
+        self._emb.append(np.asarray(embeddings))
+        self._content.extend(content)
+        self._notes.extend(notes if notes is not None else [""] * len(ids))
+        self._any_notes = self._any_notes or notes is not None
+        self.added_rows += len(ids)
+        self._maybe_flush()
+
+    def add_failures(self, ids: Sequence[str], reasons: Sequence[str], content: Sequence[str]) -> None:
+        """Queue samples that could not be used, each with a one-line reason (ids already escaped)."""
+        self._fail.extend(zip(ids, reasons, content))
+        self.added_failures.extend(zip(ids, reasons))
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if (len(self._ids) >= self.rows_per_part
+                or time.monotonic() - self._last_flush >= self.seconds_per_part):
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit what is queued as one part file (atomically: all of it or none of it)."""
+        if not self._ids and not self._fail:
+            return
+        ids, content, fail = self._ids, self._content, self._fail
+        notes = self._notes if self._any_notes else None
+        emb = np.concatenate(self._emb) if self._emb else np.zeros((0, self.config.dim), np.float32)
+        name = f"part-{self._seq:012d}-{os.getpid()}-{time.time_ns()}.h5"
+
+        def fill(f):
+            f.attrs["fingerprint"] = self.config.fingerprint
+            if self.runtime and ids:
+                f.attrs["runtime"] = self.runtime
+            _write_table(f, ids, emb, content, self.config.dim, self.config.dtype, notes)
+            write_failures(f, fail)
+
+        try:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            atomic_h5(self.parts_dir / name, fill)
+        except OSError as exc:
+            raise StoreError(
+                f"could not write to {self.parts_dir} ({first_line(exc)}): free some space or fix the folder; "
+                f"the {self.committed_rows} rows committed before are kept and a rerun resumes from them"
+            ) from None
+        self._seq += 1
+        self.committed_rows += len(ids)
+        self._ids, self._emb, self._content, self._fail, self._notes = [], [], [], [], []
+        self._last_flush = time.monotonic()
+
+    def _parts(self) -> list[Path]:
+        if not self.parts_dir.is_dir():
+            return []
+        merged = self._merged_parts()
+        parts = []
+        for p in self._part_files():
+            if p.name in merged:
+                continue
+            try:
+                with h5py.File(p, "r") as f:
+                    ok = f.attrs.get("fingerprint") == self.config.fingerprint
+            except OSError:
+                ok = False  # cannot happen for a renamed part, but a foreign file must not stop a run
+            if ok:
+                parts.append(p)
+        return parts
+
+    def _part_files(self) -> list[Path]:
+        """Part files in commit order (``part-<sequence>-<pid>-<time>.h5``)."""
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(p for p in self.parts_dir.glob("part-*.h5") if p.name.split("-")[1].isdigit())
+
+    def _sources(self) -> list[Path]:
+        return ([self.path] if self.path.exists() else []) + self._parts()
+
+    def needs_merge(self) -> bool:
+        """True when the store must be written again: rows or failures queued or in parts, damage found by
+        :meth:`index`, or a store in an older format (rewritten as the current one, every row reused)."""
+        damaged = any(d or fd for d, fd in self._damage.values())
+        return bool(self._ids or self._fail or self._parts() or damaged or self.old_format())
+
+    def old_format(self) -> int | None:
+        """The store's format when it is older than FORMAT_VERSION (written without checksums), else None."""
+        if not self.path.exists():
+            return None
+        with open_store(self.path) as f:
+            version = int(f.attrs.get("format_version", FORMAT_VERSION))
+        return version if version < FORMAT_VERSION else None
+
+    def finish(self, ids: Sequence[str], labels: Sequence[str | None], splits: Sequence[str],
+               content: Sequence[str], say=print, class_names: Sequence[str] | None = None,
+               attrs: dict | None = None) -> dict:
+        """Merge the store and its parts into a new store file that lists exactly ``ids``.
+
+        ``ids``/``labels``/``splits`` describe the source as listed now (ids and labels escaped); each
+        row keeps the content fingerprint it was embedded from. Rows of ids no longer listed are
+        dropped; ids with neither a row nor a failure are left out (a later run embeds them).
+        ``class_names``: the label names in index order when the source knows it (an HF ClassLabel,
+        integer labels); None sorts the labels as strings. ``attrs``: more attributes of the new file
+        (how the source was read, e.g. its ``label_column``; None values are left out). Returns counts of
+        what the new file holds.
+        """
+        self.flush()
+        sources = self._sources()
+        parts = sources[1:] if sources and sources[0] == self.path else sources
+        held: dict = {}
+        src, row, fails, removed = self._locate(sources, ids, held)
+        keep = np.flatnonzero(src >= 0)
+        present = {lab for lab in labels if lab is not None}
+        class_names = sorted(present) if class_names is None else list(class_names) + sorted(present - set(class_names))
+        class_index = {c: k for k, c in enumerate(class_names)}
+        dim, dtype = self.config.dim, self.config.dtype
+        with_notes, runtimes = self._any_notes or held["notes"], held["runtimes"]
+        if self.runtime:
+            runtimes.add(self.runtime)
+        handles = _OpenFiles(sources)
+        notes_counts: dict[str, int] = {}
+
+        def fill(f):
+            n = len(keep)
+            emb = f.create_dataset("embeddings", shape=(n, dim), dtype=dtype, **checksummed(n, dim))
+            names = ("ids", "content", "notes") if with_notes else ("ids", "content")
+            cols = {c: write_strings(f, c, None, n) for c in names}
+            crcs: dict[str, list[int]] = {c: [] for c in names}
+            notes_counts.clear()
+            for start in range(0, n, schema.ROWS_PER_CHUNK):  # block by block: memory stays flat
+                block = keep[start:start + schema.ROWS_PER_CHUNK]
+                b_src, b_row = src[block], row[block]
+                out = np.empty((len(block), dim), dtype)
+                content = np.empty(len(block), dtype=object)
+                notes = np.full(len(block), "", dtype=object)
+                for s_idx in np.unique(b_src):
+                    at = np.flatnonzero(b_src == s_idx)
+                    at = at[np.argsort(b_row[at], kind="stable")]
+                    h = handles[int(s_idx)]
+                    out[at] = _pick(h["embeddings"], b_row[at])
+                    content[at] = _pick(h["content"].asstr(), b_row[at])
+                    if with_notes and "notes" in h:
+                        notes[at] = _pick(h["notes"].asstr(), b_row[at])
+                stop = start + len(block)
+                emb[start:stop] = out
+                block_ids = np.array([ids[k] for k in block], dtype=object)
+                cols["ids"][start:stop] = block_ids
+                cols["content"][start:stop] = content
+                crcs["ids"].append(strings_crc(block_ids))
+                crcs["content"].append(strings_crc(content))
+                if with_notes:
+                    cols["notes"][start:stop] = notes
+                    crcs["notes"].append(strings_crc(notes))
+                    for note, c in count_notes(notes).items():
+                        notes_counts[note] = notes_counts.get(note, 0) + c
+            for c in names:
+                cols[c].attrs["crc32"] = np.array(crcs[c], np.uint32)
+            if with_notes:
+                f.attrs["notes_counts"] = json.dumps(notes_counts, sort_keys=True)
+            lab = f.create_dataset("labels", data=np.array(
+                [class_index[labels[k]] if labels[k] is not None else -1 for k in keep], dtype=np.int64),
+                **checksummed(len(keep)))
+            lab.attrs.create("class_names", data=np.array(class_names, dtype=object), shape=(len(class_names),), dtype=STR)
+            write_strings(f, "splits", [splits[k] for k in keep])
+            write_failures(f, [(ids[k], *fails[k]) for k in sorted(fails)])
+            self._write_attrs(f, [p.name for p in parts])
+            f.attrs.update({k: v for k, v in (attrs or {}).items() if v is not None})
+            f.attrs["runtimes"] = json.dumps(sorted(runtimes))  # f32 runtimes share a store
+            if self.runtime or runtimes:
+                f.attrs["runtime"] = self.runtime or sorted(runtimes)[-1]
+
+        try:
+            atomic_h5(self.path, fill)
+        except OSError as exc:
+            raise StoreError(
+                f"could not write {self.path} ({first_line(exc)}): free some space or fix the folder; "
+                f"the store as it was and the parts in {self.parts_dir} are kept, and a rerun finishes the merge"
+            ) from None
+        finally:
+            handles.close()
+        for p in parts:  # a part left by a kill here is skipped through merged_parts, then deleted
+            p.unlink(missing_ok=True)
+        try:
+            self.parts_dir.rmdir()
+        except OSError:
+            pass
+        return {"rows": len(keep), "failures": len(fails), "removed": removed,
+                "unfinished": len(ids) - len(keep) - len(fails), "notes": dict(notes_counts)}
+
+    def _write_attrs(self, f: h5py.File, merged_parts: Iterable[str]) -> None:
+        c = self.config
+        f.attrs.update({
+            "format": STORE_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": c.fingerprint,
+            "config": json.dumps(c.as_data(), sort_keys=True),
+            "dataset": self.dataset,
+            "backbone": c.backbone,
+            "weights_sha256": c.weights_sha256,
+            "preprocessing": json.dumps(c.preprocessing, sort_keys=True),
+            "layer": c.layer,
+            "pooling": c.pooling,
+            "dtype": c.dtype,
+            "dim": c.dim,
+            "precision": c.precision,
+            "library_versions": json.dumps(library_versions(), sort_keys=True),
+            "merged_parts": json.dumps(sorted(merged_parts)),
+            "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **self.described,
+        })
+
