@@ -76,7 +76,7 @@ def test_bad_parameters_answer_at_once_with_one_line(tmp_path):
     cases = [
         (["extract", str(tmp_path / "nope")], "does not exist"),
         (["extract", str(tmp_path), "--backbone", "resnet9000"], "unknown backbone"),
-        (["extract", str(tmp_path), "--batch-size", "0"], "batch_size"),
+        (["extract", str(tmp_path), "--batch-size", "0"], "--batch-size"),  # the option, not the field
         (["run", str(tmp_path), "--probes", "nope"], "unknown probe"),
         (["train", str(tmp_path / "missing.h5")], "does not exist"),
         (["demo", "imagenet"], "unknown demo dataset"),
