@@ -215,6 +215,7 @@ def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
     return False
 
 
+labels_changed = _labels_changed  # public: features.sweep plans its stores as extract() does
 
 
 # ------------------------------------------------------------------------------------- sample access
