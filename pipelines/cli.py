@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ValidationError
 
 from featurebank.pipelines.params import (AsFlow, AsFlowByDefault, CompareParams, DemoParams, ExportParams, ExtractParams,
-                              FewshotParams, PredictParams, RunParams, ServeParams, TrainParams, one_line)
+                              FewshotParams, PredictParams, RunParams, ServeParams, SweepParams, TrainParams, one_line)
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -45,6 +45,8 @@ COMMANDS = {
     "compare": Command("print a markdown table of several runs' metrics side by side", (CompareParams,)),
     "predict": Command("classify images with a saved classifier; writes a CSV", (PredictParams, AsFlow)),
     "run": Command("extract, train and report in one Prefect flow", (RunParams, AsFlowByDefault)),
+    "sweep": Command("embed with several backbones and layers in one pass and rank them (LogME, probe accuracy "
+                     "with a 95%% CI, speed, baseline); prints the ranking as JSON", (SweepParams, AsFlow)),
     "demo": Command("build a bundled demo dataset and run the whole pipeline on it", (DemoParams, AsFlowByDefault)),
     "serve": Command("serve the run flow as a scheduled Prefect deployment (needs a Prefect server)", (ServeParams,)),
 }
@@ -195,6 +197,7 @@ KNOWN_ERRORS = (
     ("featurebank.classifiers.probes", "TrainingError"), ("featurebank.data.demo", "DemoError"),
     ("featurebank.features.engine", "ModalityError"), ("featurebank.classifiers.runs", "RunFolderError"),
     ("featurebank.pipelines.deploy", "ServeError"), ("featurebank.features.runtimes", "RuntimeUnavailable"),
+    ("featurebank.features.sweep", "SweepError"),
 )
 
 
@@ -288,6 +291,18 @@ def _dispatch(command: str, models: list[BaseModel], stdout=sys.stdout) -> int:
         out = jobs.run_fewshot(params)
         print(out["markdown_text"].split("\n\n", 2)[-1], end="", file=stdout)
         print(f"few-shot table: {out['markdown']}")
+        return 0
+    if command == "sweep":
+        if models[1].prefect:
+            from featurebank.pipelines import flows
+            from featurebank.pipelines.deploy import prepare_prefect
+
+            prepare_prefect()
+            out = flows.sweep_flow(params)
+        else:
+            out = jobs.run_sweep(params)
+        print(json.dumps(out["ranking"]), file=stdout)
+        print(f"ranking: {out['markdown']}")
         return 0
     if models[1].prefect:
         from featurebank.pipelines import flows
