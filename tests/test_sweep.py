@@ -1,0 +1,175 @@
+"""The sweep: stores identical to single extractions (same files, same rows), reuse without a forward pass,
+a backbone added later runs alone, a killed sweep resumes, the ranking with its baseline and flags, and
+the CLI from the sweep to `run` on its best row. Real weights (EfficientNet-Lite0/Lite1), real digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_digits_folder
+
+from featurebank.features.engine import extract
+from featurebank.features.registry import build_backbone
+from featurebank.features.store import read_features
+from featurebank.features.sweep import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = {"progress": False, "say": lambda s: None}
+
+
+def cosines(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Lite0 at two layers through the default runtime (OpenVINO on a CPU: the two taps as one converted
+    model, cached after the first run), 36 digits."""
+    root = tmp_path_factory.mktemp("sweep")
+    folder = write_digits_folder(root / "digits", per_class=12, classes=(0, 1, 7))
+    store = root / "store"
+    result = sweep(folder, ["efficientnet_lite0"], ["blocks.3", "final"], store, **QUIET)
+    return folder, store, result
+
+
+def test_sweep_stores_are_the_single_extractions_stores(swept, tmp_path):
+    folder, store, result = swept
+    assert [(s.backbone, s.layer) for s in result.stores] == [("efficientnet_lite0", "blocks.3"),
+                                                               ("efficientnet_lite0", "final")]
+    assert all(s.result.embedded == 36 and s.result.rows == 36 for s in result.stores)
+    assert result.stores[0].per_second and result.stores[0].per_second == result.stores[1].per_second
+    for s, layer in zip(result.stores, ("blocks.3", None)):
+        backbone = build_backbone("efficientnet_lite0", layer=layer)
+        # the same file name (fingerprint): extract reuses the sweep's store, with no forward pass
+        again = extract(folder, backbone, store, **QUIET)
+        assert again.path == s.path and again.embedded == 0 and again.reused == 36
+        # and the same numbers as a single extraction by the other runtime (eager torch), in another folder
+        single = extract(folder, backbone, tmp_path / "single", runtime="torch", workers=0, **QUIET)
+        assert single.path.name == s.path.name
+        a, b = read_features(s.path), read_features(single.path)
+        assert a.ids == b.ids and a.X.shape == b.X.shape == (36, s.dim)
+        assert cosines(a.X, b.X).min() >= 0.9999
+
+
+def test_complete_stores_are_reused_and_a_new_backbone_runs_alone(swept):
+    folder, store, _ = swept
+    again = sweep(folder, ["efficientnet_lite0"], ["final", "blocks.3"], store, **QUIET)
+    assert again.embedded_samples == 0 and all(s.result.embedded == 0 and s.result.reused == 36 for s in again.stores)
+    more = sweep(folder, ["efficientnet_lite0", "efficientnet_lite1"], ["final"], store, runtime="torch", **QUIET)
+    by = {s.backbone: s for s in more.stores}
+    assert by["efficientnet_lite0"].result.embedded == 0 and by["efficientnet_lite1"].result.embedded == 36
+    assert by["efficientnet_lite1"].dim == 1280 and by["efficientnet_lite1"].path != by["efficientnet_lite0"].path
+    # the rate measured when the store was written is kept beside it
+    assert by["efficientnet_lite0"].per_second is not None
+
+
+def test_logme_of_a_real_store_equals_the_direct_implementation(swept):
+    from test_logme import direct_logme
+
+    from featurebank.classifiers.logme import logme
+
+    feats = read_features(swept[2].stores[0].path)  # blocks.3: 40 dims
+    train = feats.subset((feats.y >= 0) & (feats.splits == "train"))
+    _, y = np.unique(train.y, return_inverse=True)
+    assert abs(logme(train.X, y) - direct_logme(train.X, y)) <= 1e-3
+
+
+SWEEP = (
+    "import sys\n"
+    "from featurebank.features.sweep import sweep\n"
+    "sweep(sys.argv[1], ['efficientnet_lite0'], ['blocks.3', 'final'], sys.argv[2], rows_per_part=4,\n"
+    "      seconds_per_part=60, runtime='torch', batch_size=4, workers=0, progress=False)\n"
+)
+
+
+def test_a_killed_sweep_resumes(swept, tmp_path):
+    folder, _, first = swept
+    store = tmp_path / "store"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", SWEEP, str(folder), str(store)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not any(store.glob("*.parts/part-*.h5")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(store.glob("*.h5"))  # killed before any store was complete
+    resumed = sweep(folder, ["efficientnet_lite0"], ["blocks.3", "final"], store, runtime="torch", **QUIET)
+    assert sum(s.result.reused for s in resumed.stores) > 0  # the committed parts were kept
+    assert all(s.result.rows == 36 and s.result.reused + s.result.embedded == 36 for s in resumed.stores)
+    for a, b in zip(resumed.stores, first.stores):  # the same rows as the uninterrupted sweep (OpenVINO there)
+        assert a.path.name == b.path.name
+        fa, fb = read_features(a.path), read_features(b.path)
+        assert fa.ids == fb.ids
+        assert cosines(fa.X, fb.X).min() >= 0.9999
+
+
+def test_ranking_flags_negative_transfer_where_the_baseline_wins(tmp_path):
+    """A store whose embeddings carry no information about the labels (noise, written by the store's own
+    writer) against the raw-pixel baseline on real digits: the baseline wins beyond the intervals."""
+    from featurebank.classifiers.ranking import NEGATIVE, baseline_row, rank
+    from featurebank.classifiers.train import pixel_baseline
+    from featurebank.data.sources import escape_id, open_source, split_of
+    from featurebank.features.pixels import pixel_features
+    from featurebank.features.store import StoreConfig, StoreWriter
+
+    folder = write_digits_folder(tmp_path / "digits", per_class=40, classes=(0, 1, 7))
+    source = open_source(folder)
+    ids = [escape_id(s.id) for s in source.samples]
+    labels = [s.label for s in source.samples]
+    splits = [split_of(s.id) for s in source.samples]
+    content = source.fingerprints(False)
+    bb = build_backbone("efficientnet_lite0")
+    config = StoreConfig("noise", "none", bb.preprocessing.as_dict(), "pooled", "avg", "float32", 16)
+    path = tmp_path / "noise.h5"
+    with StoreWriter(path, config, "digits") as w:
+        w.add(ids, np.random.default_rng(0).normal(size=(len(ids), 16)).astype(np.float32), content)
+        w.finish(ids, labels, splits, content, class_names=source.classes)
+    feats = read_features(path)
+    test = (feats.y >= 0) & (feats.splits == "test")
+    base = pixel_baseline(feats, pixel_features(source, feats.ids), say=lambda s: None)
+    row = baseline_row("pixels", feats.y[test], base.y_pred)
+    ranking = rank([{"backbone": "noise", "layer": "final", "store": str(path), "per_second": 1.0}], row,
+                   say=lambda s: None)
+    noise = ranking["rows"][0]
+    assert noise["flag"] == NEGATIVE and noise["ci_high"] < row["ci_low"]
+    assert ranking["rows"][-1]["baseline"] and ranking["rows"][-1]["flag"] is None
+
+
+def test_sweep_cli_ranks_and_run_reuses_the_best_store(swept, tmp_path, capsys):
+    from featurebank.pipelines.cli import main
+
+    folder, store, _ = swept
+    runs = tmp_path / "runs"
+    assert main(["sweep", str(folder), "--backbones", "efficientnet_lite0", "--layers", "blocks.3,final",
+                 "--store", str(store), "--out", str(runs)]) == 0
+    out, err = capsys.readouterr()
+    ranking = json.loads(out)
+    rows = ranking["rows"]
+    assert [r["backbone"] for r in rows][-1] == "pixels" and rows[-1]["baseline"]
+    for r in rows:
+        assert {"backbone", "layer", "store", "logme", "accuracy", "ci_low", "ci_high", "per_second", "flag"} <= set(r)
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+    assert "reused without a forward pass" in err and "best: " in err
+    run_dir = next(d for d in runs.iterdir() if not d.name.startswith("."))
+    for name in ("ranking.json", "ranking.md", "accuracy_vs_speed.png", "logme_vs_accuracy.png"):
+        assert (run_dir / name).is_file()
+    assert json.loads((run_dir / "ranking.json").read_text())["rows"] == rows
+    best = ranking["best"]
+    cmd = f"featurebank run {folder} --backbone {best['backbone']}"
+    assert cmd in (run_dir / "ranking.md").read_text()
+    layer = [] if best["layer"] == "final" else ["--layer", best["layer"]]
+    # `run` embeds through the same stage as `extract` (pipelines.jobs.run_extract): the store is reused
+    assert main(["extract", str(folder), "--backbone", best["backbone"], *layer, "--store", str(store)]) == 0
+    out, err = capsys.readouterr()
+    assert "up to date: 36 embeddings reused, no forward pass" in err and out.strip() == best["store"]
