@@ -173,3 +173,72 @@ def test_sweep_cli_ranks_and_run_reuses_the_best_store(swept, tmp_path, capsys):
     assert main(["extract", str(folder), "--backbone", best["backbone"], *layer, "--store", str(store)]) == 0
     out, err = capsys.readouterr()
     assert "up to date: 36 embeddings reused, no forward pass" in err and out.strip() == best["store"]
+
+
+def test_compare_labels_runs_by_dataset_backbone_layer_precision_and_warns_on_mixed_datasets(tmp_path, capsys):
+    from probes_support import digits_features
+
+    from featurebank.classifiers.report import write_report
+    from featurebank.classifiers.train import train_probes
+    from featurebank.pipelines.cli import main
+
+    f = digits_features(200)
+    for name, dataset, layer in (("a", "digits", "blocks.5"), ("b", "digits", "pooled"), ("c", "mnist", "pooled")):
+        f.attrs = {"backbone": "efficientnet_lite0", "dataset": dataset, "layer": layer, "precision": "f32"}
+        write_report(tmp_path / name, train_probes(f, ("ridge",), say=lambda *_: None), f)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out, err = capsys.readouterr()
+    assert "| probe | digits/efficientnet_lite0/blocks.5/f32 acc |" in out and "digits/efficientnet_lite0/final/f32 acc" in out
+    assert "different datasets" not in err
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 0
+    out, err = capsys.readouterr()
+    assert "mnist/efficientnet_lite0/final/f32 acc" in out
+    assert "warning: these runs are of different datasets (digits, mnist)" in err
+
+
+def test_one_read_and_one_decode_feed_every_backbone(tmp_path):
+    """SharedDecoder reads each sample's bytes once and decodes once (at the largest backbone's needs);
+    each backbone's tensor equals what its own decoder makes from the file, for a photo decoded in full
+    and for a large one decoded at a reduced DCT scale."""
+    import skimage.data
+    from PIL import Image
+
+    from featurebank.data.sources import FileReader
+    from featurebank.features.backbones import Preprocessing
+    from featurebank.features.decode import Decoder
+    from featurebank.features.sweep import SharedDecoder
+
+    class Counting(FileReader):
+        reads = 0
+
+        def read(self, loc):
+            Counting.reads += 1
+            return super().read(loc)
+
+    small, large = tmp_path / "coffee.jpg", tmp_path / "large.jpg"
+    Image.fromarray(skimage.data.coffee()).save(small, quality=90)
+    Image.fromarray(skimage.data.coffee()).resize((2400, 1600)).save(large, quality=90)
+    pres = [Preprocessing(224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3),
+            Preprocessing(260, 292, "bicubic", (0.5,) * 3, (0.5,) * 3),
+            Preprocessing(240, 272, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    reader = Counting()
+    shared = SharedDecoder([Decoder(pres[0], reader=reader).as_pixels(), Decoder(pres[1], reader=reader),
+                            Decoder(pres[2], reader=reader)])
+    for path in (small, large):
+        Counting.reads = 0
+        got = shared(str(path))
+        assert Counting.reads == 1
+        own = [Decoder(pres[0]).as_pixels()(str(path)), Decoder(pres[1])(str(path)), Decoder(pres[2])(str(path))]
+        assert [tuple(t.shape) for t in got] == [(224, 224, 3), (3, 260, 260), (3, 240, 240)]
+        for a, b in zip(got, own):
+            a, b = a.float().flatten(), b.float().flatten()
+            if path == small:
+                assert torch_equal(a, b)  # the same pixels, the same resize: identical
+            else:  # decoded at the scale the largest backbone needs: 1/2 for all three here
+                assert float((a @ b) / (a.norm() * b.norm())) > 0.9999
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
