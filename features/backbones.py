@@ -303,9 +303,9 @@ def _is_checkpoint(name: str) -> bool:
 
 
 def is_text_backbone(name: str) -> bool:
-    """True for text backbone names (built by features.text): ``minilm``, ``st:<name>``, a
+    """True for text backbone names (built by features.text): ``minilm``, ``mpnet``, ``st:<name>``, a
     sentence-transformers folder (one with ``modules.json``)."""
-    return name == "minilm" or name.startswith("st:") or (Path(name) / "modules.json").is_file()
+    return name in ("minilm", "mpnet") or name.startswith("st:") or (Path(name) / "modules.json").is_file()
 
 
 def check_backbone_name(name: str) -> str:

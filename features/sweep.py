@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from featurebank.data.sources import Source, escape_id, open_source, split_of
-from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_backbone
+from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_backbone, is_text_backbone
 from featurebank.features.decode import DEFAULT_DECODER, Decoder
 from featurebank.features.engine import (
     CALIBRATION_SAMPLES, ExtractResult, ModalityError, SampleFiles, calibration_images, calibration_set, extract,
@@ -360,7 +360,7 @@ def sweep(
         return out
 
     for b in backbones:
-        if b == "minilm" or b.startswith("st:"):
+        if is_text_backbone(b):
             raise ModalityError(f"{b} embeds texts but {source.name} holds images: use image backbones")
     dev = pick_device(device)
     if dev.type == "cuda" and runtime != "openvino":
