@@ -55,7 +55,7 @@ from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, S
 
 FINAL = "final"
 #: images per decoded batch handed from the decoding workers to the backbones
-SWEEP_BATCH = 32
+SWEEP_BATCH = 64
 #: up to this many images to embed, decoding runs in this process (no worker processes to start)
 INLINE_DECODE_UP_TO = 64
 
@@ -478,7 +478,7 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
     shared = SharedDecoder(decoders)
     n_workers = workers if workers is not None else (0 if len(todo) <= INLINE_DECODE_UP_TO or _daemonic()
                                                      else usable_cores())
-    # OpenVINO's batch size is per infer request (it cuts a batch into requests): decoded batches stay 32
+    # OpenVINO's batch size is per infer request (it cuts a batch into requests): decoded batches stay SWEEP_BATCH
     batch = SWEEP_BATCH if any(r.name == "openvino" for r in runtimes) else max(1, batch_size or SWEEP_BATCH)
     loader = DataLoader(_Samples(files, shared), batch_size=batch, num_workers=n_workers, collate_fn=_collate,
                         prefetch_factor=4 if n_workers else None, persistent_workers=False,

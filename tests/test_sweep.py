@@ -242,3 +242,26 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_sweep_flow_posts_the_ranking_as_artifacts(swept, tmp_path, prefect_api):
+    """As a Prefect flow (on the session's server): the same ranking, and the markdown and table artifacts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from featurebank.pipelines.flows import sweep_flow
+    from featurebank.pipelines.params import SweepParams
+
+    folder, store, _ = swept
+    params = SweepParams(source=str(folder), backbones=["efficientnet_lite0"], layers=["final"], store_dir=str(store),
+                         out_dir=str(tmp_path / "runs"), pixel_baseline=False)
+    state = sweep_flow(params, return_state=True)
+    assert state.is_completed()
+    out = state.result()
+    assert [r["layer"] for r in out["ranking"]["rows"]] == ["final"] and Path(out["json"]).is_file()
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        keys = {a.key: a.data for a in found}
+    assert "featurebank-sweep" in keys and "| efficientnet_lite0 | final |" in keys["featurebank-sweep"]
+    assert "featurebank-sweep-rows" in keys
