@@ -46,7 +46,7 @@ COMMANDS = {
     "predict": Command("classify images with a saved classifier; writes a CSV", (PredictParams, AsFlow)),
     "run": Command("extract, train and report in one Prefect flow", (RunParams, AsFlowByDefault)),
     "sweep": Command("embed with several backbones and layers in one pass and rank them (LogME, probe accuracy "
-                     "with a 95%% CI, speed, baseline); prints the ranking as JSON", (SweepParams, AsFlow)),
+                     "with its confidence interval, speed, baseline); prints the ranking as JSON", (SweepParams, AsFlow)),
     "demo": Command("build a bundled demo dataset and run the whole pipeline on it", (DemoParams, AsFlowByDefault)),
     "serve": Command("serve the run flow as a scheduled Prefect deployment (needs a Prefect server)", (ServeParams,)),
 }

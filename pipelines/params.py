@@ -138,10 +138,12 @@ class Params(BaseModel):
 class EngineOptions(Params):
     """How a source is embedded: the backbone, the store, and the engine's options."""
 
-    backbone: str | None = option(None, f"images: {DEFAULT_BACKBONE} (bundled, the default for images), efficientnet_lite2, "
+    backbone: str | None = option(None, f"images: {DEFAULT_BACKBONE} (bundled, the default for images), "
+                                  "efficientnet_lite1, efficientnet_lite2, "
                                   "tv:NAME[:WEIGHTS], timm:NAME, or a checkpoint path; texts: minilm (bundled, the default "
-                                  "for texts), st:NAME, or a sentence-transformers folder")
-    layer: str | None = option(None, "embed an intermediate layer by node name (global-average-pooled)")
+                                  "for texts), mpnet, st:NAME, or a sentence-transformers folder")
+    layer: str | None = option(None, "embed an intermediate layer by node name (global-average-pooled); final: the "
+                               "pooled output")
     arch: str | None = option(None, "architecture of a state_dict checkpoint (tv:NAME or timm:NAME)")
     store_dir: str = option(DEFAULT_STORE_DIR, "folder of HDF5 stores", flag="--store")
     dataset: str | None = option(None, "dataset name in the store file name (default: the folder's name)")
