@@ -34,7 +34,7 @@ def test_mpnet_reassembles_and_agrees_with_sentence_transformers(tmp_path):
 
     backbone = create_text_backbone("mpnet")
     assert backbone.dim == 768 and backbone.preprocessing.max_length == 384 and backbone.preprocessing.normalize
-    arts = [a for a in bbc_articles() if a[0] in ("sport", "tech")][::60][:8]
+    arts = [a for a in bbc_articles() if a[0] in ("sports", "tech")][::60][:8]
     root = tmp_path / "news"
     for topic, name, data in arts:
         (root / topic).mkdir(parents=True, exist_ok=True)

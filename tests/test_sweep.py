@@ -265,3 +265,27 @@ def test_sweep_flow_posts_the_ranking_as_artifacts(swept, tmp_path, prefect_api)
         keys = {a.key: a.data for a in found}
     assert "featurebank-sweep" in keys and "| efficientnet_lite0 | final |" in keys["featurebank-sweep"]
     assert "featurebank-sweep-rows" in keys
+
+
+def test_text_sweep_makes_extracts_store_and_ranks_against_tfidf(tmp_path, capsys):
+    """Texts: the sweep's MiniLM store is the file `extract` makes (reused by it), ranked beside TF-IDF."""
+    from test_text import bbc_articles
+
+    from featurebank.pipelines.cli import main
+
+    arts = [a for a in bbc_articles() if a[0] in ("business", "sports", "tech")]
+    root = tmp_path / "news"
+    for topic in ("business", "sports", "tech"):
+        (root / topic).mkdir(parents=True)
+        for _, name, data in [a for a in arts if a[0] == topic][:20]:
+            (root / topic / name).write_bytes(data[:600])
+    store = tmp_path / "store"
+    assert main(["sweep", str(root), "--backbones", "minilm", "--store", str(store), "--out", str(tmp_path / "runs")]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)["rows"]
+    assert [(r["backbone"], r["layer"]) for r in rows] == [("minilm", "final"), ("tfidf", None)]
+    assert rows[0]["per_second"] > 0 and rows[0]["dim"] == 384 and rows[1]["store"] is None
+    again = extract(root, build_backbone("minilm"), store, **QUIET)
+    assert str(again.path) == rows[0]["store"] and again.embedded == 0 and again.reused == 60
+    assert main(["sweep", str(root), "--backbones", "minilm", "--layers", "blocks.1", "--store", str(store)]) == 1
+    assert "--layers applies to image backbones only" in capsys.readouterr().err
