@@ -478,8 +478,12 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
     shared = SharedDecoder(decoders)
     n_workers = workers if workers is not None else (0 if len(todo) <= INLINE_DECODE_UP_TO or _daemonic()
                                                      else usable_cores())
-    # OpenVINO's batch size is per infer request (it cuts a batch into requests): decoded batches stay SWEEP_BATCH
-    batch = SWEEP_BATCH if any(r.name == "openvino" for r in runtimes) else max(1, batch_size or SWEEP_BATCH)
+    # OpenVINO's batch size is per infer request (it cuts a batch into requests), so decoded batches are
+    # the sweep's own: large enough that few infer requests idle at each batch's end, small enough that
+    # every decoding worker has several batches in flight (with camera-size photos and a few hundred
+    # images, batches of 64 left the model idle while the first ones decoded)
+    batch = decoded_batch(len(todo), n_workers) if any(r.name == "openvino" for r in runtimes) \
+        else max(1, batch_size or SWEEP_BATCH)
     loader = DataLoader(_Samples(files, shared), batch_size=batch, num_workers=n_workers, collate_fn=_collate,
                         prefetch_factor=4 if n_workers else None, persistent_workers=False,
                         worker_init_fn=worker_started if n_workers else None,
@@ -550,6 +554,12 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
             say(f"  {c.taps.name}: {images[a]} images in {forward_s[a]:.1f} s of forward passes "
                 f"({rates[id(c)]:.1f} images/s, all {len(c.layers)} layers)")
     return rates
+
+
+def decoded_batch(n: int, workers: int) -> int:
+    """Images per decoded batch for ``n`` images and ``workers`` decoding processes: SWEEP_BATCH, or fewer
+    (down to 8) so that each worker gets at least four batches."""
+    return int(max(8, min(SWEEP_BATCH, n // (4 * max(1, workers)))))
 
 
 def _daemonic() -> bool:
