@@ -183,9 +183,13 @@ def test_compare_labels_runs_by_dataset_backbone_layer_precision_and_warns_on_mi
     from featurebank.pipelines.cli import main
 
     f = digits_features(200)
-    for name, dataset, layer in (("a", "digits", "blocks.5"), ("b", "digits", "pooled"), ("c", "mnist", "pooled")):
-        f.attrs = {"backbone": "efficientnet_lite0", "dataset": dataset, "layer": layer, "precision": "f32"}
+    for name, layer in (("a", "blocks.5"), ("b", "pooled")):
+        f.attrs = {"backbone": "efficientnet_lite0", "dataset": "digits", "layer": layer, "precision": "f32"}
         write_report(tmp_path / name, train_probes(f, ("ridge",), say=lambda *_: None), f)
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["layer"] == "blocks.5"
+    (tmp_path / "c").mkdir()  # run b's report, of another dataset
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    (tmp_path / "c" / "metrics.json").write_text(json.dumps(metrics | {"dataset": "mnist"}))
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out, err = capsys.readouterr()
     assert "| probe | digits/efficientnet_lite0/blocks.5/f32 acc |" in out and "digits/efficientnet_lite0/final/f32 acc" in out
