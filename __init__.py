@@ -32,7 +32,7 @@ _FLOWS = "featurebank.pipelines.flows"
 _EXPORTS = {
     **{name: _API for name in ("Backbone", "Classifier", "Listing", "Store", "TrainResult", "compare", "demo", "export",
                                "extract", "fewshot", "info", "load_classifier", "ls", "predict", "run", "runs", "serve",
-                               "stores", "train")},
+                               "stores", "sweep", "train")},
     "NamedClassifier": "featurebank.classifiers.named",
     **{name: _PARAMS for name in ("ExtractParams", "TrainParams", "PredictParams", "RunParams", "ServeParams",
                                   "FewshotParams")},

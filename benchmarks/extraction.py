@@ -19,6 +19,14 @@ It prints (b) / (a) and (b) / ceiling, where on a CPU the ceiling is 1 / (1/(a) 
 the forward pass share the cores, so their costs per image add up) and on a GPU min((a), (c)); the
 stages; writes JSON (--json) and appends a row to BENCHMARKS.md.
 
+The sweep (``--backbones A,B[,C]``, optionally ``--layers L1,L2``): in one run, the sweep's end-to-end rate
+(features.sweep: one read and decode per image for every backbone, one forward pass per backbone for all
+its layers) against separate extractions of the same backbones one after the other (one per backbone
+and layer) and against the sweep's own ceiling on a CPU, 1 / (sum_k 1/a_k + 1/c): a_k each backbone's
+bare OpenVINO forward (all its layers' taps), c the shared decoder's rate on all cores. ``--camera``
+uses camera-size photos (4000x3000 JPEGs cut from scikit-image's photos, upscaled), where decoding
+costs more than the forward pass.
+
 It generates its own input (photo-like JPEGs, from scikit-image's sample photos when installed) or
 takes a folder of images (--data). It needs torch, torchvision, timm, h5py, numpy, pillow, simplejpeg, filelock
 and tqdm; not Prefect, and it runs from a source checkout without installing the project.
@@ -592,6 +600,9 @@ def record_sources(path: Path, report: dict) -> None:
 
 
 def record(path: Path, report: dict) -> None:
+    if "sweep" in report:
+        record_sweep(path, report)
+        return
     if "sources" in report:
         record_sources(path, report)
         return
@@ -665,6 +676,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--source", default="folder", choices=("folder", "parquet", "webdataset"),
                     help="also measure end to end from the same JPEGs stored as HF-style Parquet or WebDataset "
                          "tars, side by side with the folder (ratio printed)")
+    ap.add_argument("--backbones", help="the sweep: comma-separated backbones, measured against separate extractions "
+                    "and the ceiling 1/(sum 1/a_k + 1/c)")
+    ap.add_argument("--layers", default="final", help="the sweep's layers of every backbone (default: final)")
+    ap.add_argument("--camera", action="store_true", help="camera-size input: 4000x3000 JPEGs (default 60 of them)")
     ap.add_argument("--_memory-child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._memory_child:
@@ -680,7 +695,9 @@ def main(argv=None) -> dict:
     report = {"machine": machine(), "backbone": name, "device": dev.type, "amp": "fp32", "batch_size": a.batch_size}
     print(f"machine: {report['machine']}")
     try:
-        if not a.memory_only and a.source != "folder":
+        if a.backbones:
+            report["sweep"] = sweep_benchmark(a, work)
+        elif not a.memory_only and a.source != "folder":
             report["sources"] = compare_sources(a, work)
         elif not a.memory_only:
             report["throughput"] = throughput(a, dev, work, report)
@@ -867,6 +884,143 @@ def compare_sources(a, work: Path) -> dict:
     print(f"{a.source} / folder end to end: median {out['ratio_median']:.3f} over {len(ratios)} run(s); "
           f"rerun {100 * out['rerun_share_median']:.1f} % of a full run")
     return out
+
+
+# ------------------------------------------------------------------------------------------- the sweep
+
+SWEEP_MARK = "## Sweep: several backbones over one decode"
+SWEEP_COLUMNS = ("| date (UTC) | machine | backbones | layers | images | a_k (img/s) | c | ceiling | sweep (b) | "
+                 "separate | (b)/ceiling | (b)/separate | sweep / 1 extraction |")
+SWEEP_HEADER = f"""
+{SWEEP_MARK}
+
+Rows appended by `python benchmarks/extraction.py --backbones A,B[,C] [--layers L1,L2] [--camera]`:
+**sweep (b)** images/s end to end through `featurebank.features.sweep.sweep` (one read and decode per
+image, one forward pass per backbone for all its layers, one store per backbone and layer);
+**separate** images/s of the same stores made by one `extract()` per backbone and layer, one after the
+other; **a_k** each backbone's bare OpenVINO forward (all its layers) on tensors in memory; **c** the
+shared decoder on all cores; **ceiling** 1 / (sum 1/a_k + 1/c); **ratio** (b) / ceiling; **1-extraction**
+the sweep's time over one extraction of the first backbone (final layer). Every timing builds its models
+inside it.
+
+{SWEEP_COLUMNS}
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def record_sweep(path: Path, report: dict) -> None:
+    t, m = report["sweep"], report["machine"]
+    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
+           ", ".join(t["backbones"]), ", ".join(t["layers"]), t["images_desc"],
+           " / ".join(f"{v:.1f}" for v in t["bare"].values()), f"{t['decode_ceiling']:.1f}", f"{t['ceiling']:.1f}",
+           f"{t['sweep']:.1f}", f"{t['separate']:.1f}", f"{t['ratio_ceiling']:.3f}", f"{t['ratio_separate']:.2f}",
+           f"{t['sweep_over_one']:.2f}"]
+    insert_row(path, SWEEP_MARK, SWEEP_HEADER, "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
+
+
+def _shared_decode_worker(pres, paths, out):
+    from featurebank.features.sweep import SharedDecoder
+
+    torch.set_num_threads(1)
+    dec = SharedDecoder([Decoder(p, pixels=True) for p in pres])
+    t0 = time.perf_counter()
+    for p in paths:
+        try:
+            dec(p)
+        except Exception:
+            pass
+    out.put((len(paths), time.perf_counter() - t0))
+
+
+def shared_decode_ceiling(pres: list[Preprocessing], paths: list[str]) -> float:
+    """Images/s of the sweep's shared decoder (one decode, one resize and crop per backbone) on all cores."""
+    cores = usable_cores()
+    ctx = mp_context()
+    out = ctx.Queue()
+    t0 = time.perf_counter()
+    ps = [ctx.Process(target=_shared_decode_worker, args=(pres, paths[r::cores], out)) for r in range(cores)]
+    for p in ps:
+        p.start()
+    got = [out.get() for _ in ps]
+    for p in ps:
+        p.join()
+    return sum(n for n, _ in got) / (time.perf_counter() - t0)
+
+
+def sweep_benchmark(a, work: Path) -> dict:
+    """The sweep against separate extractions and against its ceiling 1 / (sum 1/a_k + 1/c), in one run."""
+    from featurebank.features.store import library_versions
+    from featurebank.features.sweep import candidate, parse_list, sweep
+
+    names = parse_list(a.backbones)
+    layers = parse_list(a.layers) or ["final"]
+    if a.data:
+        folder, desc = Path(a.data), Path(a.data).name
+    else:
+        w, h = (4000, 3000) if a.camera else (int(v) for v in a.size.lower().split("x"))
+        n = a.images if not a.camera or a.images != 1000 else 60
+        folder = make_images(work / f"jpeg-{w}x{h}-{n}", n, (w, h), quality=92 if a.camera else 90)
+        desc = f"{n} JPEG {w}x{h}"
+    paths = [str(s.path) for s in open_source(folder).samples]
+    library_versions()
+    quiet = dict(progress=False, say=lambda s: None, batch_size=a.batch_size, runtime=a.runtime, precision=a.precision)
+    cands = [candidate(nm, layers) for nm in names]
+    print(f"sweep benchmark: {desc}; backbones {', '.join(names)}; layers {', '.join(layers)}", flush=True)
+    # one-off work (conversions of the taps and of each single layer, compilation) before anything is timed
+    few = make_images(work / "warm", 4, (320, 240))
+    with tempfile.TemporaryDirectory(prefix="fb-bench-warm-") as store:
+        sweep(few, names, layers, store, **quiet)
+        for c in cands:
+            for layer in layers:
+                extract(few, create_backbone(c.name, layer=None if layer == "final" else layer), store, **quiet)
+    runs = []
+    for _ in range(a.repeat):
+        bare = {}
+        for c in cands:
+            pre = c.taps.preprocessing
+            bare[c.name], _ = bare_forward_openvino(c.taps.model, (3, pre.size, pre.size), 32, a.seconds, a.precision,
+                                                    batches=(1, 2, 4))
+        ceiling_c = max(shared_decode_ceiling([c.taps.preprocessing for c in cands], paths) for _ in range(2))
+        ceiling = 1 / (sum(1 / v for v in bare.values()) + 1 / ceiling_c)
+        print(f"  a_k bare forward: {', '.join(f'{k} {v:.1f}' for k, v in bare.items())} img/s; c shared decode "
+              f"{ceiling_c:.1f} img/s; ceiling 1/(sum 1/a_k + 1/c) = {ceiling:.1f} img/s", flush=True)
+        with tempfile.TemporaryDirectory(prefix="fb-bench-sweep-") as store:
+            t0 = time.perf_counter()
+            r = sweep(folder, names, layers, store, **quiet)
+            wall_sweep = time.perf_counter() - t0
+            if any(s.result.rows != len(paths) for s in r.stores):
+                raise SystemExit(f"sweep stores are wrong: {r.summary()}")
+        walls = {}
+        with tempfile.TemporaryDirectory(prefix="fb-bench-sep-") as store:
+            for c in cands:
+                for layer in layers:
+                    t0 = time.perf_counter()  # the model is built inside the timing, as the sweep builds its own
+                    bb = create_backbone(c.name, layer=None if layer == "final" else layer)
+                    e = extract(folder, bb, store, **quiet)
+                    walls[f"{c.name}:{layer}"] = time.perf_counter() - t0
+                    if e.rows != len(paths):
+                        raise SystemExit(f"extraction is wrong: {e.summary()}")
+        first = walls[f"{cands[0].name}:{layers[0]}"] if layers[0] == "final" else None
+        if first is None:  # one extraction of the first backbone's pooled output, for the 1.1x rule
+            with tempfile.TemporaryDirectory(prefix="fb-bench-one-") as store:
+                t0 = time.perf_counter()
+                extract(folder, create_backbone(cands[0].name), store, **quiet)
+                first = time.perf_counter() - t0
+        n = len(paths)
+        run = {"bare": bare, "decode_ceiling": ceiling_c, "ceiling": ceiling, "sweep": n / wall_sweep,
+               "separate": n / sum(walls.values()), "separate_walls": {k: round(v, 2) for k, v in walls.items()},
+               "sweep_seconds": round(wall_sweep, 2), "one_extraction_seconds": round(first, 2),
+               "sweep_over_one": wall_sweep / first, "stages": r.stages}
+        run["ratio_ceiling"] = run["sweep"] / ceiling
+        run["ratio_separate"] = run["sweep"] / run["separate"]
+        print(f"  sweep end to end {run['sweep']:.1f} img/s ({wall_sweep:.1f} s) = {run['ratio_ceiling']:.3f} of the "
+              f"ceiling; separate extractions {run['separate']:.1f} img/s ({sum(walls.values()):.1f} s): sweep "
+              f"{run['ratio_separate']:.2f}x faster; sweep / one extraction of {cands[0].name} = "
+              f"{run['sweep_over_one']:.2f}", flush=True)
+        runs.append(run)
+    med = sorted(runs, key=lambda x: x["ratio_ceiling"])[(len(runs) - 1) // 2]
+    return {**med, "backbones": names, "layers": layers, "images_desc": desc, "runs": runs,
+            "ratios_ceiling": [round(x["ratio_ceiling"], 4) for x in runs]}
 
 
 if __name__ == "__main__":

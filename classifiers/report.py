@@ -138,6 +138,10 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         "store": str(features.path),
         "store_fingerprint": features.fingerprint,
         "backbone": features.attrs.get("backbone"),
+        # what `compare` labels a run by (with the backbone)
+        "dataset": _attr(features.attrs.get("dataset")),
+        "layer": _attr(features.attrs.get("layer")),
+        "precision": _attr(features.attrs.get("precision")),
         "classes": features.class_names,
         "n_train": int(((features.splits == "train") & (features.y >= 0)).sum()),
         "n_test": int(((features.splits == "test") & (features.y >= 0)).sum()),
@@ -209,8 +213,45 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
             "html": run_dir / "report.html", "rows": rows, "markdown_text": md}
 
 
-def compare_runs(run_dirs: list[str | os.PathLike]) -> str:
-    """A markdown table of several runs side by side: one row per probe, one column group per run."""
+def _attr(value):
+    """An HDF5 attribute as a JSON value (numpy scalars and bytes as plain ones)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value.item() if hasattr(value, "item") else value
+
+
+def run_identity(run_dir: str | os.PathLike, metrics: dict) -> dict:
+    """dataset, backbone, layer and precision of a run: from its metrics.json, or (runs written before
+    they were recorded there) from its store's attributes when the store is still there."""
+    out = {k: metrics.get(k) for k in ("dataset", "backbone", "layer", "precision")}
+    if any(v is None for v in out.values()) and metrics.get("store") and Path(metrics["store"]).is_file():
+        from featurebank.features.store import StoreError, read_index
+
+        try:
+            attrs = read_index(metrics["store"]).attrs
+            out = {k: v if v is not None else _attr(attrs.get(k)) for k, v in out.items()}
+        except StoreError:
+            pass
+    return out
+
+
+def run_label(identity: dict) -> str:
+    """``dataset/backbone/layer/precision`` (``final`` for the pooled output, parts unknown left out)."""
+    layer = identity.get("layer")
+    parts = [identity.get("dataset"), identity.get("backbone"), "final" if layer == "pooled" else layer,
+             identity.get("precision")]
+    return "/".join(str(p) for p in parts if p)
+
+
+def compare_runs(run_dirs: list[str | os.PathLike], warn=None) -> str:
+    """A markdown table of several runs side by side: one row per probe, one column group per run, each
+    labelled by dataset, backbone, layer and precision (and the run's name where two labels are the
+    same). Runs of different datasets are compared with a warning (``warn``, default: stderr)."""
+    import sys
+
+    warn = warn or (lambda line: print(line, file=sys.stderr))
     runs = []
     for d in run_dirs:
         path = Path(d) / "metrics.json"
@@ -220,6 +261,15 @@ def compare_runs(run_dirs: list[str | os.PathLike]) -> str:
             runs.append((Path(d).name, json.loads(path.read_text())))
         except ValueError:
             raise FileNotFoundError(f"{path} is not valid JSON; rerun 'train' for that run") from None
+    identities = [run_identity(d, m) for d, (_, m) in zip(run_dirs, runs)]
+    labels = [run_label(i) or name for i, (name, _) in zip(identities, runs)]
+    labels = [f"{lab} ({name})" if labels.count(lab) > 1 and lab != name else lab
+              for lab, (name, _) in zip(labels, runs)]
+    datasets = sorted({str(i["dataset"]) for i in identities if i.get("dataset")})
+    if len(datasets) > 1:
+        warn(f"warning: these runs are of different datasets ({', '.join(datasets)}): their accuracies are not "
+             "comparable")
+    runs = [(label, m) for label, (_, m) in zip(labels, runs)]
     probes = list(dict.fromkeys(p for _, m in runs for p in m.get("probes", {})))
     head = "| probe | " + " | ".join(f"{name} acc | {name} bal. acc | {name} macro-F1" for name, _ in runs) + " |\n"
     head += "|---|" + "---:|" * (3 * len(runs)) + "\n"
@@ -230,6 +280,6 @@ def compare_runs(run_dirs: list[str | os.PathLike]) -> str:
             pm = m.get("probes", {}).get(probe)
             cells += [f"{pm[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "macro_f1")] if pm else ["–"] * 3
         body += f"| {probe} | " + " | ".join(cells) + " |\n"
-    legend = "".join(f"- {name}: store `{m.get('store')}` (backbone `{m.get('backbone')}`, "
-                     f"train {m.get('n_train')}, test {m.get('n_test')})\n" for name, m in runs)
+    legend = "".join(f"- {name}: run `{Path(d).name}`, store `{m.get('store')}` (backbone `{m.get('backbone')}`, "
+                     f"train {m.get('n_train')}, test {m.get('n_test')})\n" for d, (name, m) in zip(run_dirs, runs))
     return head + body + "\n" + legend

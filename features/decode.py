@@ -109,12 +109,16 @@ class Decoder:
                     self._transform = self.pre.transform(normalize=not self.pixels)
                 out = self._transform(img)
                 return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()) if self.pixels else out
-            pixels = self._jpeg(data) if data[:3] == JPEG_MAGIC else None
-            if pixels is None:
-                pixels = pil_pixels(data, allow_damaged=self.allow_damaged, decoder=self)
-            return self.finish(pixels)
+            return self.finish(self.decode_pixels(data))
         finally:
             self.timings["decode"] += time.perf_counter() - t1
+
+    def decode_pixels(self, data: bytes) -> torch.Tensor:
+        """Encoded image bytes -> uint8 [3, H, W] at the resolution this decoder needs (a large JPEG at a
+        reduced DCT scale), before any resize: what :meth:`finish` takes. Several backbones' decoders can
+        share one call of the one that needs the most pixels (features.sweep). ImageError with the reason."""
+        pixels = self._jpeg(data) if data[:3] == JPEG_MAGIC else None
+        return pixels if pixels is not None else pil_pixels(data, allow_damaged=self.allow_damaged, decoder=self)
 
     def _jpeg(self, data: bytes) -> torch.Tensor | None:
         """Decode a JPEG with libjpeg-turbo (strict: damage raises ImageError unless allowed); None sends

@@ -244,6 +244,7 @@ def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
     return False
 
 
+labels_changed = _labels_changed  # public: features.sweep plans its stores as extract() does
 
 
 def _check_labels_kept(path: Path, source: Source, labels) -> bool:

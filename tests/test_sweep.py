@@ -1,0 +1,295 @@
+"""The sweep: stores identical to single extractions (same files, same rows), reuse without a forward pass,
+a backbone added later runs alone, a killed sweep resumes, the ranking with its baseline and flags, and
+the CLI from the sweep to `run` on its best row. Real weights (EfficientNet-Lite0/Lite1), real digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_digits_folder
+
+from featurebank.features.engine import extract
+from featurebank.features.registry import build_backbone
+from featurebank.features.store import read_features
+from featurebank.features.sweep import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = {"progress": False, "say": lambda s: None}
+
+
+def cosines(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Lite0 at two layers through the default runtime (OpenVINO on a CPU: the two taps as one converted
+    model, cached after the first run), 36 digits."""
+    root = tmp_path_factory.mktemp("sweep")
+    folder = write_digits_folder(root / "digits", per_class=12, classes=(0, 1, 7))
+    store = root / "store"
+    result = sweep(folder, ["efficientnet_lite0"], ["blocks.3", "final"], store, **QUIET)
+    return folder, store, result
+
+
+def test_sweep_stores_are_the_single_extractions_stores(swept, tmp_path):
+    folder, store, result = swept
+    assert [(s.backbone, s.layer) for s in result.stores] == [("efficientnet_lite0", "blocks.3"),
+                                                               ("efficientnet_lite0", "final")]
+    assert all(s.result.embedded == 36 and s.result.rows == 36 for s in result.stores)
+    assert result.stores[0].per_second and result.stores[0].per_second == result.stores[1].per_second
+    for s, layer in zip(result.stores, ("blocks.3", None)):
+        backbone = build_backbone("efficientnet_lite0", layer=layer)
+        # the same file name (fingerprint): extract reuses the sweep's store, with no forward pass
+        again = extract(folder, backbone, store, **QUIET)
+        assert again.path == s.path and again.embedded == 0 and again.reused == 36
+        # and the same numbers as a single extraction by the other runtime (eager torch), in another folder
+        single = extract(folder, backbone, tmp_path / "single", runtime="torch", workers=0, **QUIET)
+        assert single.path.name == s.path.name
+        a, b = read_features(s.path), read_features(single.path)
+        assert a.ids == b.ids and a.X.shape == b.X.shape == (36, s.dim)
+        assert cosines(a.X, b.X).min() >= 0.9999
+
+
+def test_complete_stores_are_reused_and_a_new_backbone_runs_alone(swept):
+    folder, store, _ = swept
+    again = sweep(folder, ["efficientnet_lite0"], ["final", "blocks.3"], store, **QUIET)
+    assert again.embedded_samples == 0 and all(s.result.embedded == 0 and s.result.reused == 36 for s in again.stores)
+    more = sweep(folder, ["efficientnet_lite0", "efficientnet_lite1"], ["final"], store, runtime="torch", **QUIET)
+    by = {s.backbone: s for s in more.stores}
+    assert by["efficientnet_lite0"].result.embedded == 0 and by["efficientnet_lite1"].result.embedded == 36
+    assert by["efficientnet_lite1"].dim == 1280 and by["efficientnet_lite1"].path != by["efficientnet_lite0"].path
+    # the rate measured when the store was written is kept beside it
+    assert by["efficientnet_lite0"].per_second is not None
+
+
+def test_logme_of_a_real_store_equals_the_direct_implementation(swept):
+    from test_logme import direct_logme
+
+    from featurebank.classifiers.logme import logme
+
+    feats = read_features(swept[2].stores[0].path)  # blocks.3: 40 dims
+    train = feats.subset((feats.y >= 0) & (feats.splits == "train"))
+    _, y = np.unique(train.y, return_inverse=True)
+    assert abs(logme(train.X, y) - direct_logme(train.X, y)) <= 1e-3
+
+
+SWEEP = (
+    "import sys\n"
+    "from featurebank.features.sweep import sweep\n"
+    "sweep(sys.argv[1], ['efficientnet_lite0'], ['blocks.3', 'final'], sys.argv[2], rows_per_part=4,\n"
+    "      seconds_per_part=60, runtime='torch', batch_size=4, workers=0, progress=False)\n"
+)
+
+
+def test_a_killed_sweep_resumes(swept, tmp_path):
+    folder, _, first = swept
+    store = tmp_path / "store"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", SWEEP, str(folder), str(store)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not any(store.glob("*.parts/part-*.h5")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(store.glob("*.h5"))  # killed before any store was complete
+    resumed = sweep(folder, ["efficientnet_lite0"], ["blocks.3", "final"], store, runtime="torch", **QUIET)
+    assert sum(s.result.reused for s in resumed.stores) > 0  # the committed parts were kept
+    assert all(s.result.rows == 36 and s.result.reused + s.result.embedded == 36 for s in resumed.stores)
+    for a, b in zip(resumed.stores, first.stores):  # the same rows as the uninterrupted sweep (OpenVINO there)
+        assert a.path.name == b.path.name
+        fa, fb = read_features(a.path), read_features(b.path)
+        assert fa.ids == fb.ids
+        assert cosines(fa.X, fb.X).min() >= 0.9999
+
+
+def test_ranking_flags_negative_transfer_where_the_baseline_wins(tmp_path):
+    """A store whose embeddings carry no information about the labels (noise, written by the store's own
+    writer) against the raw-pixel baseline on real digits: the baseline wins beyond the intervals."""
+    from featurebank.classifiers.ranking import NEGATIVE, baseline_row, rank
+    from featurebank.classifiers.train import pixel_baseline
+    from featurebank.data.sources import escape_id, open_source, split_of
+    from featurebank.features.pixels import pixel_features
+    from featurebank.features.store import StoreConfig, StoreWriter
+
+    folder = write_digits_folder(tmp_path / "digits", per_class=40, classes=(0, 1, 7))
+    source = open_source(folder)
+    ids = [escape_id(s.id) for s in source.samples]
+    labels = [s.label for s in source.samples]
+    splits = [split_of(s.id) for s in source.samples]
+    content = source.fingerprints(False)
+    bb = build_backbone("efficientnet_lite0")
+    config = StoreConfig("noise", "none", bb.preprocessing.as_dict(), "pooled", "avg", "float32", 16)
+    path = tmp_path / "noise.h5"
+    with StoreWriter(path, config, "digits") as w:
+        w.add(ids, np.random.default_rng(0).normal(size=(len(ids), 16)).astype(np.float32), content)
+        w.finish(ids, labels, splits, content, class_names=source.classes)
+    feats = read_features(path)
+    test = (feats.y >= 0) & (feats.splits == "test")
+    base = pixel_baseline(feats, pixel_features(source, feats.ids), say=lambda s: None)
+    row = baseline_row("pixels", feats.y[test], base.y_pred)
+    ranking = rank([{"backbone": "noise", "layer": "final", "store": str(path), "per_second": 1.0}], row,
+                   say=lambda s: None)
+    noise = ranking["rows"][0]
+    assert noise["flag"] == NEGATIVE and noise["ci_high"] < row["ci_low"]
+    assert ranking["rows"][-1]["baseline"] and ranking["rows"][-1]["flag"] is None
+
+
+def test_sweep_cli_ranks_and_run_reuses_the_best_store(swept, tmp_path, capsys):
+    from featurebank.pipelines.cli import main
+
+    folder, store, _ = swept
+    runs = tmp_path / "runs"
+    assert main(["sweep", str(folder), "--backbones", "efficientnet_lite0", "--layers", "blocks.3,final",
+                 "--store", str(store), "--out", str(runs)]) == 0
+    out, err = capsys.readouterr()
+    ranking = json.loads(out)
+    rows = ranking["rows"]
+    assert [r["backbone"] for r in rows][-1] == "pixels" and rows[-1]["baseline"]
+    for r in rows:
+        assert {"backbone", "layer", "store", "logme", "accuracy", "ci_low", "ci_high", "per_second", "flag"} <= set(r)
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+    assert "reused without a forward pass" in err and "best: " in err
+    run_dir = next(d for d in runs.iterdir() if not d.name.startswith("."))
+    for name in ("ranking.json", "ranking.md", "accuracy_vs_speed.png", "logme_vs_accuracy.png"):
+        assert (run_dir / name).is_file()
+    assert json.loads((run_dir / "ranking.json").read_text())["rows"] == rows
+    best = ranking["best"]
+    cmd = f"featurebank run {folder} --backbone {best['backbone']}"
+    assert cmd in (run_dir / "ranking.md").read_text()
+    layer = [] if best["layer"] == "final" else ["--layer", best["layer"]]
+    # `run` embeds through the same stage as `extract` (pipelines.jobs.run_extract): the store is reused
+    assert main(["extract", str(folder), "--backbone", best["backbone"], *layer, "--store", str(store)]) == 0
+    out, err = capsys.readouterr()
+    assert "up to date: 36 embeddings reused, no forward pass" in err and out.strip() == best["store"]
+
+
+def test_compare_labels_runs_by_dataset_backbone_layer_precision_and_warns_on_mixed_datasets(tmp_path, capsys):
+    from probes_support import digits_features
+
+    from featurebank.classifiers.report import write_report
+    from featurebank.classifiers.train import train_probes
+    from featurebank.pipelines.cli import main
+
+    f = digits_features(200)
+    for name, layer in (("a", "blocks.5"), ("b", "pooled")):
+        f.attrs = {"backbone": "efficientnet_lite0", "dataset": "digits", "layer": layer, "precision": "f32"}
+        write_report(tmp_path / name, train_probes(f, ("ridge",), say=lambda *_: None), f)
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["layer"] == "blocks.5"
+    (tmp_path / "c").mkdir()  # run b's report, of another dataset
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    (tmp_path / "c" / "metrics.json").write_text(json.dumps(metrics | {"dataset": "mnist"}))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out, err = capsys.readouterr()
+    assert "| probe | digits/efficientnet_lite0/blocks.5/f32 acc |" in out and "digits/efficientnet_lite0/final/f32 acc" in out
+    assert "different datasets" not in err
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 0
+    out, err = capsys.readouterr()
+    assert "mnist/efficientnet_lite0/final/f32 acc" in out
+    assert "warning: these runs are of different datasets (digits, mnist)" in err
+
+
+def test_one_read_and_one_decode_feed_every_backbone(tmp_path):
+    """SharedDecoder reads each sample's bytes once and decodes once (at the largest backbone's needs);
+    each backbone's tensor equals what its own decoder makes from the file, for a photo decoded in full
+    and for a large one decoded at a reduced DCT scale."""
+    import skimage.data
+    from PIL import Image
+
+    from featurebank.data.sources import FileReader
+    from featurebank.features.backbones import Preprocessing
+    from featurebank.features.decode import Decoder
+    from featurebank.features.sweep import SharedDecoder
+
+    class Counting(FileReader):
+        reads = 0
+
+        def read(self, loc):
+            Counting.reads += 1
+            return super().read(loc)
+
+    small, large = tmp_path / "coffee.jpg", tmp_path / "large.jpg"
+    Image.fromarray(skimage.data.coffee()).save(small, quality=90)
+    Image.fromarray(skimage.data.coffee()).resize((2400, 1600)).save(large, quality=90)
+    pres = [Preprocessing(224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3),
+            Preprocessing(260, 292, "bicubic", (0.5,) * 3, (0.5,) * 3),
+            Preprocessing(240, 272, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    reader = Counting()
+    shared = SharedDecoder([Decoder(pres[0], reader=reader).as_pixels(), Decoder(pres[1], reader=reader),
+                            Decoder(pres[2], reader=reader)])
+    for path in (small, large):
+        Counting.reads = 0
+        got = shared(str(path))
+        assert Counting.reads == 1
+        own = [Decoder(pres[0]).as_pixels()(str(path)), Decoder(pres[1])(str(path)), Decoder(pres[2])(str(path))]
+        assert [tuple(t.shape) for t in got] == [(224, 224, 3), (3, 260, 260), (3, 240, 240)]
+        for a, b in zip(got, own):
+            a, b = a.float().flatten(), b.float().flatten()
+            if path == small:
+                assert torch_equal(a, b)  # the same pixels, the same resize: identical
+            else:  # decoded at the scale the largest backbone needs: 1/2 for all three here
+                assert float((a @ b) / (a.norm() * b.norm())) > 0.9999
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_sweep_flow_posts_the_ranking_as_artifacts(swept, tmp_path, prefect_api):
+    """As a Prefect flow (on the session's server): the same ranking, and the markdown and table artifacts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from featurebank.pipelines.flows import sweep_flow
+    from featurebank.pipelines.params import SweepParams
+
+    folder, store, _ = swept
+    params = SweepParams(source=str(folder), backbones=["efficientnet_lite0"], layers=["final"], store_dir=str(store),
+                         out_dir=str(tmp_path / "runs"), pixel_baseline=False)
+    state = sweep_flow(params, return_state=True)
+    assert state.is_completed()
+    out = state.result()
+    assert [r["layer"] for r in out["ranking"]["rows"]] == ["final"] and Path(out["json"]).is_file()
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        keys = {a.key: a.data for a in found}
+    assert "featurebank-sweep" in keys and "| efficientnet_lite0 | final |" in keys["featurebank-sweep"]
+    assert "featurebank-sweep-rows" in keys
+
+
+def test_text_sweep_makes_extracts_store_and_ranks_against_tfidf(tmp_path, capsys):
+    """Texts: the sweep's MiniLM store is the file `extract` makes (reused by it), ranked beside TF-IDF."""
+    from test_text import bbc_articles
+
+    from featurebank.pipelines.cli import main
+
+    arts = [a for a in bbc_articles() if a[0] in ("business", "sports", "tech")]
+    root = tmp_path / "news"
+    for topic in ("business", "sports", "tech"):
+        (root / topic).mkdir(parents=True)
+        for _, name, data in [a for a in arts if a[0] == topic][:20]:
+            (root / topic / name).write_bytes(data[:600])
+    store = tmp_path / "store"
+    assert main(["sweep", str(root), "--backbones", "minilm", "--store", str(store), "--out", str(tmp_path / "runs")]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)["rows"]
+    assert [(r["backbone"], r["layer"]) for r in rows] == [("minilm", "final"), ("tfidf", None)]
+    assert rows[0]["per_second"] > 0 and rows[0]["dim"] == 384 and rows[1]["store"] is None
+    again = extract(root, build_backbone("minilm"), store, **QUIET)
+    assert str(again.path) == rows[0]["store"] and again.embedded == 0 and again.reused == 60
+    assert main(["sweep", str(root), "--backbones", "minilm", "--layers", "blocks.1", "--store", str(store)]) == 1
+    assert "--layers applies to image backbones only" in capsys.readouterr().err
