@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+from featurebank.classifiers.audit import audit_features, drift_against, reference_features, write_audit
 from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
 from featurebank.classifiers.history import record_run
 from featurebank.classifiers.predict import classifier_for_prediction, store_options, write_predictions
@@ -28,7 +29,9 @@ from featurebank.features.shards import extract_shard, join_shards, plan_shards
 from featurebank.features.store import DTYPES, StoreConfig, read_features
 from featurebank.features.text import LONG_TEXT
 from featurebank.features.text import PRECISIONS as TEXT_PRECISIONS
-from featurebank.pipelines.params import ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, TrainParams
+from featurebank.pipelines.params import (
+    AuditParams, ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, TrainParams,
+)
 
 FAILURES_SHOWN = 20  # skipped files listed on the console; all are in the store's failures table
 
@@ -103,6 +106,23 @@ def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dic
             run.commit()
         return run.rebase(out)
     return fewshot_run(read_features(p.store), run_dir, p.shots, p.seeds, p.probes, say=say)
+
+
+def run_audit(p: AuditParams, say=print) -> dict:
+    """Audit a store (label issues, duplicates, leaks; drift against ``p.against``); writes audit.json,
+    audit.md, label_issues.csv and near_duplicates.csv into ``p.out_dir``."""
+    features = read_features(p.store)
+    say(f"auditing {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
+    audit = audit_features(features, folds=p.folds, seed=p.seed, say=say)
+    if p.against:
+        audit["drift"] = drift_against(features, reference_features(p.against), seed=p.seed)
+        d = audit["drift"]
+        say(f"  drift: {d['n_new']} new samples against {d['n_reference']}: " + (
+            f"AUC {d['statistic']:.3f}, p = {d['p_value']:.3g}, {'drifted' if d['drifted'] else 'no drift detected'}"
+            if d.get("p_value") is not None else f"not tested ({d.get('skipped')})"))
+    paths = write_audit(p.out_dir, audit)
+    say(f"audit: {paths['markdown']}")
+    return {k: str(v) for k, v in paths.items()} | {"audit": audit}
 
 
 def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
