@@ -245,11 +245,13 @@ def leak_effect(test_rows: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, l
 
 # ---------------------------------------------------------------------------------------------- audit
 def audit_features(features: Features, test_predictions: tuple[np.ndarray, np.ndarray] | None = None,
-                   folds: int = FOLDS, seed: int = SEED, near_ratio: float = NEAR_RATIO, say=print) -> dict:
+                   folds: int = FOLDS, seed: int = SEED, near_ratio: float = NEAR_RATIO, C: float | None = None,
+                   say=print) -> dict:
     """The audit of a store's rows: label issues, duplicate groups and leaks, as a JSON-able dict.
 
     ``test_predictions``: ``(test rows, predicted labels)`` of the classifier whose accuracy the leaks
-    may inflate; without it, the CLIP probe is trained on the train split with the C the label audit chose."""
+    may inflate; without it, the CLIP probe is trained on the train split with the C the label audit chose.
+    ``C``: the label audit's C (e.g. what a run's logreg probe chose), else searched."""
     t0 = time.perf_counter()
     names = features.class_names
     y, ids, splits = features.y, features.ids, features.splits
@@ -259,7 +261,7 @@ def audit_features(features: Features, test_predictions: tuple[np.ndarray, np.nd
     labelled = y >= 0
     if labelled.sum() >= 4 and len(np.unique(y[labelled])) >= 2:
         t = time.perf_counter()
-        found = find_label_issues(features.X, y, folds, seed)
+        found = find_label_issues(features.X, y, folds, seed, C)
         timings["label_issues"] = round(time.perf_counter() - t, 2)
         out["label_issues"] = {
             "probe": found["probe"], "n_labelled": int(labelled.sum()), "n_flagged": len(found["rows"]),

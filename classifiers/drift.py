@@ -99,7 +99,8 @@ def proportion_shift(reference: dict[str, float], new: dict[str, float]) -> dict
 def drift_markdown(drift: dict) -> str:
     md = "## Drift of the new samples against the reference\n\n"
     if drift.get("skipped"):
-        return md + f"Not tested: {drift['skipped']} ({drift['n_reference']} reference, {drift['n_new']} new).\n\n"
+        counts = f" ({drift['n_reference']} reference, {drift['n_new']} new)" if "n_new" in drift else ""
+        return md + f"Not tested: {drift['skipped']}{counts}.\n\n"
     md += (f"{drift['method']}: AUC **{drift['statistic']:.4f}**, p = {drift['p_value']:.4g} "
            f"({drift['permutations']} permutations, seed {drift['seed']}) on {drift['n_new']} new against "
            f"{drift['n_reference']} reference samples: **{'drifted' if drift['drifted'] else 'no drift detected'}** "
@@ -115,3 +116,31 @@ def drift_markdown(drift: dict) -> str:
         md += "".join(f"| {n} | {ref.get(n, 0):.3f} | {new.get(n, 0):.3f} | {d:+.3f} |\n"
                       for n, d in shift["by_class"].items()) + "\n"
     return md
+
+
+def incremental_drift(features, previous: dict | None, predicted: dict[str, str] | None = None,
+                      seed: int = SEED) -> dict:
+    """The drift test of a scheduled or incremental run: the rows added or changed since the previous
+    run's snapshot (``previous``: ids and content fingerprints) against that run's training set (the
+    train-split rows it held, unchanged), with the shift in predicted-class proportions of the new rows
+    (``predicted``: id -> class name, the best probe's predictions) against the training labels."""
+    if previous is None:
+        return {"skipped": "first run: nothing to compare with", "drifted": False, "p_value": None}
+    then = set(zip(previous["ids"], previous["content"]))
+    content = features.content or [""] * len(features.ids)
+    held = np.array([(i, c) in then for i, c in zip(features.ids, content)], bool)
+    reference = held & (features.splits == "train") & (features.y >= 0)
+    new = ~held
+    if not new.any():
+        return {"skipped": "no sample added or changed since the previous run", "drifted": False, "p_value": None,
+                "n_new": 0, "n_reference": int(reference.sum())}
+    out = domain_classifier_test(features.X[reference], features.X[new], seed=seed)
+    names = features.class_names
+    ref_props = class_proportions(features.y[reference], names)
+    out["reference_proportions"] = ref_props
+    if predicted:
+        index = {n: k for k, n in enumerate(names)}
+        labels = np.array([index.get(predicted.get(i, ""), -1) for i, m in zip(features.ids, new) if m], np.int64)
+        out["new_predicted_proportions"] = class_proportions(labels, names)
+        out["predicted_class_shift"] = proportion_shift(ref_props, out["new_predicted_proportions"])
+    return out

@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 from featurebank.classifiers.audit import audit_features, drift_against, reference_features, write_audit
 from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
-from featurebank.classifiers.history import record_run
+from featurebank.classifiers.gallery import audit_run, run_predictions
+from featurebank.classifiers.history import record_run, store_failures
 from featurebank.classifiers.predict import classifier_for_prediction, store_options, write_predictions
 from featurebank.classifiers.report import write_report
 from featurebank.classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
@@ -62,9 +63,10 @@ def source_texts(source, stored_ids: list[str]) -> list[str]:
 
 
 def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: SourceOptions | None = None,
-              extraction: dict | None = None, say=print) -> dict:
+              extraction: dict | None = None, say=print, source: SourceOptions | None = None) -> dict:
     """Train the probes (and optionally the raw-pixel baseline, reading the images of ``baseline_source``)
-    and write the report.
+    and write the report, with the data audit unless ``p.audit`` is off (``source``: where the audit's
+    thumbnails are read from).
 
     When the store's embeddings exceed ``p.memory_budget_mb``, only the out-of-core CLIP probe is
     trained, streaming the store within that budget (the other probes need the features in memory).
@@ -73,7 +75,7 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: Sour
     complete (classifiers.runs)."""
     if run_dir is None:
         with run_folder(p.out_dir, TRAIN_FILES) as run:
-            report = run_train(p, run.path, baseline_source, extraction, say)
+            report = run_train(p, run.path, baseline_source, extraction, say, source)
             run.commit()
         return run.rebase(report)
     run_dir = Path(run_dir)
@@ -94,7 +96,14 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: Sour
         labelled = features.subset(features.y >= 0)
         say(f"few-shot: shots {p.shots}, {p.seeds} seeds")
         fewshot = evaluate_fewshot(labelled.train, labelled.test, p.shots, p.seeds, say=say)
-    return write_report(run_dir, results, features, extraction, fewshot=fewshot) | {"store": p.store}
+    audit = None
+    if p.audit:
+        source = source or baseline_source
+        audit = audit_run(features, results, run_dir, source=source.open_source() if source else None,
+                          failures=store_failures(p.store), say=say)
+    else:
+        run_predictions(features, results, run_dir)
+    return write_report(run_dir, results, features, extraction, fewshot=fewshot, audit=audit) | {"store": p.store}
 
 
 def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dict:
@@ -196,8 +205,8 @@ class Stages(NamedTuple):
 
     extract: Callable[[ExtractParams], dict]
     extract_sharded: Callable[[ExtractParams, int, str | None], dict]  # (params, shards, dask address)
-    train: Callable[[TrainParams, SourceOptions | None, dict, str], dict]  # (params, pixel-baseline source, extraction,
-    #                                                                          the run folder being written)
+    train: Callable[[TrainParams, SourceOptions | None, dict, str, SourceOptions | None], dict]  # (params, pixel-baseline
+    #                                    source, extraction, the run folder being written, the source for the audit's thumbnails)
     record: Callable[[RunParams, dict, str], dict]  # (params, report, the name the run folder will get)
 
 
@@ -211,7 +220,7 @@ def run_job(p: RunParams, stages: Stages) -> dict:
         extraction = stages.extract(extract_params)
     with run_folder(p.out_dir, RUN_FILES) as run:  # the run appears whole, or not at all (classifiers.runs)
         report = stages.train(p.training(extraction["path"]), extract_params if p.pixel_baseline else None, extraction,
-                              str(run.path))
+                              str(run.path), extract_params)
         delta = stages.record(p, report, run.name)
         run.commit()  # then its classifier versions are registered
     return run.rebase(report | {"delta": delta})
@@ -230,8 +239,8 @@ def _sequential_shards(p: ExtractParams, n: int, _address: str | None) -> dict:
 PLAIN = Stages(
     extract=lambda p: extraction_summary(run_extract(p)),
     extract_sharded=_sequential_shards,
-    train=lambda p, baseline, extraction, run_dir: run_train(p, Path(run_dir), baseline_source=baseline,
-                                                             extraction=extraction),
+    train=lambda p, baseline, extraction, run_dir, source=None: run_train(p, Path(run_dir), baseline_source=baseline,
+                                                                          extraction=extraction, source=source),
     record=run_record,
 )
 
