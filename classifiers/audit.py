@@ -445,3 +445,43 @@ def drift_against(features: Features, reference: Features, predicted: np.ndarray
             "new_predicted_proportions" if predicted is not None else "new_label_proportions": new_props,
             "predicted_class_shift" if predicted is not None else "label_shift": proportion_shift(ref_props, new_props)}
     return out
+
+
+# ------------------------------------------------------------------------------------ predict --evaluate
+def evaluate_predictions(predictions: str | os.PathLike, store: str | os.PathLike) -> dict:
+    """For ``predict --evaluate``: add the true label (the store's, from the labelled source) beside the
+    predicted one in the predictions CSV, and return accuracy and a per-class summary (by class name, so
+    a source whose classes differ from the classifier's is scored on the names they share)."""
+    from featurebank.features.store import read_index
+
+    index = read_index(store)
+    truth = {i: (index.class_names[v] if v >= 0 else "") for i, v in zip(index.ids, index.y.tolist())}
+    path = Path(predictions)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    at = header.index("predicted") + 1 if "predicted" in header else 1
+    if "true_label" not in header:
+        header = header[:at - 1] + ["true_label"] + header[at - 1:]
+        body = [r[:at - 1] + [truth.get(r[0], "")] + r[at - 1:] for r in body]
+    _csv(path, header, body)
+    k_true, k_pred = header.index("true_label"), header.index("predicted")
+    pairs = [(r[k_true], r[k_pred]) for r in body if r[k_true]]
+    classes = sorted({t for t, _ in pairs} | {p for _, p in pairs})
+    per_class = []
+    for c in classes:
+        tp = sum(1 for t, p in pairs if t == c and p == c)
+        support = sum(1 for t, _ in pairs if t == c)
+        predicted = sum(1 for _, p in pairs if p == c)
+        per_class.append({"class": c, "support": support, "recall": tp / support if support else None,
+                          "precision": tp / predicted if predicted else None})
+    accuracy = sum(t == p for t, p in pairs) / len(pairs) if pairs else None
+    unlabelled = len(body) - len(pairs)
+    text = (f"accuracy {accuracy:.4f} on {len(pairs)} labelled samples" if accuracy is not None
+            else "no labelled sample: nothing to evaluate") + (f" ({unlabelled} without a label)" if unlabelled else "")
+    lines = [text, "class        support  precision  recall"] + [
+        f"{r['class'][:12]:<12} {r['support']:>7}  " + ("     –   " if r["precision"] is None else f"{r['precision']:>9.3f}")
+        + ("     –" if r["recall"] is None else f"  {r['recall']:>6.3f}") for r in per_class[:TOP_SHOWN * 5]]
+    if len(per_class) > TOP_SHOWN * 5:
+        lines.append(f"... and {len(per_class) - TOP_SHOWN * 5} more classes")
+    return {"accuracy": accuracy, "n": len(pairs), "per_class": per_class, "summary": "\n".join(lines)}

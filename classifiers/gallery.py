@@ -111,7 +111,9 @@ class Thumbnails:
             img = img.convert("RGB")
         except (UnreadableSample, UnidentifiedImageError, OSError, ValueError):
             return ""
-        img.thumbnail((THUMB, THUMB))
+        scale = THUMB / max(img.width, img.height)  # small pictures (8x8 digits) are enlarged, large ones reduced
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.NEAREST if scale > 1 else Image.LANCZOS)
         canvas = Image.new("RGB", (THUMB, THUMB), (255, 255, 255))
         canvas.paste(img, ((THUMB - img.width) // 2, (THUMB - img.height) // 2))
         self.dir.mkdir(exist_ok=True)

@@ -13,7 +13,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
-from featurebank.classifiers.audit import audit_features, drift_against, reference_features, write_audit
+from featurebank.classifiers.audit import (
+    audit_features, drift_against, evaluate_predictions, reference_features, write_audit,
+)
 from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
 from featurebank.classifiers.gallery import audit_run, run_predictions
 from featurebank.classifiers.history import record_run, store_failures
@@ -151,6 +153,8 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     say(result.summary())
     out = write_predictions(classifier, result.path, p.out)
     say(f"predictions for {result.rows} samples -> {out}")
+    if p.evaluate:
+        say(evaluate_predictions(out, result.path)["summary"])
     return out
 
 

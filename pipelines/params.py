@@ -248,6 +248,8 @@ class PredictParams(EngineOptions, SourceOptions):
         help="a classifier folder written by 'train' (…/classifiers/logreg), or a probe folder of versions written "
              "by 'run' (<out>/classifiers/logreg: its current version)", first=True)
     out: str = option("predictions.csv", "CSV file to write")
+    evaluate: bool = option(False, "the source is labelled: print accuracy and a per-class summary, and write the "
+                            "true label beside the predicted one")
 
 
 class RunOptions(EngineOptions, TrainOptions):

@@ -124,6 +124,15 @@ def test_run_report_has_the_audit_predictions_failures_and_drift(tmp_path, capsy
     assert [f["id"] for f in delta["failures"]] == ["1/broken.png"] and delta["drift"]["skipped"]
     assert "broken.png" in (first / "delta.md").read_text()
 
+    # predict --evaluate on the labelled folder: accuracy, a per-class summary, the true label beside the predicted one
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(runs / "classifiers" / "logreg"), str(folder), "--store", str(store), "--out", str(out),
+                 "--workers", "0", "--evaluate"]) == 0
+    err = capsys.readouterr().err
+    assert "accuracy" in err and "on 36 labelled samples" in err and "support" in err
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[:3] == ["id", "true_label", "predicted"] and {r["true_label"] for r in rows} == {"0", "1", "7"}
+
     # new samples from elsewhere (the same digits, mirrored) arrive: the next run tests them for drift
     for k, p in enumerate(sorted((folder / "7").glob("*.png"))):
         Image.open(p).transpose(Image.FLIP_LEFT_RIGHT).save(folder / "7" / f"mirrored{k}.png")
