@@ -95,7 +95,7 @@ def duplicates(args) -> dict:
             f = rng.choice([0.93, 1.07])
             img = img.resize((round(img.width * f), round(img.height * f)), Image.BICUBIC)
         name = f"resaved{k:02d}_{p.stem}.jpg"
-        img.save(folder / p.parent.relative_to(images) / name, quality=rng.choice([75, 85, 95]))
+        img.save(folder / p.parent.relative_to(images) / name, quality=rng.choice(args.quality))
         copies[str((p.parent.relative_to(images) / name).as_posix())] = str(p.relative_to(images).as_posix())
     store_dir = work / "dups-store"
     store_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def duplicates(args) -> dict:
     sizes = [len(g) for g in groups if copy_rows & set(g)]
     out = {"copies": len(copies), "found_with_original": found, "copy_group_sizes": sizes,
            "other_groups": len(others), "other_samples": sum(len(g) for g in others), "n": len(f.ids),
-           "resize": args.resize, "seconds": round(seconds, 2),
+           "resize": args.resize, "quality": args.quality, "seconds": round(seconds, 2),
            "sample_other_groups": [[f.ids[m] for m in g] for g in others[:10]]}
     print(json.dumps(out, indent=1), flush=True)
     return out
@@ -208,6 +208,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--fraction", default=0.05, type=float, help="labels: fraction flipped")
     ap.add_argument("--resize", action="store_true", help="duplicates: also change the size by 7 %%")
+    ap.add_argument("--quality", default="75,85,95", type=lambda s: [int(x) for x in s.split(",")],
+                    help="duplicates: JPEG qualities drawn from")
     ap.add_argument("--fashion", default=600, type=int, help="drift: Fashion-MNIST images embedded")
     ap.add_argument("--rows", default="0", type=lambda s: [int(x) for x in s.split(",")],
                     help="cost: 0 = the store itself; more = synthetic rows")
