@@ -44,6 +44,17 @@ def normalise(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
+def standardise(X: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``X`` with zero mean and unit variance per column (statistics in float64, one copy:
+    scikit-learn's scaler makes a float64 temporary of the whole array)."""
+    Xs = np.array(X, np.float32)
+    mean = Xs.mean(axis=0, dtype=np.float64)
+    Xs -= mean.astype(np.float32)
+    std = np.sqrt(np.einsum("ij,ij->j", Xs, Xs, dtype=np.float64) / max(len(Xs), 1))  # no temporary of the array
+    Xs /= np.where(std > 0, std, 1.0).astype(np.float32)
+    return Xs
+
+
 # ----------------------------------------------------------------------------------------- label issues
 def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = SEED,
                       C: float | None = None) -> tuple[np.ndarray, dict]:
@@ -57,7 +68,6 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
-    from sklearn.preprocessing import StandardScaler
 
     from featurebank.classifiers.probes import CLIPLogisticProbe
 
@@ -66,7 +76,7 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
     k = int(max(2, min(folds, counts[counts > 0].min())))
     proba = np.zeros((len(y), n_classes), np.float64)
     t0 = time.perf_counter()
-    Xs = StandardScaler().fit_transform(X).astype(np.float32)  # label-free: the same for every fold
+    Xs = standardise(X)  # label-free: the same for every fold
     splits = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(Xs, y))
     searched = C is None
     if searched:
@@ -76,13 +86,15 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
         C = float(CLIPLogisticProbe(bisections=1, max_iter=300, random_state=seed).fit(Xs[rows], y[rows]).C_)
     init = None
     for train, held in splits:
-        present = np.unique(y[train])
-        model = LogisticRegression(C=C, max_iter=1000, warm_start=init is not None and init[0].shape[0] == len(present))
-        if model.warm_start:
+        # the held-out rows get weight 0 instead of being cut out: the same fit, without a copy of the rows
+        weight = np.zeros(len(y), np.float32)
+        weight[train] = 1.0
+        model = LogisticRegression(C=C, max_iter=1000, warm_start=init is not None)
+        if init is not None:
             model.coef_, model.intercept_ = init[0].copy(), init[1].copy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(Xs[train], y[train])
+            model.fit(Xs, y, sample_weight=weight)
         init = (model.coef_, model.intercept_)
         p = model.predict_proba(Xs[held])
         if p.shape[1] == 1:
@@ -128,8 +140,11 @@ def _version(package: str) -> str:
 
 # ------------------------------------------------------------------------------------------ duplicates
 def _knn_blocked(X: np.ndarray, k: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` cosine neighbours (itself excluded) by blocked products; no normalised copy of ``X``."""
+    """Exact top-``k`` cosine neighbours (itself excluded) by blocked products; no normalised copy of ``X``.
+    A block costs 16 bytes per (row, stored row) (similarities, their negation, argpartition's indices):
+    blocks are cut to keep that within a quarter of ``X``'s size."""
     n = len(X)
+    block_rows = int(max(32, min(block_rows, X.nbytes // 4 // max(16 * n, 1))))
     inv = 1.0 / np.maximum(np.linalg.norm(X, axis=1), 1e-12).astype(np.float32)
     idx = np.zeros((n, k), np.int64)
     sim = np.zeros((n, k), np.float32)
@@ -314,14 +329,23 @@ def audit_features(features: Features, test_predictions: tuple[np.ndarray, np.nd
 
 
 def _train_split_predictions(features: Features, C: float) -> tuple[np.ndarray, np.ndarray] | None:
-    from featurebank.classifiers.probes import CLIPLogisticProbe
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
 
     train = np.flatnonzero((features.y >= 0) & (features.splits == "train"))
     test = np.flatnonzero((features.y >= 0) & (features.splits == "test"))
     if not len(test) or len(np.unique(features.y[train])) < 2:
         return None
-    probe = CLIPLogisticProbe(C=C).fit(features.X[train], features.y[train])
-    return test, probe.predict(features.X[test])
+    Xs = standardise(features.X)  # the CLIP probe's protocol at the label audit's C, one copy of the features
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        weight = np.zeros(len(Xs), np.float32)  # the train rows, without a copy of them
+        weight[train] = 1.0
+        y = np.where(weight > 0, features.y, features.y[train[0]])
+        model = LogisticRegression(C=C, max_iter=1000).fit(Xs, y, sample_weight=weight)
+    return test, model.predict(Xs[test])
 
 
 # --------------------------------------------------------------------------------------------- output
