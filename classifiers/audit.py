@@ -86,7 +86,7 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
         first = splits[0][0]
         rows = first if len(first) <= SEARCH_ROWS else np.sort(
             np.random.default_rng(seed).choice(first, SEARCH_ROWS, replace=False))
-        C = search_c(Xs[rows], y[rows], seed)
+        C = search_c(Xs, y, rows, seed)
     init = None
     for train, held in splits:
         # the held-out rows get weight 0 instead of being cut out: the same fit, without a copy of the rows
@@ -111,10 +111,11 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
     return proba, info
 
 
-def search_c(X: np.ndarray, y: np.ndarray, seed: int = SEED) -> float:
+def search_c(X: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None, seed: int = SEED) -> float:
     """C for the label audit's probe, as the CLIP protocol picks it: validation accuracy on a stratified fifth,
     the grid walked from strong to weak regularisation (warm starts), stopping after two points without a
-    strict improvement; ties go to the smaller C. ``X`` is standardised already (float32: no copies)."""
+    strict improvement; ties go to the smaller C. ``X`` is standardised already; only ``rows`` (default: all)
+    take part, the others weighted 0 rather than copied out."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -122,20 +123,21 @@ def search_c(X: np.ndarray, y: np.ndarray, seed: int = SEED) -> float:
 
     from featurebank.classifiers.probes import validation_split
 
-    split = validation_split(y, 0.2, seed)
+    rows = np.arange(len(y)) if rows is None else np.asarray(rows)
+    split = validation_split(y[rows], 0.2, seed)
     if split is None:
         return 1.0
-    tr, va = split
+    tr, va = rows[split[0]], rows[split[1]]
+    weight = np.zeros(len(y), np.float32)
+    weight[tr] = 1.0
     best, best_score, since, init = None, -1.0, 0, None
     for C in C_GRID:
         model = LogisticRegression(C=C, max_iter=300, warm_start=init is not None)
-        if init is not None and init[0].shape[0] == (1 if len(np.unique(y[tr])) == 2 else len(np.unique(y[tr]))):
+        if init is not None:
             model.coef_, model.intercept_ = init
-        else:
-            model.warm_start = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(X[tr], y[tr])
+            model.fit(X, y, sample_weight=weight)
         init = (model.coef_.copy(), model.intercept_.copy())
         score = float(np.mean(model.predict(X[va]) == y[va]))
         if score > best_score:
