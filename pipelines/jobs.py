@@ -100,7 +100,7 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: Sour
         fewshot = evaluate_fewshot(labelled.train, labelled.test, p.shots, p.seeds, say=say)
     audit = None
     if p.audit:
-        source = source or baseline_source
+        source = source or baseline_source or (SourceOptions(source=p.source) if p.source else None)
         audit = audit_run(features, results, run_dir, source=source.open_source() if source else None,
                           failures=store_failures(p.store), say=say)
     else:

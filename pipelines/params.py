@@ -230,8 +230,15 @@ class TrainOptions(Params):
 
 class TrainParams(TrainOptions):
     store: StorePath = option(help=STORE_HELP)
+    source: str | None = option(None, "the source the store was made from (format detected): the audit's thumbnails "
+                                "are read from it")
     shots: Shots = option(list, "also add a few-shot table (logreg, knn) to the report, e.g. 1,5,10")
     seeds: int = option(DEFAULT_SEEDS, "few-shot draws per number of shots", ge=1, le=100)
+
+    @field_validator("source")
+    @classmethod
+    def _thumbnail_source(cls, v: str | None) -> str | None:
+        return v if v is None else _source_given(v)
 
 
 class FewshotParams(Params):

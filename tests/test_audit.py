@@ -124,6 +124,13 @@ def test_run_report_has_the_audit_predictions_failures_and_drift(tmp_path, capsy
     assert [f["id"] for f in delta["failures"]] == ["1/broken.png"] and delta["drift"]["skipped"]
     assert "broken.png" in (first / "delta.md").read_text()
 
+    # train on the store alone reads the thumbnails from --source
+    path = json.loads((first / "metrics.json").read_text())["store"]
+    assert main(["train", path, "--out", str(tmp_path / "alone"), "--probes", "logreg", "--source", str(folder)]) == 0
+    capsys.readouterr()
+    alone = next(p for p in (tmp_path / "alone").iterdir() if p.is_dir())
+    assert "thumbs/" in (alone / "report.html").read_text() and (alone / "predictions.csv").is_file()
+
     # predict --evaluate on the labelled folder: accuracy, a per-class summary, the true label beside the predicted one
     out = tmp_path / "pred.csv"
     assert main(["predict", str(runs / "classifiers" / "logreg"), str(folder), "--store", str(store), "--out", str(out),
