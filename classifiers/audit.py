@@ -160,8 +160,10 @@ def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
     labelled = np.flatnonzero(y >= 0)
     present, codes = np.unique(y[labelled], return_inverse=True)
     proba, info = out_of_fold_proba(X[labelled], codes, folds, seed, C)
+    # n_jobs=1: cleanlab's process pool relies on fork-inherited globals and fails under a spawned worker
+    # (a served Prefect deployment); one class at a time costs milliseconds
     ranked = cleanlab_issues(labels=codes, pred_probs=proba, return_indices_ranked_by="self_confidence",
-                             filter_by="prune_by_noise_rate")
+                             filter_by="prune_by_noise_rate", n_jobs=1)
     ranked = np.asarray(ranked, dtype=np.int64)
     self_conf = proba[np.arange(len(codes)), codes]
     info |= {"method": "cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate), "
