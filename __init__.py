@@ -30,7 +30,7 @@ _PARAMS = "featurebank.pipelines.params"
 _FLOWS = "featurebank.pipelines.flows"
 #: public name -> the module that defines it
 _EXPORTS = {
-    **{name: _API for name in ("Backbone", "Classifier", "Listing", "Store", "TrainResult", "compare", "demo", "export",
+    **{name: _API for name in ("Backbone", "Classifier", "Listing", "Store", "TrainResult", "audit", "compare", "demo", "export",
                                "extract", "fewshot", "info", "load_classifier", "ls", "predict", "run", "runs", "serve",
                                "stores", "sweep", "train")},
     "NamedClassifier": "featurebank.classifiers.named",

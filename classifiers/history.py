@@ -22,12 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from featurebank.classifiers.drift import drift_markdown, incremental_drift
 from featurebank.classifiers.runs import complete_runs
 from featurebank.classifiers.versions import plan_version
 from featurebank.data.files import atomic_path, atomic_write
-from featurebank.features.store import Features, read_features
+from featurebank.features.store import Features, open_store, read_features, strings
 
 SNAPSHOT = "snapshot.npz"
+PREDICTIONS = "predictions.csv"
+FAILURES_LISTED = 50  # in delta.md; all in delta.json
 
 
 def centroids(features: Features) -> dict[str, np.ndarray]:
@@ -54,6 +57,25 @@ def write_snapshot(run_dir: str | os.PathLike, features: Features) -> Path:
             centroids=np.array(list(cents.values()), dtype=np.float32).reshape(len(cents), features.X.shape[1]),
         )
     return path
+
+
+def read_predictions(run_dir: str | os.PathLike) -> dict[str, str] | None:
+    """id -> predicted class of a run's predictions.csv (its best probe), or None when it has none."""
+    import csv
+
+    path = Path(run_dir) / PREDICTIONS
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["id"]: row["predicted_label"] for row in csv.DictReader(f)}
+
+
+def store_failures(store: str | os.PathLike) -> list[dict]:
+    """The store's failures table: the files that could not be used, each with its reason."""
+    with open_store(store) as f:
+        if "failures" not in f:
+            return []
+        return [{"id": i, "reason": r} for i, r in zip(strings(f["failures/ids"]), strings(f["failures/reasons"]))]
 
 
 def read_snapshot(run_dir: str | os.PathLike) -> dict:
@@ -88,9 +110,9 @@ def previous_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store_n
 
 
 def compare(previous: dict | None, now: dict) -> dict:
-    """Items added, changed and removed, and each class's centroid drift, between two snapshots."""
+    """Items added, changed and removed, and each class's centroid shift, between two snapshots."""
     if previous is None:
-        return {"added": len(now["ids"]), "changed": 0, "removed": 0, "drift": {},
+        return {"added": len(now["ids"]), "changed": 0, "removed": 0, "centroid_shift": {},
                 "classes_added": sorted(_classes(now)), "classes_removed": []}
     old = dict(zip(previous["ids"], previous["content"]))
     new = dict(zip(now["ids"], now["content"]))
@@ -104,7 +126,7 @@ def compare(previous: dict | None, now: dict) -> dict:
         "added": sum(1 for i in new if i not in old),
         "changed": sum(1 for i, c in new.items() if i in old and old[i] != c),
         "removed": sum(1 for i in old if i not in new),
-        "drift": drift,
+        "centroid_shift": drift,
         "classes_added": sorted(_classes(now) - _classes(previous)),
         "classes_removed": sorted(_classes(previous) - _classes(now)),
     }
@@ -154,6 +176,8 @@ def record_run(out_dir: str | os.PathLike, run_dir: str | os.PathLike, store: st
     delta.update(run=run_name, previous_run=prev_dir.name if prev_dir else None, store=str(features.path),
                  rows=len(features.ids), previous_rows=len(previous["ids"]) if previous else 0, probes={},
                  options=options)
+    delta["drift"] = incremental_drift(features, previous, read_predictions(run_dir))
+    delta["failures"] = store_failures(store)
     for name in probes:
         acc = metrics["probes"][name]["accuracy"]
         before = prev_metrics["probes"].get(name, {}).get("accuracy")
@@ -182,10 +206,16 @@ def delta_markdown(delta: dict) -> str:
     for name, p in delta["probes"].items():
         md += (f"| {name} | {num(p['previous_accuracy'])} | {num(p['accuracy'])} | {num(p['change'], '{:+.4f}')} | "
                f"{p['version']} | {p['current']} | {'promoted' if p['promoted'] else 'not promoted'}: {p['reason']} |\n")
-    md += "\n## Embedding drift (cosine shift of each class centroid, 1 - cos)\n\n"
-    if delta["drift"]:
+    md += "\n" + drift_markdown(delta["drift"]) if "drift" in delta else ""
+    md += "## Embedding centroids (cosine shift of each class centroid, 1 - cos)\n\n"
+    if delta.get("centroid_shift"):
         md += "| class | centroid shift |\n|---|---:|\n" + "".join(
-            f"| {name} | {shift:.6f} |\n" for name, shift in delta["drift"].items())
+            f"| {name} | {shift:.6f} |\n" for name, shift in delta["centroid_shift"].items())
     else:
         md += "No previous run to compare with.\n"
+    failures = delta.get("failures") or []
+    md += f"\n## Files that could not be used ({len(failures)}, recorded in the store)\n\n"
+    more = len(failures) - FAILURES_LISTED
+    md += ("| id | reason |\n|---|---|\n" + "".join(f"| `{f['id']}` | {f['reason']} |\n" for f in failures[:FAILURES_LISTED])
+           + (f"\n... and {more} more (all in delta.json)\n" if more > 0 else "")) if failures else "None.\n"
     return md

@@ -26,13 +26,15 @@ def _confusion_plot(path: Path, best, names: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     cm = best.confusion
-    side = max(4.5, 1.2 + 0.55 * len(names))
+    side = min(max(4.5, 1.2 + 0.55 * len(names)), 14.0)  # 100 classes: a readable page, not a 6,000-px image
     fig, ax = plt.subplots(figsize=(side + 1.0, side))
     im = ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    if len(names) <= 30:  # counts in the cells, and every class named, while they fit
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > cm.max() / 2 else "black")
+    step = max(1, len(names) // 30)
+    ax.set_xticks(range(0, len(names), step), names[::step], rotation=45, ha="right")
+    ax.set_yticks(range(0, len(names), step), names[::step])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"confusion matrix: {best.name} (accuracy {best.metrics['accuracy']:.3f})")
@@ -105,6 +107,19 @@ def markdown_table(rows: list[dict]) -> str:
     )
 
 
+def per_class_table(results, names: list[str], best) -> tuple[list[str], list[list[str]]]:
+    """One row per class: the best probe's precision, recall and F1, the support, and each other probe's F1
+    (every probe's per-class metrics are in metrics.json)."""
+    others = [r for r in results if r is not best]
+    header = ["class", f"{best.name} precision", f"{best.name} recall", f"{best.name} F1", "support",
+              *[f"{r.name} F1" for r in others]]
+    m = best.metrics
+    rows = [[name, f"{m['per_class_precision'][c]:.3f}", f"{m['per_class_recall'][c]:.3f}", f"{m['per_class_f1'][c]:.3f}",
+             str(m["per_class_support"][c]), *[f"{r.metrics['per_class_f1'][c]:.3f}" for r in others]]
+            for c, name in enumerate(names)]
+    return header, rows
+
+
 def per_class_rows(results, names: list[str]) -> list[dict]:
     """One row per (class, probe): precision, recall, F1, support."""
     rows = []
@@ -124,16 +139,17 @@ def _html_table(header: list[str], rows: list[list]) -> str:
 
 
 def write_report(run_dir: str | os.PathLike, results, features: Features, extraction: dict | None = None,
-                 fewshot: dict | None = None, counts: dict | None = None) -> dict:
+                 fewshot: dict | None = None, counts: dict | None = None, audit: dict | None = None) -> dict:
     """Write the run's report files; returns their paths and the summary rows. ``counts`` overrides the
-    train/test counts when ``features`` holds only a sample of the store (out-of-core runs)."""
+    train/test counts when ``features`` holds only a sample of the store (out-of-core runs). ``audit``: the
+    audit section (classifiers.gallery.audit_run: ``markdown``, ``html``) appended to both reports."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     probes = [r for r in results if r.name not in ("pixels", "tfidf")] or results
     best = max(probes, key=lambda r: r.metrics["accuracy"])
     plots = _plots(run_dir, best, features)
     rows = summary_table(results)
-    pc_rows = per_class_rows(results, features.class_names)
+    pc_header, pc_table = per_class_table(results, features.class_names, best)
     metrics = {
         "store": str(features.path),
         "store_fingerprint": features.fingerprint,
@@ -155,9 +171,8 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         metrics["fewshot"] = fewshot["rows"]
     atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
 
-    per_class_md = "| class | probe | precision | recall | F1 | support |\n|---|---|---:|---:|---:|---:|\n" + "".join(
-        f"| {r['class']} | {r['probe']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |\n"
-        for r in pc_rows)
+    per_class_md = ("| " + " | ".join(pc_header) + " |\n|---|" + "---:|" * (len(pc_header) - 1) + "\n"
+                    + "".join("| " + " | ".join(row) + " |\n" for row in pc_table))
     fewshot_md = ""
     if fewshot is not None:
         from featurebank.classifiers.fewshot import fewshot_markdown
@@ -178,6 +193,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         f"## Per-class metrics (test split)\n\n{per_class_md}\n"
         f"## Plots\n\n![confusion matrix of {best.name}]({plots['confusion_matrix']})\n\n"
         f"![embedding map ({plots['map_method']})]({plots['embedding_map']})\n"
+        + (f"\n{audit['markdown']}" if audit else "")
     )
     atomic_write(run_dir / "report.md", md)
 
@@ -185,10 +201,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         ["probe", *[label for _, label in METRIC_COLUMNS], "chosen"],
         [[r["probe"], *[f"{r[k]:.4f}" if k != "fit_seconds" else f"{r[k]:.2f}" for k, _ in METRIC_COLUMNS], _chosen(r)]
          for r in rows])
-    per_class_html = _html_table(
-        ["class", "probe", "precision", "recall", "F1", "support"],
-        [[r["class"], r["probe"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
-         for r in pc_rows])
+    per_class_html = _html_table(pc_header, pc_table)
     fewshot_html = ""
     if fewshot is not None:
         fewshot_html = "<h2>Few-shot (examples and validation from the train split only)</h2>" + _html_table(
@@ -199,7 +212,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         "<!doctype html><html><head><meta charset='utf-8'><title>featurebank report</title>"
         "<style>body{font-family:sans-serif;max-width:64em;margin:2em auto}td,th{padding:.2em .8em;text-align:right}"
         "td:first-child,td:nth-child(2){text-align:left}table{border-collapse:collapse}"
-        "tr:nth-child(even){background:#f4f4f4}img{max-width:100%}</style>"
+        "tr:nth-child(even){background:#f4f4f4}img{max-width:100%}" + (audit or {}).get("css", "") + "</style>"
         f"</head><body><h1>featurebank report</h1><p>Store <code>{html.escape(str(features.path))}</code>, backbone "
         f"<code>{html.escape(str(metrics['backbone']))}</code>; train {metrics['n_train']}, test {metrics['n_test']}, "
         f"{len(features.class_names)} classes. Best probe: <b>{html.escape(best.name)}</b>.</p>"
@@ -207,7 +220,7 @@ def write_report(run_dir: str | os.PathLike, results, features: Features, extrac
         + ("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>" if notes else "") +
         f"<h2>Confusion matrix ({html.escape(best.name)})</h2><img src='{plots['confusion_matrix']}' alt='confusion matrix'>"
         f"<h2>Embedding map ({plots['map_method']})</h2><img src='{plots['embedding_map']}' alt='embedding map'>"
-        f"<h2>Per-class metrics (test split)</h2>{per_class_html}</body></html>"
+        f"<h2>Per-class metrics (test split)</h2>{per_class_html}" + (audit["html"] if audit else "") + "</body></html>"
     )
     return {"dir": run_dir, "metrics": run_dir / "metrics.json", "markdown": run_dir / "report.md",
             "html": run_dir / "report.html", "rows": rows, "markdown_text": md}

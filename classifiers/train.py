@@ -30,6 +30,7 @@ class ProbeResult:
     confusion: np.ndarray
     y_pred: np.ndarray
     directory: Path | None = None
+    model: object | None = None  # the fitted probe (predictions.csv and the audit predict every row with it)
 
 
 def check_trainable(features: Features) -> None:
@@ -136,7 +137,7 @@ def _train_each(features: Features, train: Features, test: Features, probes, out
                 metrics=metrics, extra=_manifest_extra(name, features.path, features.attrs, features.fingerprint),
             )
         say(f"  {name:<10} test accuracy {metrics['accuracy']:.4f}  (fit {fit_seconds:.1f} s)")
-        results.append(ProbeResult(name, metrics, cm, y_pred, directory))
+        results.append(ProbeResult(name, metrics, cm, y_pred, directory, probe))
     for note in warning_notes(seen):  # once each, not once per occurrence (also in the report's notes)
         say(f"  note: {note['category']} {note['count']}x while training: {note['message']}")
     return results

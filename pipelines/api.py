@@ -34,13 +34,13 @@ from featurebank.data.demo import DEFAULT_DEMO
 from featurebank.features.names import DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
 from featurebank.features.store import DEFAULT_STORE_DIR
 from featurebank.pipelines.params import (
-    CompareParams, DemoParams, ExportParams, ExtractParams, FewshotParams, PredictParams, RunParams, ServeParams,
-    SweepParams, TrainParams,
+    AuditParams, CompareParams, DemoParams, ExportParams, ExtractParams, FewshotParams, PredictParams, RunParams,
+    ServeParams, SweepParams, TrainParams,
 )
 
 __all__ = [
     "Backbone", "Classifier", "Listing", "Store", "TrainResult", "compare", "demo", "export", "extract", "fewshot", "info",
-    "load_classifier", "ls", "predict", "run", "runs", "serve", "stores", "sweep", "train",
+    "audit", "load_classifier", "ls", "predict", "run", "runs", "serve", "stores", "sweep", "train",
 ]
 
 
@@ -542,6 +542,19 @@ def sweep(source, backbones: Sequence[str] | None = None, layers: Sequence[str] 
         prepare_prefect()
         return flows.sweep_flow(params)
     return jobs.run_sweep(params, say=say)
+
+
+def audit(store, *, against: str | os.PathLike | None = None, out: str | os.PathLike = "featurebank-audit", say=_stderr,
+          **options) -> dict:
+    """What the embeddings say about the data (``featurebank audit``): label issues (cleanlab on out-of-fold
+    probabilities), exact and near duplicates and the groups that leak across the split, and with
+    ``against`` (a store of the same configuration, or a run folder) a drift test. Returns the audit
+    (``out["audit"]``) and the files written (audit.json, audit.md, label_issues.csv, near_duplicates.csv)."""
+    from featurebank.pipelines import jobs
+
+    params = store if isinstance(store, AuditParams) else AuditParams(
+        store=_path(store), against=None if against is None else _path(against), out_dir=_path(out), **options)
+    return jobs.run_audit(params, say=say)
 
 
 def compare(*run_dirs) -> str:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 
-from featurebank.pipelines.params import (AsFlow, AsFlowByDefault, CompareParams, DemoParams, ExportParams, ExtractParams,
-                              FewshotParams, InfoParams, LsParams, PredictParams, RunParams, ServeParams, SweepParams,
-                              TrainParams, one_line)
+from featurebank.pipelines.params import (AsFlow, AsFlowByDefault, AuditParams, CompareParams, DemoParams, ExportParams,
+                              ExtractParams, FewshotParams, InfoParams, LsParams, PredictParams, RunParams, ServeParams,
+                              SweepParams, TrainParams, one_line)
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -43,6 +43,8 @@ COMMANDS = {
     "train": Command("train probes on a store and write a report; prints the metrics", (TrainParams, AsFlow)),
     "fewshot": Command("few-shot accuracy (mean ± 95%% CI over seeds); writes fewshot.json/.md", (FewshotParams,)),
     "export": Command("write a store's ids, labels, splits and embeddings as Parquet; prints its path", (ExportParams,)),
+    "audit": Command("find label issues, duplicates, train/test leaks and drift in a store; writes audit.json/.md "
+                     "and CSV files", (AuditParams,)),
     "compare": Command("print a markdown table of several runs' metrics side by side", (CompareParams,)),
     "predict": Command("classify images with a saved classifier; writes a CSV", (PredictParams, AsFlow)),
     "run": Command("extract, train and report in one Prefect flow", (RunParams, AsFlowByDefault)),
@@ -297,6 +299,9 @@ def _dispatch(command: str, models: list[BaseModel], stdout=sys.stdout) -> int:
         except RuntimeError as exc:
             print(f"featurebank: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
+    elif command == "audit":
+        out = api.audit(params, say=print)
+        print(out["markdown"], file=stdout)
     elif command == "fewshot":
         out = api.fewshot(params, say=print)
         print(out["markdown_text"].split("\n\n", 2)[-1], end="", file=stdout)

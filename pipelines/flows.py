@@ -52,9 +52,9 @@ def record_task(params: RunParams, report: dict, run_name: str | None = None) ->
 
 @task(name="train-probes")
 def train_task(params: TrainParams, baseline_source: ExtractParams | None = None, extraction: dict | None = None,
-               run_dir: str | None = None) -> dict:
+               run_dir: str | None = None, source: ExtractParams | None = None) -> dict:
     report = jobs.run_train(params, Path(run_dir) if run_dir else None, baseline_source=baseline_source,
-                            extraction=extraction)
+                            extraction=extraction, source=source)
     create_markdown_artifact(key="featurebank-report", markdown=report["markdown_text"],
                              description="featurebank probe comparison")
     create_table_artifact(key="featurebank-probes", description="test-split metrics of every probe",
@@ -145,8 +145,8 @@ def sharded_on_dask(params: ExtractParams, shards: int, address: str | None) -> 
 TASKS = jobs.Stages(
     extract=extract_task,
     extract_sharded=sharded_on_dask,
-    train=lambda p, baseline, extraction, run_dir: train_task(p, baseline_source=baseline, extraction=extraction,
-                                                              run_dir=run_dir),
+    train=lambda p, baseline, extraction, run_dir, source=None: train_task(p, baseline_source=baseline, extraction=extraction,
+                                                                           run_dir=run_dir, source=source),
     record=record_task,
 )
 

@@ -13,8 +13,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+from featurebank.classifiers.audit import (
+    audit_features, drift_against, evaluate_predictions, reference_features, write_audit,
+)
 from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
-from featurebank.classifiers.history import record_run, unchanged_since
+from featurebank.classifiers.gallery import audit_run, run_predictions
+from featurebank.classifiers.history import record_run, store_failures, unchanged_since
 from featurebank.classifiers.persist import load_classifier
 from featurebank.classifiers.predict import (
     classifier_for_prediction, prediction_backbone, store_options, write_predictions,
@@ -33,7 +37,7 @@ from featurebank.features.store import DTYPES, StoreConfig, join_shards, read_fe
 from featurebank.features.text import LONG_TEXT
 from featurebank.features.text import PRECISIONS as TEXT_PRECISIONS
 from featurebank.pipelines.params import (
-    ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, SweepParams, TrainParams,
+    AuditParams, ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, SweepParams, TrainParams,
 )
 
 FAILURES_SHOWN = 20  # skipped files listed on the console; all are in the store's failures table
@@ -65,9 +69,10 @@ def source_texts(source, stored_ids: list[str]) -> list[str]:
 
 
 def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: SourceOptions | None = None,
-              extraction: dict | None = None, say=print) -> dict:
+              extraction: dict | None = None, say=print, source: SourceOptions | None = None) -> dict:
     """Train the probes (and optionally the raw-pixel baseline, reading the images of ``baseline_source``)
-    and write the report.
+    and write the report, with the data audit unless ``p.audit`` is off (``source``: where the audit's
+    thumbnails are read from).
 
     When the store's embeddings exceed ``p.memory_budget_mb``, only the out-of-core CLIP probe is
     trained, streaming the store within that budget (the other probes need the features in memory).
@@ -76,7 +81,7 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: Sour
     complete (classifiers.runs)."""
     if run_dir is None:
         with run_folder(p.out_dir, TRAIN_FILES) as run:
-            report = run_train(p, run.path, baseline_source, extraction, say)
+            report = run_train(p, run.path, baseline_source, extraction, say, source)
             run.commit()
         return run.rebase(report)
     run_dir = Path(run_dir)
@@ -101,7 +106,14 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: Sour
         labelled = features.subset(features.y >= 0)
         say(f"few-shot: shots {p.shots}, {p.seeds} seeds")
         fewshot = evaluate_fewshot(labelled.train, labelled.test, p.shots, p.seeds, say=say)
-    return write_report(run_dir, results, features, extraction, fewshot=fewshot) | {"store": p.store}
+    audit = None
+    if p.audit:
+        source = source or baseline_source or (SourceOptions(source=p.source) if p.source else None)
+        audit = audit_run(features, results, run_dir, source=source.open_source() if source else None,
+                          failures=store_failures(p.store), say=say)
+    else:
+        run_predictions(features, results, run_dir)
+    return write_report(run_dir, results, features, extraction, fewshot=fewshot, audit=audit) | {"store": p.store}
 
 
 def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dict:
@@ -113,6 +125,23 @@ def run_fewshot(p: FewshotParams, run_dir: Path | None = None, say=print) -> dic
             run.commit()
         return run.rebase(out)
     return fewshot_run(read_features(p.store), run_dir, p.shots, p.seeds, p.probes, say=say)
+
+
+def run_audit(p: AuditParams, say=print) -> dict:
+    """Audit a store (label issues, duplicates, leaks; drift against ``p.against``); writes audit.json,
+    audit.md, label_issues.csv and near_duplicates.csv into ``p.out_dir``."""
+    features = read_features(p.store)
+    say(f"auditing {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
+    audit = audit_features(features, folds=p.folds, seed=p.seed, say=say)
+    if p.against:
+        audit["drift"] = drift_against(features, reference_features(p.against), seed=p.seed)
+        d = audit["drift"]
+        say(f"  drift: {d['n_new']} new samples against {d['n_reference']}: " + (
+            f"AUC {d['statistic']:.3f}, p = {d['p_value']:.3g}, {'drifted' if d['drifted'] else 'no drift detected'}"
+            if d.get("p_value") is not None else f"not tested ({d.get('skipped')})"))
+    paths = write_audit(p.out_dir, audit)
+    say(f"audit: {paths['markdown']}")
+    return {k: str(v) for k, v in paths.items()} | {"audit": audit}
 
 
 def classifier_backbone(classifier: Path, manifest: dict, backbone: str | None = None, layer: str | None = None,
@@ -150,6 +179,8 @@ def run_predict(p: PredictParams, progress: bool = True, say=print) -> Path:
     classifier, result, loaded = prediction_store(p, progress=progress, say=say)
     out = write_predictions(classifier, result.path, p.out, loaded=loaded)
     say(f"predictions for {result.rows} samples -> {out}")
+    if p.evaluate:
+        say(evaluate_predictions(out, result.path)["summary"])
     return out
 
 
@@ -225,8 +256,8 @@ class Stages(NamedTuple):
 
     extract: Callable[[ExtractParams], dict]
     extract_sharded: Callable[[ExtractParams, int, str | None], dict]  # (params, shards, dask address)
-    train: Callable[[TrainParams, SourceOptions | None, dict, str], dict]  # (params, pixel-baseline source, extraction,
-    #                                                                          the run folder being written)
+    train: Callable[[TrainParams, SourceOptions | None, dict, str, SourceOptions | None], dict]  # (params, pixel-baseline
+    #                                    source, extraction, the run folder being written, the source for the audit's thumbnails)
     record: Callable[[RunParams, dict, str], dict]  # (params, report, the name the run folder will get)
 
 
@@ -243,7 +274,7 @@ def run_job(p: RunParams, stages: Stages) -> dict:
         if previous is not None:  # same rows, labels, splits and options as the last run: no new version
             return unchanged_report(previous, extraction["path"])
         report = stages.train(p.training(extraction["path"]), extract_params if p.pixel_baseline else None, extraction,
-                              str(run.path))
+                              str(run.path), extract_params)
         delta = stages.record(p, report, run.name)
         run.commit()  # then its classifier versions are registered
         if p.keep:
@@ -264,8 +295,8 @@ def _sequential_shards(p: ExtractParams, n: int, _address: str | None) -> dict:
 PLAIN = Stages(
     extract=lambda p: extraction_summary(run_extract(p)),
     extract_sharded=_sequential_shards,
-    train=lambda p, baseline, extraction, run_dir: run_train(p, Path(run_dir), baseline_source=baseline,
-                                                             extraction=extraction),
+    train=lambda p, baseline, extraction, run_dir, source=None: run_train(p, Path(run_dir), baseline_source=baseline,
+                                                                          extraction=extraction, source=source),
     record=run_record,
 )
 

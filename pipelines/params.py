@@ -228,12 +228,21 @@ class TrainOptions(Params):
     probes: ProbeNames = option(lambda: list(DEFAULT_PROBES), f"comma-separated, from {', '.join(PROBE_NAMES)}")
     memory_budget_mb: float | None = option(None, "MB: when the embeddings exceed it, train the logistic probe out "
                                             "of core within it", flag="--memory-budget", gt=0)
+    audit: bool = option(True, "audit the data in the report: label issues, duplicates, leaks, errors as pictures "
+                         "(--no-audit: skip)")
 
 
 class TrainParams(TrainOptions):
     store: StorePath = option(help=STORE_HELP)
+    source: str | None = option(None, "the source the store was made from (format detected): the audit's thumbnails "
+                                "are read from it")
     shots: Shots = option(list, "also add a few-shot table (logreg, knn) to the report, e.g. 1,5,10")
     seeds: int = option(DEFAULT_SEEDS, "few-shot draws per number of shots", ge=1, le=100)
+
+    @field_validator("source")
+    @classmethod
+    def _thumbnail_source(cls, v: str | None) -> str | None:
+        return v if v is None else _source_given(v)
 
 
 class FewshotParams(Params):
@@ -250,6 +259,8 @@ class PredictParams(EngineOptions, SourceOptions):
         help="a classifier folder written by 'train' (…/classifiers/logreg), or a probe folder of versions written "
              "by 'run' (<out>/classifiers/logreg: its current version)", first=True)
     out: str = option("predictions.csv", "CSV file to write")
+    evaluate: bool = option(False, "the source is labelled: print accuracy and a per-class summary, and write the "
+                            "true label beside the predicted one")
 
     @model_validator(mode="after")
     def _default_backbone(self):
@@ -366,6 +377,22 @@ class ExportParams(Params):
     to: Literal[EXPORT_FORMATS] = option(EXPORT_FORMATS[0], "output format (Parquet: a fixed-size list column of "
                                          "embeddings)")
     out: str | None = option(None, "file to write (default: the store's path with the format's suffix)")
+
+
+class AuditParams(Params):
+    store: Annotated[str, AfterValidator(_readable_store)] = option(help=STORE_HELP)
+    out_dir: str = option("featurebank-audit", "folder for audit.json, audit.md and the CSV files", flag="--out")
+    against: str | None = option(None, "test the store's samples that REFERENCE does not hold for drift against it: "
+                                 "a store of the same backbone configuration, or a run folder (its training set)")
+    folds: int = option(5, "label audit: cross-validation folds of the out-of-fold probabilities", ge=2, le=20)
+    seed: int = option(0, "label audit and drift test: the seed of folds, searches and permutations", ge=0)
+
+    @field_validator("against")
+    @classmethod
+    def _against(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).exists():
+            raise ValueError(f"reference {v} does not exist: give a store file or a run folder")
+        return v
 
 
 class CompareParams(Params):

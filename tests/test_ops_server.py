@@ -176,7 +176,8 @@ def test_scheduled_runs_fire_and_report_the_delta(prefect_server, tmp_path):
             stamp = re.search(r"delta: run `([^`]+)`", delta).group(1)
             report = json.loads((out / stamp / "delta.json").read_text())
             assert report["added"] == len(added) == 4 and report["removed"] == 0 and report["changed"] == 0
-            assert set(report["drift"]) == {"0", "1"}
+            assert set(report["centroid_shift"]) == {"0", "1"}
+            assert report["drift"]["n_new"] == 4 and 0 < report["drift"]["p_value"] <= 1  # the 4 added, tested
             for probe in ("logreg", "knn"):
                 assert (out / "classifiers" / probe / "current").is_file()
                 assert sorted(p.name for p in (out / "classifiers" / probe).glob("v[0-9]*")) == ["v0001", "v0002"]

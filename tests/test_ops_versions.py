@@ -59,4 +59,4 @@ def test_compare_counts_added_changed_removed_and_centroid_drift():
              "centroids": {"a": np.array([1.0, 1.0]), "b": np.array([0.0, 1.0])}}
     delta = compare(before, after)
     assert (delta["added"], delta["changed"], delta["removed"]) == (2, 1, 1)
-    assert delta["drift"]["a"] == pytest.approx(1 - np.sqrt(0.5)) and delta["drift"]["b"] == pytest.approx(0.0)
+    assert delta["centroid_shift"]["a"] == pytest.approx(1 - np.sqrt(0.5)) and delta["centroid_shift"]["b"] == pytest.approx(0.0)

@@ -37,7 +37,8 @@ def test_report_has_all_probes_per_class_metrics_and_plots(small, tmp_path):
     assert metrics["embedding_map"] == "t-SNE"  # 600 samples: small enough
     assert "C" in metrics["probes"]["logreg"]["chosen"] and "k" in metrics["probes"]["knn"]["chosen"]
     md, page = report["markdown"].read_text(), report["html"].read_text()
-    assert "## Per-class metrics" in md and "| 7 | knn |" in md
+    assert "## Per-class metrics" in md and "knn F1" in md and "ridge F1" in md  # one row per class, a column per probe
+    assert sum(line.startswith("| 7 |") for line in md.splitlines()) == 1
     for png in ("confusion_matrix.png", "embedding_map.png"):
         assert f"src='{png}'" in page and f"]({png})" in md  # relative links: the folder moves whole
         with Image.open(tmp_path / png) as img:

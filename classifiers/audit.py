@@ -1,0 +1,555 @@
+"""What the embeddings say about the data: probable label errors, duplicates and train/test leaks.
+
+Plain functions over arrays (``X`` embeddings, ``y`` labels, ``ids``, ``splits``), composed by
+:func:`audit_features` and written by :func:`write_audit`. See docs/audit.md for the rules and the
+figures measured on the demo data.
+
+- **Label issues**: out-of-fold predicted probabilities of the CLIP logistic probe (stratified K folds,
+  C searched once on the first fold's training part, then fixed), ranked by cleanlab's confident
+  learning (``cleanlab.filter.find_label_issues``, ranked by self-confidence).
+- **Duplicates**: exact duplicates share a sha256 content fingerprint (or an embedding, cosine >=
+  ``IDENTICAL_COSINE``); near-duplicates are mutual nearest neighbours (cosine on L2-normalised
+  embeddings) whose distance is under ``NEAR_RATIO`` times the distance to the next neighbour on at
+  least one side. A fixed cosine threshold does not separate re-encoded copies from look-alikes on
+  small images; being each other's clearly nearest neighbour does. Groups that span the train and test
+  splits are **leaks**.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from featurebank.features.store import Features, atomic_write
+
+FOLDS = 5
+SEED = 0
+NEAR_RATIO = 0.6  # nearest distance / second-nearest distance, on at least one side of a mutual pair
+IDENTICAL_COSINE = 0.9999  # the same picture whatever its file: always a duplicate
+BLOCK_ROWS = 1024  # rows per block of the exact nearest-neighbour search (memory: BLOCK_ROWS x N floats)
+TOP_SHOWN = 20  # rows of each table in audit.md and the report
+EXACT_ROWS = 20_000  # above: neighbour candidates from a PCA projection, rescored exactly
+PROJECTED_DIMS = 128
+CANDIDATES = 16
+SEARCH_ROWS = 2000  # rows the label audit's C search uses at most
+C_GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 1))  # 1e-4 .. 1, half-decades
+
+
+def normalise(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, np.float32)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def standardise(X: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``X`` with zero mean and unit variance per column (statistics in float64, one copy:
+    scikit-learn's scaler makes a float64 temporary of the whole array)."""
+    Xs = np.array(X, np.float32)
+    mean = sum(Xs[s:s + 256].sum(axis=0, dtype=np.float64) for s in range(0, len(Xs), 256)) / max(len(Xs), 1)
+    Xs -= mean.astype(np.float32)
+    sq = np.zeros(Xs.shape[1], np.float64)
+    for start in range(0, len(Xs), 256):  # in blocks: no float64 temporary of the whole array
+        block = Xs[start:start + 256].astype(np.float64)
+        sq += np.einsum("ij,ij->j", block, block)
+    std = np.sqrt(sq / max(len(Xs), 1))
+    Xs /= np.where(std > 0, std, 1.0).astype(np.float32)
+    return Xs
+
+
+# ----------------------------------------------------------------------------------------- label issues
+def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = SEED,
+                      C: float | None = None) -> tuple[np.ndarray, dict]:
+    """Predicted probabilities of each row from a probe that never saw it: stratified ``folds`` folds
+    (fewer when a class is smaller) of the CLIP logistic probe (standardised features, L-BFGS). ``C``: by
+    default searched by the CLIP protocol on at most ``SEARCH_ROWS`` rows of the first fold's training part,
+    then fixed; each fold's fit is warm-started from the previous fold's solution (the folds' training
+    parts overlap). Returns ``(proba [n, n_classes], info)``; ``y`` holds 0..n_classes-1."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    n_classes = int(y.max()) + 1
+    counts = np.bincount(y, minlength=n_classes)
+    k = int(max(2, min(folds, counts[counts > 0].min())))
+    proba = np.zeros((len(y), n_classes), np.float64)
+    t0 = time.perf_counter()
+    Xs = standardise(X)  # label-free: the same for every fold
+    splits = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(Xs, y))
+    searched = C is None
+    if searched:
+        first = splits[0][0]
+        rows = first if len(first) <= SEARCH_ROWS else np.sort(
+            np.random.default_rng(seed).choice(first, SEARCH_ROWS, replace=False))
+        C = search_c(Xs, y, rows, seed)
+    init = None
+    for train, held in splits:
+        # the held-out rows get weight 0 instead of being cut out: the same fit, without a copy of the rows
+        weight = np.zeros(len(y), np.float32)
+        weight[train] = 1.0
+        model = LogisticRegression(C=C, max_iter=1000, warm_start=init is not None)
+        if init is not None:
+            model.coef_, model.intercept_ = init[0].copy(), init[1].copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(Xs, y, sample_weight=weight)
+        init = (model.coef_, model.intercept_)
+        p = model.predict_proba(Xs[held])
+        if p.shape[1] == 1:
+            p = np.hstack([1 - p, p])
+        proba[np.ix_(held, model.classes_)] = p
+    info = {"probe": "logreg (CLIP protocol: standardised, L-BFGS)", "C": C,
+            "C_rule": f"validation search (CLIP protocol, grid 1e-4..1 by half decades) on at most {SEARCH_ROWS} rows "
+                      "of the first fold's training part" if searched
+            else "given", "folds": k, "seed": seed, "fold_rule": "StratifiedKFold(shuffle=True)",
+            "seconds": round(time.perf_counter() - t0, 2)}
+    return proba, info
+
+
+def search_c(X: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None, seed: int = SEED) -> float:
+    """C for the label audit's probe, as the CLIP protocol picks it: validation accuracy on a stratified fifth,
+    the grid walked from strong to weak regularisation (warm starts), stopping after two points without a
+    strict improvement; ties go to the smaller C. ``X`` is standardised already; only ``rows`` (default: all)
+    take part, the others weighted 0 rather than copied out."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from featurebank.classifiers.probes import validation_split
+
+    rows = np.arange(len(y)) if rows is None else np.asarray(rows)
+    split = validation_split(y[rows], 0.2, seed)
+    if split is None:
+        return 1.0
+    tr, va = rows[split[0]], rows[split[1]]
+    weight = np.zeros(len(y), np.float32)
+    weight[tr] = 1.0
+    best, best_score, since, init = None, -1.0, 0, None
+    for C in C_GRID:
+        model = LogisticRegression(C=C, max_iter=300, warm_start=init is not None)
+        if init is not None:
+            model.coef_, model.intercept_ = init
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(X, y, sample_weight=weight)
+        init = (model.coef_.copy(), model.intercept_.copy())
+        score = float(np.mean(model.predict(X[va]) == y[va]))
+        if score > best_score:
+            best, best_score, since = C, score, 0
+        else:
+            since += 1
+            if since >= 2:
+                break
+    return float(best)
+
+
+def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = SEED, C: float | None = None) -> dict:
+    """Probable label errors among labelled rows (``y >= 0``; classes 0..K-1), likeliest first.
+
+    Returns ``{"rows": indices into X, "suggested": label per row, "score": 1 - self-confidence per
+    row, "proba": the out-of-fold probabilities of all labelled rows, "labelled": their indices, "probe": info}``.
+    """
+    from cleanlab.filter import find_label_issues as cleanlab_issues
+
+    labelled = np.flatnonzero(y >= 0)
+    present, codes = np.unique(y[labelled], return_inverse=True)
+    proba, info = out_of_fold_proba(X[labelled], codes, folds, seed, C)
+    # n_jobs=1: cleanlab's process pool relies on fork-inherited globals and fails under a spawned worker
+    # (a served Prefect deployment); one class at a time costs milliseconds
+    ranked = cleanlab_issues(labels=codes, pred_probs=proba, return_indices_ranked_by="self_confidence",
+                             filter_by="prune_by_noise_rate", n_jobs=1)
+    ranked = np.asarray(ranked, dtype=np.int64)
+    self_conf = proba[np.arange(len(codes)), codes]
+    info |= {"method": "cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate), "
+                       "ranked by self-confidence", "cleanlab": _version("cleanlab")}
+    return {"rows": labelled[ranked], "suggested": present[np.argmax(proba[ranked], axis=1)],
+            "score": 1.0 - self_conf[ranked], "proba": proba, "labelled": labelled, "classes": present,
+            "probe": info}
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------ duplicates
+def _knn_blocked(X: np.ndarray, k: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` cosine neighbours (itself excluded) by blocked products; no normalised copy of ``X``.
+    A block costs 16 bytes per (row, stored row) (similarities, their negation, argpartition's indices):
+    blocks are cut to keep that within a quarter of ``X``'s size."""
+    n = len(X)
+    block_rows = int(max(32, min(block_rows, X.nbytes // 4 // max(16 * n, 1))))
+    inv = 1.0 / np.maximum(np.linalg.norm(X, axis=1), 1e-12).astype(np.float32)
+    idx = np.zeros((n, k), np.int64)
+    sim = np.zeros((n, k), np.float32)
+    for start in range(0, n, block_rows):
+        S = X[start:start + block_rows] @ X.T
+        S *= inv[start:start + block_rows, None]
+        S *= inv[None, :]
+        rows = np.arange(S.shape[0])
+        S[rows, start + rows] = -np.inf
+        part = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < n - 1 else np.argsort(-S, axis=1)[:, :k]
+        vals = np.take_along_axis(S, part, 1)
+        order = np.argsort(-vals, axis=1)
+        idx[start:start + len(S)] = np.take_along_axis(part, order, 1)
+        sim[start:start + len(S)] = np.take_along_axis(vals, order, 1)
+    return idx, sim
+
+
+def nearest_neighbours(X: np.ndarray, k: int = 2, block_rows: int = BLOCK_ROWS,
+                       exact_rows: int = EXACT_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest neighbours of every row by cosine (itself excluded): ``(indices, similarities)``,
+    each [n, k], nearest first. Up to ``exact_rows`` rows: exact, by blocked matrix products (memory
+    ``block_rows x n`` floats at a time). Above: ``CANDIDATES`` candidates per row found exactly in a
+    ``PROJECTED_DIMS``-dimensional PCA projection of the normalised rows, then rescored in full dimension."""
+    X = np.asarray(X, np.float32)
+    n = len(X)
+    k = min(k, n - 1)
+    if n <= exact_rows or X.shape[1] <= PROJECTED_DIMS:
+        return _knn_blocked(X, k, block_rows)
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(SEED)
+    fit_rows = np.sort(rng.choice(n, min(n, 10_000), replace=False))
+    pca = PCA(PROJECTED_DIMS, random_state=SEED).fit(normalise(X[fit_rows]))
+    P = np.vstack([pca.transform(normalise(X[s:s + 8192])) for s in range(0, n, 8192)]).astype(np.float32)
+    cand, _ = _knn_blocked(P, min(max(CANDIDATES, k), n - 1), block_rows)
+    del P
+    idx = np.zeros((n, k), np.int64)
+    sim = np.zeros((n, k), np.float32)
+    for s in range(0, n, 512):  # rescore the candidates exactly
+        Zb = normalise(X[s:s + 512])
+        C = cand[s:s + 512]
+        full = np.einsum("nd,nkd->nk", Zb, normalise(X[C.ravel()]).reshape(C.shape[0], C.shape[1], -1))
+        order = np.argsort(-full, axis=1)[:, :k]
+        idx[s:s + len(C)] = np.take_along_axis(C, order, 1)
+        sim[s:s + len(C)] = np.take_along_axis(full, order, 1)
+    return idx, sim
+
+
+def near_duplicate_pairs(X: np.ndarray, ratio: float = NEAR_RATIO, identical: float = IDENTICAL_COSINE,
+                         block_rows: int = BLOCK_ROWS) -> list[tuple[int, int, float]]:
+    """Pairs ``(i, j, cosine)`` with i < j that are near-duplicates (see the module's docstring)."""
+    n = len(X)
+    if n < 3:
+        return []
+    k = 8  # identical copies beyond the nearest are caught within the first k neighbours
+    idx, sim = nearest_neighbours(X, k=min(k, n - 1), block_rows=block_rows)
+    dist = 1.0 - sim.astype(np.float64)
+    nn = idx[:, 0]
+    mutual = nn[nn] == np.arange(n)
+    # the distance to the nearest neighbour that is not an identical copy, for the ratio
+    rel = dist[:, 0] / np.maximum(dist[:, 1], 1e-12)
+    pairs = {}
+    for i in np.flatnonzero(mutual & (np.minimum(rel, rel[nn]) < ratio)):
+        j = int(nn[i])
+        pairs[(min(i, j), max(i, j))] = float(sim[i, 0])
+    for i, j in zip(*np.nonzero(sim >= identical)):
+        a, b = int(i), int(idx[i, j])
+        pairs[(min(a, b), max(a, b))] = float(sim[i, j])
+    return [(a, b, s) for (a, b), s in sorted(pairs.items())]
+
+
+def exact_duplicate_pairs(content: list[str] | None) -> list[tuple[int, int]]:
+    """Pairs of rows whose content fingerprints are equal sha256 digests (stat fingerprints say nothing
+    about the bytes, so only ``sha256:`` ones count)."""
+    if not content:
+        return []
+    by = {}
+    for i, c in enumerate(content):
+        if c.startswith("sha256:"):
+            by.setdefault(c, []).append(i)
+    return [(rows[0], r) for rows in by.values() if len(rows) > 1 for r in rows[1:]]
+
+
+def groups_of(n: int, pairs) -> list[list[int]]:
+    """Connected components (of size >= 2) of the graph of ``pairs``, each sorted, largest first."""
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b, *_ in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    comps: dict[int, list[int]] = {}
+    for a in {x for p in pairs for x in p[:2]}:
+        comps.setdefault(find(a), []).append(a)
+    return sorted((sorted(c) for c in comps.values() if len(c) > 1), key=lambda c: (-len(c), c[0]))
+
+
+def leak_effect(test_rows: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, leaked: set[int]) -> dict:
+    """Test accuracy with and without the leaked test rows (``test_rows[k]`` is the row of prediction k)."""
+    keep = np.array([r not in leaked for r in test_rows.tolist()], bool)
+    acc = float(np.mean(y_true == y_pred)) if len(y_true) else None
+    acc_clean = float(np.mean(y_true[keep] == y_pred[keep])) if keep.any() else None
+    return {"n_test": int(len(y_true)), "leaked_test_samples": int((~keep).sum()), "test_accuracy": acc,
+            "test_accuracy_without_leaked": acc_clean,
+            "change": None if acc is None or acc_clean is None else acc_clean - acc}
+
+
+# ---------------------------------------------------------------------------------------------- audit
+def audit_features(features: Features, test_predictions: tuple[np.ndarray, np.ndarray] | None = None,
+                   folds: int = FOLDS, seed: int = SEED, near_ratio: float = NEAR_RATIO, C: float | None = None,
+                   say=print) -> dict:
+    """The audit of a store's rows: label issues, duplicate groups and leaks, as a JSON-able dict.
+
+    ``test_predictions``: ``(test rows, predicted labels)`` of the classifier whose accuracy the leaks
+    may inflate; without it, the CLIP probe is trained on the train split with the C the label audit chose.
+    ``C``: the label audit's C (e.g. what a run's logreg probe chose), else searched."""
+    t0 = time.perf_counter()
+    names = features.class_names
+    y, ids, splits = features.y, features.ids, features.splits
+    out: dict = {"store": str(features.path), "store_fingerprint": features.fingerprint, "n_samples": len(ids),
+                 "classes": list(names)}
+    timings = {}
+    labelled = y >= 0
+    if labelled.sum() >= 4 and len(np.unique(y[labelled])) >= 2:
+        t = time.perf_counter()
+        found = find_label_issues(features.X, y, folds, seed, C)
+        timings["label_issues"] = round(time.perf_counter() - t, 2)
+        out["label_issues"] = {
+            "probe": found["probe"], "n_labelled": int(labelled.sum()), "n_flagged": len(found["rows"]),
+            "rows": [{"id": ids[r], "split": str(splits[r]), "given_label": names[y[r]], "suggested_label": names[s],
+                      "score": round(float(sc), 6)}
+                     for r, s, sc in zip(found["rows"].tolist(), found["suggested"].tolist(), found["score"].tolist())],
+        }
+        C = found["probe"]["C"]
+        say(f"  label issues: {len(found['rows'])} of {int(labelled.sum())} labelled samples flagged "
+            f"({timings['label_issues']:.1f} s)")
+    else:
+        out["label_issues"] = {"n_labelled": int(labelled.sum()), "n_flagged": 0, "rows": [],
+                               "skipped": "fewer than two labelled classes"}
+        C = None
+    t = time.perf_counter()
+    exact = exact_duplicate_pairs(features.content)
+    near = near_duplicate_pairs(features.X, near_ratio)
+    timings["near_duplicates"] = round(time.perf_counter() - t, 2)
+    exact_set = {(min(a, b), max(a, b)) for a, b in exact}
+    groups = groups_of(len(ids), [(a, b) for a, b in exact] + [(a, b) for a, b, _ in near])
+    cos = {(a, b): s for a, b, s in near}
+    rows, leaks, leaked_rows = [], [], set()
+    for g, members in enumerate(groups, 1):
+        kinds = {str(splits[m]) for m in members}
+        rows.append({"group": g, "size": len(members), "members": [
+            {"id": ids[m], "split": str(splits[m]), "label": names[y[m]] if y[m] >= 0 else ""} for m in members],
+            "exact": all((min(a, b), max(a, b)) in exact_set for a, b in zip(members, members[1:])),
+            "cosine": max((cos.get((a, b), 1.0) for a in members for b in members if a < b and (a, b) in cos),
+                          default=1.0)})
+        if {"train", "test"} <= kinds:
+            leaks.append(g)
+            leaked_rows.update(m for m in members if splits[m] == "test")
+    out["near_duplicates"] = {"rule": f"mutual nearest neighbours (cosine) with distance < {near_ratio} x the next "
+                              f"neighbour's on one side, or cosine >= {IDENTICAL_COSINE}; exact: equal sha256 content",
+                              "ratio": near_ratio, "n_groups": len(groups), "n_samples": sum(len(g) for g in groups),
+                              "n_exact_pairs": len(exact), "n_near_pairs": len(near), "groups": rows}
+    say(f"  duplicates: {len(groups)} groups ({len(exact)} exact pairs, {len(near)} near pairs), "
+        f"{len(leaks)} across train/test ({timings['near_duplicates']:.1f} s)")
+    effect = None
+    if leaks:
+        if test_predictions is None and C is not None:
+            test_predictions = _train_split_predictions(features, C)
+        if test_predictions is not None:
+            test_rows, y_pred = test_predictions
+            effect = leak_effect(np.asarray(test_rows), y[np.asarray(test_rows)], np.asarray(y_pred), leaked_rows)
+    out["leaks"] = {"n_groups": len(leaks), "groups": leaks, "leaked_test_ids": [ids[r] for r in sorted(leaked_rows)],
+                    "effect": effect}
+    out["seconds"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
+    return out
+
+
+def _train_split_predictions(features: Features, C: float) -> tuple[np.ndarray, np.ndarray] | None:
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    train = np.flatnonzero((features.y >= 0) & (features.splits == "train"))
+    test = np.flatnonzero((features.y >= 0) & (features.splits == "test"))
+    if not len(test) or len(np.unique(features.y[train])) < 2:
+        return None
+    Xs = standardise(features.X)  # the CLIP probe's protocol at the label audit's C, one copy of the features
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        weight = np.zeros(len(Xs), np.float32)  # the train rows, without a copy of them
+        weight[train] = 1.0
+        y = np.where(weight > 0, features.y, features.y[train[0]])
+        model = LogisticRegression(C=C, max_iter=1000).fit(Xs, y, sample_weight=weight)
+    return test, model.predict(Xs[test])
+
+
+# --------------------------------------------------------------------------------------------- output
+def _csv(path: Path, header: list[str], rows) -> Path:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return atomic_write(path, buf.getvalue())
+
+
+def audit_markdown(audit: dict, shown: int = TOP_SHOWN) -> str:
+    li, nd, lk = audit["label_issues"], audit["near_duplicates"], audit["leaks"]
+    md = (f"# featurebank audit\n\nStore `{audit['store']}`: {audit['n_samples']} samples, "
+          f"{len(audit['classes'])} classes.\n\n## Label issues\n\n")
+    if li.get("skipped"):
+        md += f"Skipped: {li['skipped']}.\n\n"
+    else:
+        p = li["probe"]
+        md += (f"{li['n_flagged']} of {li['n_labelled']} labelled samples flagged by {p['method']}, on out-of-fold "
+               f"probabilities of {p['probe']} (C = {p['C']:.3g}, {p['folds']} stratified folds, seed {p['seed']}). "
+               "Score: 1 - the probability the probe gives the given label. All in `label_issues.csv`.\n\n")
+        if li["rows"]:
+            md += "| id | split | given | suggested | score |\n|---|---|---|---|---:|\n" + "".join(
+                f"| `{r['id']}` | {r['split']} | {r['given_label']} | {r['suggested_label']} | {r['score']:.3f} |\n"
+                for r in li["rows"][:shown]) + "\n"
+    md += (f"## Duplicates\n\n{nd['n_groups']} groups holding {nd['n_samples']} samples ({nd['n_exact_pairs']} exact "
+           f"pairs, {nd['n_near_pairs']} near pairs). Rule: {nd['rule']}. All in `near_duplicates.csv`.\n\n")
+    if nd["groups"]:
+        md += "| group | size | cosine | members (split) |\n|---:|---:|---:|---|\n" + "".join(
+            f"| {g['group']} | {g['size']} | {g['cosine']:.4f} | "
+            + ", ".join(f"`{m['id']}` ({m['split']})" for m in g["members"][:6]) + (" ..." if g["size"] > 6 else "")
+            + " |\n" for g in nd["groups"][:shown]) + "\n"
+    md += f"## Leaks (duplicate groups spanning train and test)\n\n{lk['n_groups']} groups"
+    if lk["effect"]:
+        e = lk["effect"]
+        md += (f"; {e['leaked_test_samples']} of {e['n_test']} test samples are leaked. Test accuracy "
+               f"{e['test_accuracy']:.4f}, without the leaked test samples "
+               + ("–" if e["test_accuracy_without_leaked"] is None else f"{e['test_accuracy_without_leaked']:.4f}")
+               + ("" if e["change"] is None else f" (change {e['change']:+.4f})") + ".\n\n")
+    else:
+        md += ".\n\n"
+    if "drift" in audit:
+        from featurebank.classifiers.drift import drift_markdown
+
+        md += drift_markdown(audit["drift"])
+    md += "Seconds: " + ", ".join(f"{k} {v}" for k, v in audit["seconds"].items()) + "\n"
+    return md
+
+
+def write_audit(out_dir: str | os.PathLike, audit: dict) -> dict[str, Path]:
+    """audit.json, audit.md, label_issues.csv and near_duplicates.csv in ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": atomic_write(out / "audit.json", json.dumps(audit, indent=2)),
+             "markdown": atomic_write(out / "audit.md", audit_markdown(audit))}
+    paths["label_issues"] = _csv(out / "label_issues.csv", ["id", "split", "given_label", "suggested_label", "score"],
+                                 ([r["id"], r["split"], r["given_label"], r["suggested_label"], f"{r['score']:.6f}"]
+                                  for r in audit["label_issues"]["rows"]))
+    leaks = set(audit["leaks"]["groups"])
+    paths["near_duplicates"] = _csv(out / "near_duplicates.csv", ["group", "id", "split", "label", "cosine", "leak"],
+                                    ([g["group"], m["id"], m["split"], m["label"], f"{g['cosine']:.6f}",
+                                      int(g["group"] in leaks)]
+                                     for g in audit["near_duplicates"]["groups"] for m in g["members"]))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ reference
+def reference_features(reference: str | os.PathLike) -> Features:
+    """What ``--against`` names, as Features: a store file (all its rows), or a run folder (the train split
+    of the store it was trained on, as it was at that run: the ids of its snapshot)."""
+    from featurebank.features.store import StoreError, read_features
+
+    ref = Path(reference)
+    if ref.is_dir():
+        metrics = ref / "metrics.json"
+        if not metrics.is_file():
+            raise StoreError(f"{ref} is neither a store file nor a run folder (no metrics.json); give a store "
+                             "written by 'extract' or a run folder written by 'train' or 'run'")
+        store = json.loads(metrics.read_text()).get("store")
+        if not store or not Path(store).is_file():
+            raise StoreError(f"the store of run {ref} ({store}) is gone; give a store file to --against instead")
+        features = read_features(store)
+        keep = features.splits == "train"
+        if (ref / "snapshot.npz").is_file():
+            from featurebank.classifiers.history import read_snapshot
+
+            snap = read_snapshot(ref)
+            then = dict(zip(snap["ids"], snap["content"]))
+            keep &= np.array([then.get(i) == c for i, c in zip(features.ids, features.content or [])], bool)
+        return features.subset(keep & (features.y >= -1))
+    return read_features(ref)
+
+
+def new_rows(features: Features, reference: Features) -> np.ndarray:
+    """Indices of the rows of ``features`` that ``reference`` does not hold (same id and content)."""
+    from featurebank.features.store import StoreError
+
+    if features.fingerprint != reference.fingerprint:
+        raise StoreError(f"{reference.path} was made with another backbone configuration than {features.path} "
+                         f"(fingerprint {reference.fingerprint[:12]} against {features.fingerprint[:12]}); drift can "
+                         "only be tested between embeddings of the same configuration")
+    held = set(zip(reference.ids, reference.content or [""] * len(reference.ids)))
+    content = features.content or [""] * len(features.ids)
+    return np.array([k for k, key in enumerate(zip(features.ids, content)) if key not in held], np.int64)
+
+
+def drift_against(features: Features, reference: Features, predicted: np.ndarray | None = None, seed: int = SEED) -> dict:
+    """The drift test of ``features``' rows not in ``reference`` against ``reference``, with the class
+    proportions (``predicted``: labels predicted for every row of ``features``; else the given labels)."""
+    from featurebank.classifiers.drift import class_proportions, domain_classifier_test, proportion_shift
+
+    rows = new_rows(features, reference)
+    out = domain_classifier_test(reference.X, features.X[rows], seed=seed)
+    ref_props = class_proportions(reference.y, reference.class_names)
+    labels = predicted[rows] if predicted is not None else features.y[rows]
+    new_props = class_proportions(labels, features.class_names)
+    out |= {"reference": str(reference.path), "reference_proportions": ref_props,
+            "new_predicted_proportions" if predicted is not None else "new_label_proportions": new_props,
+            "predicted_class_shift" if predicted is not None else "label_shift": proportion_shift(ref_props, new_props)}
+    return out
+
+
+# ------------------------------------------------------------------------------------ predict --evaluate
+def evaluate_predictions(predictions: str | os.PathLike, store: str | os.PathLike) -> dict:
+    """For ``predict --evaluate``: add the true label (the store's, from the labelled source) beside the
+    predicted one in the predictions CSV, and return accuracy and a per-class summary (by class name, so
+    a source whose classes differ from the classifier's is scored on the names they share)."""
+    from featurebank.features.store import read_index
+
+    index = read_index(store)
+    truth = {i: (index.class_names[v] if v >= 0 else "") for i, v in zip(index.ids, index.y.tolist())}
+    path = Path(predictions)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    at = header.index("predicted") + 1 if "predicted" in header else 1
+    if "true_label" not in header:
+        header = header[:at - 1] + ["true_label"] + header[at - 1:]
+        body = [r[:at - 1] + [truth.get(r[0], "")] + r[at - 1:] for r in body]
+    _csv(path, header, body)
+    k_true, k_pred = header.index("true_label"), header.index("predicted")
+    pairs = [(r[k_true], r[k_pred]) for r in body if r[k_true]]
+    classes = sorted({t for t, _ in pairs} | {p for _, p in pairs})
+    per_class = []
+    for c in classes:
+        tp = sum(1 for t, p in pairs if t == c and p == c)
+        support = sum(1 for t, _ in pairs if t == c)
+        predicted = sum(1 for _, p in pairs if p == c)
+        per_class.append({"class": c, "support": support, "recall": tp / support if support else None,
+                          "precision": tp / predicted if predicted else None})
+    accuracy = sum(t == p for t, p in pairs) / len(pairs) if pairs else None
+    unlabelled = len(body) - len(pairs)
+    text = (f"accuracy {accuracy:.4f} on {len(pairs)} labelled samples" if accuracy is not None
+            else "no labelled sample: nothing to evaluate") + (f" ({unlabelled} without a label)" if unlabelled else "")
+    lines = [text, "class        support  precision  recall"] + [
+        f"{r['class'][:12]:<12} {r['support']:>7}  " + ("     –   " if r["precision"] is None else f"{r['precision']:>9.3f}")
+        + ("     –" if r["recall"] is None else f"  {r['recall']:>6.3f}") for r in per_class[:TOP_SHOWN * 5]]
+    if len(per_class) > TOP_SHOWN * 5:
+        lines.append(f"... and {len(per_class) - TOP_SHOWN * 5} more classes")
+    return {"accuracy": accuracy, "n": len(pairs), "per_class": per_class, "summary": "\n".join(lines)}

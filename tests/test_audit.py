@@ -1,0 +1,152 @@
+"""The data audit: label issues (real cleanlab), near-duplicates and leaks, drift, the audit command, and
+the audit in a run's report and delta (real backbone, real image files)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from probes_support import digits_features, write_store
+
+from conftest import write_digits_folder
+
+from featurebank.classifiers.audit import audit_features, find_label_issues, groups_of, near_duplicate_pairs
+from featurebank.classifiers.drift import domain_classifier_test
+from featurebank.pipelines.cli import main
+
+
+def test_label_issues_find_flipped_labels_of_real_digits():
+    f = digits_features(900)
+    rng = np.random.default_rng(0)
+    y = f.y.copy()
+    flip = rng.choice(len(y), 30, replace=False)
+    y[flip] = (y[flip] + rng.integers(1, 10, 30)) % 10
+    found = find_label_issues(f.X, y)
+    ranked = found["rows"].tolist()
+    flipped = set(flip.tolist())
+    assert len(flipped & set(ranked[:30])) / 30 >= 0.6  # precision among the top k (chance: 0.03)
+    assert len(flipped & set(ranked)) / 30 >= 0.6  # recall among all flagged
+    assert all(found["suggested"][k] != y[r] for k, r in enumerate(ranked))  # a suggestion is another class
+    assert np.all(np.diff(found["score"]) <= 1e-12)  # the likeliest issue first
+
+
+def test_near_duplicates_are_small_groups_and_leaks_change_the_test_accuracy():
+    f = digits_features(600)
+    rng = np.random.default_rng(1)
+    originals = rng.choice(len(f.ids), 6, replace=False)
+    copies = f.X[originals] + rng.normal(0, 0.3, (6, f.X.shape[1])).astype(np.float32)  # pixel values 0..16
+    X = np.vstack([f.X, copies])
+    pairs = near_duplicate_pairs(X)
+    groups = groups_of(len(X), pairs)
+    n = len(f.ids)
+    for k, o in enumerate(originals):
+        assert any({int(o), n + k} <= set(g) for g in groups), f"copy {k} not grouped with its original"
+    assert max(len(g) for g in groups) <= 3
+    assert sum(len(g) for g in groups) < 0.25 * len(X)  # 8x8 digits have look-alikes, but most rows are alone
+
+    # copies on the other side of the split are leaks; removing them changes the reported test accuracy
+    splits = np.r_[f.splits, ["test" if f.splits[o] == "train" else "train" for o in originals]].astype(object)
+    ids = f.ids + [f"copy{k}" for k in range(6)]
+    from featurebank.features.store import Features
+
+    both = Features(X, np.r_[f.y, f.y[originals]], ids, f.class_names, splits, "f" * 64, Path("x.h5"), {},
+                    ["stat:0:0"] * len(ids))
+    test = np.flatnonzero(splits == "test")
+    y_pred = both.y[test].copy()
+    leaked = {n + k if splits[n + k] == "test" else int(o) for k, o in enumerate(originals)}
+    wrong = [k for k, r in enumerate(test) if r not in leaked][:5]
+    y_pred[wrong] = (y_pred[wrong] + 1) % 10  # mistakes only on the clean test rows
+    audit = audit_features(both, test_predictions=(test, y_pred), say=lambda s: None)
+    assert audit["leaks"]["n_groups"] >= 6
+    e = audit["leaks"]["effect"]
+    assert e["leaked_test_samples"] >= 6 and e["change"] < 0
+    assert e["test_accuracy"] == pytest.approx(1 - 5 / len(test))
+
+
+def test_drift_holds_its_level_and_detects_another_dataset():
+    f = digits_features()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(f.ids))
+    reference = f.X[order[:900]]
+    same = [domain_classifier_test(reference, f.X[order[900 + 150 * b:900 + 150 * (b + 1)]], seed=b,
+                                   permutations=500)["p_value"] for b in range(5)]
+    assert min(same) > 0.01
+    other = rng.permutation(f.X[order[900:1050]].reshape(150, 8, 8).transpose(0, 2, 1).reshape(150, 64))  # transposed
+    mixed = np.vstack([f.X[order[1050:1155]], other[:45]])  # 30 % from elsewhere
+    r = domain_classifier_test(reference, mixed, permutations=500)
+    assert r["drifted"] and r["p_value"] < 0.01 and r["statistic"] > 0.55
+
+
+def test_audit_command_writes_its_files(tmp_path, capsys):
+    f = digits_features(400)
+    X = np.vstack([f.X, f.X[:3]])  # three identical pictures under other ids, on the other split
+    y = np.r_[f.y, f.y[:3]]
+    splits = np.r_[f.splits, ["train" if s == "test" else "test" for s in f.splits[:3]]]
+    store = write_store(tmp_path / "a.h5", X, y, splits)
+    out = tmp_path / "audit"
+    assert main(["audit", str(store), "--out", str(out), "--against", str(store)]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "audit.md")
+    audit = json.loads((out / "audit.json").read_text())
+    assert {"label_issues", "near_duplicates", "leaks", "drift"} <= set(audit)
+    assert audit["drift"]["skipped"] and audit["drift"]["n_new"] == 0  # the same store: nothing new
+    assert audit["leaks"]["n_groups"] >= 3
+    rows = list(csv.DictReader((out / "near_duplicates.csv").open()))
+    assert {"group", "id", "split"} <= set(rows[0])
+    li = list(csv.DictReader((out / "label_issues.csv").open()))
+    assert li == [] or {"id", "given_label", "suggested_label", "score"} <= set(li[0])
+    assert "## Label issues" in (out / "audit.md").read_text()
+    assert main(["audit", str(store), "--against", str(tmp_path / "nope")]) == 2
+    assert "reference" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_report_has_the_audit_predictions_failures_and_drift(tmp_path, capsys):
+    folder = write_digits_folder(tmp_path / "digits", per_class=12)
+    (folder / "1" / "broken.png").write_bytes(b"not a png")
+    store, runs = tmp_path / "store", tmp_path / "runs"
+    common = ["--store", str(store), "--out", str(runs), "--probes", "logreg,knn", "--workers", "0", "--no-prefect"]
+    assert main(["run", str(folder), *common]) == 0
+    capsys.readouterr()
+    first = sorted(p for p in runs.iterdir() if p.is_dir() and p.name != "classifiers")[-1]
+    for name in ("audit.json", "audit.md", "label_issues.csv", "near_duplicates.csv", "predictions.csv"):
+        assert (first / name).is_file(), name
+    preds = list(csv.DictReader((first / "predictions.csv").open()))
+    assert len(preds) == 36 and list(preds[0])[:5] == ["id", "split", "true_label", "predicted_label", "probability"]
+    page = (first / "report.html").read_text()
+    assert "Data audit" in page and "broken.png" in page and "loading='lazy'" in page
+    assert all((first / t).is_file() for t in ("thumbs/00000.png",))
+    assert page.count("<tr>") < 40  # one row per class in the per-class table, not one per (class, probe)
+    delta = json.loads((first / "delta.json").read_text())
+    assert [f["id"] for f in delta["failures"]] == ["1/broken.png"] and delta["drift"]["skipped"]
+    assert "broken.png" in (first / "delta.md").read_text()
+
+    # train on the store alone reads the thumbnails from --source
+    path = json.loads((first / "metrics.json").read_text())["store"]
+    assert main(["train", path, "--out", str(tmp_path / "alone"), "--probes", "logreg", "--source", str(folder)]) == 0
+    capsys.readouterr()
+    alone = next(p for p in (tmp_path / "alone").iterdir() if p.is_dir())
+    assert "thumbs/" in (alone / "report.html").read_text() and (alone / "predictions.csv").is_file()
+
+    # predict --evaluate on the labelled folder: accuracy, a per-class summary, the true label beside the predicted one
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(runs / "classifiers" / "logreg"), str(folder), "--store", str(store), "--out", str(out),
+                 "--workers", "0", "--evaluate"]) == 0
+    err = capsys.readouterr().err
+    assert "accuracy" in err and "on 36 labelled samples" in err and "support" in err
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[:3] == ["id", "true_label", "predicted"] and {r["true_label"] for r in rows} == {"0", "1", "7"}
+
+    # new samples from elsewhere (the same digits, mirrored) arrive: the next run tests them for drift
+    for k, p in enumerate(sorted((folder / "7").glob("*.png"))):
+        Image.open(p).transpose(Image.FLIP_LEFT_RIGHT).save(folder / "7" / f"mirrored{k}.png")
+    assert main(["run", str(folder), *common, "--no-audit"]) == 0
+    capsys.readouterr()
+    second = sorted(p for p in runs.iterdir() if p.is_dir() and p.name != "classifiers")[-1]
+    assert not (second / "audit.json").exists() and (second / "predictions.csv").is_file()
+    drift = json.loads((second / "delta.json").read_text())["drift"]
+    assert drift["n_new"] == 12 and 0 < drift["p_value"] <= 1 and "predicted_class_shift" in drift
+    assert "Drift of the new samples" in (second / "delta.md").read_text()
