@@ -26,7 +26,7 @@ from featurebank.classifiers.drift import drift_markdown, incremental_drift
 from featurebank.classifiers.runs import complete_runs
 from featurebank.classifiers.versions import plan_version
 from featurebank.data.files import atomic_path, atomic_write
-from featurebank.features.store import Features, open_store, read_features, strings
+from featurebank.features.store import Features, StoreReader, read_features
 
 SNAPSHOT = "snapshot.npz"
 PREDICTIONS = "predictions.csv"
@@ -72,10 +72,8 @@ def read_predictions(run_dir: str | os.PathLike) -> dict[str, str] | None:
 
 def store_failures(store: str | os.PathLike) -> list[dict]:
     """The store's failures table: the files that could not be used, each with its reason."""
-    with open_store(store) as f:
-        if "failures" not in f:
-            return []
-        return [{"id": i, "reason": r} for i, r in zip(strings(f["failures/ids"]), strings(f["failures/reasons"]))]
+    with StoreReader(store) as reader:
+        return reader.failures()
 
 
 def read_snapshot(run_dir: str | os.PathLike) -> dict:

@@ -412,6 +412,12 @@ class StoreReader:
         """The one-line reason of every sample recorded as unusable."""
         return strings(self._file["failures/reasons"])
 
+    def failures(self) -> list[dict]:
+        """The store's failures table: ``{"id", "reason"}`` per sample that could not be used."""
+        if "failures" not in self._file:
+            return []
+        return [{"id": i, "reason": r} for i, r in zip(strings(self._file["failures/ids"]), self.failure_reasons())]
+
     def split_mask(self, name: str, block: int = 4096) -> np.ndarray:
         """Boolean mask of the rows whose split is ``name``, read in blocks (reading a whole column of
         variable-length strings at once costs about 250 bytes a row)."""
