@@ -315,15 +315,20 @@ def sweep(
     precision: str = "f32",
     calibration_samples: int | None = None,
     long_text: str = "truncate",
-    **_ignored,
+    compile: bool = False,
+    allow_damaged: bool = False,
 ) -> SweepResult:
     """Embed ``source`` with every backbone of ``backbones`` at every layer of ``layers`` (default
     ``["final"]``, the pooled output), one store each, and return what happened per store.
 
     Image backbones share one read and decode per sample and run once per batch for all their
     layers; text backbones run one extraction each (features.engine.extract). The engine's options
-    mean what they mean for extract(); ``workers`` is the number of decoding processes here."""
+    mean what they mean for extract(); ``workers`` is the number of decoding processes here; ``compile``
+    (torch.compile) is not used by the sweep's forward passes, and ``allow_damaged`` is refused."""
     t0 = time.perf_counter()
+    if allow_damaged:  # the shared decode records no "damaged" notes yet: refused rather than ignored
+        raise SweepError("sweep does not take --allow-damaged: extract each backbone with featurebank extract "
+                         "--allow-damaged, and sweep reuses those stores")
     if not isinstance(source, Source):
         source = open_source(source, dataset)
     backbones = list(dict.fromkeys(parse_list(backbones)))

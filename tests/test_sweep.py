@@ -293,3 +293,12 @@ def test_text_sweep_makes_extracts_store_and_ranks_against_tfidf(tmp_path, capsy
     assert str(again.path) == rows[0]["store"] and again.embedded == 0 and again.reused == 60
     assert main(["sweep", str(root), "--backbones", "minilm", "--layers", "blocks.1", "--store", str(store)]) == 1
     assert "--layers applies to image backbones only" in capsys.readouterr().err
+
+
+def test_an_option_the_sweep_cannot_honour_is_refused_not_ignored(tmp_path):
+    from featurebank.features.sweep import SweepError
+
+    folder = write_digits_folder(tmp_path / "digits", per_class=2)
+    with pytest.raises(SweepError, match="--allow-damaged"):
+        sweep(folder, ["efficientnet_lite0"], store_dir=tmp_path / "store", allow_damaged=True)
+    assert not (tmp_path / "store").exists()  # refused before anything was written
