@@ -92,14 +92,14 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: Sour
     features = read_features(p.store)
     say(f"training on {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
     results = train_probes(features, p.probes, out_dir=run_dir, say=say)
-    source = baseline_source.open_source() if baseline_source else None
-    if source is not None and source.incomplete:  # the store keeps rows this listing cannot read
-        say(f"baseline skipped: {len(source.incomplete)} files of the source could not be read, so the store "
+    opened = baseline_source.open_source() if baseline_source else None
+    if opened is not None and opened.incomplete:  # the store keeps rows this listing cannot read
+        say(f"baseline skipped: {len(opened.incomplete)} files of the source could not be read, so the store "
             "holds rows whose inputs this run cannot see")
-    elif source is not None and is_text_store(features):  # text: TF-IDF + logistic regression on the texts
-        results.append(tfidf_baseline(features, source_texts(source, features.ids), say=say))
-    elif source is not None:
-        pixels = pixel_features(source, features.ids)
+    elif opened is not None and is_text_store(features):  # text: TF-IDF + logistic regression on the texts
+        results.append(tfidf_baseline(features, source_texts(opened, features.ids), say=say))
+    elif opened is not None:
+        pixels = pixel_features(opened, features.ids)
         results.append(pixel_baseline(features, pixels, say=say))
     fewshot = None
     if p.shots:
@@ -107,10 +107,11 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: Sour
         say(f"few-shot: shots {p.shots}, {p.seeds} seeds")
         fewshot = evaluate_fewshot(labelled.train, labelled.test, p.shots, p.seeds, say=say)
     audit = None
-    if p.audit:
-        source = source or baseline_source or (SourceOptions(source=p.source) if p.source else None)
-        audit = audit_run(features, results, run_dir, source=source.open_source() if source else None,
-                          failures=store_failures(p.store), say=say)
+    if p.audit:  # the gallery's thumbnails are read through the source: the baseline's, else --source
+        if opened is None:
+            where = source or (SourceOptions(source=p.source) if p.source else None)
+            opened = where.open_source() if where else None
+        audit = audit_run(features, results, run_dir, source=opened, failures=store_failures(p.store), say=say)
     else:
         run_predictions(features, results, run_dir)
     return write_report(run_dir, results, features, extraction, fewshot=fewshot, audit=audit) | {"store": p.store}
