@@ -20,7 +20,7 @@ from featurebank.features.store import (
 
 FIXTURE = Path(__file__).parent / "fixtures" / "prior-store"
 PRIOR_STORE = "digits-0e56f4f63d981c53.h5"
-PRIOR_SHA256 = "5b555a2f92c023c7da13e18ec8a7dccd7622490d6388cac9469f9ab07d264c3d"
+PRIOR_SHA256 = "490b1a8f7dbc93232a7a1c0dad37829cd43d5055c5f232cc67ad6417b3ddd613"
 LITE0 = dict(backbone="efficientnet_lite0", weights_sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
              preprocessing={"interpolation": "bicubic", "mean": [0.5, 0.5, 0.5], "resize": 256, "size": 224,
                             "std": [0.5, 0.5, 0.5]}, layer="pooled", pooling="avg", dim=1280)
