@@ -56,6 +56,19 @@ def write_digits_folder(root: Path, per_class: int = 6, classes=(0, 1, 7)) -> Pa
     return root
 
 
+def make_images(root: Path, per_class: int = 3) -> Path:
+    """A labelled folder of small real photos (JPEG and PNG, two classes): scikit-image's cat and coffee."""
+    import skimage.data
+
+    for name, picture in (("cat", skimage.data.chelsea()), ("coffee", skimage.data.coffee())):
+        (root / name).mkdir(parents=True)
+        base = Image.fromarray(picture).resize((64, 48))
+        for k in range(per_class):
+            img = base.rotate(k * 15)
+            img.save(root / name / f"{k:02d}.jpg" if k % 2 else root / name / f"{k:02d}.png")
+    return root
+
+
 @pytest.fixture
 def digits_folder(tmp_path) -> Path:
     return write_digits_folder(tmp_path / "digits")

@@ -18,8 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import skimage.data
-from PIL import Image
+from conftest import make_images
 
 # Internals, on purpose: the data layer's formats and remote reading, and the engine's counts per format: internals by
 # design.
@@ -31,17 +30,6 @@ from featurebank.features.engine import extract
 from featurebank.features.store import read_features
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_images(root: Path, per_class: int = 3) -> Path:
-    """A labelled folder of small real photos: JPEG and PNG, two classes."""
-    for name, picture in (("cat", skimage.data.chelsea()), ("coffee", skimage.data.coffee())):
-        (root / name).mkdir(parents=True)
-        base = Image.fromarray(picture).resize((64, 48))
-        for k in range(per_class):
-            img = base.rotate(k * 15)
-            img.save(root / name / f"{k:02d}.jpg" if k % 2 else root / name / f"{k:02d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_images
 
 from featurebank.data.demo import folder_items, write_parquet, write_webdataset
 from featurebank.data.sources import SourceError, check_source, open_source
@@ -24,20 +25,6 @@ from featurebank.features.store import read_features
 
 SHARDS = "shard-{00000..00002}.tar"
 RT = "torch"  # for the tests that move the cache folder, where OpenVINO keeps its converted model
-
-
-def make_images(root: Path, per_class: int = 3) -> Path:
-    """A labelled folder of small real photos (JPEG and PNG, two classes)."""
-    import skimage.data
-    from PIL import Image
-
-    for name, picture in (("cat", skimage.data.chelsea()), ("coffee", skimage.data.coffee())):
-        (root / name).mkdir(parents=True)
-        base = Image.fromarray(picture).resize((64, 48))
-        for k in range(per_class):
-            img = base.rotate(k * 15)
-            img.save(root / name / f"{k:02d}.jpg" if k % 2 else root / name / f"{k:02d}.png")
-    return root
 
 
 class Quiet(SimpleHTTPRequestHandler):
