@@ -275,9 +275,9 @@ def bare_forward_cuda(model, shape, batch, seconds, amp, compile_model) -> tuple
 # ---------------------------------------------------------------------------------- (c) decode ceiling
 
 
-def _decode_worker(pre, paths, out, pixels=False):
+def _time_decodes(dec, paths, out) -> None:
+    """Decode ``paths`` on one thread with ``dec`` and put (count, seconds) on ``out``."""
     torch.set_num_threads(1)
-    dec = Decoder(pre, pixels=pixels)
     t0 = time.perf_counter()
     for p in paths:
         try:
@@ -285,6 +285,10 @@ def _decode_worker(pre, paths, out, pixels=False):
         except Exception:
             pass
     out.put((len(paths), time.perf_counter() - t0))
+
+
+def _decode_worker(pre, paths, out, pixels=False):
+    _time_decodes(Decoder(pre, pixels=pixels), paths, out)
 
 
 def decode_ceiling_cpu(pre: Preprocessing, paths: list[str], pixels: bool = False) -> float:
@@ -921,15 +925,7 @@ def record_sweep(path: Path, report: dict) -> None:
 def _shared_decode_worker(pres, paths, out):
     from featurebank.features.sweep import SharedDecoder
 
-    torch.set_num_threads(1)
-    dec = SharedDecoder([Decoder(p, pixels=True) for p in pres])
-    t0 = time.perf_counter()
-    for p in paths:
-        try:
-            dec(p)
-        except Exception:
-            pass
-    out.put((len(paths), time.perf_counter() - t0))
+    _time_decodes(SharedDecoder([Decoder(p, pixels=True) for p in pres]), paths, out)
 
 
 def shared_decode_ceiling(pres: list[Preprocessing], paths: list[str]) -> float:
