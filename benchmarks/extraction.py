@@ -60,8 +60,8 @@ from featurebank.features.backbones import (  # noqa: E402
 )
 from featurebank.features.decode import Decoder  # noqa: E402
 from featurebank.features.engine import extract  # noqa: E402
-from featurebank.features.runpaths import FileDataset, collate, mp_context, steady_allocator  # noqa: E402
-from featurebank.features.runtime import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
+from featurebank.features.executors import FileDataset, collate, mp_context, steady_allocator  # noqa: E402
+from featurebank.features.device import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the input
 
@@ -351,7 +351,7 @@ def end_to_end(folder: Path, backbone: Backbone, batch, device, amp, compile_mod
             raise SystemExit(f"benchmark store is wrong: {r.summary()}")
         src = open_source(folder)
         new = open_source(make_images(folder.parent / f"{folder.name}-grown", max(1, len(src.samples) // 100), (500, 375)))
-        grown = Source(src.name, src.root, src.samples + [Sample(f"grown/{s.id}", s.path, s.label) for s in new.samples])
+        grown = Source(src.name, src.root, src.samples + [Sample(f"grown/{s.id}", s.loc, s.label) for s in new.samples])
         t0 = time.perf_counter()
         r2 = extract(grown, backbone, store, **options)
         rerun = time.perf_counter() - t0
@@ -746,7 +746,7 @@ def throughput(a, dev: torch.device, work: Path, report: dict) -> dict:
         folder = make_images(work / f"jpeg-{w}x{h}-{a.images}", a.images, (w, h))
         desc = f"{a.images} JPEG {w}x{h}"
     src = open_source(folder)
-    paths = [str(s.path) for s in src.samples]
+    paths = [str(s.loc) for s in src.samples]
     backbone = random_backbone(a.backbone) if a.random_weights else create_backbone(a.backbone)
     pre = backbone.preprocessing
     shape = (3, pre.size, pre.size)
@@ -957,7 +957,7 @@ def sweep_benchmark(a, work: Path) -> dict:
         n = a.images if not a.camera or a.images != 1000 else 60
         folder = make_images(work / f"jpeg-{w}x{h}-{n}", n, (w, h), quality=92 if a.camera else 90)
         desc = f"{n} JPEG {w}x{h}"
-    paths = [str(s.path) for s in open_source(folder).samples]
+    paths = [str(s.loc) for s in open_source(folder).samples]
     library_versions()
     quiet = dict(progress=False, say=lambda s: None, batch_size=a.batch_size, runtime=a.runtime, precision=a.precision)
     cands = [candidate(nm, layers) for nm in names]

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from featurebank.data.text import text_folder  # noqa: E402
 from featurebank.features.engine import extract  # noqa: E402
-from featurebank.features.runtime import usable_cores  # noqa: E402
+from featurebank.features.device import usable_cores  # noqa: E402
 from featurebank.features.store import read_features  # noqa: E402
 from featurebank.features.text import create_text_backbone  # noqa: E402
 

@@ -477,7 +477,7 @@ def reference_features(reference: str | os.PathLike) -> Features:
         features = read_features(store)
         keep = features.splits == "train"
         if (ref / "snapshot.npz").is_file():
-            from featurebank.classifiers.history import read_snapshot
+            from featurebank.classifiers.deltas import read_snapshot
 
             snap = read_snapshot(ref)
             then = dict(zip(snap["ids"], snap["content"]))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurebank.classifiers.names import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES  # noqa: F401 - declared with the other option values
+from featurebank.classifiers.choices import DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES  # noqa: F401 - declared with the other option values
 from featurebank.classifiers.probes import CLIP_C_GRID, DEFAULT_C, CLIPLogisticProbe, WeightedKNNProbe
 from featurebank.classifiers.threads import sized_threads
 from featurebank.classifiers.train import check_trainable

@@ -24,7 +24,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from featurebank.classifiers.names import DEFAULT_PROBES  # noqa: F401 - declared with the other option values
+from featurebank.classifiers.choices import DEFAULT_PROBES  # noqa: F401 - declared with the other option values
 
 
 class TrainingError(ValueError):

@@ -1,7 +1,7 @@
 """Where samples come from, and the one place that knows where their bytes are.
 
 A source lists its samples cheaply and deterministically (sorted by id) and owns their bytes: each
-:class:`Sample` carries a location (``Sample.path``) that only the source's :class:`Reader`
+:class:`Sample` carries a location (``Sample.loc``) that only the source's :class:`Reader`
 interprets. Everything outside ``data/`` reads a sample with ``source.read_bytes(sample)`` (or the
 picklable ``source.reader``) and fingerprints it with ``source.fingerprints()``; nothing assumes a
 local file. Kinds of source:
@@ -47,10 +47,10 @@ NUL_PATH = "its path holds a NUL byte, which no file name can hold"
 @dataclass(frozen=True, slots=True)
 class Sample:
     id: str  # stable id: a path relative to the source root, a struct path, a tar key (may hold surrogate escapes)
-    # where the bytes are, as the source's reader understands it: a file path for folders and manifests,
-    # a compact "file:row group:row" or "shard:offset:size" for tables and tars. A plain string: a
-    # listing of millions of samples must stay small (a Path costs ~5x)
-    path: str
+    # the location of the bytes, as the source's reader understands it: a file path for folders and
+    # manifests, a compact "file:row group:row" or "shard:offset:size" for tables and tars. A plain
+    # string: a listing of millions of samples must stay small (a Path costs ~5x)
+    loc: str
     label: str | None = None
     split: str | None = None  # "train" / "test"; None means "decide from the id's hash"
 
@@ -159,14 +159,14 @@ class Source:
 
     def read_bytes(self, sample: Sample) -> bytes:
         """The sample's encoded bytes (raises UnreadableSample with the reason)."""
-        return self.reader.read(sample.path)
+        return self.reader.read(sample.loc)
 
     def fingerprints(self, content_hash: bool = False) -> list[str]:
         """Each sample's content fingerprint, in listing order: equal fingerprints mean equal bytes."""
-        return self.reader.fingerprints([s.path for s in self.samples], content_hash)
+        return self.reader.fingerprints([s.loc for s in self.samples], content_hash)
 
     def fingerprint(self, sample: Sample, content_hash: bool = False) -> str:
-        return self.reader.fingerprint(sample.path, content_hash)
+        return self.reader.fingerprint(sample.loc, content_hash)
 
 
 _UTF8_FS = sys.getfilesystemencoding().lower() in ("utf-8", "utf8")
@@ -265,7 +265,7 @@ def image_folder(root: str | os.PathLike, name: str | None = None) -> Source:
     root = Path(root)
     _check_folder(root)
     unreadable: dict[str, str] = {}
-    samples = [Sample(id=rel, path=os.path.join(root, rel), label=label)
+    samples = [Sample(id=rel, loc=os.path.join(root, rel), label=label)
                for rel, label in _image_entries(root, unreadable)]
     samples.sort(key=lambda s: os.fsencode(s.id))
     if not samples:
@@ -308,7 +308,7 @@ def manifest(path: str | os.PathLike, name: str | None = None) -> Source:
         rel = str(row["path"])
         samples[rel] = Sample(
             id=rel,
-            path=os.path.join(root, rel),  # an absolute rel stays as it is
+            loc=os.path.join(root, rel),  # an absolute rel stays as it is
             label=None if row.get("label") is None else str(row["label"]),
             split=row.get("split"),
         )

@@ -159,7 +159,7 @@ class TableReader(Reader):
 
     def file_of(self, sample: Sample) -> str:
         """The shard key: a sample's file name (sharded extraction keeps one file in one shard)."""
-        loc = sample.path
+        loc = sample.loc
         return self.names[int(loc[1:] if loc.startswith("!") else loc.split(":", 1)[0])]
 
     def _values(self, i: int, g: int):
@@ -245,7 +245,7 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
     for i, (fname, path) in enumerate(zip(files.names, files.local)):
         where = f"table {loc if single else fname}"
         if i in errors:
-            samples.append(Sample(id=fname, path=f"!{i}"))
+            samples.append(Sample(id=fname, loc=f"!{i}"))
             continue
         try:
             if not is_remote(path) and not os.path.isfile(path):  # a FIFO would block the listing forever
@@ -255,7 +255,7 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
             if single:
                 raise SourceError(f"{where} cannot be opened as Parquet/Arrow: {_first_line(exc)}") from None
             errors[i] = f"cannot open as Parquet/Arrow: {_first_line(exc)}"
-            samples.append(Sample(id=fname, path=f"!{i}"))
+            samples.append(Sample(id=fname, loc=f"!{i}"))
             continue
         schema = table.schema
         if column is None:
@@ -264,7 +264,7 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
             if single:
                 raise SourceError(f"{where} has no column '{column}' (columns: {', '.join(schema.names)})")
             errors[i] = f"no column '{column}' like the other files (columns: {', '.join(schema.names)})"
-            samples.append(Sample(id=fname, path=f"!{i}"))
+            samples.append(Sample(id=fname, loc=f"!{i}"))
             continue
         if label_column is not None and label_column not in schema.names:
             raise SourceError(f"{where} has no label column '{label_column}' (columns: {', '.join(schema.names)})")
@@ -294,7 +294,7 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
             if single:
                 raise SourceError(f"{where} cannot be read: {_first_line(exc)}") from None
             errors[i] = f"cannot read: {_first_line(exc)}"
-            samples.append(Sample(id=fname, path=f"!{i}"))
+            samples.append(Sample(id=fname, loc=f"!{i}"))
             continue
         counts = Counter(p for _, _, p, _, _ in rows if p)
         base = os.path.dirname(path)
@@ -321,7 +321,7 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
                 sid = p if (p and counts[p] == 1 and p not in taken) else f"{fname}:{k}"
                 where_bytes = f"{i}:{g}:{r}"
             taken.add(sid)
-            samples.append(Sample(id=sid, path=where_bytes, label=lab, split=split))
+            samples.append(Sample(id=sid, loc=where_bytes, label=lab, split=split))
     if column is None:
         raise SourceError(f"source {loc}: no table could be opened ({'; '.join(errors.values())})")
     if class_names is None and int_labels and present:

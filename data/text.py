@@ -106,7 +106,7 @@ def text_folder(root: str | os.PathLike, name: str | None = None) -> TextSource:
     if not root.is_dir():
         raise SourceError(f"source folder {root} does not exist or is not a folder")
     unreadable: dict[str, str] = {}
-    samples = [Sample(id=rel, path=os.path.join(root, rel), label=label)
+    samples = [Sample(id=rel, loc=os.path.join(root, rel), label=label)
                for rel, label in _text_entries(root, unreadable)]
     if not samples:
         raise SourceError(f"source folder {root} holds no .txt files: give a folder of texts, one subfolder per class")
@@ -171,7 +171,7 @@ def text_table(path: str | os.PathLike, name: str | None = None, text_column: st
         sp = None if splits is None else splits.iloc[row]
         sp = str(sp) if sp not in (None, "") and not (isinstance(sp, float) and sp != sp) else None
         texts[sid] = None if text is None or (isinstance(text, float) and text != text) else str(text)
-        samples.append(Sample(id=sid, path=sid, label=lab, split=sp))
+        samples.append(Sample(id=sid, loc=sid, label=lab, split=sp))
     samples.sort(key=lambda s: os.fsencode(s.id))
     return TextSource(name=name or path.stem, root=path.parent, samples=samples, reader=TextTableReader(texts),
                       format="text", label_column=label_column, label_column_given=label_given)

@@ -73,7 +73,7 @@ class TarReader(Reader):
         self.files, self.identities, self.names, self.errors = files, identities, names, errors
 
     def file_of(self, sample: Sample) -> str:
-        return self.names[int(sample.path.lstrip("!").split(":", 1)[0])]
+        return self.names[int(sample.loc.lstrip("!").split(":", 1)[0])]
 
     def read(self, loc: str) -> bytes:
         if loc.startswith("!"):
@@ -200,14 +200,14 @@ def webdataset_source(location, name: str | None = None, *, storage_options: dic
                 where = f"!{i}:{key}"
                 errors[where] = (f"member {key}.{g['cut']} cut off: the tar ends in the middle of it" if "cut" in g
                                  else f"no image member ({', '.join(IMAGE_EXTS)}) for this key")
-                samples.append(Sample(id=sid, path=where, label=lab))
+                samples.append(Sample(id=sid, loc=where, label=lab))
                 continue
             off, size, truncated = g["image"]
-            samples.append(Sample(id=sid, path=f"{i}:{off}:{size}", label=lab))
+            samples.append(Sample(id=sid, loc=f"{i}:{off}:{size}", label=lab))
     for i, reason in broken:
         where = f"!{i}:"
         errors[where] = reason
-        samples.append(Sample(id=files.names[i], path=where))
+        samples.append(Sample(id=files.names[i], loc=where))
     if len(broken) == len(files.names) and not single:
         i, reason = broken[0]
         raise SourceError(f"source {loc}: none of its {len(broken)} tars could be read ({files.names[i]}: {reason}); "

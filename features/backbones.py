@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from featurebank.features.hashing import file_sha256
-from featurebank.features.names import DEFAULT_BACKBONE  # noqa: F401 - declared with the other option values
+from featurebank.features.choices import DEFAULT_BACKBONE  # noqa: F401 - declared with the other option values
 
 
 class BackboneError(ValueError):

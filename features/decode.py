@@ -39,11 +39,10 @@ import torch
 
 from featurebank.data.sources import FileReader, Reader, UnreadableSample
 from featurebank.features.backbones import Preprocessing
-from featurebank.features.images import (  # noqa: F401 - the JPEG helpers are re-exported for older callers
-    DAMAGED, JPEG_END, JPEG_MAGIC, ImageError, complete_jpeg, decode_image, jpeg_damage, jpeg_header, jpeg_orientation,
-    jpeg_pixels,
+from featurebank.features.choices import DECODERS, DEFAULT_DECODER
+from featurebank.features.images import (
+    JPEG_MAGIC, ImageError, complete_jpeg, decode_image, jpeg_damage, jpeg_header, jpeg_orientation, jpeg_pixels,
 )
-from featurebank.features.names import DECODERS, DEFAULT_DECODER  # noqa: F401 - declared with the other option values
 
 def _decode_jpeg_supports_exif() -> bool:
     from torchvision.io import decode_jpeg

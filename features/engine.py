@@ -5,7 +5,7 @@ that cannot be decoded are recorded in the store with their reason and skipped. 
 in parts as it goes (see features.store), so a killed run resumes where it stopped.
 
 How the work is laid out on the machine (replica processes on a CPU, one process with GPU decoding
-on CUDA) is decided by :func:`features.runtime.choose_layout`; its docstring states the rule. Both
+on CUDA) is decided by :func:`features.device.choose_layout`; its docstring states the rule. Both
 layouts decode with :mod:`features.decode`, send every failure back as (index, reason), and keep
 memory flat with bounded queues.
 """
@@ -26,12 +26,13 @@ import torch
 
 from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of, unescape_id
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
-from featurebank.features.decode import DEFAULT_DECODER, Decoder
+from featurebank.features.choices import DEFAULT_DECODER
+from featurebank.features.decode import Decoder
 from featurebank.features.images import is_damage
-from featurebank.features.names import CALIBRATION_SAMPLES
+from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.registry import build_backbone, modality
-from featurebank.features.runpaths import CPU_BATCH, decode_batch, run_in_process, run_pipelined, run_replicas
-from featurebank.features.runtime import AMP_OF_PRECISION, DEFAULT_AMP, Layout, cuda_precision, pick_device
+from featurebank.features.executors import CPU_BATCH, decode_batch, run_in_process, run_pipelined, run_replicas
+from featurebank.features.device import AMP_OF_PRECISION, DEFAULT_AMP, Layout, cuda_precision, pick_device
 from featurebank.features.runtimes import create_runtime
 from featurebank.features.store import (
     DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, read_index, store_path,
@@ -55,7 +56,7 @@ class ExtractResult:
     rows: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) of this run
-    layout: str = ""  # how the forward passes ran (see features.runtime)
+    layout: str = ""  # how the forward passes ran (see features.device)
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over processes
     settings: dict = field(default_factory=dict)  # the engine options this extraction ran with
     notes: dict[str, int] = field(default_factory=dict)  # rows of the store by note (text: truncated, replaced)
@@ -112,7 +113,7 @@ def extract(
 
     ``batch_size``: None picks it (32 on a CPU; on CUDA the largest that fits, up to 512).
     ``workers``: on a CPU the number of model replica processes (0: all in this process); on a GPU
-    the number of DataLoader workers; None chooses from the machine (see features.runtime).
+    the number of DataLoader workers; None chooses from the machine (see features.device).
     ``amp``: autocast dtype on CUDA (auto = bf16 where supported, else fp16; fp32 turns it off).
     ``compile``: torch.compile the model (CUDA only). ``decoder``: "fast" (features.decode) or
     "plain" (PIL and the backbone's reference transform). ``layout``: force a layout instead of the
@@ -311,7 +312,7 @@ class SampleFiles:
     the dataset (about 0.3 KB per sample each)."""
 
     def __init__(self, source, todo):
-        encoded = [os.fsencode(str(source.samples[k].path)) for k in todo]
+        encoded = [os.fsencode(str(source.samples[k].loc)) for k in todo]
         self._offsets = np.zeros(len(encoded) + 1, np.int64)
         np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
         self._blob = b"".join(encoded)

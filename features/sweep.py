@@ -41,15 +41,16 @@ from torch import nn
 
 from featurebank.data.sources import Source, escape_id, open_source, split_of
 from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_backbone, is_text_backbone
-from featurebank.features.decode import DEFAULT_DECODER, Decoder
+from featurebank.features.choices import DEFAULT_DECODER
+from featurebank.features.decode import Decoder
 from featurebank.features.engine import (
     CALIBRATION_SAMPLES, ExtractResult, ModalityError, SampleFiles, calibration_images, calibration_set, extract,
     first_images, labels_changed, sample_decoder, sample_fingerprints,
 )
 from featurebank.features.images import ImageError
 from featurebank.features.registry import build_backbone, modality
-from featurebank.features.runpaths import mp_context, worker_started
-from featurebank.features.runtime import AMP_OF_PRECISION, DEFAULT_AMP, cuda_precision, pick_device, usable_cores
+from featurebank.features.executors import mp_context, worker_started
+from featurebank.features.device import AMP_OF_PRECISION, DEFAULT_AMP, cuda_precision, pick_device, usable_cores
 from featurebank.features.runtimes import check_precision, create_runtime
 from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, atomic_write, store_path
 

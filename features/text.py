@@ -32,7 +32,7 @@ from torch import nn
 
 from featurebank.features.backbones import BackboneError
 from featurebank.features.hashing import file_sha256
-from featurebank.features.names import DEFAULT_TEXT_BACKBONE, LONG_TEXT  # noqa: F401 - declared with the other option values
+from featurebank.features.choices import DEFAULT_TEXT_BACKBONE, LONG_TEXT  # noqa: F401 - declared with the other option values
 from featurebank.features.runtimes.text import TEXT_PRECISIONS, create_text_runtime
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")

@@ -28,10 +28,10 @@ from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 
-from featurebank.classifiers.names import DEFAULT_PROBES
+from featurebank.classifiers.choices import DEFAULT_PROBES
 from featurebank.classifiers.report import DEFAULT_RUNS_DIR
 from featurebank.data.demo import DEFAULT_DEMO
-from featurebank.features.names import DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
+from featurebank.features.choices import DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
 from featurebank.features.store import DEFAULT_STORE_DIR
 from featurebank.pipelines.params import (
     AuditParams, CompareParams, DemoParams, ExportParams, ExtractParams, FewshotParams, PredictParams, RunParams,
@@ -334,7 +334,7 @@ class Backbone:
     def _image_runtime(self, first):
         import torch
 
-        from featurebank.features.runtime import DEFAULT_AMP, cuda_precision, pick_device
+        from featurebank.features.device import DEFAULT_AMP, cuda_precision, pick_device
         from featurebank.features.runtimes import create_runtime
 
         dev = pick_device(self.device)
@@ -373,7 +373,7 @@ class Backbone:
         import numpy as np
 
         from featurebank.data.text import decode_text
-        from featurebank.features.runtime import pick_device
+        from featurebank.features.device import pick_device
         from featurebank.features.runtimes.text import create_text_runtime
 
         texts = []

@@ -18,7 +18,7 @@ from featurebank.classifiers.audit import (
 )
 from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
 from featurebank.classifiers.gallery import audit_run, run_predictions
-from featurebank.classifiers.history import record_run, store_failures, unchanged_since
+from featurebank.classifiers.deltas import record_run, store_failures, unchanged_since
 from featurebank.classifiers.persist import load_classifier
 from featurebank.classifiers.predict import (
     classifier_for_prediction, prediction_backbone, store_options, write_predictions,

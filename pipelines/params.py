@@ -15,14 +15,14 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from featurebank.classifiers.names import DEFAULT_PROBES, DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES, PROBE_NAMES
+from featurebank.classifiers.choices import DEFAULT_PROBES, DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES, PROBE_NAMES
 from featurebank.classifiers.persist import verify_classifier
 from featurebank.classifiers.report import DEFAULT_RUNS_DIR
 from featurebank.classifiers.versions import resolve_classifier
 from featurebank.data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, FASHION_SIZE, check_demo
 from featurebank.data.sources import FORMATS, check_source, is_remote, open_source, source_modality
 from featurebank.features.export import EXPORT_FORMATS
-from featurebank.features.names import (
+from featurebank.features.choices import (
     AMP_MODES, DECODERS, DEFAULT_AMP, DEFAULT_BACKBONE, DEFAULT_DECODER, DEFAULT_TEXT_BACKBONE, LONG_TEXT, PRECISIONS, RUNTIMES,
 )
 from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
@@ -44,7 +44,7 @@ def check_backbone_name(v: str) -> str:
 
 
 def check_device(v: str) -> str:
-    from featurebank.features.runtime import check_device as check
+    from featurebank.features.device import check_device as check
 
     return check(v)
 

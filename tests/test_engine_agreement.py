@@ -19,9 +19,9 @@ from PIL import Image
 from featurebank.features.backbones import create_backbone
 from featurebank.features.decode import Decoder, decode_on_device
 from featurebank.features.engine import extract
-from featurebank.features.runpaths import FileDataset, collate
+from featurebank.features.executors import FileDataset, collate
 from featurebank.features.images import load_image
-from featurebank.features.runtime import Layout
+from featurebank.features.device import Layout
 from featurebank.features.store import read_features
 
 

@@ -15,11 +15,12 @@ from PIL import Image
 # Internals, on purpose: the engine's machinery without a model (layout rule, chunks, writer thread, back-off):
 # internals by design.
 from featurebank.features.backbones import Preprocessing
-from featurebank.features.decode import Decoder, jpeg_header, jpeg_orientation
+from featurebank.features.decode import Decoder
+from featurebank.features.images import jpeg_header, jpeg_orientation
 from featurebank.features.engine import WriterThread, _Recorder
-from featurebank.features.runpaths import chunks as _chunks
+from featurebank.features.executors import chunks as _chunks
 from featurebank.features.runtimes.torch_runtime import Forward, is_oom
-from featurebank.features.runtime import choose_layout, pick_amp
+from featurebank.features.device import choose_layout, pick_amp
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -48,7 +49,7 @@ def test_cpu_layout_obeys_workers():
 
 
 def test_cpu_layout_is_capped_by_memory(monkeypatch):
-    import featurebank.features.runtime as rt
+    import featurebank.features.device as rt
 
     monkeypatch.setattr(rt, "available_memory", lambda: 2 * 2**30)
     model = torch.nn.Linear(2**14, 2**12)  # 256 MiB of weights

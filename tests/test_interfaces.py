@@ -127,7 +127,7 @@ def test_help_and_bad_input_are_answered_without_loading_torch_or_sklearn(tmp_pa
 
 def test_probe_names_declared_for_the_cli_are_the_probes():
     from featurebank.classifiers.fewshot import FEWSHOT_PROBES
-    from featurebank.classifiers.names import DEFAULT_PROBES, PROBE_NAMES
+    from featurebank.classifiers.choices import DEFAULT_PROBES, PROBE_NAMES
     from featurebank.classifiers.probes import PROBES
 
     assert tuple(PROBES) == PROBE_NAMES and set(DEFAULT_PROBES) <= set(PROBES) and set(FEWSHOT_PROBES) <= set(PROBES)

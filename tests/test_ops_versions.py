@@ -8,7 +8,7 @@ import pytest
 # Internals, on purpose: classifiers.versions and history on synthetic stores (no backbone, fast); the user-facing
 # rules (unchanged runs, --keep, scheduled runs) are tested through featurebank.run in test_ops_retention.py and
 # test_ops_server.py.
-from featurebank.classifiers.history import compare
+from featurebank.classifiers.deltas import compare
 from featurebank.classifiers.persist import ClassifierError
 from featurebank.classifiers.train import train_probes
 from featurebank.classifiers.versions import current_version, register, resolve_classifier, set_current, versions

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOADER_EXTRACT = (
     "import sys\n"
     "from features.engine import extract\n"
-    "from features.runtime import Layout\n"
+    "from features.device import Layout\n"
     "extract(sys.argv[1], 'efficientnet_lite0', sys.argv[2], layout=Layout('cpu', 0, 1, 2), batch_size=4)\n"
 )
 

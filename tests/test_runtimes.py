@@ -220,7 +220,7 @@ def test_a_rerun_trusts_the_agreement_its_store_already_passed(lite0, photos, tm
 
 
 def test_cuda_autocast_is_the_precision_the_store_records():
-    from featurebank.features.runtime import cuda_precision
+    from featurebank.features.device import cuda_precision
 
     gpu = torch.device("cuda")  # explicit amp settings only: nothing here touches a device
     assert cuda_precision(gpu, "f32", "fp32") == "f32"

@@ -31,7 +31,7 @@ def test_split_is_stable_as_the_folder_grows(digits_folder):
 def test_manifest_csv_with_splits(tmp_path, digits_folder):
     rows = ["path,label,split"]
     for s in image_folder(digits_folder).samples[:6]:
-        rows.append(f"{s.path},{s.label},{'test' if s.id.endswith('0.png') else 'train'}")
+        rows.append(f"{s.loc},{s.label},{'test' if s.id.endswith('0.png') else 'train'}")
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     src = open_source(tmp_path / "m.csv")
     assert src.name == "m" and len(src.samples) == 6 and all(s.split in ("train", "test") for s in src.samples)

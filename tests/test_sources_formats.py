@@ -54,7 +54,7 @@ def by_image(features, ids_to_path):
 def test_folder_parquet_and_webdataset_give_the_same_embeddings_and_labels(formats, tmp_path, lite0):
     folder, parquet, shards, items = formats
     got = {}
-    from featurebank.features.runtime import Layout
+    from featurebank.features.device import Layout
 
     # the folder in this process; the Parquet rows read by two replica processes (the reader pickled to
     # them); the tars through the one-process GPU loop (JPEG bytes decoded "on the device", here the CPU)

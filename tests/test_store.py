@@ -112,7 +112,7 @@ def test_sample_locations_round_trip_through_the_packed_buffer(tmp_path):
     from featurebank.features.engine import SampleFiles
 
     names = ["plain.jpg", "ünïcödé/ファイル.png", "back\\slash.jpg", os.fsdecode(b"latin-\xe9.jpg"), "a b/c.jpg"]
-    src = Source("toy", tmp_path, [Sample(id=n, path=str(tmp_path / n)) for n in names])
+    src = Source("toy", tmp_path, [Sample(id=n, loc=str(tmp_path / n)) for n in names])
     files = SampleFiles(src, [4, 0, 3, 1, 2])
     assert len(files) == 5
     assert [files[j] for j in range(5)] == [str(tmp_path / names[k]) for k in (4, 0, 3, 1, 2)]

@@ -4,7 +4,7 @@ own graph (``takes_pixels``: OpenVINO); for texts (features.runtimes.text) token
 
 A runtime owns how the forward pass uses the machine (replicas and threads for torch; infer requests
 and streams for OpenVINO). The protocol is ``features.runtimes.base.Runtime``. The engine (features.engine) decides
-what to embed and commits it; the run paths (features.runpaths) feed decoded batches to a runtime and
+what to embed and commits it; the run paths (features.executors) feed decoded batches to a runtime and
 hand its embeddings to the store. Adding a runtime means one module here and one line in
 :func:`create_runtime`: neither the store, nor the sources, nor the probes change.
 
@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from featurebank.features.names import CALIBRATION_SAMPLES, PRECISIONS, RUNTIMES  # noqa: F401 - declared with the other option values
+from featurebank.features.choices import CALIBRATION_SAMPLES, PRECISIONS, RUNTIMES  # noqa: F401 - declared with the other option values
 
 from featurebank.features.runtimes.base import (  # noqa: F401 - the protocol, re-exported for its callers
     AGREEMENT, CHECK_IMAGES, Runtime, RuntimeUnavailable, check_precision, cosines,
@@ -48,7 +48,7 @@ def create_runtime(runtime: str, backbone, device: torch.device, precision: str 
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
-    if not (precision == "fp16" and device.type == "cuda"):  # fp16: CUDA autocast (features.runtime.cuda_precision)
+    if not (precision == "fp16" and device.type == "cuda"):  # fp16: CUDA autocast (features.device.cuda_precision)
         check_precision(precision)
     if runtime == "torch" or (runtime == "auto" and device.type != "cpu"):
         if precision == "int8":

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from featurebank.features.names import PRECISIONS
+from featurebank.features.choices import PRECISIONS
 
 # auto's agreement check against the eager f32 module, per image, on the dataset's first images
 AGREEMENT = {"f32": 0.9999, "bf16": 0.99}
@@ -26,14 +26,14 @@ class Runtime:
     name = "runtime"
     precision = "f32"
     #: True: the runtime overlaps its own work (async requests) and runs in the calling process, fed by
-    #: decoding workers (features.runpaths.run_pipelined); False: synchronous (replicas or one process)
+    #: decoding workers (features.executors.run_pipelined); False: synchronous (replicas or one process)
     pipelined = False
     #: True: the runtime takes uint8 pixels [B, H, W, 3] (``Decoder(pixels=True)``) and normalises them
     #: itself; False: normalised float batches [B, 3, H, W]
     takes_pixels = False
 
     def layout(self, device: torch.device, n_images: int, batch: int, workers: int | None):
-        """How this runtime lays an extraction out on the machine (a features.runtime.Layout)."""
+        """How this runtime lays an extraction out on the machine (a features.device.Layout)."""
         raise NotImplementedError
 
     def describe(self) -> str:

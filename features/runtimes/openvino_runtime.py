@@ -36,8 +36,8 @@ import torch
 
 from featurebank.data.cache import cache_root
 from featurebank.data.files import atomic_folder, atomic_write
-from featurebank.features.runtime import Layout, usable_cores
-from featurebank.features.names import CALIBRATION_SAMPLES
+from featurebank.features.device import Layout, usable_cores
+from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.runtimes.base import Runtime, RuntimeUnavailable
 from featurebank.features.store import int8_recipe_data, recipe_fingerprinted
 

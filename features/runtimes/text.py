@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurebank.features.runtime import Layout
+from featurebank.features.device import Layout
 from featurebank.features.runtimes.base import Runtime, RuntimeUnavailable, cosines
 from featurebank.features.runtimes.openvino_runtime import (
     cache_dir, cache_unusable, core, openvino_version, round_robin, streams_and_requests, write_atomically,
@@ -144,7 +144,7 @@ def create_text_runtime(backbone, runtime: str = "auto", precision: str = "f32",
     converts and agrees with torch on ``first`` (the dataset's first batch, cosine >= 0.9999 per text at
     f32), else torch (``auto``, saying why in one line). An explicit ``openvino`` that cannot run raises
     RuntimeUnavailable."""
-    from featurebank.features.names import RUNTIMES
+    from featurebank.features.choices import RUNTIMES
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")

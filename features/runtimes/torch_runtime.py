@@ -1,7 +1,7 @@
 """The torch runtime: the eager module, channels_last, under inference mode.
 
 On a CPU it lays out model replicas (one single-threaded process per usable core, see
-features.runtime.choose_layout); on CUDA it is one process with autocast, probing the batch size down
+features.device.choose_layout); on CUDA it is one process with autocast, probing the batch size down
 on out-of-memory (:class:`Forward`). ``bf16`` on a CPU is torch's CPU autocast.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from featurebank.features.runtime import Layout, choose_layout
+from featurebank.features.device import Layout, choose_layout
 from featurebank.features.runtimes.base import Runtime, RuntimeUnavailable
 
 
@@ -77,7 +77,7 @@ class TorchRuntime(Runtime):
 
     def amp_dtype(self, amp: str = "auto") -> torch.dtype | None:
         """Autocast dtype from the precision: on CUDA the engine has already folded its ``amp`` setting
-        into it (features.runtime.cuda_precision); on a CPU bf16 when asked."""
+        into it (features.device.cuda_precision); on a CPU bf16 when asked."""
         if self.device.type == "cuda":
             return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         return torch.bfloat16 if self.precision == "bf16" else None

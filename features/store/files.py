@@ -19,7 +19,7 @@ from featurebank.data.files import fsync_path, temporary_name
 from featurebank.features.store.schema import first_line
 
 
-class _WriteOnce(io.RawIOBase):
+class _GuardedFile(io.RawIOBase):
     """The file under an HDF5 file being written: a failed write is kept from HDF5, not reported to it.
 
     HDF5 cannot recover from a failed write (the file stays open inside the library, which can crash
@@ -102,7 +102,7 @@ def atomic_h5(path: Path, fill) -> None:
     """
     tmp = temporary_name(path)
     try:
-        raw = _WriteOnce(tmp)
+        raw = _GuardedFile(tmp)
         try:
             with h5py.File(raw, "w", libver=("v110", "latest")) as f:
                 fill(f)

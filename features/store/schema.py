@@ -39,7 +39,7 @@ from pathlib import Path
 
 import h5py
 
-from featurebank.features.names import CALIBRATION_SAMPLES
+from featurebank.features.choices import CALIBRATION_SAMPLES
 
 DEFAULT_STORE_DIR = "featurebank-store"
 DTYPES = ("float32", "float16")  # how embeddings may be stored; the first is the default

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from featurebank.features.names import AMP_MODES, DEFAULT_AMP  # noqa: F401 - declared with the other option values
+from featurebank.features.choices import AMP_MODES, DEFAULT_AMP  # noqa: F401 - declared with the other option values
 
 GPU_MAX_BATCH = 512
 

@@ -1,7 +1,7 @@
 """Run paths: how decoded batches reach a runtime and its embeddings reach the store.
 
 Three paths, chosen by :func:`features.engine.extract` from the runtime and the layout
-(features.runtime.choose_layout; docs/engine.md):
+(features.device.choose_layout; docs/engine.md):
 
 - :func:`run_replicas` (torch on a CPU): N worker processes, each holding the model on its own
   threads and decoding its batches inline; the parent only receives embeddings and writes.
@@ -32,7 +32,7 @@ import torch
 from featurebank.features.decode import Decoder, decode_on_device, read_for_gpu
 from featurebank.features.images import ImageError
 from featurebank.features.processes import die_with_parent
-from featurebank.features.runtime import GPU_MAX_BATCH, Layout
+from featurebank.features.device import GPU_MAX_BATCH, Layout
 
 CPU_BATCH = 32
 
