@@ -13,8 +13,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    id: str  # stable id: a path relative to the source root, a struct path, a tar key (may hold surrogate escapes)
+    # the location of the bytes, as the source's reader understands it: a file path for folders and
+    # manifests, a compact "file:row group:row" or "shard:offset:size" for tables and tars. A plain
+    # string: a listing of millions of samples must stay small (a Path costs ~5x)
+    loc: str
+    label: str | None = None
+    split: str | None = None  # "train" / "test"; None means "decide from the id's hash"
+
 
 BLOCK = 8192  # rows turned into Python objects at a time, where they must be
 
@@ -125,14 +137,23 @@ def sort_order(ids) -> np.ndarray:
     return pc.sort_indices(table, sort_keys=[("id", "ascending"), ("k", "ascending")]).to_numpy()
 
 
-def positions_in(values, value_set) -> np.ndarray:
-    """For each of ``values`` its position in ``value_set`` (Arrow arrays of unique values), -1 where absent;
-    a hash table over ``value_set``, no Python object per value."""
+HASHED = 1 << 18  # values of the set hashed at a time: the hash table's memory is bounded, not per sample
+
+
+def positions_in(values, value_set, step: int = HASHED) -> np.ndarray:
+    """For each of ``values`` its position in ``value_set`` (Arrow arrays; the set's values unique), -1 where
+    absent. The set is hashed ``step`` values at a time and ``values`` probed against each part, so the hash
+    table's memory stays the same however many values there are (the time grows with their product / step)."""
     pc = _pc()
+    out = np.full(len(values), -1, np.int64)
     if not len(values):
-        return np.zeros(0, np.int64)
-    got = pc.index_in(values, value_set=value_set)
-    return got.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        return out
+    for a in range(0, len(value_set), step):
+        got = pc.index_in(values, value_set=value_set[a:a + step])
+        hit = got.is_valid().to_numpy(zero_copy_only=False)
+        if hit.any():
+            out[hit] = got.fill_null(0).to_numpy(zero_copy_only=False)[hit] + a
+    return out
 
 
 SPLIT_CODES = {None: 0, "train": 1, "test": 2}
@@ -173,8 +194,6 @@ class SampleColumns(Sequence):
         return len(self.ids)
 
     def _sample(self, k: int, sid: str, loc: str):
-        from featurebank.data.sources import Sample
-
         code = self.labels[k]
         return Sample(sid, loc, None if code < 0 else self.label_names[code], SPLIT_NAMES[self.splits[k]])
 
@@ -242,3 +261,42 @@ def concat_columns(parts: Sequence[SampleColumns]) -> SampleColumns:
         labels.append(remap[p.labels])  # -1 indexes the trailing -1
     return SampleColumns(concat_strings([p.ids for p in parts]), concat_strings([p.locs for p in parts]),
                          np.concatenate(labels), list(names), np.concatenate([p.splits for p in parts]))
+
+
+class Codes(Sequence):
+    """A column of names (or None) as int32 codes into ``names`` (-1: None): labels, splits."""
+
+    __slots__ = ("codes", "names")
+
+    def __init__(self, codes: np.ndarray, names: Sequence[str]):
+        self.codes, self.names = np.asarray(codes, np.int32), list(names)
+
+    @classmethod
+    def of(cls, values: Iterable, names: Sequence[str] = ()) -> Codes:
+        if isinstance(values, Codes):
+            return values
+        index = {n: k for k, n in enumerate(names)}
+        values = values if isinstance(values, Sequence) else list(values)
+        codes = np.fromiter((-1 if v is None else index.setdefault(v, len(index)) for v in values), np.int32, len(values))
+        return cls(codes, list(index))
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, k):
+        if isinstance(k, (int, np.integer)):
+            c = self.codes[k]
+            return None if c < 0 else self.names[c]
+        return Codes(self.codes[k], self.names)
+
+    def __iter__(self):
+        names = [*self.names, None]
+        return (names[c] for c in self.codes.tolist())
+
+    def present(self) -> list[str]:
+        return [self.names[c] for c in np.unique(self.codes).tolist() if c >= 0]
+
+    def recode(self, names: Sequence[str]) -> np.ndarray:
+        """The codes into ``names`` instead (-1 for None and for a name ``names`` lacks)."""
+        index = {n: k for k, n in enumerate(names)}
+        return np.array([index.get(n, -1) for n in self.names] + [-1], np.int32)[self.codes]

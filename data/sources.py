@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from featurebank.data.columns import SampleColumns, Strings
+from featurebank.data.columns import Sample, SampleColumns, Strings
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -44,17 +44,6 @@ class UnreadableSample(ValueError):
 
 
 NUL_PATH = "its path holds a NUL byte, which no file name can hold"
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    id: str  # stable id: a path relative to the source root, a struct path, a tar key (may hold surrogate escapes)
-    # the location of the bytes, as the source's reader understands it: a file path for folders and
-    # manifests, a compact "file:row group:row" or "shard:offset:size" for tables and tars. A plain
-    # string: a listing of millions of samples must stay small (a Path costs ~5x)
-    loc: str
-    label: str | None = None
-    split: str | None = None  # "train" / "test"; None means "decide from the id's hash"
 
 
 class Reader:

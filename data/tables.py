@@ -256,12 +256,11 @@ class _Listing:
         return cols, np.concatenate(self.file_of_row) if self.file_of_row else np.zeros(0, np.int32)
 
 
-def _label_codes(values, class_names: list[str] | None, state: dict) -> tuple[np.ndarray, list[str]]:
+def _label_codes(values, n: int, class_names: list[str] | None, state: dict) -> tuple[np.ndarray, list[str]]:
     """A file's label column as (codes, names): HF ClassLabel integers name their class (``class_names``),
     other integers their value as text (-1: no label), strings themselves; ``state`` gets whether every
     label was an integer ("int_labels") and the integers present ("present")."""
     pa = _pa()
-    n = len(values)
     if values is None or values.null_count == n:
         return np.full(n, -1, np.int32), []
     if pa.types.is_integer(values.type) and not pa.types.is_boolean(values.type):
@@ -373,7 +372,7 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
                 for c in small:
                     got[c].append(block[c])
             cols = {c: (pa.concat_arrays(v) if v else None) for c, v in got.items()}
-            labels, label_names = _label_codes(cols.get(label_name), class_names, state)
+            labels, label_names = _label_codes(cols.get(label_name), sum(sizes), class_names, state)
             splits = _split_codes(cols.get("split"), where)
         except SourceError:
             raise
@@ -421,7 +420,8 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
     return Source(name=name or default_name or "table", root=files.root, samples=samples.sorted(), reader=reader,
                   format="parquet", class_names=class_names,
                   shard_key=reader.file_of if isinstance(reader, TableReader) else None,
-                  incomplete={files.names[i]: reason for i, reason in errors.items()}, notes=files.notes)
+                  incomplete={files.names[i]: reason for i, reason in errors.items()}, notes=files.notes,
+                  label_column=label_name, label_column_given=label_column is not None)
 
 
 def _first_file_keeps_its_id(samples: SampleColumns, file_of_row: np.ndarray, names: list[str]) -> SampleColumns:

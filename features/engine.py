@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of, unescape_id
+from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
 from featurebank.features.choices import DEFAULT_DECODER
 from featurebank.features.decode import Decoder
-from featurebank.features.images import is_damage
 from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.registry import build_backbone, modality
+from featurebank.features.plan import keep_unlisted, labels_changed, listing_columns, plan_reuse
 from featurebank.features.executors import CPU_BATCH, decode_batch, run_in_process, run_pipelined, run_replicas
 from featurebank.features.device import AMP_OF_PRECISION, DEFAULT_AMP, Layout, cuda_precision, pick_device
 from featurebank.features.runtimes import create_runtime
 from featurebank.features.store import (
-    DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, read_index, store_path,
+    DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, store_path,
 )
 
 
@@ -160,10 +160,8 @@ def extract(
     except OSError as exc:
         raise StoreError(f"cannot create the store folder {path.parent} ({exc.strerror or exc})") from None
 
-    ids = [escape_id(s.id) for s in source.samples]
-    content = sample_fingerprints(source, content_hash)
-    labels = [None if s.label is None else escape_id(s.label) for s in source.samples]
-    splits = [s.split or split_of(s.id) for s in source.samples]
+    # the listing in columns (features.plan): no Python object per sample, however large the source
+    ids, labels, splits = listing_columns(source)
     for note in source.notes:  # e.g. a cached copy used because its server did not answer
         say(note)
     if source.incomplete:
@@ -176,21 +174,12 @@ def extract(
     with StoreWriter(path, config, dataset or source.name, lock_timeout=lock_timeout,
                      rows_per_part=rows_per_part, seconds_per_part=seconds_per_part, say=say) as writer:
         writer.described = describe_source(source)
-        index = writer.index()
-        todo, reused = [], 0
-        for k, (i, c) in enumerate(zip(ids, content)):
-            if index.content.get(i) == c and (allow_damaged or i not in index.damaged_images):
-                reused += 1
-            elif (retry_failures or (failed := index.failures.get(i)) is None or failed[1] != c
-                  or (allow_damaged and is_damage(failed[0]))):
-                todo.append(k)
-        todo = np.array(todo, np.int64)  # 8 bytes per sample to embed, not a Python int each
-        result = ExtractResult(path=path, reused=reused)
+        plan = plan_reuse(writer, source, ids, content_hash, retry_failures, allow_damaged)
+        todo, content = plan.todo, plan.content
+        result = ExtractResult(path=path, reused=plan.reused)
         if source.incomplete:  # rows are removed only by a listing that read every file of the source
-            result.kept = _keep_unlisted(path, index, ids, labels, splits, content)
-        listed = set(ids)
-        stale = any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
-        del listed
+            ids, labels, splits, result.kept = keep_unlisted(path, plan.match, ids, labels, splits)
+        stale = plan.match.stale
         if len(todo):
             if source.modality == "text":
                 _embed_text(source, backbone, writer, todo, ids, content, batch_size, device, progress, result,
@@ -199,24 +188,26 @@ def extract(
                 _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
                        amp=amp, compile=compile, decoder=decoder, layout=layout, runtime=runtime, precision=precision,
                        calibration_samples=calibration_samples, dataset=dataset or source.name,
-                       stored_runtimes=index.runtimes, say=say, allow_damaged=allow_damaged)
+                       stored_runtimes=plan.match.held["runtimes"], say=say, allow_damaged=allow_damaged)
         # what this run added, counted by the writer (ids escaped, so printable whatever the file name)
         result.embedded = writer.added_rows
         result.failures = list(writer.added_failures)
         result.failed = len(result.failures)
         classes = [escape_id(c) for c in source.classes]
+        rows, failed_total, notes = plan.rows, plan.failures, plan.notes
+        del plan, content
         if (len(todo) or stale or writer.needs_merge() or not path.exists() or label_column_changed
-                or _labels_changed(path, ids, labels, splits, classes)):
-            counts = writer.finish(ids, labels, splits, content, class_names=classes,
+                or labels_changed(path, ids, labels, splits, classes)):
+            counts = writer.finish(ids, labels, splits, None, class_names=classes,
                                    attrs={"label_column": source.label_column})
             result.removed = counts["removed"]
             result.rows = counts["rows"]
             result.failed_total = counts["failures"]
             result.notes = counts.get("notes", {})
         else:
-            result.rows = len(index.content)
-            result.failed_total = len(index.failures)
-            result.notes = index.notes
+            result.rows = rows
+            result.failed_total = failed_total
+            result.notes = notes
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -229,23 +220,7 @@ def describe_source(source: Source) -> dict[str, str]:
     return {"source": root, "source_format": str(source.format), "modality": source.modality}
 
 
-def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
-    """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
-    index = read_index(path)
-    names = index.class_names
-    stored = dict(zip(index.ids, zip(index.y.tolist(), index.splits.tolist())))
-    if want_names is None:
-        want_names = sorted({lab for lab in labels if lab is not None})
-    if names != want_names:
-        return True
-    pos = {c: k for k, c in enumerate(names)}
-    for i, lab, sp in zip(ids, labels, splits):
-        if i in stored and stored[i] != (pos.get(lab, -1) if lab is not None else -1, sp):
-            return True
-    return False
-
-
-labels_changed = _labels_changed  # public: features.sweep plans its stores as extract() does
+_labels_changed = labels_changed  # features.plan: the store's columns against the listing's
 
 
 def _check_labels_kept(path: Path, source: Source, labels) -> bool:
@@ -265,33 +240,11 @@ def _check_labels_kept(path: Path, source: Source, labels) -> bool:
         raise SourceError(f"{path} holds labels read from the column '{stored}', but without --label-column this "
                           f"source's labels are read from '{current}': give --label-column {stored} again to keep "
                           f"them (or --label-column {current} to replace them)")
-    if stored is None and all(lab is None for lab in labels):
+    if stored is None and not np.any(labels.codes >= 0):
         raise SourceError(f"{path} holds labels, but this source lists none from the column '{current}': give "
                           "--label-column with the column they were read from to keep them (or --label-column "
                           f"{current} to drop them)")
     return stored != current
-
-
-def _keep_unlisted(path: Path, index, ids: list, labels: list, splits: list, content: list) -> int:
-    """Append to the listing (in place) the ids the store and its parts hold that it does not list, with
-    their stored labels and splits, so that the merge keeps them; returns how many rows that keeps."""
-    listed = set(ids)
-    extra = [i for i in index.content if i not in listed] + [i for i in index.failures if i not in listed]
-    if not extra:
-        return 0
-    stored: dict[str, tuple] = {}
-    if path.exists():
-        held = read_index(path)
-        names = held.class_names
-        stored = {i: (names[y] if y >= 0 else None, sp)
-                  for i, y, sp in zip(held.ids, held.y.tolist(), held.splits.tolist())}
-    for i in extra:
-        lab, sp = stored.get(i, (None, None))
-        ids.append(i)
-        labels.append(lab)
-        splits.append(sp or split_of(unescape_id(i)))
-        content.append(index.content[i] if i in index.content else index.failures[i][1])
-    return sum(1 for i in extra if i in index.content)
 
 
 # ------------------------------------------------------------------------------------- sample access
@@ -312,10 +265,7 @@ class SampleFiles:
     the dataset (about 0.3 KB per sample each)."""
 
     def __init__(self, source, todo):
-        encoded = [os.fsencode(str(source.samples[k].loc)) for k in todo]
-        self._offsets = np.zeros(len(encoded) + 1, np.int64)
-        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
-        self._blob = b"".join(encoded)
+        self._blob, self._offsets = source.samples.locs.take(np.asarray(todo, np.int64)).packed()
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
