@@ -397,7 +397,8 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
             unique = _unique_in_file(paths) if path_col else np.zeros(n, bool)
             fallback = pa.array([f"{fname}:{k}".encode() for k in np.flatnonzero(~unique).tolist()], pa.large_binary())
             ids = Strings(pc.replace_with_mask(paths, pa.array(~unique), fallback) if len(fallback) else paths)
-            locs = Strings.of(f"{i}:{g}:{r}" for g, r in zip(groups.tolist(), rows.tolist()))
+            locs = Strings(pc.binary_join_element_wise(pa.scalar(str(i)), pa.array(groups).cast(pa.string()),
+                                                       pa.array(rows).cast(pa.string()), ":"))  # "file:group:row"
         listing.add(i, ids, locs, labels, label_names, splits)
     if column is None:
         raise SourceError(f"source {loc}: no table could be opened ({'; '.join(errors.values())})")
@@ -413,11 +414,10 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
     samples, file_of_row = listing.columns()
     if not len(samples):
         raise SourceError(f"source {loc} lists no samples")
-    if kind != "path":
-        samples = _first_file_keeps_its_id(samples, file_of_row, files.names)
+    samples = _first_file_keeps_its_id(samples, file_of_row, files.names) if kind != "path" else samples.sorted()
     default_name = Path(loc.rstrip("/")).name if os.path.isdir(loc) else (
         Path(files.names[0]).stem if single else Path(files.root).name)
-    return Source(name=name or default_name or "table", root=files.root, samples=samples.sorted(), reader=reader,
+    return Source(name=name or default_name or "table", root=files.root, samples=samples, reader=reader,
                   format="parquet", class_names=class_names,
                   shard_key=reader.file_of if isinstance(reader, TableReader) else None,
                   incomplete={files.names[i]: reason for i, reason in errors.items()}, notes=files.notes,
@@ -425,16 +425,18 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
 
 
 def _first_file_keeps_its_id(samples: SampleColumns, file_of_row: np.ndarray, names: list[str]) -> SampleColumns:
-    """An id held by rows of several files stays with the first; the others become ``<file>:<row>``."""
+    """The listing sorted by id; an id held by rows of several files stays with the first, the others become
+    ``<file>:<row>``."""
     pa, pc = _pa(), _pc()
     ids = samples.ids.arrow
     order = sort_order(ids)
-    ranked = ids.take(order)
     if len(ids) < 2:
         return samples
+    ranked = ids.take(pa.array(order))
     same = pc.fill_null(pc.equal(ranked[1:], ranked[:-1]), False).to_numpy(zero_copy_only=False)
+    del ranked
     if not same.any():
-        return samples
+        return samples.sorted(order)
     later = np.sort(order[1:][same])
     starts = np.concatenate([[0], np.flatnonzero(np.diff(file_of_row) != 0) + 1])
     first_row = np.repeat(starts, np.diff(np.concatenate([starts, [len(file_of_row)]])))
@@ -443,7 +445,7 @@ def _first_file_keeps_its_id(samples: SampleColumns, file_of_row: np.ndarray, na
     mask = np.zeros(len(ids), bool)
     mask[later] = True
     new_ids = Strings(pc.replace_with_mask(ids, pa.array(mask), fallback))
-    return SampleColumns(new_ids, samples.locs, samples.labels, samples.label_names, samples.splits)
+    return SampleColumns(new_ids, samples.locs, samples.labels, samples.label_names, samples.splits).sorted()
 
 
 def _pc():
