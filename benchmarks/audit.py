@@ -41,8 +41,11 @@ try:
 except ImportError:  # a checkout without an install: the repository root is the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from featurebank.classifiers.audit import audit_features, find_label_issues, groups_of, near_duplicate_pairs
+from featurebank.classifiers.audit import (
+    audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, pixel_fingerprints,
+)
 from featurebank.classifiers.drift import domain_classifier_test
+from featurebank.data.sources import open_source
 from featurebank.features.store import read_features
 
 
@@ -104,19 +107,25 @@ def duplicates(args) -> dict:
     path = cli("extract", str(folder), "--store", str(store_dir), "--dataset", Path(args.store).name.split("-")[0])
     f = read_features(path)
     t = time.perf_counter()
-    pairs = near_duplicate_pairs(f.X)
-    groups = groups_of(len(f.ids), pairs)
+    pictures = pixel_fingerprints(open_source(folder), f.ids)  # what the audit reads through the store's source
+    pairs, how = near_duplicates(f.X, pictures)
     seconds = time.perf_counter() - t
     pos = {i: k for k, i in enumerate(f.ids)}
-    group_of = {m: g for g, members in enumerate(groups) for m in members}
-    found = sum(1 for c, o in copies.items() if c in pos and group_of.get(pos[c], -1) == group_of.get(pos[o], -2))
     copy_rows = {pos[c] for c in copies if c in pos}
-    others = [g for g in groups if not copy_rows & set(g)]
-    sizes = [len(g) for g in groups if copy_rows & set(g)]
-    out = {"copies": len(copies), "found_with_original": found, "copy_group_sizes": sizes,
-           "other_groups": len(others), "other_samples": sum(len(g) for g in others), "n": len(f.ids),
-           "resize": args.resize, "quality": args.quality, "seconds": round(seconds, 2),
-           "sample_other_groups": [[f.ids[m] for m in g] for g in others[:10]]}
+    out = {"copies": len(copies), "n": len(f.ids), "resize": args.resize, "quality": args.quality,
+           "rows_with_picture": how["rows_with_picture"], "seconds": round(seconds, 2)}
+    for name, found_pairs in (("pictures", list(pairs)), ("embeddings_only", near_duplicate_pairs(f.X))):
+        groups = groups_of(len(f.ids), found_pairs)
+        group_of = {m: g for g, members in enumerate(groups) for m in members}
+        others = [g for g in groups if not copy_rows & set(g)]
+        sim = {(a, b): v for (a, b), v in pairs.items()}
+        out[name] = {
+            "found_with_original": sum(1 for c, o in copies.items()
+                                       if c in pos and group_of.get(pos[c], -1) == group_of.get(pos[o], -2)),
+            "copy_group_sizes": sorted(len(g) for g in groups if copy_rows & set(g)),
+            "other_groups": len(others), "other_samples": sum(len(g) for g in others),
+            "sample_other_groups": [[f.ids[m] for m in g] + ([round(sim[(g[0], g[1])][1] or 0, 4)] if (g[0], g[1]) in sim
+                                                             else []) for g in others[:12]]}
     print(json.dumps(out, indent=1), flush=True)
     return out
 
