@@ -7,7 +7,8 @@
     python benchmarks/audit.py cost --store bench-store/mnist5k-<fp>.h5 --rows 5000,100000
 
 - labels: 5 % of the labels flipped at random to another class (in memory, seeded), the label audit run,
-  precision among the top k (k = number flipped) and recall among all flagged, per seed.
+  precision among the top k (k = number flipped) and recall among all flagged, per seed (``--probes logreg``:
+  the logistic probe's probabilities alone, for comparison; any store, e.g. Fashion-MNIST's).
 - duplicates: 20 images re-saved under new names as JPEG (other quality; ``--resize`` changes the size
   too), embedded into a copy of the store (only the 20 new files are embedded), the audit's
   near-duplicate groups scored: how many copies land in a group with their original, and how many other
@@ -42,7 +43,7 @@ except ImportError:  # a checkout without an install: the repository root is the
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from featurebank.classifiers.audit import (
-    audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, pixel_fingerprints,
+    audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, pixel_fingerprints, store_source,
 )
 from featurebank.classifiers.drift import domain_classifier_test
 from featurebank.data.sources import open_source
@@ -65,14 +66,15 @@ def labels(args) -> list[dict]:
         flip = rng.choice(len(y), k, replace=False)
         y[flip] = (y[flip] + rng.integers(1, len(f.class_names), k)) % len(f.class_names)
         t = time.perf_counter()
-        found = find_label_issues(f.X, y, seed=seed)
+        found = find_label_issues(f.X, y, folds=args.folds, seed=seed, knn=args.probes == "logreg+knn")
         flagged = found["rows"].tolist()
         flipped = set(flip.tolist())
         row = {"seed": seed, "flipped": k, "flagged": len(flagged),
                "precision_top_k": round(len(flipped & set(flagged[:k])) / k, 4),
                "recall_flagged": round(len(flipped & set(flagged)) / k, 4),
                "precision_flagged": round(len(flipped & set(flagged)) / max(len(flagged), 1), 4),
-               "C": found["probe"]["C"], "seconds": round(time.perf_counter() - t, 1)}
+               "C": found["probe"]["C"], "probes": args.probes, "folds": args.folds,
+               "seconds": round(time.perf_counter() - t, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -203,12 +205,15 @@ def cost(args) -> list[dict]:
 
         tracemalloc.start()
         t = time.perf_counter()
-        audit = audit_features(f, say=lambda s: print(s, file=sys.stderr))
+        source, note = store_source(f)  # as 'featurebank audit' does: the pictures of the recorded source
+        audit = audit_features(f, source=source, source_note=note, say=lambda s: print(s, file=sys.stderr))
         seconds = time.perf_counter() - t
         peak = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
         row = {"rows": len(f.ids), "embeddings_mb": round(emb_mb, 1), "seconds": round(seconds, 1),
-               "parts": audit["seconds"], "peak_traced_mb": round(peak, 1), "peak_over_embeddings": round(peak / emb_mb, 2)}
+               "parts": audit["seconds"], "near_duplicates_by": audit["near_duplicates"]["method"],
+               "near_duplicate_groups": audit["near_duplicates"]["n_groups"],
+               "peak_traced_mb": round(peak, 1), "peak_over_embeddings": round(peak / emb_mb, 2)}
         print(json.dumps(row), flush=True)
         out.append(row)
     return out
@@ -223,6 +228,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--fraction", default=0.05, type=float, help="labels: fraction flipped")
+    ap.add_argument("--probes", default="logreg+knn", choices=["logreg+knn", "logreg"],
+                    help="labels: whose out-of-fold probabilities (the audit's: logreg+knn)")
+    ap.add_argument("--folds", default=5, type=int, help="labels: cross-validation folds")
     ap.add_argument("--resize", action="store_true", help="duplicates: also change the size by 7 %%")
     ap.add_argument("--quality", default="75,85,95", type=lambda s: [int(x) for x in s.split(",")],
                     help="duplicates: JPEG qualities drawn from")

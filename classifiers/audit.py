@@ -4,15 +4,16 @@ Plain functions over arrays (``X`` embeddings, ``y`` labels, ``ids``, ``splits``
 :func:`audit_features` and written by :func:`write_audit`. See docs/audit.md for the rules and the
 figures measured on the demo data.
 
-- **Label issues**: out-of-fold predicted probabilities of the CLIP logistic probe (stratified K folds,
-  C searched once on the first fold's training part, then fixed), ranked by cleanlab's confident
-  learning (``cleanlab.filter.find_label_issues``, ranked by self-confidence).
+- **Label issues**: out-of-fold predicted probabilities (stratified K folds), the mean of the CLIP logistic
+  probe's (C searched once on the first fold's training part, then fixed) and the weighted kNN probe's,
+  ranked by cleanlab's confident learning (``cleanlab.filter.find_label_issues``, by self-confidence).
 - **Duplicates**: exact duplicates share a sha256 content fingerprint (or an embedding, cosine >=
-  ``IDENTICAL_COSINE``); near-duplicates are mutual nearest neighbours (cosine on L2-normalised
-  embeddings) whose distance is under ``NEAR_RATIO`` times the distance to the next neighbour on at
-  least one side. A fixed cosine threshold does not separate re-encoded copies from look-alikes on
-  small images; being each other's clearly nearest neighbour does. Groups that span the train and test
-  splits are **leaks**.
+  ``IDENTICAL_COSINE``). Near-duplicates are found through the pictures, read through the store's source:
+  small grey thumbnails whose distance is far under that of the dataset's look-alikes (the k-th nearest
+  thumbnail). A fixed cosine threshold on embeddings does not separate re-encoded or resized copies from
+  look-alikes on small images, and a resized copy is often not even the original's nearest embedding;
+  the thumbnails are. When the pictures cannot be read, the embeddings alone (mutual nearest neighbours
+  clearly nearer than the next), with a note. Groups that span the train and test splits are **leaks**.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ KNN_T = 0.07  # ... and its temperature
 KNN_SEARCHED = 40  # neighbours searched per row: KNN_K of them outside the row's own fold
 SEARCH_ROWS = 2000  # rows the label audit's C search uses at most
 C_GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 1))  # 1e-4 .. 1, half-decades
+
+
+def row_norms(X: np.ndarray) -> np.ndarray:
+    """The L2 norm of each row, without the temporary of ``X * X`` that ``np.linalg.norm`` makes."""
+    return np.sqrt(np.einsum("ij,ij->i", X, X))
 
 
 def normalise(X: np.ndarray) -> np.ndarray:
@@ -188,12 +194,13 @@ def knn_out_of_fold(neighbours: tuple[np.ndarray, np.ndarray], rows: np.ndarray,
 
 
 def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = SEED, C: float | None = None,
-                      neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                      neighbours: tuple[np.ndarray, np.ndarray] | None = None, knn: bool = True) -> dict:
     """Probable label errors among labelled rows (``y >= 0``; classes 0..K-1), likeliest first.
 
     The out-of-fold probabilities are the mean of two probes' on the same folds: the CLIP logistic probe
     (:func:`out_of_fold_proba`) and the weighted kNN probe (:func:`knn_out_of_fold`; ``neighbours``:
-    ``nearest_neighbours(X, KNN_SEARCHED)`` when already computed). They go to cleanlab's confident learning.
+    ``nearest_neighbours(X, KNN_SEARCHED)`` when already computed; ``knn=False``: the logistic probe's alone,
+    for comparison). They go to cleanlab's confident learning.
     Returns ``{"rows": indices into X, "suggested": label per row, "score": 1 - self-confidence per
     row, "proba": the out-of-fold probabilities of all labelled rows, "labelled": their indices, "probe": info}``.
     """
@@ -204,10 +211,11 @@ def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
     proba, info = out_of_fold_proba(X, codes, folds, seed, C, rows=labelled)  # X[labelled] would be a second copy
     fold_of = info.pop("fold_of")
     t = time.perf_counter()
-    if neighbours is None:
-        neighbours = nearest_neighbours(X, k=min(KNN_SEARCHED, len(X) - 1))
-    proba += knn_out_of_fold(neighbours, labelled, codes, fold_of)
-    proba /= 2.0
+    if knn:
+        if neighbours is None:
+            neighbours = nearest_neighbours(X, k=min(KNN_SEARCHED, len(X) - 1))
+        proba += knn_out_of_fold(neighbours, labelled, codes, fold_of)
+        proba /= 2.0
     # n_jobs=1: cleanlab's process pool relies on fork-inherited globals and fails under a spawned worker
     # (a served Prefect deployment); one class at a time costs milliseconds
     ranked = cleanlab_issues(labels=codes, pred_probs=proba, return_indices_ranked_by="self_confidence",
@@ -215,7 +223,8 @@ def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
     ranked = np.asarray(ranked, dtype=np.int64)
     self_conf = proba[np.arange(len(codes)), codes]
     info |= {"probe": "mean of the out-of-fold probabilities of logreg (CLIP protocol: standardised, L-BFGS) and "
-                      f"weighted kNN (DINO protocol: cosine, k = {KNN_K}, temperature {KNN_T}) on the same folds",
+                      f"weighted kNN (DINO protocol: cosine, k = {KNN_K}, temperature {KNN_T}) on the same folds"
+                      if knn else info["probe"],
              "method": "cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate), "
                        "ranked by self-confidence", "cleanlab": _version("cleanlab"),
              "seconds": round(info["seconds"] + time.perf_counter() - t, 2)}
@@ -245,7 +254,7 @@ def _knn_blocked(X: np.ndarray, k: int, block_rows: int = BLOCK_ROWS, normalised
     budget = budget or max(X.nbytes // 2, 16 << 20)
     cols = int(min(n, 8192))
     rows_per = int(max(16, min(block_rows * 4, budget // (24 * cols))))
-    inv = None if normalised else 1.0 / np.maximum(np.linalg.norm(X, axis=1), 1e-12).astype(np.float32)
+    inv = None if normalised else 1.0 / np.maximum(row_norms(X), 1e-12).astype(np.float32)
     idx = np.zeros((n, k), np.int64)
     sim = np.zeros((n, k), np.float32)
     for start in range(0, n, rows_per):
@@ -282,8 +291,8 @@ def _knn_blocked(X: np.ndarray, k: int, block_rows: int = BLOCK_ROWS, normalised
 def nearest_neighbours(X: np.ndarray, k: int = 2, block_rows: int = BLOCK_ROWS,
                        exact_rows: int = EXACT_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest neighbours of every row by cosine (itself excluded): ``(indices, similarities)``,
-    each [n, k], nearest first. Up to ``exact_rows`` rows: exact, by blocked matrix products (memory
-    ``block_rows x n`` floats at a time). Above: ``CANDIDATES`` candidates per row found exactly in a
+    each [n, k], nearest first. Up to ``exact_rows`` rows: exact, by tiled matrix products (:func:`_knn_blocked`,
+    within half the embeddings' size). Above: ``max(CANDIDATES, k)`` candidates per row found exactly in a
     ``PROJECTED_DIMS``-dimensional PCA projection of the normalised rows, then rescored in full dimension."""
     X = np.asarray(X, np.float32)
     n = len(X)
@@ -455,10 +464,10 @@ def near_duplicates(X: np.ndarray, pictures: tuple[np.ndarray, np.ndarray, dict]
                        "found by the embeddings alone (mutual nearest neighbours, clearly nearer than the next), which "
                        "miss re-encoded or resized copies of small pictures", "rows_with_picture": 0}
     rows, T, missing = pictures
-    inv = 1.0 / np.maximum(np.linalg.norm(X[rows], axis=1), 1e-12) if len(rows) else None
     for (i, j), ps in pixel_pairs(T).items():
         a, b = int(rows[i]), int(rows[j])
-        pairs[(a, b)] = (float(X[a] @ X[b] * inv[i] * inv[j]), ps)
+        xa, xb = X[a].astype(np.float64), X[b].astype(np.float64)
+        pairs[(a, b)] = (float(xa @ xb / max(np.linalg.norm(xa) * np.linalg.norm(xb), 1e-24)), ps)
     info = {"method": "pictures", "rows_with_picture": int(len(rows)), "rows_without_picture": missing}
     if len(rows) < n:  # rows without a picture: the embedding rule, for the pairs they are part of
         has = np.zeros(n, bool)
@@ -651,7 +660,8 @@ def audit_markdown(audit: dict, shown: int = TOP_SHOWN) -> str:
                 f"| `{r['id']}` | {r['split']} | {r['given_label']} | {r['suggested_label']} | {r['score']:.3f} |\n"
                 for r in li["rows"][:shown]) + "\n"
     md += (f"## Duplicates\n\n{nd['n_groups']} groups holding {nd['n_samples']} samples ({nd['n_exact_pairs']} exact "
-           f"pairs, {nd['n_near_pairs']} near pairs). Rule: {nd['rule']}. All in `near_duplicates.csv`.\n\n")
+           f"pairs, {nd['n_near_pairs']} near pairs). Rule: {nd['rule']}. All in `near_duplicates.csv`.\n\n"
+           + (f"Note: {nd['note']}.\n\n" if nd.get("note") else ""))
     if nd["groups"]:
         md += "| group | size | cosine | members (split) |\n|---:|---:|---:|---|\n" + "".join(
             f"| {g['group']} | {g['size']} | {g['cosine']:.4f} | "
@@ -684,8 +694,10 @@ def write_audit(out_dir: str | os.PathLike, audit: dict) -> dict[str, Path]:
                                  ([r["id"], r["split"], r["given_label"], r["suggested_label"], f"{r['score']:.6f}"]
                                   for r in audit["label_issues"]["rows"]))
     leaks = set(audit["leaks"]["groups"])
-    paths["near_duplicates"] = _csv(out / "near_duplicates.csv", ["group", "id", "split", "label", "cosine", "leak"],
+    paths["near_duplicates"] = _csv(out / "near_duplicates.csv",
+                                    ["group", "id", "split", "label", "cosine", "pixel_similarity", "leak"],
                                     ([g["group"], m["id"], m["split"], m["label"], f"{g['cosine']:.6f}",
+                                      "" if g.get("pixel_similarity") is None else f"{g['pixel_similarity']:.6f}",
                                       int(g["group"] in leaks)]
                                      for g in audit["near_duplicates"]["groups"] for m in g["members"]))
     return paths
