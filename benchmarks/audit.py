@@ -203,14 +203,23 @@ def cost(args) -> list[dict]:
         import sklearn.linear_model  # noqa: F401
         import sklearn.model_selection  # noqa: F401
 
+        def audit_store(f=f):  # as 'featurebank audit' does: the pictures of the source recorded in the store
+            source, note = store_source(f)
+            return audit_features(f, source=source, source_note=note, say=lambda s: print(s, file=sys.stderr))
+
+        untraced = None
+        if len(f.ids) <= args.untraced_rows:  # tracing slows Python's allocations: time a run without it too
+            t = time.perf_counter()
+            audit_store()
+            untraced = round(time.perf_counter() - t, 1)
         tracemalloc.start()
         t = time.perf_counter()
-        source, note = store_source(f)  # as 'featurebank audit' does: the pictures of the recorded source
-        audit = audit_features(f, source=source, source_note=note, say=lambda s: print(s, file=sys.stderr))
+        audit = audit_store()
         seconds = time.perf_counter() - t
         peak = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
-        row = {"rows": len(f.ids), "embeddings_mb": round(emb_mb, 1), "seconds": round(seconds, 1),
+        row = {"rows": len(f.ids), "embeddings_mb": round(emb_mb, 1), "seconds_untraced": untraced,
+               "seconds": round(seconds, 1),
                "parts": audit["seconds"], "near_duplicates_by": audit["near_duplicates"]["method"],
                "near_duplicate_groups": audit["near_duplicates"]["n_groups"],
                "peak_traced_mb": round(peak, 1), "peak_over_embeddings": round(peak / emb_mb, 2)}
@@ -235,6 +244,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quality", default="75,85,95", type=lambda s: [int(x) for x in s.split(",")],
                     help="duplicates: JPEG qualities drawn from")
     ap.add_argument("--fashion", default=600, type=int, help="drift: Fashion-MNIST images embedded")
+    ap.add_argument("--untraced-rows", default=20_000, type=int,
+                    help="cost: stores up to this size are also timed without tracemalloc")
     ap.add_argument("--rows", default="0", type=lambda s: [int(x) for x in s.split(",")],
                     help="cost: 0 = the store itself; more = synthetic rows")
     args = ap.parse_args(argv)

@@ -148,8 +148,14 @@ def test_audit_command_writes_its_files(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_run_report_has_the_audit_predictions_failures_and_drift(tmp_path, capsys):
+    from featurebank.data.sources import split_of
+
     folder = write_digits_folder(tmp_path / "digits", per_class=12)
     (folder / "1" / "broken.png").write_bytes(b"not a png")
+    # a re-encoded, resized copy under a new name on the other side of the split: a leak found by its picture
+    original = sorted((folder / "0").glob("*.png"))[0]
+    copy_id = next(n for n in (f"0/copy{k}.jpg" for k in range(100)) if split_of(n) != split_of(f"0/{original.name}"))
+    Image.open(original).convert("RGB").resize((60, 60), Image.BICUBIC).save(folder / copy_id, quality=85)
     store, runs = tmp_path / "store", tmp_path / "runs"
     common = ["--store", str(store), "--out", str(runs), "--probes", "logreg,knn", "--workers", "0", "--no-prefect"]
     assert main(["run", str(folder), *common]) == 0
@@ -158,8 +164,12 @@ def test_run_report_has_the_audit_predictions_failures_and_drift(tmp_path, capsy
     for name in ("audit.json", "audit.md", "label_issues.csv", "near_duplicates.csv", "predictions.csv"):
         assert (first / name).is_file(), name
     preds = list(csv.DictReader((first / "predictions.csv").open()))
-    assert len(preds) == 36 and list(preds[0])[:5] == ["id", "split", "true_label", "predicted_label", "probability"]
+    assert len(preds) == 37 and list(preds[0])[:5] == ["id", "split", "true_label", "predicted_label", "probability"]
     page = (first / "report.html").read_text()
+    audit = json.loads((first / "audit.json").read_text())
+    assert audit["near_duplicates"]["method"] == "pictures" and audit["leaks"]["n_groups"] >= 1
+    leaked = {m["id"] for g in audit["near_duplicates"]["groups"] for m in g["members"]}
+    assert {copy_id, f"0/{original.name}"} <= leaked
     assert "Data audit" in page and "broken.png" in page and "loading='lazy'" in page
     assert all((first / t).is_file() for t in ("thumbs/00000.png",))
     assert page.count("<tr>") < 40  # one row per class in the per-class table, not one per (class, probe)
@@ -179,7 +189,7 @@ def test_run_report_has_the_audit_predictions_failures_and_drift(tmp_path, capsy
     assert main(["predict", str(runs / "classifiers" / "logreg"), str(folder), "--store", str(store), "--out", str(out),
                  "--workers", "0", "--evaluate"]) == 0
     err = capsys.readouterr().err
-    assert "accuracy" in err and "on 36 labelled samples" in err and "support" in err
+    assert "accuracy" in err and "on 37 labelled samples" in err and "support" in err
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0])[:3] == ["id", "true_label", "predicted"] and {r["true_label"] for r in rows} == {"0", "1", "7"}
 
