@@ -39,15 +39,18 @@ import torch
 from torch import nn
 
 from featurebank.data.sources import Source, open_source
-from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_backbone, is_text_backbone
+from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_backbone
 from featurebank.features.decode import Decoder
+from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.engine import (
-    CALIBRATION_SAMPLES, ExtractResult, Listing, ModalityError, SampleFiles, calibration_images, calibration_set,
-    extract, first_images, forward_precision, labels_changed, sample_decoder, store_config,
+    ExtractResult, Listing, ModalityError, extract, forward_precision, labels_changed, store_config,
+)
+from featurebank.features.image_prepare import (
+    SampleFiles, calibration_images, calibration_set, first_images, sample_decoder,
 )
 from featurebank.features.images import ImageError
 from featurebank.features.options import ExtractOptions
-from featurebank.features.registry import build_backbone, modality
+from featurebank.features.registry import build_backbone, modality_of
 from featurebank.features.executors import mp_context, worker_started
 from featurebank.features.device import pick_device, usable_cores
 from featurebank.features.runtimes import check_precision, create_runtime
@@ -338,7 +341,7 @@ def _sweep_texts(source: Source, backbones: list[str], layers: list[str], store_
                                   runtime=o.runtime)
     for b in backbones:
         bb = build_backbone(b, long_text=o.long_text, precision=o.precision)
-        if modality(bb) != "text":
+        if bb.modality != "text":
             raise ModalityError(f"{b} embeds images but {source.name} holds texts: use text backbones such as minilm")
         t1 = time.perf_counter()
         r = extract(source, bb, store_dir, text_options)
@@ -357,7 +360,7 @@ def _sweep_images(source: Source, backbones: list[str], layers: list[str], store
                   out: SweepResult, t0: float) -> SweepResult:
     """Image backbones: one read and decode per sample for all, one forward pass per backbone for its layers."""
     for b in backbones:
-        if is_text_backbone(b):
+        if modality_of(b) == "text":
             raise ModalityError(f"{b} embeds texts but {source.name} holds images: use image backbones")
     dev = pick_device(o.device)  # once for the whole sweep
     precision, amp = forward_precision("image", dev, o)

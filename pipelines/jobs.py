@@ -27,7 +27,7 @@ from featurebank.classifiers.report import METRIC_COLUMNS, write_report
 from featurebank.classifiers.retention import prune
 from featurebank.classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
 from featurebank.classifiers.train import exceeds_budget, modality_baseline, train_out_of_core, train_probes
-from featurebank.features.registry import backbone_for_store, baseline_inputs, build_backbone, modality
+from featurebank.features.registry import backbone_for_store, baseline_inputs, build_backbone
 from featurebank.features.engine import ExtractResult, extract
 from featurebank.features.shards import extract_shard, plan_shards
 from featurebank.features.store import join_shards, read_features
@@ -132,7 +132,7 @@ def classifier_backbone(classifier: Path, manifest: dict, backbone: str | None =
     backbone = backbone_for_store(name, manifest["store_fingerprint"], layer=layer, arch=arch)
     # the stored dtype and the precision the classifier's store was made with; refused here if none fits
     found = store_options(classifier, manifest, backbone)
-    if modality(backbone) == "text":
+    if backbone.modality == "text":
         found.pop("precision")  # a text backbone carries its precision itself
     return backbone, found
 

@@ -43,7 +43,7 @@ def check_trainable(index) -> None:
 
 
 def check_backbone_name(v: str) -> str:
-    from featurebank.features.backbones import check_backbone_name as check
+    from featurebank.features.registry import check_backbone_name as check
 
     return check(v)
 
