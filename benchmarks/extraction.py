@@ -900,8 +900,9 @@ def main(argv=None) -> dict:
 def _warm_runtime(folder: Path, backbone: Backbone, batch: int | None, runtime: str, precision: str) -> str:
     """Make the runtime's one-off work (OpenVINO conversion, int8 calibration) happen before (b) is
     timed, exactly as extract() will do it; returns which runtime extract() will use."""
-    from featurebank.features.engine import (CALIBRATION_SAMPLES, SampleFiles, calibration_images, calibration_set, first_images,
-                                 sample_decoder)
+    from featurebank.features.choices import CALIBRATION_SAMPLES
+    from featurebank.features.image_prepare import (SampleFiles, calibration_images, calibration_set, first_images,
+                                                    sample_decoder)
     from featurebank.features.runtimes import create_runtime
 
     src = open_source(folder)

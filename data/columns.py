@@ -31,9 +31,21 @@ class Sample:
 BLOCK = 8192  # rows turned into Python objects at a time, where they must be
 
 
-def _pa():
+_POOL_SET = False
+
+
+def arrow():
+    """pyarrow, its default memory pool made the system allocator on first use (unless ARROW_DEFAULT_MEMORY_POOL
+    says otherwise): the columns of a big listing are allocated and freed in large blocks, which the system
+    allocator hands back at once, where mimalloc (pyarrow's default) kept them resident: the same 40 MB of
+    strings peaked 33 MB higher and stayed resident after they were freed."""
+    global _POOL_SET
     import pyarrow
 
+    if not _POOL_SET:
+        _POOL_SET = True
+        if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+            pyarrow.set_memory_pool(pyarrow.system_memory_pool())
     return pyarrow
 
 
@@ -46,7 +58,7 @@ def _pc():
 def binary_array(values: Iterable, encode=os.fsencode):
     """An Arrow large_binary array of ``values`` (str through ``encode``, bytes as they are; None stays null),
     built BLOCK values at a time so that only a block's Python objects exist at once."""
-    pa = _pa()
+    pa = arrow()
     chunks, block = [], []
     for v in values:
         block.append(v if v is None or isinstance(v, bytes) else encode(v))
@@ -59,7 +71,7 @@ def binary_array(values: Iterable, encode=os.fsencode):
 
 def as_binary(array):
     """``array`` (Arrow string/binary, any offset width) as large_binary (zero copy where it can be)."""
-    pa = _pa()
+    pa = arrow()
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
     if not pa.types.is_large_binary(array.type):
@@ -96,7 +108,7 @@ class Strings(Sequence):
         if isinstance(k, (int, np.integer)):
             v = self.arrow[int(k)].as_py()
             return None if v is None else self._decode(v)
-        return Strings(self.arrow.take(_pa().array(np.asarray(k, np.int64))), self.utf8)
+        return Strings(self.arrow.take(arrow().array(np.asarray(k, np.int64))), self.utf8)
 
     def __iter__(self) -> Iterator[str]:
         for a in range(0, len(self.arrow), BLOCK):
@@ -116,18 +128,20 @@ class Strings(Sequence):
     def __repr__(self) -> str:
         return f"Strings({len(self)} values)"
 
-    def packed(self) -> tuple[bytes, np.ndarray]:
-        """(the bytes end to end, int64 offsets of n + 1 values): for forked workers, no object per value."""
+    def packed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the bytes end to end as a uint8 view, int64 offsets of n + 1 values into it): value ``j`` is
+        ``blob[offsets[j]:offsets[j + 1]]``. Views of the Arrow buffers, no copy: forked workers read them
+        without writing a page (no Python object per value)."""
         arr = self.arrow
         offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
         data = arr.buffers()[2]
-        blob = b"" if data is None else data.to_pybytes()[offsets[0]:offsets[-1]] if len(arr) else b""
-        return blob, (offsets - offsets[0]).copy()
+        blob = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+        return blob, offsets
 
 
 def concat_strings(parts: Sequence[Strings]) -> Strings:
     utf8 = bool(parts) and parts[0].utf8
-    return Strings(_pa().concat_arrays([p.arrow for p in parts]) if parts else binary_array([]), utf8)
+    return Strings(arrow().concat_arrays([p.arrow for p in parts]) if parts else binary_array([]), utf8)
 
 
 def sort_order(ids) -> np.ndarray:
@@ -143,7 +157,7 @@ def positions_in(values, value_set, step: int = HASHED) -> np.ndarray:
     absent. The set is hashed ``step`` values at a time and ``values`` probed against each part, so the hash
     table's memory stays the same however many values there are (the time grows with their product / step)."""
     pc = _pc()
-    out = np.full(len(values), -1, np.int64)
+    out = np.full(len(values), -1, np.int32 if len(value_set) < 2**31 else np.int64)
     if not len(values):
         return out
     for a in range(0, len(value_set), step):

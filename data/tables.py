@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurebank.data.columns import SPLIT_CODES, SampleColumns, Strings, as_binary, concat_strings, sort_order
+from featurebank.data.columns import SPLIT_CODES, arrow, SampleColumns, Strings, as_binary, concat_strings, sort_order
 from featurebank.data.remote import FileSet, resolve
 from featurebank.data.sources import (
     FileReader, Reader, Sample, Source, SourceError, UnreadableSample, escape_id, is_remote, register_format,
@@ -33,11 +33,10 @@ SPLIT_ALIASES = {"train": "train", "test": "test", "validation": "train", "valid
 
 def _pa():
     try:
-        import pyarrow
         import pyarrow.parquet  # noqa: F401
     except ImportError:
         raise SourceError("reading Parquet/Arrow needs pyarrow: pip install pyarrow") from None
-    return pyarrow
+    return arrow()  # pyarrow, with the memory pool the columns use (data.columns.arrow)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,39 +1,36 @@
-"""The extraction engine: image files in, embeddings in the HDF5 store out.
+"""The extraction engine: a source's samples in, embeddings in the HDF5 store out, one loop for every modality.
 
-Only samples that are new or whose content changed are embedded; everything else is reused. Files
-that cannot be decoded are recorded in the store with their reason and skipped. Work is committed
-in parts as it goes (see features.store), so a killed run resumes where it stopped.
-
-How the work is laid out on the machine (replica processes on a CPU, one process with GPU decoding
-on CUDA) is decided by :func:`features.device.choose_layout`; its docstring states the rule. Both
-layouts decode with :mod:`features.decode`, send every failure back as (index, reason), and keep
-memory flat with bounded queues.
+:func:`extract` plans what to embed (only samples that are new or whose content changed; everything else
+is reused), executes it (the backbone's prepare step turns the job into an :class:`Execution`: images
+are decoded in worker processes and run on the layout features.device chooses, features.image_prepare;
+texts are read, tokenised and grouped by length a window at a time, features.text), and commits it
+(the store's merge). Samples that cannot be used are recorded in the store with their reason and
+skipped. Work is committed in parts as it goes (see features.store), so a killed run resumes where it
+stopped.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from featurebank.data.columns import Codes
 from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
-from featurebank.features.choices import DEFAULT_DECODER
-from featurebank.features.decode import Decoder
 from featurebank.features.choices import CALIBRATION_SAMPLES
-from featurebank.features.registry import build_backbone, modality
+from featurebank.features.execution import Execution
+from featurebank.features.options import ExtractOptions
 from featurebank.features.plan import keep_unlisted, labels_changed, listing_columns, plan_reuse
-from featurebank.features.executors import CPU_BATCH, decode_batch, run_in_process, run_pipelined, run_replicas
-from featurebank.features.device import AMP_OF_PRECISION, DEFAULT_AMP, Layout, cuda_precision, pick_device
-from featurebank.features.runtimes import create_runtime
+from featurebank.features.registry import build_backbone
+from featurebank.features.device import AMP_OF_PRECISION, cuda_precision, pick_device
 from featurebank.features.store import (
     DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, store_path,
 )
@@ -79,33 +76,12 @@ class ExtractResult:
         return f"{head}{tail} -> {self.path}"
 
 
-def extract(
-    source: Source | str | os.PathLike,
-    backbone: Backbone | str = DEFAULT_BACKBONE,
-    store_dir: str | os.PathLike = DEFAULT_STORE_DIR,
-    *,
-    dataset: str | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    workers: int | None = None,
-    dtype: str = DTYPES[0],
-    content_hash: bool = False,
-    retry_failures: bool = False,
-    lock_timeout: float | None = None,
-    rows_per_part: int = 512,
-    seconds_per_part: float = 10.0,
-    progress: bool = True,
-    say: Callable[[str], None] = print,
-    amp: str = DEFAULT_AMP,
-    compile: bool = False,
-    decoder: str = DEFAULT_DECODER,
-    layout: Layout | None = None,
-    runtime: str = "auto",
-    precision: str = "f32",
-    calibration_samples: int | None = None,
-    allow_damaged: bool = False,
-) -> ExtractResult:
-    """Embed every new or changed sample of ``source`` into its store file and return what happened.
+def extract(source: Source | str | os.PathLike, backbone: Backbone | str = DEFAULT_BACKBONE,
+            store: str | os.PathLike = DEFAULT_STORE_DIR, options: ExtractOptions | None = None,
+            **settings) -> ExtractResult:
+    """Embed every new or changed sample of ``source`` into its store file under the folder ``store`` and
+    return what happened. ``options`` (:class:`features.options.ExtractOptions`) says how; ``settings``
+    are its fields given by keyword (``extract(src, bb, store, batch_size=8)``), applied over ``options``.
 
     A sample is reused when the store holds a row (or, unless ``retry_failures``, a failure) with the
     same content fingerprint as its file now; rows of samples no longer listed are dropped. Work is
@@ -114,6 +90,7 @@ def extract(
     ``batch_size``: None picks it (32 on a CPU; on CUDA the largest that fits, up to 512).
     ``workers``: on a CPU the number of model replica processes (0: all in this process); on a GPU
     the number of DataLoader workers; None chooses from the machine (see features.device).
+    ``device`` is picked once here (features.device.pick_device) and passed down.
     ``amp``: autocast dtype on CUDA (auto = bf16 where supported, else fp16; fp32 turns it off).
     ``compile``: torch.compile the model (CUDA only). ``decoder``: "fast" (features.decode) or
     "plain" (PIL and the backbone's reference transform). ``layout``: force a layout instead of the
@@ -128,40 +105,112 @@ def extract(
     Text backbones carry their precision themselves (features.text) and take ``runtime`` too.
     """
     t0 = time.perf_counter()
+    o = ExtractOptions.of(options, **settings)
     if not isinstance(source, Source):
-        source = open_source(source, dataset)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
+        source = open_source(source, o.dataset)
+    if o.dtype not in DTYPES:
+        raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {o.dtype!r}")
     if isinstance(backbone, str):
-        backbone = build_backbone(backbone)
-    if modality(backbone) != source.modality:
-        hint = "a text backbone such as minilm" if source.modality == "text" else "an image backbone such as efficientnet_lite0"
-        raise ModalityError(f"{backbone.name} embeds {modality(backbone)}s but {source.name} holds {source.modality}s: "
-                            f"use {hint}")
-    from featurebank.features.runtimes import check_precision
-
-    check_precision(precision)
-    if source.modality == "text":
-        precision = "f32"  # a text backbone's precision is in its own (fingerprinted) preprocessing
-    elif (dev := pick_device(device)).type == "cuda" and runtime != "openvino":
-        # on CUDA autocast computes the rows: the fingerprint records its dtype, and amp follows it
-        precision = cuda_precision(dev, precision, amp)
-        amp = AMP_OF_PRECISION.get(precision, amp)
-    calibration_samples = calibration_samples or CALIBRATION_SAMPLES
-    recipe = None
-    if precision == "int8":
-        from featurebank.features.runtimes.openvino_runtime import int8_recipe
-
-        recipe = int8_recipe(calibration_samples)
-    config = StoreConfig.for_backbone(backbone, dtype, precision, recipe)
-    path = store_path(store_dir, dataset or source.name, config)
+        backbone = build_backbone(backbone, long_text=o.long_text,
+                                  precision=o.precision if source.modality == "text" else "f32")
+    check_modality(backbone, source)
+    dev = pick_device(o.device)  # once per extraction: every stage below gets this device
+    precision, amp = forward_precision(source.modality, dev, o)
+    o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)
+    config = store_config(backbone, o)
+    path = store_path(store, o.dataset or source.name, config)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the store folder {path.parent} ({exc.strerror or exc})") from None
+    listing = Listing.columns(source)  # no Python object per sample, however large the source (features.plan)
+    say_listing_notes(source, o.say)
+    label_column_changed = _check_labels_kept(path, source, listing.labels)
+    with StoreWriter(path, config, o.dataset or source.name, lock_timeout=o.lock_timeout,
+                     rows_per_part=o.rows_per_part, seconds_per_part=o.seconds_per_part, say=o.say) as writer:
+        writer.described = describe_source(source)
+        plan = plan_reuse(writer, source, listing.ids, o.content_hash, o.retry_failures, o.allow_damaged)
+        todo, listing.content = plan.todo, plan.content
+        result = ExtractResult(path=path, reused=plan.reused)
+        if source.incomplete:  # rows are removed only by a listing that read every file of the source
+            listing.ids, listing.labels, listing.splits, result.kept = keep_unlisted(
+                path, plan.match, listing.ids, listing.labels, listing.splits)
+        stale, held = plan.match.stale, (plan.rows, plan.failures, plan.notes)
+        runtimes = plan.match.held["runtimes"]
+        del plan  # the match's columns and the fingerprints to embed are not needed by the merge
+        if len(todo):
+            job = Job(source, backbone, writer, todo, listing, dev, o, result, runtimes)
+            _embed(job)
+            del job
+        listing.content = None
+        _commit(writer, listing, source, path, result, held, bool(len(todo)) or stale or label_column_changed)
+    result.seconds = time.perf_counter() - t0
+    return result
 
-    # the listing in columns (features.plan): no Python object per sample, however large the source
-    ids, labels, splits = listing_columns(source)
+
+def check_modality(backbone, source: Source) -> None:
+    """Refuse (ModalityError, one line) a backbone that embeds another kind of sample than ``source`` holds."""
+    if backbone.modality != source.modality:
+        hint = "a text backbone such as minilm" if source.modality == "text" else "an image backbone such as efficientnet_lite0"
+        raise ModalityError(f"{backbone.name} embeds {backbone.modality}s but {source.name} holds {source.modality}s: "
+                            f"use {hint}")
+
+
+def forward_precision(kind: str, dev: torch.device, o: ExtractOptions) -> tuple[str, str]:
+    """The precision the forward pass computes at and the CUDA autocast that gives it, on ``dev``."""
+    from featurebank.features.runtimes import check_precision
+
+    check_precision(o.precision)
+    if kind == "text":
+        return "f32", o.amp  # a text backbone's precision is in its own (fingerprinted) preprocessing
+    if dev.type == "cuda" and o.runtime != "openvino":
+        # on CUDA autocast computes the rows: the fingerprint records its dtype, and amp follows it
+        precision = cuda_precision(dev, o.precision, o.amp)
+        return precision, AMP_OF_PRECISION.get(precision, o.amp)
+    return o.precision, o.amp
+
+
+def store_config(backbone, o: ExtractOptions) -> StoreConfig:
+    """The store configuration (and so the fingerprint) of ``backbone``'s rows under the options ``o``
+    (its precision already the one the forward pass computes at: see :func:`forward_precision`)."""
+    recipe = None
+    if o.precision == "int8":
+        from featurebank.features.runtimes.openvino_runtime import int8_recipe
+
+        recipe = int8_recipe(o.calibration_samples or CALIBRATION_SAMPLES)
+    return StoreConfig.for_backbone(backbone, o.dtype, o.precision, recipe)
+
+
+@dataclass
+class Listing:
+    """The source's listing as the store records it: escaped ids, content fingerprints, labels, splits."""
+
+    ids: Sequence[str]  # a list, or data.columns.Strings
+    content: Sequence[str] | None  # a list, or the fingerprints of the samples to embed by position (features.plan)
+    labels: Sequence[str | None]  # a list, or data.columns.Codes
+    splits: Sequence[str]
+    classes: list[str]
+
+    @classmethod
+    def of(cls, source: Source, content_hash: bool) -> Listing:
+        """As lists, content fingerprints included (features.sweep)."""
+        return cls([escape_id(s.id) for s in source.samples], sample_fingerprints(source, content_hash),
+                   [None if s.label is None else escape_id(s.label) for s in source.samples],
+                   [s.split or split_of(s.id) for s in source.samples], [escape_id(c) for c in source.classes])
+
+    @classmethod
+    def columns(cls, source: Source) -> Listing:
+        """As columns (features.plan.listing_columns); ``content`` is set by the plan, for the samples to embed."""
+        ids, labels, splits = listing_columns(source)
+        return cls(ids, None, labels, splits, [escape_id(c) for c in source.classes])
+
+    def stale(self, index) -> bool:
+        """Whether the store (or its parts) holds ids this listing no longer lists."""
+        listed = set(self.ids)
+        return any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
+
+
+def say_listing_notes(source: Source, say: Callable[[str], None]) -> None:
     for note in source.notes:  # e.g. a cached copy used because its server did not answer
         say(note)
     if source.incomplete:
@@ -169,47 +218,26 @@ def extract(
         more = f" and {len(source.incomplete) - 1} more" if len(source.incomplete) > 1 else ""
         say(f"incomplete listing: {escape_id(where)}{more} could not be read ({escape_id(why)}); the store's rows of "
             "samples this listing cannot see are kept, not removed (a rerun that reads them decides)")
-    label_column_changed = _check_labels_kept(path, source, labels)
 
-    with StoreWriter(path, config, dataset or source.name, lock_timeout=lock_timeout,
-                     rows_per_part=rows_per_part, seconds_per_part=seconds_per_part, say=say) as writer:
-        writer.described = describe_source(source)
-        plan = plan_reuse(writer, source, ids, content_hash, retry_failures, allow_damaged)
-        todo, content = plan.todo, plan.content
-        result = ExtractResult(path=path, reused=plan.reused)
-        if source.incomplete:  # rows are removed only by a listing that read every file of the source
-            ids, labels, splits, result.kept = keep_unlisted(path, plan.match, ids, labels, splits)
-        stale = plan.match.stale
-        if len(todo):
-            if source.modality == "text":
-                _embed_text(source, backbone, writer, todo, ids, content, batch_size, device, progress, result,
-                            runtime, say)
-            else:
-                _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-                       amp=amp, compile=compile, decoder=decoder, layout=layout, runtime=runtime, precision=precision,
-                       calibration_samples=calibration_samples, dataset=dataset or source.name,
-                       stored_runtimes=plan.match.held["runtimes"], say=say, allow_damaged=allow_damaged)
-        # what this run added, counted by the writer (ids escaped, so printable whatever the file name)
-        result.embedded = writer.added_rows
-        result.failures = list(writer.added_failures)
-        result.failed = len(result.failures)
-        classes = [escape_id(c) for c in source.classes]
-        rows, failed_total, notes = plan.rows, plan.failures, plan.notes
-        del plan, content
-        if (len(todo) or stale or writer.needs_merge() or not path.exists() or label_column_changed
-                or labels_changed(path, ids, labels, splits, classes)):
-            counts = writer.finish(ids, labels, splits, None, class_names=classes,
-                                   attrs={"label_column": source.label_column})
-            result.removed = counts["removed"]
-            result.rows = counts["rows"]
-            result.failed_total = counts["failures"]
-            result.notes = counts.get("notes", {})
-        else:
-            result.rows = rows
-            result.failed_total = failed_total
-            result.notes = notes
-    result.seconds = time.perf_counter() - t0
-    return result
+
+def _commit(writer: StoreWriter, listing: Listing, source: Source, path: Path, result: ExtractResult, held: tuple,
+            changed: bool) -> None:
+    """Merge what this run wrote into the store (when anything changed) and count it in ``result``: the
+    writer counts what this run added (ids escaped, so printable whatever the file name); ``held``: (rows,
+    failures, rows by note) the store holds, from the plan, when nothing is merged."""
+    result.embedded = writer.added_rows
+    result.failures = list(writer.added_failures)
+    result.failed = len(result.failures)
+    if (changed or writer.needs_merge() or not path.exists()
+            or labels_changed(path, listing.ids, listing.labels, listing.splits, listing.classes)):
+        counts = writer.finish(listing.ids, listing.labels, listing.splits, None,
+                               class_names=listing.classes, attrs={"label_column": source.label_column})
+        result.removed = counts["removed"]
+        result.rows = counts["rows"]
+        result.failed_total = counts["failures"]
+        result.notes = counts.get("notes", {})
+    else:
+        result.rows, result.failed_total, result.notes = held
 
 
 def describe_source(source: Source) -> dict[str, str]:
@@ -240,7 +268,7 @@ def _check_labels_kept(path: Path, source: Source, labels) -> bool:
         raise SourceError(f"{path} holds labels read from the column '{stored}', but without --label-column this "
                           f"source's labels are read from '{current}': give --label-column {stored} again to keep "
                           f"them (or --label-column {current} to replace them)")
-    if stored is None and not np.any(labels.codes >= 0):
+    if stored is None and not Codes.of(labels).present():
         raise SourceError(f"{path} holds labels, but this source lists none from the column '{current}': give "
                           "--label-column with the column they were read from to keep them (or --label-column "
                           f"{current} to drop them)")
@@ -255,46 +283,34 @@ def sample_fingerprints(source: Source, content_hash: bool) -> list[str]:
     return source.fingerprints(content_hash)  # the source owns its bytes: files, table rows, tar members
 
 
-class SampleFiles:
-    """The locations of the samples still to embed (read by the source's reader, see
-    :func:`sample_decoder`): ``files[j]`` is the j-th sample of ``todo``.
-
-    They are packed into one bytes buffer and an offsets array, with no Python object per sample:
-    decoding workers are forked, and reading the source's Sample objects from a worker (a reference
-    count is a write) copied their pages into every worker, so that each worker's memory grew with
-    the dataset (about 0.3 KB per sample each)."""
-
-    def __init__(self, source, todo):
-        self._blob, self._offsets = source.samples.locs.take(np.asarray(todo, np.int64)).packed()
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, j: int) -> str:
-        if not -len(self) <= j < len(self):
-            raise IndexError(j)
-        j %= len(self)
-        return os.fsdecode(self._blob[self._offsets[j]:self._offsets[j + 1]])
-
-
-def sample_decoder(source: Source, backbone: Backbone, mode: str = "fast", allow_damaged: bool = False) -> Decoder:
-    """The decoder of ``source``'s samples: it reads their bytes through the source's reader (in the
-    worker processes) and makes the backbone's input tensor (``allow_damaged``: see extract)."""
-    return Decoder(backbone.preprocessing, mode, reader=source.reader, allow_damaged=allow_damaged)
-
-
-
 
 # ----------------------------------------------------------------------------------------- embedding
 
 
-class _Recorder:
-    """Hands rows and failures to the store writer (directly or through a writer thread), counts them
-    in the result, and keeps the stage timings that the progress bar and the benchmark show."""
+@dataclass
+class Job:
+    """What the embedding stage of one extraction works on: the samples still to embed (``todo``:
+    positions in ``listing``), the store's writer, the device (picked once) and the options."""
 
-    def __init__(self, source, writer, todo, ids, content, result, bar, threaded: bool):
-        self.source, self.writer, self.todo, self.ids, self.content = source, writer, todo, ids, content
-        self.result, self.bar = result, bar
+    source: Source
+    backbone: object
+    writer: StoreWriter
+    todo: np.ndarray
+    listing: Listing
+    device: torch.device
+    options: ExtractOptions
+    result: ExtractResult
+    stored_runtimes: frozenset = frozenset()
+
+
+class Recorder:
+    """Hands rows and failures to the store writer (directly or through a writer thread) and keeps the
+    stage timings that the progress bar and the benchmark show. It counts nothing: the writer counts
+    what this run added (``StoreWriter.added_rows``, ``added_failures``), and the engine reads it there."""
+
+    def __init__(self, writer, todo, ids, content, bar, threaded: bool):
+        self.writer, self.todo, self.ids, self.content = writer, todo, ids, content
+        self.bar = bar
         self.stages: dict[str, float] = {}
         self._recent: dict[str, float] = {}
         self._shown = 0.0
@@ -306,15 +322,12 @@ class _Recorder:
         if notes is not None:
             args = (*args, list(notes))
         self._write("rows", args)
-        self.result.embedded += len(ks)
 
     def failures(self, bad) -> None:
         if not bad:
             return
         ks = [self.todo[p] for p, _ in bad]
         self._write("fail", ([self.ids[k] for k in ks], [r for _, r in bad], [self.content[k] for k in ks]))
-        self.result.failed += len(bad)
-        self.result.failures.extend((self.source.samples[k].id, r) for k, (_, r) in zip(ks, bad))
 
     def _write(self, kind, args) -> None:
         t0 = time.perf_counter()
@@ -383,112 +396,20 @@ class WriterThread:
             raise self._errors[0]
 
 
-def _embed_text(source, backbone, writer, todo, ids, content, batch_size, device, progress, result, runtime, say):
-    """Texts: read, tokenised and sorted by length a window at a time, in this process (see features.text)."""
+def _embed(job: Job) -> None:
+    """Run the backbone's prepare step and runtime over the job's samples (its :class:`Execution`:
+    features.image_prepare for images, features.text for texts), rows and failures to the store."""
     from tqdm import tqdm
 
-    from featurebank.features.text import embed_texts
-
-    dev = pick_device(device)
-    bar = tqdm(total=len(todo), unit="text", desc=f"embedding ({backbone.name})", disable=not progress, dynamic_ncols=True)
-    rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=True)
+    ex: Execution = job.backbone.prepare.execution(job)
+    if ex.store_runtime:
+        job.writer.runtime = ex.store_runtime
+    job.result.settings = ex.settings
+    bar = tqdm(total=len(job.todo), unit=ex.unit, desc=ex.desc, disable=not job.options.progress, dynamic_ncols=True)
+    rec = Recorder(job.writer, job.todo, job.listing.ids, job.listing.content, bar, threaded=ex.threaded)
     try:
-        name = embed_texts(source, backbone, todo, rec, batch_size, runtime, dev.type, say=say)
-        result.layout = f"{dev.type}: {name}, 1 process x {torch.get_num_threads()} threads"
+        job.result.layout = ex.run(rec)
     finally:
         bar.close()
         rec.close()
-        result.stages = {k: round(v, 4) for k, v in rec.stages.items()}
-
-
-def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-           amp=DEFAULT_AMP, compile=False, decoder=DEFAULT_DECODER, layout=None, runtime="auto", precision="f32",
-           calibration_samples=CALIBRATION_SAMPLES, dataset="", stored_runtimes=frozenset(), say=print,
-           allow_damaged=False):
-    from tqdm import tqdm
-
-    dev = pick_device(device)
-    paths = SampleFiles(source, todo)
-    cpu_batch = batch_size or CPU_BATCH
-    dec = check_dec = sample_decoder(source, backbone, decoder, allow_damaged)
-    if layout is not None and runtime == "auto":
-        runtime = "torch"  # a forced layout is a torch layout (the tests' way to run the GPU path on a CPU)
-    if runtime == "auto" and mp.current_process().daemon and precision == "f32":
-        # a pool worker (Dask, multiprocessing) may not start decoding processes, and OpenVINO started
-        # in a forked child can hang in its thread pool: the eager module, in this process
-        say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
-        runtime = "torch"
-    rt = create_runtime(runtime, backbone, dev, precision, batch_size, say=say,
-                        first_images=lambda: first_images(check_dec, paths),
-                        calibration=lambda: calibration_images(check_dec, source, calibration_samples),
-                        int8_key=calibration_set(dataset, source.root), calibration_samples=calibration_samples,
-                        # the store's rows came from OpenVINO at this precision: it agreed on their first batch
-                        agreed=f"openvino {precision}" in stored_runtimes)
-    writer.runtime = f"{rt.name} {rt.precision}"
-    if layout is None:
-        layout = rt.layout(dev, len(paths), cpu_batch, workers)
-    if mp.current_process().daemon and (layout.replicas or layout.loader_workers):
-        # a daemonic process (a Dask or multiprocessing pool worker) may not start processes: all in here
-        layout = Layout(dev.type, 0, torch.get_num_threads() if dev.type == "cpu" else layout.threads, 0, layout.gpu_decode)
-    result.layout = f"{dev.type}: {layout.describe()}, {rt.describe()}"
-    result.settings = {"device": str(dev), "batch_size": batch_size or "auto", "workers": workers,
-                       "replicas": layout.replicas, "amp": amp, "compile": compile, "decoder": decoder,
-                       "runtime": rt.name, "precision": precision}
-    bar = tqdm(total=len(paths), unit="img", desc=f"embedding ({backbone.name}, {result.layout})",
-               disable=not progress, dynamic_ncols=True)
-    rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=not layout.replicas)
-    if rt.takes_pixels:
-        dec = dec.as_pixels()  # the runtime normalises inside its graph
-    try:
-        if rt.pipelined:
-            run_pipelined(rt, dec, paths, layout, rec, transfer=cpu_batch)
-        elif layout.replicas:
-            run_replicas(rt, dec, paths, cpu_batch, layout, rec)
-        else:
-            run_in_process(rt, dec, paths, batch_size, dev, layout, rec, amp, compile)
-    finally:
-        bar.close()
-        rec.close()
-        result.stages = {k: round(v, 4) for k, v in rec.stages.items()}
-
-
-def first_images(dec: Decoder, paths, n: int | None = None) -> torch.Tensor | None:
-    """The first images still to embed that decode (auto's agreement check runs on them)."""
-    from featurebank.features.runtimes import CHECK_IMAGES
-
-    tensors, _, _, _ = decode_batch(dec, 0, [paths[j] for j in range(min(n or CHECK_IMAGES, len(paths)))])
-    return torch.stack(tensors) if tensors else None
-
-
-def calibration_set(dataset: str, root=None) -> str:
-    """The name int8 calibration is cached under: the dataset's (shared by all its shards, which are
-    named ``<dataset>.sNNNofMMM``) and where its samples are, so that two folders that happen to have
-    the same name never share a quantized model calibrated on the other's images, while a folder that
-    grows keeps its own."""
-    import re
-
-    m = re.match(r"^(?P<dataset>.+)\.s\d{3}of\d{3}$", dataset)  # features.shards.shard_dataset's names
-    name = m.group("dataset") if m else dataset
-    if root is None:
-        return name
-    where = str(root) if "://" in str(root) else os.path.abspath(os.fspath(root))
-    return f"{name}@{where}"
-
-
-def calibration_images(dec: Decoder, source: Source, n: int):
-    """Up to ``n`` decoded train-split samples of the whole source (lowest sha256 of the id first, so
-    the choice is stable and spread over the classes), in batches of 32."""
-    import hashlib
-
-    train = [k for k, s in enumerate(source.samples) if (s.split or split_of(s.id)) == "train"]
-    train.sort(key=lambda k: hashlib.sha256(source.samples[k].id.encode("utf-8", "surrogateescape")).hexdigest())
-    files = SampleFiles(source, train)
-    got, j = 0, 0
-    while got < n and j < len(files):
-        take = [files[i] for i in range(j, min(len(files), j + 32))]
-        j += len(take)
-        tensors, _, _, _ = decode_batch(dec, 0, take)
-        tensors = tensors[:n - got]
-        if tensors:
-            got += len(tensors)
-            yield torch.stack(tensors)
+        job.result.stages = {k: round(v, 4) for k, v in rec.stages.items()}

@@ -57,7 +57,7 @@ class Match:
 
     sources: list[Path]
     src: np.ndarray  # int32 per listed id: the source holding its latest row; -1: none, or a failure
-    row: np.ndarray  # int64 per listed id: that row
+    row: np.ndarray  # int32 per listed id: that row
     failures: dict[int, tuple[str, str]]  # listed position -> (reason, content) where the latest entry is a failure
     unlisted_ids: Strings  # ids the sources hold that are not listed (latest entry each)
     unlisted_src: np.ndarray  # their source (rows), -1 for a failure
@@ -339,7 +339,7 @@ class StoreWriter:
                     damage.rows |= found.rows
                 ok = ~damage.rows
                 e_ids.append(ids_s.filter(pa.array(ok)) if not ok.all() else ids_s)
-                e_row.append(np.flatnonzero(ok).astype(np.int64))
+                e_row.append(np.flatnonzero(ok).astype(np.int32))
                 e_src.append(np.full(len(e_row[-1]), s_idx, np.int32))
                 failed = failed if failed is not None and not check else Damage(
                     f["failures/ids"].shape[0] if "failures" in f else 0)
@@ -349,20 +349,20 @@ class StoreWriter:
                                                  for c in ("ids", "reasons", "content"))
                     good = np.flatnonzero(~failed.rows)
                     e_ids.append(Strings.of(f_ids[good].tolist(), utf8=True).arrow)
-                    e_row.append(-1 - np.arange(len(fail_entries), len(fail_entries) + len(good), dtype=np.int64))
+                    e_row.append(-1 - np.arange(len(fail_entries), len(fail_entries) + len(good), dtype=np.int32))
                     e_src.append(np.full(len(good), s_idx, np.int32))
                     fail_entries += [(str(reasons[k]), str(f_content[k])) for k in good.tolist()]
                 if check:
                     self._damage[str(path)] = (damage, failed)
         all_ids = pa.concat_arrays(e_ids) if e_ids else pa.array([], pa.large_binary())
         src = np.concatenate(e_src) if e_src else np.zeros(0, np.int32)
-        row = np.concatenate(e_row) if e_row else np.zeros(0, np.int64)
+        row = np.concatenate(e_row) if e_row else np.zeros(0, np.int32)
         del e_ids, e_src, e_row
         pos = positions_in(all_ids, listed)
         n = len(listed)
-        last = np.full(n, -1, np.int64)
+        last = np.full(n, -1, np.int32)  # rows and positions in int32: 4 bytes per id, not 8
         here = pos >= 0
-        np.maximum.at(last, pos[here], np.flatnonzero(here))  # a later entry wins
+        np.maximum.at(last, pos[here], np.arange(len(pos), dtype=np.int32)[here])  # a later entry wins
         out = np.flatnonzero(~here)
         del pos, here
         if len(out):  # the latest entry of each id not listed
@@ -373,7 +373,7 @@ class StoreWriter:
         del all_ids, out
         has = last >= 0
         m_src = np.full(n, -1, np.int32)
-        m_row = np.zeros(n, np.int64)
+        m_row = np.zeros(n, np.int32)
         m_src[has], m_row[has] = src[last[has]], row[last[has]]
         is_fail = has & (m_row < 0)
         failures = {k: fail_entries[-1 - m_row[k]] for k in np.flatnonzero(is_fail).tolist()}
