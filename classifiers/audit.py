@@ -53,7 +53,7 @@ C_GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 1))  # 1e-4 .. 1, half-de
 
 def row_norms(X: np.ndarray) -> np.ndarray:
     """The L2 norm of each row, without the temporary of ``X * X`` that ``np.linalg.norm`` makes."""
-    return np.sqrt(np.einsum("ij,ij->i", X, X))
+    return np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float32 if X.dtype == np.float16 else None))
 
 
 def normalise(X: np.ndarray) -> np.ndarray:
