@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from featurebank.classifiers.audit import (
-    audit_features, drift_against, evaluate_predictions, reference_features, write_audit,
+    audit_features, drift_against, evaluate_predictions, reference_features, store_source, write_audit,
 )
 from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
 from featurebank.classifiers.gallery import audit_run, run_predictions
@@ -111,7 +111,8 @@ def run_audit(p: AuditParams, say=print) -> dict:
     audit.md, label_issues.csv and near_duplicates.csv into ``p.out_dir``."""
     features = read_features(p.store)
     say(f"auditing {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
-    audit = audit_features(features, folds=p.folds, seed=p.seed, say=say)
+    source, note = store_source(features, p.source)  # its pictures give the near-duplicates' fingerprints
+    audit = audit_features(features, folds=p.folds, seed=p.seed, source=source, source_note=note, say=say)
     if p.against:
         audit["drift"] = drift_against(features, reference_features(p.against), seed=p.seed)
         d = audit["drift"]

@@ -427,6 +427,13 @@ class AuditParams(Params):
                                  "a store of the same backbone configuration, or a run folder (its training set)")
     folds: int = option(5, "label audit: cross-validation folds of the out-of-fold probabilities", ge=2, le=20)
     seed: int = option(0, "label audit and drift test: the seed of folds, searches and permutations", ge=0)
+    source: str | None = option(None, "the source the store was made from (format detected), whose pictures the "
+                                "near-duplicate search compares (default: the source recorded in the store)")
+
+    @field_validator("source")
+    @classmethod
+    def _picture_source(cls, v: str | None) -> str | None:
+        return v if v is None else _source_given(v)
 
     @field_validator("against")
     @classmethod
