@@ -333,7 +333,6 @@ FAMILIES = (
 # The text runtimes (torch, OpenVINO) live with the image ones, behind the same seam: features.runtimes.text.
 
 PRECISIONS = TEXT_PRECISIONS
-RUNTIMES = ("auto", "torch", "openvino")
 
 
 def source_texts(source, stored_ids: list[str]) -> list[str]:

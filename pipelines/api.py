@@ -255,7 +255,7 @@ class Backbone:
 
     @property
     def modality(self) -> str:
-        return getattr(self.model, "modality", "image")
+        return self.model.modality
 
     @property
     def dim(self) -> int:

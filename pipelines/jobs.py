@@ -133,8 +133,8 @@ def classifier_backbone(classifier: Path, manifest: dict, backbone: str | None =
     backbone = backbone_for_store(name, manifest["store_fingerprint"], layer=layer, arch=arch)
     # the stored dtype and the precision the classifier's store was made with; refused here if none fits
     found = store_options(classifier, manifest, backbone)
-    if backbone.modality == "text":
-        found.pop("precision")  # a text backbone carries its precision itself
+    if "precision" in backbone.identity["preprocessing"]:
+        found.pop("precision")  # a backbone that carries its precision itself (a text one: features.text)
     return backbone, found
 
 

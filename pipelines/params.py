@@ -27,7 +27,8 @@ from featurebank.data.sources import (
 )
 from featurebank.features.export import EXPORT_FORMATS
 from featurebank.features.choices import (
-    AMP_MODES, DECODERS, DEFAULT_AMP, DEFAULT_BACKBONE, DEFAULT_DECODER, DEFAULT_TEXT_BACKBONE, LONG_TEXT, PRECISIONS, RUNTIMES,
+    AMP_MODES, DECODERS, DEFAULT_AMP, DEFAULT_BACKBONE, DEFAULT_BACKBONES, DEFAULT_DECODER, LONG_TEXT, PRECISIONS,
+    RUNTIMES,
 )
 from featurebank.features.options import ExtractOptions
 from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
@@ -182,8 +183,7 @@ class EngineOptions(Params):
     def _default_backbone(self):
         source = getattr(self, "source", None)
         if self.backbone is None and source is not None:  # the source's modality decides (a demo decides when built)
-            text = source_modality(source, getattr(self, "text_column", None)) == "text"
-            self.backbone = DEFAULT_TEXT_BACKBONE if text else DEFAULT_BACKBONE
+            self.backbone = DEFAULT_BACKBONES.get(source_modality(source, getattr(self, "text_column", None)))
         return self
 
     @field_validator("device")
