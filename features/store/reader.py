@@ -172,15 +172,19 @@ def read_string_column(dataset, damage: Damage, name: str):
     cannot be read are empty (and marked in ``damage``)."""
     import pyarrow as pa
 
-    chunks, at = [], 0
+    n = dataset.shape[0]
+    offsets = np.zeros(n + 1, np.int64)
+    data = bytearray()  # one buffer grown in place: no Arrow array per chunk, no copy to join them
+    at = 0
     for a, block in _checked_blocks(dataset, damage, name):
-        if a > at:
-            chunks.append(pa.array([b""] * (a - at), pa.large_binary()))
-        chunks.append(pa.array(block.tolist(), pa.large_string()).cast(pa.large_binary()))
-        at = a + len(block)
-    if dataset.shape[0] > at:
-        chunks.append(pa.array([b""] * (dataset.shape[0] - at), pa.large_binary()))
-    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.large_binary())
+        offsets[at + 1:a + 1] = len(data)  # the rows of chunks that could not be read stay empty
+        encoded = [v.encode("utf-8") for v in block.tolist()]
+        offsets[a + 1:a + 1 + len(encoded)] = len(data) + np.cumsum(np.fromiter(map(len, encoded), np.int64,
+                                                                                 len(encoded)))
+        data += b"".join(encoded)
+        at = a + len(encoded)
+    offsets[at + 1:] = len(data)
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def string_blocks(dataset, damage: Damage, name: str):
