@@ -110,11 +110,10 @@ def extract(source: Source | str | os.PathLike, backbone: Backbone | str = DEFAU
     if o.dtype not in DTYPES:
         raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {o.dtype!r}")
     if isinstance(backbone, str):
-        backbone = build_backbone(backbone, long_text=o.long_text,
-                                  precision=o.precision if source.modality == "text" else "f32")
+        backbone = build_backbone(backbone, long_text=o.long_text, precision=o.precision)
     check_modality(backbone, source)
     dev = pick_device(o.device)  # once per extraction: every stage below gets this device
-    precision, amp = forward_precision(source.modality, dev, o)
+    precision, amp = forward_precision(backbone, dev, o)
     o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)
     config = store_config(backbone, o)
     path = store_path(store, o.dataset or source.name, config)
@@ -151,13 +150,13 @@ def check_modality(backbone, source: Source) -> None:
                             f"use {hint}")
 
 
-def forward_precision(kind: str, dev: torch.device, o: ExtractOptions) -> tuple[str, str]:
+def forward_precision(backbone, dev: torch.device, o: ExtractOptions) -> tuple[str, str]:
     """The precision the forward pass computes at and the CUDA autocast that gives it, on ``dev``."""
     from featurebank.features.runtimes import check_precision
 
     check_precision(o.precision)
-    if kind == "text":
-        return "f32", o.amp  # a text backbone's precision is in its own (fingerprinted) preprocessing
+    if "precision" in backbone.identity["preprocessing"]:
+        return "f32", o.amp  # the backbone carries its precision in its own (fingerprinted) preprocessing (texts)
     if dev.type == "cuda" and o.runtime != "openvino":
         # on CUDA autocast computes the rows: the fingerprint records its dtype, and amp follows it
         precision = cuda_precision(dev, o.precision, o.amp)
@@ -228,7 +227,7 @@ def _commit(writer: StoreWriter, listing: Listing, source: Source, path: Path, r
     result.failures = list(writer.added_failures)
     result.failed = len(result.failures)
     if (changed or writer.needs_merge() or not path.exists()
-            or _labels_changed(path, listing.ids, listing.labels, listing.splits, listing.classes)):
+            or labels_changed(path, listing.ids, listing.labels, listing.splits, listing.classes)):
         counts = writer.finish(listing.ids, listing.labels, listing.splits, listing.content,
                                class_names=listing.classes, attrs={"label_column": source.label_column})
         result.removed = counts["removed"]
@@ -249,7 +248,7 @@ def describe_source(source: Source) -> dict[str, str]:
     return {"source": root, "source_format": str(source.format), "modality": source.modality}
 
 
-def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
+def labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
     """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
     index = read_index(path)
     names = index.class_names
@@ -265,7 +264,6 @@ def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
     return False
 
 
-labels_changed = _labels_changed  # public: features.sweep plans its stores as extract() does
 
 
 def _check_labels_kept(path: Path, source: Source, labels) -> bool:

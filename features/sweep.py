@@ -362,10 +362,10 @@ def _sweep_images(source: Source, backbones: list[str], layers: list[str], store
     for b in backbones:
         if modality_of(b) != "image":
             raise ModalityError(f"{b} embeds {modality_of(b)}s but {source.name} holds images: use image backbones")
-    dev = pick_device(o.device)  # once for the whole sweep
-    precision, amp = forward_precision("image", dev, o)
-    o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)
     cands = [candidate(b, layers) for b in backbones]
+    dev = pick_device(o.device)  # once for the whole sweep
+    precision, amp = forward_precision(cands[0].taps, dev, o)
+    o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)
     listing = Listing.of(source, o.content_hash)
     plans = [[_Plan(c.taps.name, layer, sb, config, store_path(store_dir, out.dataset, config))
               for layer, sb in zip(c.layers, c.per_layer) for config in [store_config(sb, o)]] for c in cands]
