@@ -18,9 +18,11 @@ What it saves over one extraction per (backbone, layer):
 Texts: one extraction per text backbone (each has its own tokenizer, so each text is tokenised once
 per tokenizer); text backbones have no layers to choose.
 
-Decoding runs in worker processes (DataLoader) while this process runs the backbones one after the
-other on each batch, so every backbone's forward time is measured on its own: ``per_second`` is the
-rate each backbone reached inside the sweep (images per second of its forward passes).
+On a CPU, decoding runs in worker processes (DataLoader) and every backbone runs in a thread of its
+own on the shared decoded batches, so the backbones overlap each other and the decoding; each is
+charged its share of the time while several run at once, and ``per_second`` is the rate each
+backbone reached inside the sweep (images per second of its share). On CUDA the JPEGs are decoded
+once on the device and each backbone's resize and normalisation runs there.
 """
 
 from __future__ import annotations
@@ -130,14 +132,30 @@ def candidate(name: str, layers: list[str], arch: str | None = None) -> Candidat
     model = base.model
     taps = Taps(model, layers)
     taps.eval()
-    size = base.preprocessing.size
-    with torch.inference_mode():
-        taps(torch.zeros(1, 3, size, size))
-    dims = list(taps.widths)  # each tap's width, pooled as --layer pools it
+    if all(layer == FINAL for layer in layers):
+        dims = [int(base.dim)] * len(layers)  # the pooled output: the width the backbone declares
+    else:
+        dims = _tap_widths(taps, base.preprocessing.size)
     per_layer = [dataclasses.replace(base, model=None, layer="pooled" if layer == FINAL else layer, dim=d)
                  for layer, d in zip(layers, dims)]
     tap_backbone = dataclasses.replace(base, model=taps, layer="taps:" + "|".join(layers), dim=int(sum(dims)))
     return Candidate(base.name, layers, tap_backbone, per_layer, dims)
+
+
+def _tap_widths(taps: Taps, size: int) -> list[int]:
+    """Each tap's width, pooled as --layer pools it, from one eager forward pass of one image: a small
+    one first (64 px: the widths are channels, which do not depend on the input's size, and a forward
+    pass at full size cost about a second per backbone on a loaded 2-core machine), the model's own
+    size where the model takes no other (a ViT's patch grid)."""
+    with torch.inference_mode():
+        if size > 64:
+            try:
+                taps(torch.zeros(1, 3, 64, 64))
+                return list(taps.widths)
+            except Exception:
+                taps._outs = {}
+        taps(torch.zeros(1, 3, size, size))
+    return list(taps.widths)
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -560,6 +578,7 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
     run = _Run(active, runtimes, todo, ids, content)
     bar = tqdm(total=len(todo), unit="img", desc=f"sweep ({len(active)} backbones)", disable=not progress,
                dynamic_ncols=True)
+    t0 = time.perf_counter()
     try:
         if on_device:
             _run_on_device(run, loader, shared, files, dev, amp, batch_size or SWEEP_BATCH, bar)
@@ -568,7 +587,9 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
     finally:
         bar.close()
     out.embedded_samples += len(todo)
-    stages = dict(run.stages)
+    # wall time from starting the decoders to the last row handed to the stores (the benchmark sets it
+    # beside the sweep's whole time: the rest is building the models and runtimes, and the final merge)
+    stages = {"embedding (wall)": time.perf_counter() - t0, **run.stages}
     for a, (c, _, _) in enumerate(active):
         stages[f"forward {c.taps.name}"] = run.forward_s[a]
     out.stages = stages
