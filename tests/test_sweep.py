@@ -379,22 +379,21 @@ def test_one_device_decode_feeds_every_backbone_as_the_single_gpu_path_does(tmp_
             assert got[k][a].shape == (3, pre.size, pre.size) and torch.equal(got[k][a], own[k])
 
 
-def test_the_sweeps_gpu_path_runs_on_the_cpu_and_makes_the_single_paths_stores(tmp_path, monkeypatch):
+def test_the_sweeps_gpu_path_runs_on_the_cpu_and_makes_the_single_paths_stores(tmp_path):
     """The whole device path of the sweep (a loader worker sending JPEG bytes, one decode per batch on
     the device, each backbone finished there, the CPU fallback for PNGs and broken files, the writer
     thread), with the CPU as the device: its stores are the files a single extraction's GPU path (run on
     the CPU the same way) makes, with the same rows."""
-    import featurebank.features.sweep as sweep_module
     from conftest import make_images
+
     from featurebank.features.device import Layout
 
-    monkeypatch.setattr(sweep_module, "DEVICE_DECODE", {"cuda", "cpu"})
     folder = make_images(tmp_path / "photos")  # JPEGs and PNGs
     (folder / "cat" / "broken.jpg").write_bytes((folder / "cat" / "01.jpg").read_bytes()[:200])
+    lay = Layout("cpu", replicas=0, threads=2, loader_workers=0, gpu_decode=True)  # extract's way, below
     r = sweep(folder, ["efficientnet_lite0"], ["blocks.3", "final"], tmp_path / "store", device="cpu",
-              runtime="torch", workers=1, batch_size=4, **QUIET)
+              runtime="torch", workers=1, batch_size=4, layout=lay, **QUIET)
     assert r.stages.get("decode (device)", 0) > 0
-    lay = Layout("cpu", replicas=0, threads=2, loader_workers=0, gpu_decode=True)
     for s, layer in zip(r.stores, ("blocks.3", None)):
         assert (s.result.embedded, s.result.failed) == (6, 1)
         single = extract(folder, build_backbone("efficientnet_lite0", layer=layer), tmp_path / "single", device="cpu",
