@@ -596,7 +596,8 @@ def record_sources(path: Path, report: dict) -> None:
     """Add a row to the sources table of BENCHMARKS.md (made on first use), keeping it contiguous."""
     t, m = report["sources"], report["machine"]
     med = sorted(t["runs"], key=lambda r: r["ratio"])[(len(t["runs"]) - 1) // 2]
-    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
+    load = f", load {t['load'][0]:.1f}-{t['load'][1]:.1f}" if t.get("load") else ""
+    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}{load}",
            report["backbone"], t["images"], t["source"], f"{med['folder']:.1f}", f"{med[t['source']]:.1f}",
            f"{t['ratio_median']:.3f}", f"{100 * t['rerun_share_median']:.1f} %"]
     insert_row(path, "## Parquet and WebDataset against the folder", SOURCES_HEADER,
@@ -630,7 +631,8 @@ def record(path: Path, report: dict) -> None:
                  ratio, stages, f"{100 * t['rerun_share']:.1f} % (start-up {t['process_startup_s']} s)"]
     else:
         cells = ["-"] * 10
-    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
+    load = f", load {t['load'][0]:.1f}-{t['load'][1]:.1f}" if t.get("load") else ""
+    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}{load}",
            versions, report["backbone"], f"{report['device']}, {report['batch_size']}, {report.get('precision', 'f32')}",
            *cells, mem_s]
     insert_row(path, RUNTIMES_MARK, RUNTIMES_HEADER, "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
@@ -916,7 +918,8 @@ stores' final merge, left out).
 
 def record_sweep(path: Path, report: dict) -> None:
     t, m = report["sweep"], report["machine"]
-    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
+    load = f", load {t['load'][0]:.1f}-{t['load'][1]:.1f}" if t.get("load") else ""
+    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}{load}",
            ", ".join(t["backbones"]), ", ".join(t["layers"]), t["images_desc"],
            " / ".join(f"{v:.1f}" for v in t["bare"].values()), f"{t['decode_ceiling']:.1f}", f"{t['ceiling']:.1f}",
            f"{t['sweep']:.1f}", f"{t['separate']:.1f}",
@@ -954,6 +957,7 @@ def sweep_benchmark(a, work: Path) -> dict:
 
     names = parse_list(a.backbones)
     layers = parse_list(a.layers) or ["final"]
+    load0 = os.getloadavg()[0]  # other work on the machine: shown in the row (the ratios are noisy under load)
     if a.data:
         folder, desc = Path(a.data), Path(a.data).name
     else:
@@ -1033,7 +1037,9 @@ def sweep_benchmark(a, work: Path) -> dict:
           f"{med['ratio_ceiling']:.3f}{loop} (goal >= 0.85); sweep/separate {med['ratio_separate']:.2f}x (goal > 1); "
           f"sweep/one extraction {med['sweep_over_one']:.2f}" + (f" (median of {len(runs)} repeats)" if len(runs) > 1 else ""),
           flush=True)
-    return {**med, "backbones": names, "layers": layers, "images_desc": desc, "runs": runs,
+    load = sorted((load0, os.getloadavg()[0]))
+    print(f"load average (1 min) {load[0]:.1f}-{load[1]:.1f} on {usable_cores()} cores", flush=True)
+    return {**med, "load": load, "backbones": names, "layers": layers, "images_desc": desc, "runs": runs,
             "ratios_ceiling": [round(x["ratio_ceiling"], 4) for x in runs]}
 
 
