@@ -47,7 +47,7 @@ from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_b
 from featurebank.features.decode import Decoder, decode_jpegs_on_device, device_decodable
 from featurebank.features.engine import (
     CALIBRATION_SAMPLES, ExtractResult, Listing, ModalityError, SampleFiles, calibration_images, calibration_set,
-    extract, first_images, forward_precision, labels_changed, sample_decoder, store_config,
+    extract, forward_precision, labels_changed, sample_decoder, store_config,
 )
 from featurebank.features.images import ImageError, is_damage
 from featurebank.features.options import ExtractOptions
@@ -522,14 +522,15 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
     runtimes, decoders = [], []
     if dev.type == "cpu":
         torch.set_num_threads(usable_cores())
-    for c, row, need in active:
-        check_dec = sample_decoder(source, c.taps, decoder, allow_damaged)
-        sub = SampleFiles(source, np.flatnonzero(need))
+    check_decs = [sample_decoder(source, c.taps, decoder, allow_damaged) for c, _, _ in active]
+    firsts = _FirstImages(source, check_decs)
+    for a, (c, row, need) in enumerate(active):
+        check_dec = check_decs[a]
         if runtime == "auto" and precision == "f32" and _daemonic():
             say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
             runtime = "torch"
         rt = create_runtime(runtime, c.taps, dev, precision, batch_size, say=say,
-                            first_images=lambda d=check_dec, s=sub: first_images(d, s),
+                            first_images=lambda a=a, need=need: firsts(a, need),
                             calibration=lambda d=check_dec: calibration_images(d, source, calibration_samples),
                             int8_key=calibration_set(dataset, source.root), calibration_samples=calibration_samples,
                             agreed=all(p.agreed for p in row))
@@ -581,6 +582,31 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
             say(f"  {c.taps.name}: {run.images[a]} images in {run.forward_s[a]:.1f} s of forward passes "
                 f"({rates[id(c)]:.1f} images/s, all {len(c.layers)} layers)")
     return rates
+
+
+class _FirstImages:
+    """The first images each backbone still needs, for ``auto``'s agreement check (features.runtimes), read
+    and decoded once for every backbone that needs the same ones (:class:`SharedDecoder`) instead of once
+    per backbone: with camera-size photos that was a second or more per backbone."""
+
+    def __init__(self, source, decoders: list[Decoder]):
+        self.source, self.shared = source, SharedDecoder(decoders)
+        self._done: dict[tuple, list | None] = {}
+
+    def __call__(self, a: int, need: np.ndarray) -> torch.Tensor | None:
+        from featurebank.features.runtimes import CHECK_IMAGES
+
+        key = tuple(int(k) for k in np.flatnonzero(need)[:CHECK_IMAGES])
+        if key not in self._done:
+            files, got = SampleFiles(self.source, key), []
+            for j in range(len(files)):
+                try:
+                    got.append(self.shared(files[j]))
+                except Exception:  # a file that does not decode is left out, as first_images leaves it
+                    continue
+            self._done[key] = [torch.stack([t[b] for t in got]) for b in range(len(self.shared.decoders))] if got else None
+        per_backbone = self._done[key]
+        return None if per_backbone is None else per_backbone[a]
 
 
 class _Run:
