@@ -731,7 +731,7 @@ def _warm_runtime(folder: Path, backbone: Backbone, batch: int | None, runtime: 
     dec = sample_decoder(src, backbone)
     files = SampleFiles(src, list(range(len(src.samples))))
     rt = create_runtime(runtime, backbone, torch.device("cpu"), precision, batch, say=print,
-                        first_images=lambda: first_images(dec, files),
+                        first_batch=lambda: first_images(dec, files),
                         calibration=lambda: calibration_images(dec, src, CALIBRATION_SAMPLES),
                         int8_key=calibration_set(src.name, src.root), calibration_samples=CALIBRATION_SAMPLES)
     return rt.describe()

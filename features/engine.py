@@ -32,8 +32,9 @@ from featurebank.features.images import is_damage
 from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.registry import build_backbone, modality
 from featurebank.features.executors import CPU_BATCH, decode_batch, run_in_process, run_pipelined, run_replicas
-from featurebank.features.device import AMP_OF_PRECISION, DEFAULT_AMP, Layout, cuda_precision, pick_device
+from featurebank.features.device import AMP_OF_PRECISION, DEFAULT_AMP, Layout, pick_device
 from featurebank.features.runtimes import create_runtime
+from featurebank.features.runtimes import fingerprint as runtime_fingerprint
 from featurebank.features.store import (
     DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, read_index, store_path,
 )
@@ -141,18 +142,17 @@ def extract(
     from featurebank.features.runtimes import check_precision
 
     check_precision(precision)
-    if source.modality == "text":
-        precision = "f32"  # a text backbone's precision is in its own (fingerprinted) preprocessing
-    elif (dev := pick_device(device)).type == "cuda" and runtime != "openvino":
-        # on CUDA autocast computes the rows: the fingerprint records its dtype, and amp follows it
-        precision = cuda_precision(dev, precision, amp)
-        amp = AMP_OF_PRECISION.get(precision, amp)
     calibration_samples = calibration_samples or CALIBRATION_SAMPLES
     recipe = None
-    if precision == "int8":
-        from featurebank.features.runtimes.openvino_runtime import int8_recipe
-
-        recipe = int8_recipe(calibration_samples)
+    if source.modality == "text":
+        precision = "f32"  # a text backbone's precision is in its own (fingerprinted) preprocessing
+    else:
+        # what the runtime that will serve records in the fingerprint: on CUDA the autocast dtype (amp
+        # follows it), at int8 the recipe
+        dev = pick_device(device)
+        precision, recipe = runtime_fingerprint(runtime, dev, precision, amp, calibration_samples)
+        if dev.type == "cuda":
+            amp = AMP_OF_PRECISION.get(precision, amp)
     config = StoreConfig.for_backbone(backbone, dtype, precision, recipe)
     path = store_path(store_dir, dataset or source.name, config)
     try:
@@ -469,11 +469,11 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
         say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
         runtime = "torch"
     rt = create_runtime(runtime, backbone, dev, precision, batch_size, say=say,
-                        first_images=lambda: first_images(check_dec, paths),
+                        first_batch=lambda: first_images(check_dec, paths),
                         calibration=lambda: calibration_images(check_dec, source, calibration_samples),
                         int8_key=calibration_set(dataset, source.root), calibration_samples=calibration_samples,
-                        # the store's rows came from OpenVINO at this precision: it agreed on their first batch
-                        agreed=f"openvino {precision}" in stored_runtimes)
+                        # what computed the store's rows: a runtime found there agreed on their first batch
+                        agreed=stored_runtimes)
     writer.runtime = f"{rt.name} {rt.precision}"
     if layout is None:
         layout = rt.layout(dev, len(paths), cpu_batch, workers)
@@ -495,7 +495,7 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
         elif layout.replicas:
             run_replicas(rt, dec, paths, cpu_batch, layout, rec)
         else:
-            run_in_process(rt, dec, paths, batch_size, dev, layout, rec, amp, compile)
+            run_in_process(rt, dec, paths, batch_size, dev, layout, rec, compile)
     finally:
         bar.close()
         rec.close()

@@ -50,8 +50,9 @@ from featurebank.features.engine import (
 from featurebank.features.images import ImageError
 from featurebank.features.registry import build_backbone, modality
 from featurebank.features.executors import mp_context, worker_started
-from featurebank.features.device import AMP_OF_PRECISION, DEFAULT_AMP, cuda_precision, pick_device, usable_cores
+from featurebank.features.device import AMP_OF_PRECISION, DEFAULT_AMP, pick_device, usable_cores
 from featurebank.features.runtimes import check_precision, create_runtime
+from featurebank.features.runtimes import fingerprint as runtime_fingerprint
 from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, atomic_write, store_path
 
 FINAL = "final"
@@ -282,7 +283,7 @@ class _Plan:
     need: np.ndarray | None = None  # bool per sample of the source
     reused: int = 0
     stale: bool = False
-    agreed: bool = False  # its rows came from OpenVINO at this precision: the agreement check passed before
+    agreed: frozenset = frozenset()  # what computed its rows ("openvino f32", ...): they passed the agreement check
 
 
 def parse_list(value: str | list[str] | None) -> list[str]:
@@ -369,15 +370,11 @@ def sweep(
         if is_text_backbone(b):
             raise ModalityError(f"{b} embeds texts but {source.name} holds images: use image backbones")
     dev = pick_device(device)
-    if dev.type == "cuda" and runtime != "openvino":
-        precision = cuda_precision(dev, precision, amp)
-        amp = AMP_OF_PRECISION.get(precision, amp)
     calibration_samples = calibration_samples or CALIBRATION_SAMPLES
-    recipe = None
-    if precision == "int8":
-        from featurebank.features.runtimes.openvino_runtime import int8_recipe
-
-        recipe = int8_recipe(calibration_samples)
+    # what the runtime that will serve records in the fingerprint (as features.engine.extract)
+    precision, recipe = runtime_fingerprint(runtime, dev, precision, amp, calibration_samples)
+    if dev.type == "cuda":
+        amp = AMP_OF_PRECISION.get(precision, amp)
 
     cands = [candidate(b, layers) for b in backbones]
     ids = [escape_id(s.id) for s in source.samples]
@@ -413,7 +410,7 @@ def sweep(
                         need[k] = True
                 p.need = need
                 p.stale = any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
-                p.agreed = f"openvino {precision}" in index.runtimes
+                p.agreed = frozenset(index.runtimes)
         del listed
         # which backbones run at all, and on which samples (the union of their layers' needs)
         active = [(c, row, np.logical_or.reduce([p.need for p in row])) for c, row in zip(cands, plans)]
@@ -471,10 +468,10 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
             say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
             runtime = "torch"
         rt = create_runtime(runtime, c.taps, dev, precision, batch_size, say=say,
-                            first_images=lambda d=check_dec, s=sub: first_images(d, s),
+                            first_batch=lambda d=check_dec, s=sub: first_images(d, s),
                             calibration=lambda d=check_dec: calibration_images(d, source, calibration_samples),
                             int8_key=calibration_set(dataset, source.root), calibration_samples=calibration_samples,
-                            agreed=all(p.agreed for p in row))
+                            agreed=frozenset.intersection(*(p.agreed for p in row)))
         for p in row:
             p.writer.runtime = f"{rt.name} {rt.precision}"
         runtimes.append(rt)
@@ -488,7 +485,7 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
     # the sweep's own: large enough that few infer requests idle at each batch's end, small enough that
     # every decoding worker has several batches in flight (with camera-size photos and a few hundred
     # images, batches of 64 left the model idle while the first ones decoded)
-    batch = decoded_batch(len(todo), n_workers) if any(r.name == "openvino" for r in runtimes) \
+    batch = decoded_batch(len(todo), n_workers) if any(r.pipelined for r in runtimes) \
         else max(1, batch_size or SWEEP_BATCH)
     loader = DataLoader(_Samples(files, shared), batch_size=batch, num_workers=n_workers, collate_fn=_collate,
                         prefetch_factor=4 if n_workers else None, persistent_workers=False,

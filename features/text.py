@@ -33,7 +33,8 @@ from torch import nn
 from featurebank.features.backbones import BackboneError
 from featurebank.features.hashing import file_sha256
 from featurebank.features.choices import DEFAULT_TEXT_BACKBONE, LONG_TEXT  # noqa: F401 - declared with the other option values
-from featurebank.features.runtimes.text import TEXT_PRECISIONS, create_text_runtime
+from featurebank.features.choices import TEXT_PRECISIONS
+from featurebank.features.runtimes import create_runtime
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
@@ -303,10 +304,9 @@ def create_text_backbone(name: str = DEFAULT_TEXT_BACKBONE, long_text: str = "tr
 
 
 # ------------------------------------------------------------------------------------------- runtimes
-# The text runtimes (torch, OpenVINO) live with the image ones, behind the same seam: features.runtimes.text.
+# The runtimes (torch, OpenVINO) are the image ones, behind the same seam: features.runtimes.
 
 PRECISIONS = TEXT_PRECISIONS
-RUNTIMES = ("auto", "torch", "openvino")
 
 
 # ------------------------------------------------------------------------------------------- extraction
@@ -365,8 +365,8 @@ def embed_texts(source, backbone: TextBackbone, todo: list[int], rec, batch_size
             rec.failures(w["bad"])
             if w["n"]:
                 if run is None:
-                    run = create_text_runtime(backbone, runtime, backbone.preprocessing.precision, device or "cpu",
-                                              first=w["batches"][0], say=say)
+                    run = create_runtime(runtime, backbone, device or "cpu", backbone.preprocessing.precision,
+                                         first_batch=lambda first=w["batches"][0]: first, say=say)
                 t0 = time.perf_counter()
                 out = [e for _, e in run.map(enumerate(w["batches"]))]
                 rec.time("forward", time.perf_counter() - t0)

@@ -210,7 +210,7 @@ def test_a_rerun_trusts_the_agreement_its_store_already_passed(lite0, photos, tm
     def no_check():
         raise AssertionError("the agreement check ran again")
 
-    rt = create_runtime("auto", lite0, torch.device("cpu"), "f32", first_images=no_check, agreed=True)
+    rt = create_runtime("auto", lite0, torch.device("cpu"), "f32", first_batch=no_check, agreed={"openvino f32"})
     assert rt.name == "openvino"
     monkeypatch.setattr(engine_module, "first_images", lambda *a, **k: no_check())
     files = sorted(photos.rglob("*.jpg"))
