@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
+import numpy as np
 import torch
 
 from featurebank.features.choices import CALIBRATION_SAMPLES, RUNTIMES
@@ -37,7 +38,8 @@ from featurebank.features.runtimes.torch_runtime import TorchRuntime
 #: others must agree with, and runs wherever the others cannot
 TABLE: tuple[type[Runtime], ...] = (OpenVINORuntime, TorchRuntime)
 BY_NAME = {cls.name: cls for cls in TABLE}
-assert set(BY_NAME) == set(RUNTIMES) - {"auto"}, "features.choices.RUNTIMES names the runtimes of TABLE"
+if set(BY_NAME) != set(RUNTIMES) - {"auto"}:
+    raise ImportError(f"features.choices.RUNTIMES {RUNTIMES} must name the runtimes of TABLE ({', '.join(BY_NAME)}) and auto")
 REFERENCE = TABLE[-1]
 
 #: (runtime, backbone identity, precision, first batch) -> worst cosine: a process that extracts the same
@@ -45,7 +47,7 @@ REFERENCE = TABLE[-1]
 _AGREED: dict[tuple, float] = {}
 
 
-def candidates(runtime: str, device: torch.device, precision: str) -> list[type[Runtime]]:
+def candidates(runtime: str, device: torch.device) -> list[type[Runtime]]:
     """The runtimes ``runtime`` may use on ``device``, in order: the named one, or for ``auto`` those of
     :data:`TABLE` that run on this device."""
     if runtime not in RUNTIMES:
@@ -59,19 +61,15 @@ def fingerprint(runtime: str, device: torch.device, precision: str, amp: str,
                 calibration_samples: int = CALIBRATION_SAMPLES) -> tuple[str, dict | None]:
     """(the precision the rows will be computed in, as the store's fingerprint records it; the rest the
     fingerprint covers, the int8 recipe, or None), from the runtime that would serve."""
-    for cls in candidates(runtime, device, precision):
+    for cls in candidates(runtime, device):
         if runtime != "auto" or cls.refuses(None, device, precision) is None:
             return cls.fingerprint(device, precision, amp, calibration_samples)
     return precision, None
 
 
-def _identity(backbone) -> str:
-    import json
-    from dataclasses import asdict
-
-    pre = backbone.preprocessing
-    return json.dumps([backbone.name, backbone.weights_sha256, backbone.layer, getattr(backbone, "pooling", ""),
-                       pre.as_dict() if hasattr(pre, "as_dict") else asdict(pre)], sort_keys=True, default=str)
+def _identity(backbone) -> tuple:
+    """What the agreement check's result depends on: the model and how its input is prepared."""
+    return backbone.name, backbone.weights_sha256, backbone.layer, backbone.pooling, repr(backbone.preprocessing)
 
 
 def _digest(x) -> str:
@@ -79,7 +77,7 @@ def _digest(x) -> str:
 
     h = hashlib.sha256()
     for t in (x if isinstance(x, tuple) else (x,)):
-        h.update(t.cpu().numpy().tobytes() if isinstance(t, torch.Tensor) else memoryview(t).cast("B"))
+        h.update(np.ascontiguousarray(t.cpu().numpy() if isinstance(t, torch.Tensor) else t).tobytes())
     return h.hexdigest()
 
 
@@ -100,7 +98,7 @@ def create_runtime(runtime: str, backbone, device: torch.device | str, precision
     device = torch.device(device)
     if not (precision == "fp16" and device.type == "cuda"):  # fp16: CUDA autocast (features.device.cuda_precision)
         check_precision(precision)
-    chain = candidates(runtime, device, precision)
+    chain = candidates(runtime, device)
     usable = [cls for cls in chain if runtime != "auto" or cls.refuses(backbone, device, precision) is None]
     if not usable:  # nothing can: the reason of the last one asked (the reference runtime for auto)
         raise RuntimeUnavailable(chain[-1].refuses(backbone, device, precision) if chain
