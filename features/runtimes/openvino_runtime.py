@@ -75,9 +75,12 @@ def openvino_version() -> str:
 def int8_recipe(samples: int = CALIBRATION_SAMPLES) -> dict:
     """How int8 models are made, as data (features.store.int8_recipe_data); part of the store's fingerprint at
     precision int8."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return int8_recipe_data(version("nncf"), samples)
+    try:
+        return int8_recipe_data(version("nncf"), samples)
+    except PackageNotFoundError:
+        raise RuntimeUnavailable("precision int8 needs nncf (pip install nncf)") from None
 
 
 def cpu_has_bf16() -> bool:
