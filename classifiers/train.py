@@ -163,14 +163,17 @@ def pixel_baseline(features: Features, pixels: np.ndarray, say=print) -> ProbeRe
     return ProbeResult("pixels", metrics, cm, y_pred)
 
 
-def is_text_store(features: Features) -> bool:
-    """True for a store of text embeddings (its preprocessing says so)."""
+def store_modality(features: Features) -> str:
+    """"text" or "image": what a store's rows embed (its ``modality`` attribute; stores written before it
+    was recorded say so in their preprocessing)."""
     import json
 
+    if features.attrs.get("modality"):
+        return str(features.attrs["modality"])
     try:
-        return json.loads(str(features.attrs.get("preprocessing", "{}"))).get("modality") == "text"
+        return "text" if json.loads(str(features.attrs.get("preprocessing", "{}"))).get("modality") == "text" else "image"
     except ValueError:
-        return False
+        return "image"
 
 
 def tfidf_baseline(features: Features, texts: list[str], say=print) -> ProbeResult:
@@ -241,3 +244,13 @@ def train_out_of_core(path: str | os.PathLike, memory_budget_mb: float, out_dir:
                      Path(path), attrs)
     counts = {"n_train": int(len(train)), "n_test": int(len(test))}
     return ProbeResult(name, metrics, cm, y_pred, directory), shown, counts
+
+
+#: the baseline of each modality: a function of (features, inputs, say) whose inputs are one row per row of
+#: ``features`` (features.registry.baseline_inputs reads them from the source: raw pixels, the texts)
+BASELINES = {"image": pixel_baseline, "text": tfidf_baseline}
+
+
+def modality_baseline(features: Features, inputs, say=print) -> ProbeResult:
+    """The baseline the embeddings of ``features`` must clear, chosen by the store's modality."""
+    return BASELINES[store_modality(features)](features, inputs, say=say)

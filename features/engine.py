@@ -26,14 +26,14 @@ import torch
 
 from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of, unescape_id
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
-from featurebank.features.choices import DEFAULT_DECODER
+from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.decode import Decoder
 from featurebank.features.images import is_damage
-from featurebank.features.choices import CALIBRATION_SAMPLES
+from featurebank.features.options import ExtractOptions
 from featurebank.features.registry import build_backbone, modality
 from featurebank.features.executors import CPU_BATCH, decode_batch, run_in_process, run_pipelined, run_replicas
-from featurebank.features.device import AMP_OF_PRECISION, DEFAULT_AMP, Layout, pick_device
-from featurebank.features.runtimes import create_runtime
+from featurebank.features.device import AMP_OF_PRECISION, Layout, pick_device
+from featurebank.features.runtimes import computed_precision, create_runtime
 from featurebank.features.runtimes import fingerprint as runtime_fingerprint
 from featurebank.features.store import (
     DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, read_index, store_path,
@@ -80,33 +80,12 @@ class ExtractResult:
         return f"{head}{tail} -> {self.path}"
 
 
-def extract(
-    source: Source | str | os.PathLike,
-    backbone: Backbone | str = DEFAULT_BACKBONE,
-    store_dir: str | os.PathLike = DEFAULT_STORE_DIR,
-    *,
-    dataset: str | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    workers: int | None = None,
-    dtype: str = DTYPES[0],
-    content_hash: bool = False,
-    retry_failures: bool = False,
-    lock_timeout: float | None = None,
-    rows_per_part: int = 512,
-    seconds_per_part: float = 10.0,
-    progress: bool = True,
-    say: Callable[[str], None] = print,
-    amp: str = DEFAULT_AMP,
-    compile: bool = False,
-    decoder: str = DEFAULT_DECODER,
-    layout: Layout | None = None,
-    runtime: str = "auto",
-    precision: str = "f32",
-    calibration_samples: int | None = None,
-    allow_damaged: bool = False,
-) -> ExtractResult:
-    """Embed every new or changed sample of ``source`` into its store file and return what happened.
+def extract(source: Source | str | os.PathLike, backbone: Backbone | str = DEFAULT_BACKBONE,
+            store: str | os.PathLike = DEFAULT_STORE_DIR, options: ExtractOptions | None = None,
+            **settings) -> ExtractResult:
+    """Embed every new or changed sample of ``source`` into its store file under the folder ``store`` and
+    return what happened. ``options`` (:class:`features.options.ExtractOptions`) says how; ``settings``
+    are its fields given by keyword (``extract(src, bb, store, batch_size=8)``), applied over ``options``.
 
     A sample is reused when the store holds a row (or, unless ``retry_failures``, a failure) with the
     same content fingerprint as its file now; rows of samples no longer listed are dropped. Work is
@@ -115,6 +94,7 @@ def extract(
     ``batch_size``: None picks it (32 on a CPU; on CUDA the largest that fits, up to 512).
     ``workers``: on a CPU the number of model replica processes (0: all in this process); on a GPU
     the number of DataLoader workers; None chooses from the machine (see features.device).
+    ``device`` is picked once here (features.device.pick_device) and passed down.
     ``amp``: autocast dtype on CUDA (auto = bf16 where supported, else fp16; fp32 turns it off).
     ``compile``: torch.compile the model (CUDA only). ``decoder``: "fast" (features.decode) or
     "plain" (PIL and the backbone's reference transform). ``layout``: force a layout instead of the
@@ -129,41 +109,96 @@ def extract(
     Text backbones carry their precision themselves (features.text) and take ``runtime`` too.
     """
     t0 = time.perf_counter()
+    o = ExtractOptions.of(options, **settings)
     if not isinstance(source, Source):
-        source = open_source(source, dataset)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
+        source = open_source(source, o.dataset)
+    if o.dtype not in DTYPES:
+        raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {o.dtype!r}")
     if isinstance(backbone, str):
-        backbone = build_backbone(backbone)
-    if modality(backbone) != source.modality:
-        hint = "a text backbone such as minilm" if source.modality == "text" else "an image backbone such as efficientnet_lite0"
-        raise ModalityError(f"{backbone.name} embeds {modality(backbone)}s but {source.name} holds {source.modality}s: "
-                            f"use {hint}")
-    from featurebank.features.runtimes import check_precision
-
-    check_precision(precision)
-    calibration_samples = calibration_samples or CALIBRATION_SAMPLES
-    recipe = None
-    if source.modality == "text":
-        precision = "f32"  # a text backbone's precision is in its own (fingerprinted) preprocessing
-    else:
-        # what the runtime that will serve records in the fingerprint: on CUDA the autocast dtype (amp
-        # follows it), at int8 the recipe
-        dev = pick_device(device)
-        precision, recipe = runtime_fingerprint(runtime, dev, precision, amp, calibration_samples)
-        if dev.type == "cuda":
-            amp = AMP_OF_PRECISION.get(precision, amp)
-    config = StoreConfig.for_backbone(backbone, dtype, precision, recipe)
-    path = store_path(store_dir, dataset or source.name, config)
+        backbone = build_backbone(backbone, long_text=o.long_text,
+                                  precision=o.precision if source.modality == "text" else "f32")
+    check_modality(backbone, source)
+    dev = pick_device(o.device)  # once per extraction: every stage below gets this device
+    precision, amp = forward_precision(source.modality, dev, o)
+    o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)
+    config = store_config(backbone, o)
+    path = store_path(store, o.dataset or source.name, config)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the store folder {path.parent} ({exc.strerror or exc})") from None
+    listing = Listing.of(source, o.content_hash)
+    say_listing_notes(source, o.say)
+    label_column_changed = _check_labels_kept(path, source, listing.labels)
+    with StoreWriter(path, config, o.dataset or source.name, lock_timeout=o.lock_timeout,
+                     rows_per_part=o.rows_per_part, seconds_per_part=o.seconds_per_part, say=o.say) as writer:
+        writer.described = describe_source(source)
+        index = writer.index()
+        todo, reused = plan_reuse(index, listing, o)
+        result = ExtractResult(path=path, reused=reused)
+        if source.incomplete:  # rows are removed only by a listing that read every file of the source
+            result.kept = _keep_unlisted(path, index, listing)
+        stale = listing.stale(index)
+        if len(todo):
+            job = Job(source, backbone, writer, todo, listing, dev, o, result, index.runtimes)
+            (_embed_text if source.modality == "text" else _embed)(job)
+        _commit(writer, listing, source, path, result, index,
+                bool(len(todo)) or stale or label_column_changed)
+    result.seconds = time.perf_counter() - t0
+    return result
 
-    ids = [escape_id(s.id) for s in source.samples]
-    content = sample_fingerprints(source, content_hash)
-    labels = [None if s.label is None else escape_id(s.label) for s in source.samples]
-    splits = [s.split or split_of(s.id) for s in source.samples]
+
+def check_modality(backbone, source: Source) -> None:
+    """Refuse (ModalityError, one line) a backbone that embeds another kind of sample than ``source`` holds."""
+    if modality(backbone) != source.modality:
+        hint = "a text backbone such as minilm" if source.modality == "text" else "an image backbone such as efficientnet_lite0"
+        raise ModalityError(f"{backbone.name} embeds {modality(backbone)}s but {source.name} holds {source.modality}s: "
+                            f"use {hint}")
+
+
+def forward_precision(kind: str, dev: torch.device, o: ExtractOptions) -> tuple[str, str]:
+    """The precision the forward pass computes at and the CUDA autocast that gives it, on ``dev``."""
+    from featurebank.features.runtimes import check_precision
+
+    check_precision(o.precision)
+    if kind == "text":
+        return "f32", o.amp  # a text backbone's precision is in its own (fingerprinted) preprocessing
+    # what the runtime that will serve computes in (on CUDA torch's autocast: the fingerprint records its
+    # dtype, and amp follows it)
+    precision = computed_precision(o.runtime, dev, o.precision, o.amp)
+    return precision, (AMP_OF_PRECISION.get(precision, o.amp) if dev.type == "cuda" else o.amp)
+
+
+def store_config(backbone, o: ExtractOptions) -> StoreConfig:
+    """The store configuration (and so the fingerprint) of ``backbone``'s rows under the options ``o``
+    (its precision already the one the forward pass computes at: see :func:`forward_precision`)."""
+    recipe = runtime_fingerprint(o.runtime, o.precision, o.calibration_samples or CALIBRATION_SAMPLES)
+    return StoreConfig.for_backbone(backbone, o.dtype, o.precision, recipe)
+
+
+@dataclass
+class Listing:
+    """The source's listing as the store records it: escaped ids, content fingerprints, labels, splits."""
+
+    ids: list[str]
+    content: list[str]
+    labels: list[str | None]
+    splits: list[str]
+    classes: list[str]
+
+    @classmethod
+    def of(cls, source: Source, content_hash: bool) -> Listing:
+        return cls([escape_id(s.id) for s in source.samples], sample_fingerprints(source, content_hash),
+                   [None if s.label is None else escape_id(s.label) for s in source.samples],
+                   [s.split or split_of(s.id) for s in source.samples], [escape_id(c) for c in source.classes])
+
+    def stale(self, index) -> bool:
+        """Whether the store (or its parts) holds ids this listing no longer lists."""
+        listed = set(self.ids)
+        return any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
+
+
+def say_listing_notes(source: Source, say: Callable[[str], None]) -> None:
     for note in source.notes:  # e.g. a cached copy used because its server did not answer
         say(note)
     if source.incomplete:
@@ -171,54 +206,39 @@ def extract(
         more = f" and {len(source.incomplete) - 1} more" if len(source.incomplete) > 1 else ""
         say(f"incomplete listing: {escape_id(where)}{more} could not be read ({escape_id(why)}); the store's rows of "
             "samples this listing cannot see are kept, not removed (a rerun that reads them decides)")
-    label_column_changed = _check_labels_kept(path, source, labels)
 
-    with StoreWriter(path, config, dataset or source.name, lock_timeout=lock_timeout,
-                     rows_per_part=rows_per_part, seconds_per_part=seconds_per_part, say=say) as writer:
-        writer.described = describe_source(source)
-        index = writer.index()
-        todo, reused = [], 0
-        for k, (i, c) in enumerate(zip(ids, content)):
-            if index.content.get(i) == c and (allow_damaged or i not in index.damaged_images):
-                reused += 1
-            elif (retry_failures or (failed := index.failures.get(i)) is None or failed[1] != c
-                  or (allow_damaged and is_damage(failed[0]))):
-                todo.append(k)
-        todo = np.array(todo, np.int64)  # 8 bytes per sample to embed, not a Python int each
-        result = ExtractResult(path=path, reused=reused)
-        if source.incomplete:  # rows are removed only by a listing that read every file of the source
-            result.kept = _keep_unlisted(path, index, ids, labels, splits, content)
-        listed = set(ids)
-        stale = any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
-        del listed
-        if len(todo):
-            if source.modality == "text":
-                _embed_text(source, backbone, writer, todo, ids, content, batch_size, device, progress, result,
-                            runtime, say)
-            else:
-                _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-                       amp=amp, compile=compile, decoder=decoder, layout=layout, runtime=runtime, precision=precision,
-                       calibration_samples=calibration_samples, dataset=dataset or source.name,
-                       stored_runtimes=index.runtimes, say=say, allow_damaged=allow_damaged)
-        # what this run added, counted by the writer (ids escaped, so printable whatever the file name)
-        result.embedded = writer.added_rows
-        result.failures = list(writer.added_failures)
-        result.failed = len(result.failures)
-        classes = [escape_id(c) for c in source.classes]
-        if (len(todo) or stale or writer.needs_merge() or not path.exists() or label_column_changed
-                or _labels_changed(path, ids, labels, splits, classes)):
-            counts = writer.finish(ids, labels, splits, content, class_names=classes,
-                                   attrs={"label_column": source.label_column})
-            result.removed = counts["removed"]
-            result.rows = counts["rows"]
-            result.failed_total = counts["failures"]
-            result.notes = counts.get("notes", {})
-        else:
-            result.rows = len(index.content)
-            result.failed_total = len(index.failures)
-            result.notes = index.notes
-    result.seconds = time.perf_counter() - t0
-    return result
+
+def plan_reuse(index, listing: Listing, o: ExtractOptions) -> tuple[np.ndarray, int]:
+    """Which samples (positions in the listing) to embed, and how many rows are reused as they are."""
+    todo, reused = [], 0
+    for k, (i, c) in enumerate(zip(listing.ids, listing.content)):
+        if index.content.get(i) == c and (o.allow_damaged or i not in index.damaged_images):
+            reused += 1
+        elif (o.retry_failures or (failed := index.failures.get(i)) is None or failed[1] != c
+              or (o.allow_damaged and is_damage(failed[0]))):
+            todo.append(k)
+    return np.array(todo, np.int64), reused  # 8 bytes per sample to embed, not a Python int each
+
+
+def _commit(writer: StoreWriter, listing: Listing, source: Source, path: Path, result: ExtractResult, index,
+            changed: bool) -> None:
+    """Merge what this run wrote into the store (when anything changed) and count it in ``result``: the
+    writer counts what this run added (ids escaped, so printable whatever the file name)."""
+    result.embedded = writer.added_rows
+    result.failures = list(writer.added_failures)
+    result.failed = len(result.failures)
+    if (changed or writer.needs_merge() or not path.exists()
+            or _labels_changed(path, listing.ids, listing.labels, listing.splits, listing.classes)):
+        counts = writer.finish(listing.ids, listing.labels, listing.splits, listing.content,
+                               class_names=listing.classes, attrs={"label_column": source.label_column})
+        result.removed = counts["removed"]
+        result.rows = counts["rows"]
+        result.failed_total = counts["failures"]
+        result.notes = counts.get("notes", {})
+    else:
+        result.rows = len(index.content)
+        result.failed_total = len(index.failures)
+        result.notes = index.notes
 
 
 def describe_source(source: Source) -> dict[str, str]:
@@ -272,10 +292,10 @@ def _check_labels_kept(path: Path, source: Source, labels) -> bool:
     return stored != current
 
 
-def _keep_unlisted(path: Path, index, ids: list, labels: list, splits: list, content: list) -> int:
+def _keep_unlisted(path: Path, index, listing: Listing) -> int:
     """Append to the listing (in place) the ids the store and its parts hold that it does not list, with
     their stored labels and splits, so that the merge keeps them; returns how many rows that keeps."""
-    listed = set(ids)
+    listed = set(listing.ids)
     extra = [i for i in index.content if i not in listed] + [i for i in index.failures if i not in listed]
     if not extra:
         return 0
@@ -287,10 +307,10 @@ def _keep_unlisted(path: Path, index, ids: list, labels: list, splits: list, con
                   for i, y, sp in zip(held.ids, held.y.tolist(), held.splits.tolist())}
     for i in extra:
         lab, sp = stored.get(i, (None, None))
-        ids.append(i)
-        labels.append(lab)
-        splits.append(sp or split_of(unescape_id(i)))
-        content.append(index.content[i] if i in index.content else index.failures[i][1])
+        listing.ids.append(i)
+        listing.labels.append(lab)
+        listing.splits.append(sp or split_of(unescape_id(i)))
+        listing.content.append(index.content[i] if i in index.content else index.failures[i][1])
     return sum(1 for i in extra if i in index.content)
 
 
@@ -338,13 +358,30 @@ def sample_decoder(source: Source, backbone: Backbone, mode: str = "fast", allow
 # ----------------------------------------------------------------------------------------- embedding
 
 
-class _Recorder:
-    """Hands rows and failures to the store writer (directly or through a writer thread), counts them
-    in the result, and keeps the stage timings that the progress bar and the benchmark show."""
+@dataclass
+class Job:
+    """What the embedding stage of one extraction works on: the samples still to embed (``todo``:
+    positions in ``listing``), the store's writer, the device (picked once) and the options."""
 
-    def __init__(self, source, writer, todo, ids, content, result, bar, threaded: bool):
-        self.source, self.writer, self.todo, self.ids, self.content = source, writer, todo, ids, content
-        self.result, self.bar = result, bar
+    source: Source
+    backbone: object
+    writer: StoreWriter
+    todo: np.ndarray
+    listing: Listing
+    device: torch.device
+    options: ExtractOptions
+    result: ExtractResult
+    stored_runtimes: frozenset = frozenset()
+
+
+class Recorder:
+    """Hands rows and failures to the store writer (directly or through a writer thread) and keeps the
+    stage timings that the progress bar and the benchmark show. It counts nothing: the writer counts
+    what this run added (``StoreWriter.added_rows``, ``added_failures``), and the engine reads it there."""
+
+    def __init__(self, writer, todo, ids, content, bar, threaded: bool):
+        self.writer, self.todo, self.ids, self.content = writer, todo, ids, content
+        self.bar = bar
         self.stages: dict[str, float] = {}
         self._recent: dict[str, float] = {}
         self._shown = 0.0
@@ -356,15 +393,12 @@ class _Recorder:
         if notes is not None:
             args = (*args, list(notes))
         self._write("rows", args)
-        self.result.embedded += len(ks)
 
     def failures(self, bad) -> None:
         if not bad:
             return
         ks = [self.todo[p] for p, _ in bad]
         self._write("fail", ([self.ids[k] for k in ks], [r for _, r in bad], [self.content[k] for k in ks]))
-        self.result.failed += len(bad)
-        self.result.failures.extend((self.source.samples[k].id, r) for k, (_, r) in zip(ks, bad))
 
     def _write(self, kind, args) -> None:
         t0 = time.perf_counter()
@@ -433,60 +467,72 @@ class WriterThread:
             raise self._errors[0]
 
 
-def _embed_text(source, backbone, writer, todo, ids, content, batch_size, device, progress, result, runtime, say):
-    """Texts: read, tokenised and sorted by length a window at a time, in this process (see features.text)."""
+def _progress(job: Job, unit: str, desc: str):
     from tqdm import tqdm
 
+    return tqdm(total=len(job.todo), unit=unit, desc=desc, disable=not job.options.progress, dynamic_ncols=True)
+
+
+def _embed_text(job: Job) -> None:
+    """Texts: read, tokenised and sorted by length a window at a time, in this process (see features.text)."""
     from featurebank.features.text import embed_texts
 
-    dev = pick_device(device)
-    bar = tqdm(total=len(todo), unit="text", desc=f"embedding ({backbone.name})", disable=not progress, dynamic_ncols=True)
-    rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=True)
+    o, dev = job.options, job.device
+    bar = _progress(job, "text", f"embedding ({job.backbone.name})")
+    rec = Recorder(job.writer, job.todo, job.listing.ids, job.listing.content, bar, threaded=True)
     try:
-        name = embed_texts(source, backbone, todo, rec, batch_size, runtime, dev.type, say=say)
-        result.layout = f"{dev.type}: {name}, 1 process x {torch.get_num_threads()} threads"
+        name = embed_texts(job.source, job.backbone, job.todo, rec, o.batch_size, o.runtime, dev.type, say=o.say)
+        job.result.layout = f"{dev.type}: {name}, 1 process x {torch.get_num_threads()} threads"
     finally:
         bar.close()
         rec.close()
-        result.stages = {k: round(v, 4) for k, v in rec.stages.items()}
+        job.result.stages = {k: round(v, 4) for k, v in rec.stages.items()}
 
 
-def _embed(source, backbone, writer, todo, ids, content, batch_size, device, workers, progress, result,
-           amp=DEFAULT_AMP, compile=False, decoder=DEFAULT_DECODER, layout=None, runtime="auto", precision="f32",
-           calibration_samples=CALIBRATION_SAMPLES, dataset="", stored_runtimes=frozenset(), say=print,
-           allow_damaged=False):
-    from tqdm import tqdm
-
-    dev = pick_device(device)
-    paths = SampleFiles(source, todo)
-    cpu_batch = batch_size or CPU_BATCH
-    dec = check_dec = sample_decoder(source, backbone, decoder, allow_damaged)
-    if layout is not None and runtime == "auto":
+def _image_runtime(job: Job, paths: SampleFiles, check_dec: Decoder):
+    """The runtime of an image extraction (features.runtimes.create_runtime), and the runtime name it asks for."""
+    o, source, runtime = job.options, job.source, job.options.runtime
+    if o.layout is not None and runtime == "auto":
         runtime = "torch"  # a forced layout is a torch layout (the tests' way to run the GPU path on a CPU)
-    if runtime == "auto" and mp.current_process().daemon and precision == "f32":
+    if runtime == "auto" and mp.current_process().daemon and o.precision == "f32":
         # a pool worker (Dask, multiprocessing) may not start decoding processes, and OpenVINO started
         # in a forked child can hang in its thread pool: the eager module, in this process
-        say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
+        o.say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
         runtime = "torch"
-    rt = create_runtime(runtime, backbone, dev, precision, batch_size, say=say,
-                        first_batch=lambda: first_images(check_dec, paths),
-                        calibration=lambda: calibration_images(check_dec, source, calibration_samples),
-                        int8_key=calibration_set(dataset, source.root), calibration_samples=calibration_samples,
-                        # what computed the store's rows: a runtime found there agreed on their first batch
-                        agreed=stored_runtimes)
-    writer.runtime = f"{rt.name} {rt.precision}"
-    if layout is None:
-        layout = rt.layout(dev, len(paths), cpu_batch, workers)
+    n = o.calibration_samples
+    return create_runtime(runtime, job.backbone, job.device, o.precision, o.batch_size, say=o.say,
+                          first_batch=lambda: first_images(check_dec, paths),
+                          calibration=lambda: calibration_images(check_dec, source, n),
+                          int8_key=calibration_set(o.dataset or source.name, source.root), calibration_samples=n,
+                          # what computed the store's rows: a runtime found there agreed on their first batch
+                          agreed=job.stored_runtimes)
+
+
+def _image_layout(job: Job, rt, n: int) -> Layout:
+    o, dev = job.options, job.device
+    layout = o.layout or rt.layout(dev, n, o.batch_size or CPU_BATCH, o.workers)
     if mp.current_process().daemon and (layout.replicas or layout.loader_workers):
         # a daemonic process (a Dask or multiprocessing pool worker) may not start processes: all in here
         layout = Layout(dev.type, 0, torch.get_num_threads() if dev.type == "cpu" else layout.threads, 0, layout.gpu_decode)
+    return layout
+
+
+def _embed(job: Job) -> None:
+    """Images: decoded by the source's reader and the backbone's transform, embedded by the runtime on
+    the layout features.device chooses (features.executors runs it)."""
+    o, dev, result = job.options, job.device, job.result
+    paths = SampleFiles(job.source, job.todo)
+    cpu_batch = o.batch_size or CPU_BATCH
+    dec = check_dec = sample_decoder(job.source, job.backbone, o.decoder, o.allow_damaged)
+    rt = _image_runtime(job, paths, check_dec)
+    job.writer.runtime = f"{rt.name} {rt.precision}"
+    layout = _image_layout(job, rt, len(paths))
     result.layout = f"{dev.type}: {layout.describe()}, {rt.describe()}"
-    result.settings = {"device": str(dev), "batch_size": batch_size or "auto", "workers": workers,
-                       "replicas": layout.replicas, "amp": amp, "compile": compile, "decoder": decoder,
-                       "runtime": rt.name, "precision": precision}
-    bar = tqdm(total=len(paths), unit="img", desc=f"embedding ({backbone.name}, {result.layout})",
-               disable=not progress, dynamic_ncols=True)
-    rec = _Recorder(source, writer, todo, ids, content, result, bar, threaded=not layout.replicas)
+    result.settings = {"device": str(dev), "batch_size": o.batch_size or "auto", "workers": o.workers,
+                       "replicas": layout.replicas, "amp": o.amp, "compile": o.compile, "decoder": o.decoder,
+                       "runtime": rt.name, "precision": o.precision}
+    bar = _progress(job, "img", f"embedding ({job.backbone.name}, {result.layout})")
+    rec = Recorder(job.writer, job.todo, job.listing.ids, job.listing.content, bar, threaded=not layout.replicas)
     if rt.takes_pixels:
         dec = dec.as_pixels()  # the runtime normalises inside its graph
     try:
@@ -495,7 +541,7 @@ def _embed(source, backbone, writer, todo, ids, content, batch_size, device, wor
         elif layout.replicas:
             run_replicas(rt, dec, paths, cpu_batch, layout, rec)
         else:
-            run_in_process(rt, dec, paths, batch_size, dev, layout, rec, compile)
+            run_in_process(rt, dec, paths, o.batch_size, dev, layout, rec, o.compile)
     finally:
         bar.close()
         rec.close()

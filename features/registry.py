@@ -23,3 +23,31 @@ def build_backbone(name: str, layer: str | None = None, arch: str | None = None,
 
 def modality(backbone) -> str:
     return getattr(backbone, "modality", "image")
+
+
+def backbone_for_store(name: str, fingerprint: str, layer: str | None = None, arch: str | None = None):
+    """The backbone ``name`` (at ``layer``) in the variant whose store has ``fingerprint``: a text backbone's
+    long-text rule and precision are part of its identity, so each is tried (with each stored dtype); the
+    default build when none matches (the caller then refuses it, naming what differs)."""
+    from featurebank.features.choices import LONG_TEXT
+    from featurebank.features.store import DTYPES, StoreConfig
+    from featurebank.features.text import PRECISIONS
+
+    backbone = build_backbone(name, layer=layer, arch=arch)
+    if modality(backbone) != "text":
+        return backbone
+    variants = [backbone.with_options(long_text=lt, precision=pr) for lt in LONG_TEXT for pr in PRECISIONS]
+    return next((b for b in variants for d in DTYPES if StoreConfig.for_backbone(b, d).fingerprint == fingerprint),
+                backbone)
+
+
+def baseline_inputs(source, ids: list[str]):
+    """What the modality's baseline (classifiers.train.BASELINES) reads, one row per stored id: raw pixels
+    for images (features.pixels), the texts themselves for texts (features.text)."""
+    if source.modality == "text":
+        from featurebank.features.text import source_texts
+
+        return source_texts(source, ids)
+    from featurebank.features.pixels import pixel_features
+
+    return pixel_features(source, ids)

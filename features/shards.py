@@ -16,6 +16,7 @@ from pathlib import Path
 
 from featurebank.data.sources import Source, open_source
 from featurebank.features.engine import extract
+from featurebank.features.options import ExtractOptions
 
 
 def shard_of(sample_id: str, n_shards: int) -> int:
@@ -70,12 +71,13 @@ def worker_device(device: str | None = None) -> str | None:
     return f"cuda:{k % n}"
 
 
-def extract_shard(shard: Source, backbone, store_dir: str | os.PathLike, dataset: str, *, threads: int = 1,
-                  device: str | None = None, **extract_options):
-    """Embed one shard into its own store (decoding in this process: Dask workers may not fork)."""
+def extract_shard(shard: Source, backbone, store_dir: str | os.PathLike, dataset: str,
+                  options: ExtractOptions | None = None, threads: int = 1):
+    """Embed one shard into its own store (decoding in this process: Dask workers may not fork); the
+    shard's device is this worker's (:func:`worker_device`), its dataset name the shard's."""
     import torch
 
     torch.set_num_threads(max(1, threads))
-    options = {"progress": False, "say": lambda _msg: None} | extract_options | {"workers": 0}
-    return extract(shard, backbone, shard_store_dir(store_dir, dataset), dataset=shard.name,
-                   device=worker_device(device), **options)
+    o = options or ExtractOptions(progress=False, say=lambda _msg: None)
+    return extract(shard, backbone, shard_store_dir(store_dir, dataset),
+                   o.but(dataset=shard.name, device=worker_device(o.device), workers=0))

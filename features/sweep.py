@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,20 +38,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from featurebank.data.sources import Source, escape_id, open_source, split_of
+from featurebank.data.sources import Source, open_source
 from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_backbone, is_text_backbone
-from featurebank.features.choices import DEFAULT_DECODER
 from featurebank.features.decode import Decoder
 from featurebank.features.engine import (
-    CALIBRATION_SAMPLES, ExtractResult, ModalityError, SampleFiles, calibration_images, calibration_set, extract,
-    first_images, labels_changed, sample_decoder, sample_fingerprints,
+    CALIBRATION_SAMPLES, ExtractResult, Listing, ModalityError, SampleFiles, calibration_images, calibration_set,
+    extract, first_images, forward_precision, labels_changed, sample_decoder, store_config,
 )
 from featurebank.features.images import ImageError
+from featurebank.features.options import ExtractOptions
 from featurebank.features.registry import build_backbone, modality
 from featurebank.features.executors import mp_context, worker_started
-from featurebank.features.device import AMP_OF_PRECISION, DEFAULT_AMP, pick_device, usable_cores
+from featurebank.features.device import pick_device, usable_cores
 from featurebank.features.runtimes import check_precision, create_runtime
-from featurebank.features.runtimes import fingerprint as runtime_fingerprint
 from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, atomic_write, store_path
 
 FINAL = "final"
@@ -293,159 +291,144 @@ def parse_list(value: str | list[str] | None) -> list[str]:
     return [x.strip() for x in items if x and x.strip()]
 
 
-def sweep(
-    source: Source | str | os.PathLike,
-    backbones: list[str],
-    layers: list[str] | None = None,
-    store_dir: str | os.PathLike = DEFAULT_STORE_DIR,
-    *,
-    dataset: str | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    workers: int | None = None,
-    dtype: str = DTYPES[0],
-    content_hash: bool = False,
-    retry_failures: bool = False,
-    lock_timeout: float | None = None,
-    rows_per_part: int = 512,
-    seconds_per_part: float = 10.0,
-    progress: bool = True,
-    say: Callable[[str], None] = print,
-    amp: str = DEFAULT_AMP,
-    decoder: str = DEFAULT_DECODER,
-    runtime: str = "auto",
-    precision: str = "f32",
-    calibration_samples: int | None = None,
-    long_text: str = "truncate",
-    compile: bool = False,
-    allow_damaged: bool = False,
-) -> SweepResult:
+def sweep(source: Source | str | os.PathLike, backbones: list[str], layers: list[str] | None = None,
+          store_dir: str | os.PathLike = DEFAULT_STORE_DIR, options: ExtractOptions | None = None,
+          **settings) -> SweepResult:
     """Embed ``source`` with every backbone of ``backbones`` at every layer of ``layers`` (default
     ``["final"]``, the pooled output), one store each, and return what happened per store.
 
     Image backbones share one read and decode per sample and run once per batch for all their
-    layers; text backbones run one extraction each (features.engine.extract). The engine's options
-    mean what they mean for extract(); ``workers`` is the number of decoding processes here; ``compile``
-    (torch.compile) is not used by the sweep's forward passes, and ``allow_damaged`` is refused."""
+    layers; text backbones run one extraction each (features.engine.extract). ``options`` are extract's
+    (:class:`features.options.ExtractOptions`; ``settings``: its fields by keyword) and mean what they
+    mean there; ``workers`` is the number of decoding processes here; ``compile`` (torch.compile) is
+    not used by the sweep's forward passes, ``layout`` neither, and ``allow_damaged`` is refused."""
     t0 = time.perf_counter()
-    if allow_damaged:  # the shared decode records no "damaged" notes yet: refused rather than ignored
+    o = ExtractOptions.of(options, **settings)
+    if o.allow_damaged:  # the shared decode records no "damaged" notes yet: refused rather than ignored
         raise SweepError("sweep does not take --allow-damaged: extract each backbone with featurebank extract "
                          "--allow-damaged, and sweep reuses those stores")
     if not isinstance(source, Source):
-        source = open_source(source, dataset)
+        source = open_source(source, o.dataset)
     backbones = list(dict.fromkeys(parse_list(backbones)))
     layers = list(dict.fromkeys(layer_name(x) for x in parse_list(layers) or [FINAL]))
     if not backbones:
         raise SweepError("give at least one backbone: --backbones efficientnet_lite0,efficientnet_lite1")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
-    check_precision(precision)
-    name = dataset or source.name
-    out = SweepResult(name, source.modality)
+    if o.dtype not in DTYPES:
+        raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {o.dtype!r}")
+    check_precision(o.precision)
+    out = SweepResult(o.dataset or source.name, source.modality)
     if source.modality == "text":
-        if layers != [FINAL]:
-            raise SweepError(f"{source.name} holds texts: --layers applies to image backbones only")
-        for b in backbones:
-            bb = build_backbone(b, long_text=long_text, precision=precision)
-            if modality(bb) != "text":
-                raise ModalityError(f"{b} embeds images but {source.name} holds texts: use text backbones such as minilm")
-            t1 = time.perf_counter()
-            r = extract(source, bb, store_dir, dataset=dataset, batch_size=batch_size, device=device, dtype=dtype,
-                        content_hash=content_hash, retry_failures=retry_failures, lock_timeout=lock_timeout,
-                        rows_per_part=rows_per_part, seconds_per_part=seconds_per_part, progress=progress, say=say,
-                        runtime=runtime)
-            rate = None
-            if r.embedded:
-                rate = r.embedded / max(1e-9, r.stages.get("forward", time.perf_counter() - t1))
-                _record_rate(r.path, rate, r.embedded, r.layout)
-            else:
-                rate = (recorded_rate(r.path) or {}).get("per_second")
-            say(f"  {bb.name}: {r.summary()}")
-            out.stores.append(StoreResult(bb.name, FINAL, r.path, bb.dim, r, rate, "f32"))
-            out.embedded_samples = max(out.embedded_samples, r.embedded)
+        _sweep_texts(source, backbones, layers, store_dir, o, out)
         out.seconds = time.perf_counter() - t0
         return out
+    return _sweep_images(source, backbones, layers, store_dir, o, out, t0)
 
+
+def _sweep_texts(source: Source, backbones: list[str], layers: list[str], store_dir, o: ExtractOptions,
+                 out: SweepResult) -> None:
+    """One extraction per text backbone (each has its own tokenizer)."""
+    if layers != [FINAL]:
+        raise SweepError(f"{source.name} holds texts: --layers applies to image backbones only")
+    # as before: a text backbone's own precision comes from its name's build (f32), and extract's other
+    # image-only options are left at their defaults
+    text_options = ExtractOptions(dataset=o.dataset, batch_size=o.batch_size, device=o.device, dtype=o.dtype,
+                                  content_hash=o.content_hash, retry_failures=o.retry_failures,
+                                  lock_timeout=o.lock_timeout, rows_per_part=o.rows_per_part,
+                                  seconds_per_part=o.seconds_per_part, progress=o.progress, say=o.say,
+                                  runtime=o.runtime)
+    for b in backbones:
+        bb = build_backbone(b, long_text=o.long_text, precision=o.precision)
+        if modality(bb) != "text":
+            raise ModalityError(f"{b} embeds images but {source.name} holds texts: use text backbones such as minilm")
+        t1 = time.perf_counter()
+        r = extract(source, bb, store_dir, text_options)
+        rate = None
+        if r.embedded:
+            rate = r.embedded / max(1e-9, r.stages.get("forward", time.perf_counter() - t1))
+            _record_rate(r.path, rate, r.embedded, r.layout)
+        else:
+            rate = (recorded_rate(r.path) or {}).get("per_second")
+        o.say(f"  {bb.name}: {r.summary()}")
+        out.stores.append(StoreResult(bb.name, FINAL, r.path, bb.dim, r, rate, "f32"))
+        out.embedded_samples = max(out.embedded_samples, r.embedded)
+
+
+def _sweep_images(source: Source, backbones: list[str], layers: list[str], store_dir, o: ExtractOptions,
+                  out: SweepResult, t0: float) -> SweepResult:
+    """Image backbones: one read and decode per sample for all, one forward pass per backbone for its layers."""
     for b in backbones:
         if is_text_backbone(b):
             raise ModalityError(f"{b} embeds texts but {source.name} holds images: use image backbones")
-    dev = pick_device(device)
-    calibration_samples = calibration_samples or CALIBRATION_SAMPLES
-    # what the runtime that will serve records in the fingerprint (as features.engine.extract)
-    precision, recipe = runtime_fingerprint(runtime, dev, precision, amp, calibration_samples)
-    if dev.type == "cuda":
-        amp = AMP_OF_PRECISION.get(precision, amp)
-
+    dev = pick_device(o.device)  # once for the whole sweep
+    precision, amp = forward_precision("image", dev, o)
+    o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)
     cands = [candidate(b, layers) for b in backbones]
-    ids = [escape_id(s.id) for s in source.samples]
-    content = sample_fingerprints(source, content_hash)
-    labels = [None if s.label is None else escape_id(s.label) for s in source.samples]
-    splits = [s.split or split_of(s.id) for s in source.samples]
-    classes = [escape_id(c) for c in source.classes]
-    plans: list[list[_Plan]] = []
-    for c in cands:
-        row = []
-        for layer, sb in zip(c.layers, c.per_layer):
-            config = StoreConfig.for_backbone(sb, dtype, precision, recipe)
-            row.append(_Plan(c.taps.name, layer, sb, config, store_path(store_dir, name, config)))
-        plans.append(row)
+    listing = Listing.of(source, o.content_hash)
+    plans = [[_Plan(c.taps.name, layer, sb, config, store_path(store_dir, out.dataset, config))
+              for layer, sb in zip(c.layers, c.per_layer) for config in [store_config(sb, o)]] for c in cands]
     try:
         Path(store_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the store folder {store_dir} ({exc.strerror or exc})") from None
-
     with ExitStack() as stack:
-        listed = set(ids)
         for row in plans:
             for p in row:
-                p.writer = stack.enter_context(StoreWriter(p.path, p.config, name, lock_timeout=lock_timeout,
-                                                           rows_per_part=rows_per_part,
-                                                           seconds_per_part=seconds_per_part, say=say))
-                index = p.writer.index()
-                need = np.zeros(len(ids), bool)
-                for k, (i, c) in enumerate(zip(ids, content)):
-                    if index.content.get(i) == c:
-                        p.reused += 1
-                    elif retry_failures or index.failures.get(i, (None, None))[1] != c:
-                        need[k] = True
-                p.need = need
-                p.stale = any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
-                p.agreed = frozenset(index.runtimes)
-        del listed
+                _open_plan(stack, p, listing, o, out.dataset)
         # which backbones run at all, and on which samples (the union of their layers' needs)
         active = [(c, row, np.logical_or.reduce([p.need for p in row])) for c, row in zip(cands, plans)]
         active = [(c, row, need) for c, row, need in active if need.any()]
         for c in cands:
             if not any(c is a for a, _, _ in active):
-                say(f"  {c.taps.name}: every store complete, reused without a forward pass")
+                o.say(f"  {c.taps.name}: every store complete, reused without a forward pass")
         rates: dict[int, float] = {}
         if active:
-            rates = _embed_images(source, active, ids, content, dev, batch_size, workers, progress, out, say,
-                                  decoder=decoder, runtime=runtime, precision=precision, amp=amp,
-                                  calibration_samples=calibration_samples, dataset=name)
+            rates = _embed_images(source, active, listing.ids, listing.content, dev, o.batch_size, o.workers,
+                                  o.progress, out, o.say, decoder=o.decoder, runtime=o.runtime, precision=o.precision,
+                                  amp=o.amp, calibration_samples=o.calibration_samples, dataset=out.dataset)
         for c, row in zip(cands, plans):
             for p in row:
-                w = p.writer
-                r = ExtractResult(path=p.path, reused=p.reused)
-                r.embedded = w.added_rows
-                r.failures = list(w.added_failures)
-                r.failed = len(r.failures)
-                if (p.need.any() or p.stale or w.needs_merge() or not p.path.exists()
-                        or labels_changed(p.path, ids, labels, splits, classes)):
-                    counts = w.finish(ids, labels, splits, content, class_names=classes)
-                    r.removed, r.rows, r.failed_total = counts["removed"], counts["rows"], counts["failures"]
-                else:
-                    index = w.index()
-                    r.rows, r.failed_total = len(index.content), len(index.failures)
-                rate = rates.get(id(c))
-                if rate is not None:
-                    _record_rate(p.path, rate, int(r.embedded), "sweep")
-                else:
-                    rate = (recorded_rate(p.path) or {}).get("per_second")
-                r.seconds = time.perf_counter() - t0
-                out.stores.append(StoreResult(p.backbone, p.layer, p.path, p.store_backbone.dim, r, rate, precision))
+                out.stores.append(_finish_plan(p, listing, rates.get(id(c)), o.precision, t0))
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _open_plan(stack: ExitStack, p: _Plan, listing: Listing, o: ExtractOptions, dataset: str) -> None:
+    """Open the store's writer and find which samples it still needs (as extract's reuse plan does)."""
+    p.writer = stack.enter_context(StoreWriter(p.path, p.config, dataset, lock_timeout=o.lock_timeout,
+                                               rows_per_part=o.rows_per_part, seconds_per_part=o.seconds_per_part,
+                                               say=o.say))
+    index = p.writer.index()
+    need = np.zeros(len(listing.ids), bool)
+    for k, (i, c) in enumerate(zip(listing.ids, listing.content)):
+        if index.content.get(i) == c:
+            p.reused += 1
+        elif o.retry_failures or index.failures.get(i, (None, None))[1] != c:
+            need[k] = True
+    p.need = need
+    p.stale = listing.stale(index)
+    p.agreed = frozenset(index.runtimes)
+
+
+def _finish_plan(p: _Plan, listing: Listing, rate: float | None, precision: str, t0: float) -> StoreResult:
+    """Merge what the sweep wrote into one store and say what happened to it."""
+    w = p.writer
+    r = ExtractResult(path=p.path, reused=p.reused)
+    r.embedded = w.added_rows
+    r.failures = list(w.added_failures)
+    r.failed = len(r.failures)
+    if (p.need.any() or p.stale or w.needs_merge() or not p.path.exists()
+            or labels_changed(p.path, listing.ids, listing.labels, listing.splits, listing.classes)):
+        counts = w.finish(listing.ids, listing.labels, listing.splits, listing.content, class_names=listing.classes)
+        r.removed, r.rows, r.failed_total = counts["removed"], counts["rows"], counts["failures"]
+    else:
+        index = w.index()
+        r.rows, r.failed_total = len(index.content), len(index.failures)
+    if rate is not None:
+        _record_rate(p.path, rate, int(r.embedded), "sweep")
+    else:
+        rate = (recorded_rate(p.path) or {}).get("per_second")
+    r.seconds = time.perf_counter() - t0
+    return StoreResult(p.backbone, p.layer, p.path, p.store_backbone.dim, r, rate, precision)
 
 
 def _embed_images(source, active, ids, content, dev, batch_size, workers, progress, out: SweepResult, say, *,

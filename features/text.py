@@ -309,6 +309,21 @@ def create_text_backbone(name: str = DEFAULT_TEXT_BACKBONE, long_text: str = "tr
 PRECISIONS = TEXT_PRECISIONS
 
 
+def source_texts(source, stored_ids: list[str]) -> list[str]:
+    """The texts of a text source in the order of a store's (escaped) ids; '' where one cannot be read
+    (the inputs of the TF-IDF baseline, classifiers.train.tfidf_baseline)."""
+    from featurebank.data.sources import escape_id
+
+    by_id = {escape_id(s.id): s for s in source.samples}
+    out = []
+    for i in stored_ids:
+        try:
+            out.append(source.read_text(by_id[i])[0] if i in by_id else "")
+        except ValueError:
+            out.append("")
+    return out
+
+
 # ------------------------------------------------------------------------------------------- extraction
 
 WINDOW = 1024  # texts tokenised, sorted by length and embedded together (memory stays flat)

@@ -335,10 +335,10 @@ class Backbone:
         import torch
 
         from featurebank.features.device import DEFAULT_AMP, pick_device
-        from featurebank.features.runtimes import create_runtime, fingerprint
+        from featurebank.features.runtimes import computed_precision, create_runtime
 
         dev = pick_device(self.device)
-        precision, _ = fingerprint(self.runtime, dev, self.precision, DEFAULT_AMP)  # as features.engine.extract does
+        precision = computed_precision(self.runtime, dev, self.precision, DEFAULT_AMP)  # as features.engine.extract does
         kwargs = {}
         if precision == "int8":
             from featurebank.data.sources import open_source

@@ -26,16 +26,11 @@ from featurebank.classifiers.predict import (
 from featurebank.classifiers.report import METRIC_COLUMNS, write_report
 from featurebank.classifiers.retention import prune
 from featurebank.classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
-from featurebank.classifiers.train import (
-    exceeds_budget, is_text_store, pixel_baseline, tfidf_baseline, train_out_of_core, train_probes,
-)
-from featurebank.features.registry import build_backbone
+from featurebank.classifiers.train import exceeds_budget, modality_baseline, train_out_of_core, train_probes
+from featurebank.features.registry import backbone_for_store, baseline_inputs, build_backbone, modality
 from featurebank.features.engine import ExtractResult, extract
-from featurebank.features.pixels import pixel_features
 from featurebank.features.shards import extract_shard, plan_shards
-from featurebank.features.store import DTYPES, StoreConfig, join_shards, read_features
-from featurebank.features.text import LONG_TEXT
-from featurebank.features.text import PRECISIONS as TEXT_PRECISIONS
+from featurebank.features.store import join_shards, read_features
 from featurebank.pipelines.params import (
     AuditParams, ExtractParams, FewshotParams, PredictParams, RunParams, SourceOptions, SweepParams, TrainParams,
 )
@@ -45,27 +40,13 @@ FAILURES_SHOWN = 20  # skipped files listed on the console; all are in the store
 
 def run_extract(p: ExtractParams, progress: bool = True, say=print) -> ExtractResult:
     backbone = build_backbone(p.backbone, layer=p.layer, arch=p.arch, long_text=p.long_text, precision=p.precision)
-    result = extract(p.open_source(p.dataset), backbone, p.store_dir, progress=progress, say=say, **p.engine())
+    result = extract(p.open_source(p.dataset), backbone, p.store_dir, p.engine(progress=progress, say=say))
     say(result.summary())
     for sample_id, reason in result.failures[:FAILURES_SHOWN]:
         say(f"  skipped {sample_id}: {reason}")
     if len(result.failures) > FAILURES_SHOWN:
         say(f"  ... and {len(result.failures) - FAILURES_SHOWN} more (all recorded in the store's failures table)")
     return result
-
-
-def source_texts(source, stored_ids: list[str]) -> list[str]:
-    """The texts of a text source in the order of a store's (escaped) ids; '' where one cannot be read."""
-    from featurebank.data.sources import escape_id
-
-    by_id = {escape_id(s.id): s for s in source.samples}
-    out = []
-    for i in stored_ids:
-        try:
-            out.append(source.read_text(by_id[i])[0] if i in by_id else "")
-        except ValueError:
-            out.append("")
-    return out
 
 
 def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: SourceOptions | None = None,
@@ -96,11 +77,8 @@ def run_train(p: TrainParams, run_dir: Path | None = None, baseline_source: Sour
     if opened is not None and opened.incomplete:  # the store keeps rows this listing cannot read
         say(f"baseline skipped: {len(opened.incomplete)} files of the source could not be read, so the store "
             "holds rows whose inputs this run cannot see")
-    elif opened is not None and is_text_store(features):  # text: TF-IDF + logistic regression on the texts
-        results.append(tfidf_baseline(features, source_texts(opened, features.ids), say=say))
-    elif opened is not None:
-        pixels = pixel_features(opened, features.ids)
-        results.append(pixel_baseline(features, pixels, say=say))
+    elif opened is not None:  # raw pixels, or TF-IDF on the texts (classifiers.train.BASELINES)
+        results.append(modality_baseline(features, baseline_inputs(opened, features.ids), say=say))
     fewshot = None
     if p.shots:
         labelled = features.subset(features.y >= 0)
@@ -151,14 +129,10 @@ def classifier_backbone(classifier: Path, manifest: dict, backbone: str | None =
     precision, ...) that reproduce its store's configuration; refused (ClassifierError) if none does, or if
     ``backbone``/``layer`` contradict it."""
     name, layer = prediction_backbone(classifier, manifest, backbone, layer)
-    backbone = build_backbone(name, layer=layer, arch=arch)
-    if getattr(backbone, "modality", "image") == "text":  # the long-text rule and precision the store was made with
-        variants = [backbone.with_options(long_text=lt, precision=pr) for lt in LONG_TEXT for pr in TEXT_PRECISIONS]
-        backbone = next((b for b in variants for d in DTYPES
-                         if StoreConfig.for_backbone(b, d).fingerprint == manifest["store_fingerprint"]), backbone)
+    backbone = backbone_for_store(name, manifest["store_fingerprint"], layer=layer, arch=arch)
     # the stored dtype and the precision the classifier's store was made with; refused here if none fits
     found = store_options(classifier, manifest, backbone)
-    if getattr(backbone, "modality", "image") == "text":
+    if modality(backbone) == "text":
         found.pop("precision")  # a text backbone carries its precision itself
     return backbone, found
 
@@ -170,7 +144,7 @@ def prediction_store(p: PredictParams, progress: bool = True, say=print) -> tupl
     classifier, manifest = classifier_for_prediction(p.classifier)
     backbone, found = classifier_backbone(classifier, manifest, p.backbone, p.layer, p.arch)
     loaded = load_classifier(classifier, manifest["store_fingerprint"], backbone.dim)
-    result = extract(p.open_source(), backbone, p.store_dir, progress=progress, say=say, **(p.engine() | found))
+    result = extract(p.open_source(), backbone, p.store_dir, p.engine(progress=progress, say=say, **found))
     say(result.summary())
     return classifier, result, loaded
 
@@ -211,9 +185,9 @@ def run_shard(p: ExtractParams, k: int, n: int, threads: int = 1) -> dict:
     summary = {"shard": k, "dataset": p.dataset or source.name}
     if not shard.samples:
         return summary | {"path": None, "embedded": 0, "reused": 0, "failed": 0, "removed": 0, "rows": 0, "seconds": 0.0}
-    options = {key: v for key, v in p.engine().items() if key not in ("dataset", "workers", "device")}
     backbone = _cached_backbone(p.backbone, p.layer, p.arch, p.long_text, p.precision)
-    r = extract_shard(shard, backbone, p.store_dir, summary["dataset"], threads=threads, device=p.device, **options)
+    r = extract_shard(shard, backbone, p.store_dir, summary["dataset"], p.engine(progress=False, say=lambda _m: None),
+                      threads=threads)
     return summary | extraction_summary(r)
 
 
@@ -317,13 +291,9 @@ def sweep_baseline(p: SweepParams, store: str, say=print) -> dict:
     features = read_features(store)
     labelled = features.y >= 0
     test = labelled & (features.splits == "test")
-    if is_text_store(features):
-        result = tfidf_baseline(features, source_texts(p.open_source(p.dataset), features.ids), say=say)
-        dim = None
-    else:
-        pixels = pixel_features(p.open_source(p.dataset), features.ids)
-        result = pixel_baseline(features, pixels, say=say)
-        dim = int(pixels.shape[1])
+    inputs = baseline_inputs(p.open_source(p.dataset), features.ids)
+    result = modality_baseline(features, inputs, say=say)
+    dim = int(inputs.shape[1]) if hasattr(inputs, "shape") else None  # raw pixels have a width, texts none
     return baseline_row(result.name, features.y[test], result.y_pred, dim)
 
 
@@ -335,8 +305,7 @@ def run_sweep(p: SweepParams, progress: bool = True, say=print) -> dict:
     from featurebank.features.sweep import sweep
 
     source = p.open_source(p.dataset)
-    result = sweep(source, p.backbones, p.layers, p.store_dir, progress=progress, say=say,
-                   long_text=p.long_text, **p.engine())
+    result = sweep(source, p.backbones, p.layers, p.store_dir, p.engine(progress=progress, say=say))
     say(result.summary())
     swept = result.as_dict()
     baseline = sweep_baseline(p, str(result.stores[0].path), say=say) if p.pixel_baseline and result.stores else None

@@ -13,18 +13,23 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator,
+)
 
 from featurebank.classifiers.choices import DEFAULT_PROBES, DEFAULT_SEEDS, DEFAULT_SHOTS, FEWSHOT_PROBES, PROBE_NAMES
 from featurebank.classifiers.persist import verify_classifier
 from featurebank.classifiers.report import DEFAULT_RUNS_DIR
 from featurebank.classifiers.versions import resolve_classifier
 from featurebank.data.demo import DEFAULT_DATA_DIR, DEFAULT_DEMO, DEMO_FORMATS, DEMOS, FASHION_SIZE, check_demo
-from featurebank.data.sources import FORMATS, check_source, is_remote, open_source, source_modality
+from featurebank.data.sources import (
+    FORMATS, SourceError, check_source, is_remote, open_source, source_kind, source_modality,
+)
 from featurebank.features.export import EXPORT_FORMATS
 from featurebank.features.choices import (
     AMP_MODES, DECODERS, DEFAULT_AMP, DEFAULT_BACKBONE, DEFAULT_DECODER, DEFAULT_TEXT_BACKBONE, LONG_TEXT, PRECISIONS, RUNTIMES,
 )
+from featurebank.features.options import ExtractOptions
 from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
 
 # Validators whose modules load torch or scikit-learn import them when a value is given: ``--help``
@@ -186,15 +191,31 @@ class EngineOptions(Params):
     def _device(cls, v: str | None) -> str | None:
         return check_device(v)
 
-    def engine(self) -> dict:
-        """The keyword arguments of features.engine.extract that these options set."""
-        # a text backbone carries its precision itself (features.text); an image one gets it from extract()
-        return self.model_dump(include=set(EngineOptions.model_fields) - {"backbone", "layer", "arch", "store_dir",
-                                                                          "long_text"})
+    def engine(self, **settings) -> ExtractOptions:
+        """The options of features.engine.extract (and features.sweep.sweep) that these set, with ``settings``
+        (``progress``, ``say``, ...: ExtractOptions' fields that code sets) over them."""
+        fields = set(ExtractOptions.__dataclass_fields__) & set(EngineOptions.model_fields)
+        return ExtractOptions(**self.model_dump(include=fields)).but(**settings)
+
+
+class _Opened:
+    """The sources a parameter model has opened, by dataset name: shared by its copies (a deep copy is the
+    same object), left behind when it is pickled (a Dask worker opens its own)."""
+
+    def __init__(self):
+        self.sources: dict = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (_Opened, ())
 
 
 class SourceOptions(Params):
     """Where the samples are and how to read them (see data.sources.open_source)."""
+
+    _opened: _Opened = PrivateAttr(default_factory=_Opened)
 
     source: SourcePath = option(help=SOURCE_HELP)
     source_format: Literal[FORMATS] = option(FORMATS[0], "how to read the source (auto: detected from it)")
@@ -211,11 +232,29 @@ class SourceOptions(Params):
                 "storage_options": self.storage_options or None, "text_column": self.text_column}
 
     def open_source(self, dataset: str | None = None):
-        return open_source(self.source, dataset, **self.source_options())
+        """The source, opened and listed once per command: the validation, the extraction, the baseline and
+        the audit's thumbnails all get this one listing (a Parquet or tar source was listed up to four times).
+        ``dataset`` names it; without one, any listing already made serves (its name is not used then)."""
+        held = self._opened.sources
+        if dataset in held:
+            return held[dataset]
+        if held:
+            from dataclasses import replace
+
+            base = next(iter(held.values()))
+            got = base if dataset is None else replace(base, name=dataset)
+        else:
+            got = open_source(self.source, dataset, **self.source_options())
+        held[dataset] = got
+        return got
 
     @model_validator(mode="after")
     def _source_lists_samples(self):
-        check_source(self.source, **self.source_options())  # an empty folder or a bad table answers here
+        options = self.source_options()
+        if source_kind(self.source, options["format"], self.text_column) == "folder" and not is_remote(self.source):
+            check_source(self.source, **options)  # stops at the first image: cheap, whatever the folder's size
+        elif not self.open_source(getattr(self, "dataset", None)).samples:  # a table or tar: this listing is kept
+            raise SourceError(f"source {self.source} lists no samples")
         return self
 
 
@@ -297,7 +336,9 @@ class RunParams(RunOptions, SourceOptions):
         return self
 
     def extraction(self) -> ExtractParams:
-        return ExtractParams.model_construct(**self.model_dump(include=set(ExtractParams.model_fields)))
+        out = ExtractParams.model_construct(**self.model_dump(include=set(ExtractParams.model_fields)))
+        out._opened = self._opened  # the same listing: the source is listed once per run
+        return out
 
     def training(self, store: str) -> TrainParams:
         return TrainParams(store=store, **self.model_dump(include=set(TrainOptions.model_fields)))
@@ -369,7 +410,7 @@ class ServeParams(RunParams):
         return self
 
     def run(self) -> RunParams:
-        return RunParams.model_construct(**self.model_dump(include=set(RunParams.model_fields)))
+        return RunParams.model_construct(**self.model_dump(include=set(RunParams.model_fields)))  # lists afresh
 
 
 class ExportParams(Params):

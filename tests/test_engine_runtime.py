@@ -17,7 +17,7 @@ from PIL import Image
 from featurebank.features.backbones import Preprocessing
 from featurebank.features.decode import Decoder
 from featurebank.features.images import jpeg_header, jpeg_orientation
-from featurebank.features.engine import WriterThread, _Recorder
+from featurebank.features.engine import Recorder, WriterThread
 from featurebank.features.executors import chunks as _chunks
 from featurebank.features.runtimes.torch_runtime import Forward, is_oom
 from featurebank.features.device import choose_layout, pick_amp
@@ -244,7 +244,7 @@ class _Bar:
 
 def test_progress_shows_the_bottleneck():
     bar = _Bar()
-    rec = _Recorder(None, None, [], [], [], None, bar, threaded=False)
+    rec = Recorder(None, [], [], [], bar, threaded=False)
     rec.time("decode", 0.3)
     rec.time("forward", 2.0)
     rec.advance(32)

@@ -41,7 +41,7 @@ def test_every_option_is_generated_from_its_field_with_its_default_in_help(monke
 
 def test_batch_size_is_automatic_unless_given(digits_folder):
     _, (params, _) = parse(["extract", str(digits_folder)])
-    assert params.batch_size is None and params.engine()["batch_size"] is None
+    assert params.batch_size is None and params.engine().batch_size is None
     _, (params, _) = parse(["extract", str(digits_folder), "--batch-size", "8"])
     assert params.batch_size == 8
 

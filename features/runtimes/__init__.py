@@ -57,14 +57,23 @@ def candidates(runtime: str, device: torch.device) -> list[type[Runtime]]:
     return [cls for cls in TABLE if cls.devices is None or device.type in cls.devices]
 
 
-def fingerprint(runtime: str, device: torch.device, precision: str, amp: str,
-                calibration_samples: int = CALIBRATION_SAMPLES) -> tuple[str, dict | None]:
-    """(the precision the rows will be computed in, as the store's fingerprint records it; the rest the
-    fingerprint covers, the int8 recipe, or None), from the runtime that would serve."""
+def computed_precision(runtime: str, device: torch.device, precision: str, amp: str) -> str:
+    """The precision the rows will be computed in on ``device`` (on CUDA torch's autocast dtype), as the
+    store's fingerprint records it, from the runtime that would serve."""
     for cls in candidates(runtime, device):
         if runtime != "auto" or cls.refuses(None, device, precision) is None:
-            return cls.fingerprint(device, precision, amp, calibration_samples)
-    return precision, None
+            return cls.computes(device, precision, amp)
+    return precision
+
+
+def fingerprint(runtime: str, precision: str, calibration_samples: int = CALIBRATION_SAMPLES) -> dict | None:
+    """What else the store's fingerprint covers of how rows are computed at ``precision`` (the int8
+    recipe), from the runtime ``runtime`` names, or for ``auto`` the first of :data:`TABLE` that has
+    something to say; None for most precisions (f32 runtimes share a store)."""
+    for cls in (TABLE if runtime == "auto" else candidates(runtime, torch.device("cpu"))):
+        if (covered := cls.fingerprint(precision, calibration_samples)) is not None:
+            return covered
+    return None
 
 
 def _identity(backbone) -> tuple:

@@ -57,11 +57,16 @@ class Runtime:
         return None
 
     @classmethod
-    def fingerprint(cls, device: torch.device, precision: str, amp: str, calibration_samples: int
-                    ) -> tuple[str, dict | None]:
-        """(the precision its rows are computed in, as the store's fingerprint records it; what else the
-        fingerprint must cover, such as the int8 recipe, or None)."""
-        return precision, None
+    def computes(cls, device: torch.device, precision: str, amp: str) -> str:
+        """The precision its rows are computed in on ``device`` when asked for ``precision``, as the
+        store's fingerprint records it."""
+        return precision
+
+    @classmethod
+    def fingerprint(cls, precision: str, calibration_samples: int) -> dict | None:
+        """What else the store's fingerprint must cover of how it computes at ``precision`` (the int8
+        recipe), or None."""
+        return None
 
     def layout(self, device: torch.device, n_items: int, batch: int, workers: int | None):
         """How this runtime lays an extraction out on the machine (a features.device.Layout)."""

@@ -356,8 +356,8 @@ class OpenVINORuntime(Runtime):
         self._requests = None
 
     @classmethod
-    def fingerprint(cls, device, precision, amp, calibration_samples):
-        return precision, (int8_recipe(calibration_samples) if precision == "int8" else None)
+    def fingerprint(cls, precision, calibration_samples):
+        return int8_recipe(calibration_samples) if precision == "int8" else None
 
     def close(self) -> None:
         self._requests = None

@@ -83,9 +83,9 @@ class TorchRuntime(Runtime):
         return super().refuses(backbone, device, precision)
 
     @classmethod
-    def fingerprint(cls, device, precision, amp, calibration_samples):
+    def computes(cls, device, precision, amp):
         # on CUDA autocast computes the rows: the fingerprint records its dtype (features.device.cuda_precision)
-        return (cuda_precision(device, precision, amp) if device.type == "cuda" else precision), None
+        return cuda_precision(device, precision, amp) if device.type == "cuda" else precision
 
     @property
     def model(self) -> torch.nn.Module:
