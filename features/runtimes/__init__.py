@@ -115,7 +115,7 @@ def create_runtime(runtime: str, backbone, device: torch.device | str, precision
     for k, cls in enumerate(usable):
         last = k == len(usable) - 1
         if runtime != "auto" and (why := cls.refuses(backbone, device, precision)):
-            raise RuntimeUnavailable(f"{why}: use --runtime torch" if cls.devices else why)
+            raise RuntimeUnavailable(f"{why}: use --runtime {REFERENCE.name}" if cls.devices else why)
         try:
             rt = cls(backbone, device=device, precision=precision, batch=batch, say=say, **context)
         except RuntimeUnavailable as exc:
