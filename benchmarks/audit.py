@@ -7,7 +7,8 @@
     python benchmarks/audit.py cost --store bench-store/mnist5k-<fp>.h5 --rows 5000,100000
 
 - labels: 5 % of the labels flipped at random to another class (in memory, seeded), the label audit run,
-  precision among the top k (k = number flipped) and recall among all flagged, per seed.
+  precision among the top k (k = number flipped) and recall among all flagged, per seed (``--probes logreg``:
+  the logistic probe's probabilities alone, for comparison; any store, e.g. Fashion-MNIST's).
 - duplicates: 20 images re-saved under new names as JPEG (other quality; ``--resize`` changes the size
   too), embedded into a copy of the store (only the 20 new files are embedded), the audit's
   near-duplicate groups scored: how many copies land in a group with their original, and how many other
@@ -41,8 +42,11 @@ try:
 except ImportError:  # a checkout without an install: the repository root is the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from featurebank.classifiers.audit import audit_features, find_label_issues, groups_of, near_duplicate_pairs
+from featurebank.classifiers.audit import (
+    audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, pixel_fingerprints, store_source,
+)
 from featurebank.classifiers.drift import domain_classifier_test
+from featurebank.data.sources import open_source
 from featurebank.features.store import read_features
 
 
@@ -62,14 +66,15 @@ def labels(args) -> list[dict]:
         flip = rng.choice(len(y), k, replace=False)
         y[flip] = (y[flip] + rng.integers(1, len(f.class_names), k)) % len(f.class_names)
         t = time.perf_counter()
-        found = find_label_issues(f.X, y, seed=seed)
+        found = find_label_issues(f.X, y, folds=args.folds, seed=seed, knn=args.probes == "logreg+knn")
         flagged = found["rows"].tolist()
         flipped = set(flip.tolist())
         row = {"seed": seed, "flipped": k, "flagged": len(flagged),
                "precision_top_k": round(len(flipped & set(flagged[:k])) / k, 4),
                "recall_flagged": round(len(flipped & set(flagged)) / k, 4),
                "precision_flagged": round(len(flipped & set(flagged)) / max(len(flagged), 1), 4),
-               "C": found["probe"]["C"], "seconds": round(time.perf_counter() - t, 1)}
+               "C": found["probe"]["C"], "probes": args.probes, "folds": args.folds,
+               "seconds": round(time.perf_counter() - t, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -104,19 +109,25 @@ def duplicates(args) -> dict:
     path = cli("extract", str(folder), "--store", str(store_dir), "--dataset", Path(args.store).name.split("-")[0])
     f = read_features(path)
     t = time.perf_counter()
-    pairs = near_duplicate_pairs(f.X)
-    groups = groups_of(len(f.ids), pairs)
+    pictures = pixel_fingerprints(open_source(folder), f.ids)  # what the audit reads through the store's source
+    pairs, how = near_duplicates(f.X, pictures)
     seconds = time.perf_counter() - t
     pos = {i: k for k, i in enumerate(f.ids)}
-    group_of = {m: g for g, members in enumerate(groups) for m in members}
-    found = sum(1 for c, o in copies.items() if c in pos and group_of.get(pos[c], -1) == group_of.get(pos[o], -2))
     copy_rows = {pos[c] for c in copies if c in pos}
-    others = [g for g in groups if not copy_rows & set(g)]
-    sizes = [len(g) for g in groups if copy_rows & set(g)]
-    out = {"copies": len(copies), "found_with_original": found, "copy_group_sizes": sizes,
-           "other_groups": len(others), "other_samples": sum(len(g) for g in others), "n": len(f.ids),
-           "resize": args.resize, "quality": args.quality, "seconds": round(seconds, 2),
-           "sample_other_groups": [[f.ids[m] for m in g] for g in others[:10]]}
+    out = {"copies": len(copies), "n": len(f.ids), "resize": args.resize, "quality": args.quality,
+           "rows_with_picture": how["rows_with_picture"], "seconds": round(seconds, 2)}
+    for name, found_pairs in (("pictures", list(pairs)), ("embeddings_only", near_duplicate_pairs(f.X))):
+        groups = groups_of(len(f.ids), found_pairs)
+        group_of = {m: g for g, members in enumerate(groups) for m in members}
+        others = [g for g in groups if not copy_rows & set(g)]
+        sim = {(a, b): v for (a, b), v in pairs.items()}
+        out[name] = {
+            "found_with_original": sum(1 for c, o in copies.items()
+                                       if c in pos and group_of.get(pos[c], -1) == group_of.get(pos[o], -2)),
+            "copy_group_sizes": sorted(len(g) for g in groups if copy_rows & set(g)),
+            "other_groups": len(others), "other_samples": sum(len(g) for g in others),
+            "sample_other_groups": [[f.ids[m] for m in g] + ([round(sim[(g[0], g[1])][1] or 0, 4)] if (g[0], g[1]) in sim
+                                                             else []) for g in others[:12]]}
     print(json.dumps(out, indent=1), flush=True)
     return out
 
@@ -192,14 +203,26 @@ def cost(args) -> list[dict]:
         import sklearn.linear_model  # noqa: F401
         import sklearn.model_selection  # noqa: F401
 
+        def audit_store(f=f):  # as 'featurebank audit' does: the pictures of the source recorded in the store
+            source, note = store_source(f)
+            return audit_features(f, source=source, source_note=note, say=lambda s: print(s, file=sys.stderr))
+
+        untraced = None
+        if len(f.ids) <= args.untraced_rows:  # tracing slows Python's allocations: time a run without it too
+            t = time.perf_counter()
+            audit_store()
+            untraced = round(time.perf_counter() - t, 1)
         tracemalloc.start()
         t = time.perf_counter()
-        audit = audit_features(f, say=lambda s: print(s, file=sys.stderr))
+        audit = audit_store()
         seconds = time.perf_counter() - t
         peak = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
-        row = {"rows": len(f.ids), "embeddings_mb": round(emb_mb, 1), "seconds": round(seconds, 1),
-               "parts": audit["seconds"], "peak_traced_mb": round(peak, 1), "peak_over_embeddings": round(peak / emb_mb, 2)}
+        row = {"rows": len(f.ids), "embeddings_mb": round(emb_mb, 1), "seconds_untraced": untraced,
+               "seconds": round(seconds, 1),
+               "parts": audit["seconds"], "near_duplicates_by": audit["near_duplicates"]["method"],
+               "near_duplicate_groups": audit["near_duplicates"]["n_groups"],
+               "peak_traced_mb": round(peak, 1), "peak_over_embeddings": round(peak / emb_mb, 2)}
         print(json.dumps(row), flush=True)
         out.append(row)
     return out
@@ -214,10 +237,15 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--seed", default=0, type=int)
     ap.add_argument("--fraction", default=0.05, type=float, help="labels: fraction flipped")
+    ap.add_argument("--probes", default="logreg+knn", choices=["logreg+knn", "logreg"],
+                    help="labels: whose out-of-fold probabilities (the audit's: logreg+knn)")
+    ap.add_argument("--folds", default=5, type=int, help="labels: cross-validation folds")
     ap.add_argument("--resize", action="store_true", help="duplicates: also change the size by 7 %%")
     ap.add_argument("--quality", default="75,85,95", type=lambda s: [int(x) for x in s.split(",")],
                     help="duplicates: JPEG qualities drawn from")
     ap.add_argument("--fashion", default=600, type=int, help="drift: Fashion-MNIST images embedded")
+    ap.add_argument("--untraced-rows", default=20_000, type=int,
+                    help="cost: stores up to this size are also timed without tracemalloc")
     ap.add_argument("--rows", default="0", type=lambda s: [int(x) for x in s.split(",")],
                     help="cost: 0 = the store itself; more = synthetic rows")
     args = ap.parse_args(argv)

@@ -2,6 +2,7 @@
 
     python benchmarks/extraction.py                 # 1,000 generated 500x375 JPEGs, default backbone
     python benchmarks/extraction.py --memory        # and the flat-memory run (2,000 vs 20,000 images)
+    python benchmarks/extraction.py --scale         # peak memory of extract and rerun at 100,000 and 1,000,000 rows
 
 In one run, for the same backbone, batch size, dtype and device:
   (a) bare forward: images/s of the model on tensors already in memory, measured by this file's own
@@ -26,6 +27,11 @@ and layer) and against the sweep's own ceiling on a CPU, 1 / (sum_k 1/a_k + 1/c)
 bare OpenVINO forward (all its layers' taps), c the shared decoder's rate on all cores. ``--camera``
 uses camera-size photos (4000x3000 JPEGs cut from scikit-image's photos, upscaled), where decoding
 costs more than the forward pass.
+
+Memory at scale (``--scale``, ``--scale-rows 10000,100000`` for a quick look): HF-style Parquet of tiny PNGs
+and a trivial TorchScript backbone; extract, then the rerun over the unchanged source, at each size in a
+fresh process; prints the peak memory of each process tree, its growth per added sample, extract()'s time
+per sample and the rerun's time.
 
 It generates its own input (photo-like JPEGs, from scikit-image's sample photos when installed) or
 takes a folder of images (--data). It needs torch, torchvision, timm, h5py, numpy, pillow, simplejpeg, filelock
@@ -490,6 +496,124 @@ def memory_run(work: Path, backbone: str, batch, device, small=2000, large=20000
     return out
 
 
+# ------------------------------------------------------------------------------------ memory at scale
+
+SCALE_ROWS = (100_000, 1_000_000)
+SCALE_FILE_ROWS = 100_000  # rows per Parquet file (HF writes shards of a few hundred MB)
+SCALE_GROUP_ROWS = 1_000  # rows per row group
+
+
+def make_scale_parquet(folder: Path, n: int, distinct: int = 512) -> Path:
+    """HF-style Parquet of ``n`` tiny PNGs (an ``image`` struct ``{bytes, path}``, a ``label`` with
+    ``ClassLabel`` names in the schema's metadata): ``distinct`` different 8x8 PNGs, cycled, written file by
+    file and row group by row group (the writer's memory stays flat). Written once per ``n``."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from featurebank.data.files import atomic_path
+
+    marker = folder / f".made-{n}"
+    if marker.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    pngs = []
+    for _ in range(distinct):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    classes = [f"class{c}" for c in range(10)]
+    features = {"image": {"_type": "Image"}, "label": {"names": classes, "_type": "ClassLabel"}}
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
+                       metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+    files = -(-n // SCALE_FILE_ROWS)
+    for f in range(files):
+        lo, hi = f * SCALE_FILE_ROWS, min(n, (f + 1) * SCALE_FILE_ROWS)
+        with atomic_path(folder / f"train-{f:05d}-of-{files:05d}.parquet") as tmp, pq.ParquetWriter(tmp, schema) as w:
+            for a in range(lo, hi, SCALE_GROUP_ROWS):
+                ks = range(a, min(hi, a + SCALE_GROUP_ROWS))
+                w.write_table(pa.table({"image": [{"bytes": pngs[k % distinct], "path": f"img{k:08d}.png"} for k in ks],
+                                        "label": [k % len(classes) for k in ks]}, schema=schema))
+    marker.touch()
+    return folder
+
+
+def make_trivial_torchscript(path: Path) -> Path:
+    """A trivial TorchScript backbone (a 1x1 convolution to 8 channels, then the global average): the
+    forward pass costs next to nothing, so the framework's own cost shows."""
+    if path.exists():
+        return path
+
+    class Trivial(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return self.conv(x).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(Trivial().eval()), str(path))
+    return path
+
+
+def _scale_child(source: str, store: str, checkpoint: str, runtime: str, out: str) -> None:
+    """Child process of the scale run: one extract (or rerun) of the Parquet source into ``store``."""
+    pre = Preprocessing(16, 18, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # tiny input
+    bb = create_backbone(checkpoint, preprocessing=pre)
+    t0 = time.perf_counter()
+    r = extract(source, bb, store, runtime=runtime, progress=False, say=lambda s: None)
+    Path(out).write_text(json.dumps({"embedded": r.embedded, "reused": r.reused, "rows": r.rows, "failed": r.failed,
+                                     "extract_s": time.perf_counter() - t0, "layout": r.layout}))
+
+
+def scale_run(a, work: Path) -> dict:
+    """Peak memory of extract and of the rerun over the unchanged source, at each of ``a.scale_rows`` rows of
+    HF-style Parquet of tiny PNGs, each in a fresh process (the process tree's peak, sampled every 20 ms)."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return {"skipped": "psutil is not installed"}
+    sizes = sorted(int(v) for v in str(a.scale_rows).split(","))
+    checkpoint = make_trivial_torchscript(work / "trivial.ts")
+    out = {"sizes": sizes, "runtime": a.runtime, "runs": {}}
+    for n in sizes:
+        t0 = time.perf_counter()
+        source = make_scale_parquet(work / f"scale-parquet-{n}", n)
+        print(f"scale: {n:,} rows of Parquet ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+        with tempfile.TemporaryDirectory(prefix="fb-bench-scale-", dir=work) as store:
+            run = {}
+            for phase in ("extract", "rerun"):
+                result = Path(store) / f"{phase}.json"
+                cmd = [sys.executable, __file__, "--_scale-child", str(source), str(Path(store) / "stores"),
+                       str(checkpoint), a.runtime, str(result)]
+                peak, peak_root, secs = _peak_rss_of(cmd)
+                got = json.loads(result.read_text())
+                want_embedded = n if phase == "extract" else 0
+                if got["embedded"] != want_embedded or got["rows"] != n or got["failed"]:
+                    raise SystemExit(f"scale run at {n} rows ({phase}) is wrong: {got}")
+                run[phase] = {"peak_mb": round(peak / 2**20, 1), "peak_mb_parent_only": round(peak_root / 2**20, 1),
+                              "seconds": round(secs, 1), "extract_s": round(got["extract_s"], 1),
+                              "us_per_sample": round(1e6 * got["extract_s"] / n, 1), "layout": got["layout"]}
+                print(f"scale: {n:,} rows, {phase}: peak {run[phase]['peak_mb']} MB (this process alone "
+                      f"{run[phase]['peak_mb_parent_only']} MB), extract() {run[phase]['extract_s']} s = "
+                      f"{run[phase]['us_per_sample']} us per sample ({secs:.1f} s with start-up)", flush=True)
+            out["runs"][n] = run
+    lo, hi = sizes[0], sizes[-1]
+    for phase in ("extract", "rerun"):
+        grow = out["runs"][hi][phase]["peak_mb"] - out["runs"][lo][phase]["peak_mb"]
+        out[f"{phase}_growth_mb"] = round(grow, 1)
+        out[f"{phase}_growth_bytes_per_sample"] = round(grow * 2**20 / max(1, hi - lo), 1)
+        print(f"scale: {phase} peak {out['runs'][lo][phase]['peak_mb']} MB at {lo:,} -> "
+              f"{out['runs'][hi][phase]['peak_mb']} MB at {hi:,}: {grow:+.1f} MB "
+              f"({out[f'{phase}_growth_bytes_per_sample']:+.1f} bytes per sample)", flush=True)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ recording
 
 
@@ -593,6 +717,44 @@ source as a share of its full run.
 """
 
 
+SCALE_MARK = "## Memory at scale"
+SCALE_HEADER = f"""
+{SCALE_MARK}
+
+Rows appended by `python benchmarks/extraction.py --scale [--scale-rows 100000,1000000]`: HF-style Parquet of
+tiny PNGs (8x8, an `image` struct `{{bytes, path}}` and a `label` ClassLabel; files of 100,000 rows, row groups
+of 1,000), a trivial TorchScript backbone (a 1x1 convolution and the global average, 16 px input), so that
+the framework's own cost shows. Each extract, and the rerun over the unchanged source into the same store
+(nothing to embed), runs in a fresh process; **peak** is the peak anonymous resident memory of its process
+tree (children included; each process's proportional share), sampled every 20 ms. **growth** is the peak at
+the larger size less the peak at the smaller, also per added sample; **us/sample** is extract()'s time per
+sample (timings on a loaded machine are not comparable between rows).
+
+| date (UTC) | machine | versions | runtime | rows | extract peak (MB) | rerun peak (MB) | extract growth \
+| rerun growth | us/sample extract | rerun (s) |
+|---|---|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def record_scale(path: Path, report: dict) -> None:
+    t, m = report["scale"], report["machine"]
+    if "runs" not in t:
+        return
+    v = m["versions"]
+    lo, hi = t["sizes"][0], t["sizes"][-1]
+    runs = t["runs"]
+    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
+           ", ".join(f"{k} {v[k]}" for k in ("torch", "openvino", "h5py", "numpy") if k in v), t["runtime"],
+           f"{lo:,} -> {hi:,}",
+           f"{runs[lo]['extract']['peak_mb']} -> {runs[hi]['extract']['peak_mb']}",
+           f"{runs[lo]['rerun']['peak_mb']} -> {runs[hi]['rerun']['peak_mb']}",
+           f"{t['extract_growth_mb']:+.1f} MB ({t['extract_growth_bytes_per_sample']:+.0f} B/sample)",
+           f"{t['rerun_growth_mb']:+.1f} MB ({t['rerun_growth_bytes_per_sample']:+.0f} B/sample)",
+           f"{runs[lo]['extract']['us_per_sample']} / {runs[hi]['extract']['us_per_sample']}",
+           f"{runs[lo]['rerun']['extract_s']} / {runs[hi]['rerun']['extract_s']}"]
+    insert_row(path, SCALE_MARK, SCALE_HEADER, "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
+
+
 def record_sources(path: Path, report: dict) -> None:
     """Add a row to the sources table of BENCHMARKS.md (made on first use), keeping it contiguous."""
     t, m = report["sources"], report["machine"]
@@ -605,6 +767,9 @@ def record_sources(path: Path, report: dict) -> None:
 
 
 def record(path: Path, report: dict) -> None:
+    if "scale" in report:
+        record_scale(path, report)
+        return
     if "sweep" in report:
         record_sweep(path, report)
         return
@@ -685,11 +850,20 @@ def main(argv=None) -> dict:
                     "and the ceiling 1/(sum 1/a_k + 1/c)")
     ap.add_argument("--layers", default="final", help="the sweep's layers of every backbone (default: final)")
     ap.add_argument("--camera", action="store_true", help="camera-size input: 4000x3000 JPEGs (default 60 of them)")
+    ap.add_argument("--scale", action="store_true",
+                    help="memory at scale: peak memory of extract and of the rerun over the unchanged source at "
+                         "100,000 and 1,000,000 rows of HF-style Parquet of tiny PNGs (a trivial TorchScript backbone)")
+    ap.add_argument("--scale-rows", default=",".join(map(str, SCALE_ROWS)),
+                    help="the sizes --scale compares, smallest and largest (default 100000,1000000; quick: 10000,100000)")
     ap.add_argument("--_memory-child", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--_scale-child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._memory_child:
         folder, n, size, backbone, batch, device = a._memory_child
         _memory_child(folder, int(n), int(size), backbone, int(batch) or None, None if device == "auto" else device)
+        return {}
+    if a._scale_child:
+        _scale_child(*a._scale_child)
         return {}
 
     dev = pick_device(None if a.device == "auto" else a.device)
@@ -700,7 +874,10 @@ def main(argv=None) -> dict:
     report = {"machine": machine(), "backbone": name, "device": dev.type, "amp": "fp32", "batch_size": a.batch_size}
     print(f"machine: {report['machine']}")
     try:
-        if a.backbones:
+        if a.scale:
+            report["backbone"] = "trivial TorchScript (1x1 conv, 16 px)"
+            report["scale"] = scale_run(a, work)
+        elif a.backbones:
             report["sweep"] = sweep_benchmark(a, work)
         elif not a.memory_only and a.source != "folder":
             report["sources"] = compare_sources(a, work)
@@ -724,8 +901,9 @@ def main(argv=None) -> dict:
 def _warm_runtime(folder: Path, backbone: Backbone, batch: int | None, runtime: str, precision: str) -> str:
     """Make the runtime's one-off work (OpenVINO conversion, int8 calibration) happen before (b) is
     timed, exactly as extract() will do it; returns which runtime extract() will use."""
-    from featurebank.features.engine import (CALIBRATION_SAMPLES, SampleFiles, calibration_images, calibration_set, first_images,
-                                 sample_decoder)
+    from featurebank.features.choices import CALIBRATION_SAMPLES
+    from featurebank.features.image_prepare import (SampleFiles, calibration_images, calibration_set, first_images,
+                                                    sample_decoder)
     from featurebank.features.runtimes import create_runtime
 
     src = open_source(folder)

@@ -4,15 +4,16 @@ Plain functions over arrays (``X`` embeddings, ``y`` labels, ``ids``, ``splits``
 :func:`audit_features` and written by :func:`write_audit`. See docs/audit.md for the rules and the
 figures measured on the demo data.
 
-- **Label issues**: out-of-fold predicted probabilities of the CLIP logistic probe (stratified K folds,
-  C searched once on the first fold's training part, then fixed), ranked by cleanlab's confident
-  learning (``cleanlab.filter.find_label_issues``, ranked by self-confidence).
+- **Label issues**: out-of-fold predicted probabilities (stratified K folds), the mean of the CLIP logistic
+  probe's (C searched once on the first fold's training part, then fixed) and the weighted kNN probe's,
+  ranked by cleanlab's confident learning (``cleanlab.filter.find_label_issues``, by self-confidence).
 - **Duplicates**: exact duplicates share a sha256 content fingerprint (or an embedding, cosine >=
-  ``IDENTICAL_COSINE``); near-duplicates are mutual nearest neighbours (cosine on L2-normalised
-  embeddings) whose distance is under ``NEAR_RATIO`` times the distance to the next neighbour on at
-  least one side. A fixed cosine threshold does not separate re-encoded copies from look-alikes on
-  small images; being each other's clearly nearest neighbour does. Groups that span the train and test
-  splits are **leaks**.
+  ``IDENTICAL_COSINE``). Near-duplicates are found through the pictures, read through the store's source:
+  small grey thumbnails whose distance is far under that of the dataset's look-alikes (the k-th nearest
+  thumbnail). A fixed cosine threshold on embeddings does not separate re-encoded or resized copies from
+  look-alikes on small images, and a resized copy is often not even the original's nearest embedding;
+  the thumbnails are. When the pictures cannot be read, the embeddings alone (mutual nearest neighbours
+  clearly nearer than the next), with a note. Groups that span the train and test splits are **leaks**.
 """
 
 from __future__ import annotations
@@ -36,8 +37,23 @@ TOP_SHOWN = 20  # rows of each table in audit.md and the report
 EXACT_ROWS = 20_000  # above: neighbour candidates from a PCA projection, rescored exactly
 PROJECTED_DIMS = 128
 CANDIDATES = 16
+THUMB_SIDE = 16  # the perceptual fingerprint: grey thumbnails of THUMB_SIDE x THUMB_SIDE pixels
+THUMB_VIA = 32  # ... made through an antialiased THUMB_VIA px square
+FLAT_STD = 2.0  # grey levels: a thumbnail with less contrast is flat (blank) and has no fingerprint
+PIXEL_K = 5  # the k-th nearest thumbnail gives the distance of a look-alike
+PIXEL_RATIO = 0.15  # a near-duplicate's distance is under PIXEL_RATIO x a look-alike's, on both sides
+PIXEL_FLOOR = 0.95  # ... and its thumbnails' similarity at least this
+PIXEL_SAME = 0.998  # thumbnails this similar are the same picture whatever the neighbours
+KNN_K = 20  # label audit: the kNN probe's neighbours (DINO's weighted vote on cosine similarities)
+KNN_T = 0.07  # ... and its temperature
+KNN_SEARCHED = 40  # neighbours searched per row: KNN_K of them outside the row's own fold
 SEARCH_ROWS = 2000  # rows the label audit's C search uses at most
 C_GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 1))  # 1e-4 .. 1, half-decades
+
+
+def row_norms(X: np.ndarray) -> np.ndarray:
+    """The L2 norm of each row, without the temporary of ``X * X`` that ``np.linalg.norm`` makes."""
+    return np.sqrt(np.einsum("ij,ij->i", X, X))
 
 
 def normalise(X: np.ndarray) -> np.ndarray:
@@ -45,10 +61,13 @@ def normalise(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-def standardise(X: np.ndarray) -> np.ndarray:
-    """A float32 copy of ``X`` with zero mean and unit variance per column (statistics in float64, one copy:
-    scikit-learn's scaler makes a float64 temporary of the whole array)."""
-    Xs = np.array(X, np.float32)
+def standardise(X: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """A float32 copy of ``X`` (of its ``rows`` only, when given) with zero mean and unit variance per column
+    (statistics in float64, one copy: scikit-learn's scaler makes a float64 temporary of the whole array)."""
+    if rows is not None and len(rows) < len(X):
+        Xs = np.asarray(X[rows], np.float32)  # the row selection is the one copy
+    else:
+        Xs = np.array(X, np.float32)
     mean = sum(Xs[s:s + 256].sum(axis=0, dtype=np.float64) for s in range(0, len(Xs), 256)) / max(len(Xs), 1)
     Xs -= mean.astype(np.float32)
     sq = np.zeros(Xs.shape[1], np.float64)
@@ -62,12 +81,13 @@ def standardise(X: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- label issues
 def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = SEED,
-                      C: float | None = None) -> tuple[np.ndarray, dict]:
+                      C: float | None = None, rows: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Predicted probabilities of each row from a probe that never saw it: stratified ``folds`` folds
     (fewer when a class is smaller) of the CLIP logistic probe (standardised features, L-BFGS). ``C``: by
     default searched by the CLIP protocol on at most ``SEARCH_ROWS`` rows of the first fold's training part,
     then fixed; each fold's fit is warm-started from the previous fold's solution (the folds' training
-    parts overlap). Returns ``(proba [n, n_classes], info)``; ``y`` holds 0..n_classes-1."""
+    parts overlap). ``rows``: the rows of ``X`` that ``y`` labels (default: all), read without a copy of their
+    own. Returns ``(proba [n, n_classes], info)``; ``y`` holds 0..n_classes-1."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -79,7 +99,7 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
     k = int(max(2, min(folds, counts[counts > 0].min())))
     proba = np.zeros((len(y), n_classes), np.float64)
     t0 = time.perf_counter()
-    Xs = standardise(X)  # label-free: the same for every fold
+    Xs = standardise(X, rows)  # label-free: the same for every fold; the one copy of the features
     splits = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(Xs, y))
     searched = C is None
     if searched:
@@ -103,7 +123,10 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
         if p.shape[1] == 1:
             p = np.hstack([1 - p, p])
         proba[np.ix_(held, model.classes_)] = p
-    info = {"probe": "logreg (CLIP protocol: standardised, L-BFGS)", "C": C,
+    fold_of = np.zeros(len(y), np.int64)
+    for f, (_, held) in enumerate(splits):
+        fold_of[held] = f
+    info = {"probe": "logreg (CLIP protocol: standardised, L-BFGS)", "C": C, "fold_of": fold_of,
             "C_rule": f"validation search (CLIP protocol, grid 1e-4..1 by half decades) on at most {SEARCH_ROWS} rows "
                       "of the first fold's training part" if searched
             else "given", "folds": k, "seed": seed, "fold_rule": "StratifiedKFold(shuffle=True)",
@@ -149,9 +172,35 @@ def search_c(X: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None, seed:
     return float(best)
 
 
-def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = SEED, C: float | None = None) -> dict:
+def knn_out_of_fold(neighbours: tuple[np.ndarray, np.ndarray], rows: np.ndarray, codes: np.ndarray,
+                    fold_of: np.ndarray, k: int = KNN_K, temperature: float = KNN_T) -> np.ndarray:
+    """Out-of-fold probabilities of the weighted kNN probe (the DINO protocol: cosine similarity, votes
+    weighted by exp(similarity / temperature)) from one neighbour search of all rows: each labelled row
+    (``rows``, labels ``codes``, fold ``fold_of``) votes with its ``k`` nearest labelled neighbours outside
+    its own fold, which is what a kNN probe fitted on the other folds would see (up to the searched depth)."""
+    idx, sim = neighbours
+    n_classes = int(codes.max()) + 1
+    pos = np.full(len(idx), -1, np.int64)
+    pos[rows] = np.arange(len(rows))
+    nb = pos[idx[rows]]  # the labelled position of each neighbour, -1 for an unlabelled one
+    usable = nb >= 0
+    usable &= fold_of[np.maximum(nb, 0)] != fold_of[:, None]
+    usable &= np.cumsum(usable, axis=1) <= k
+    weight = np.exp((sim[rows].astype(np.float64) - 1.0) / temperature) * usable  # exp(s/T), scaled
+    votes = np.zeros((len(rows), n_classes))
+    np.add.at(votes, (np.repeat(np.arange(len(rows)), nb.shape[1]), codes[np.maximum(nb, 0)].ravel()), weight.ravel())
+    total = votes.sum(axis=1, keepdims=True)
+    return np.where(total > 0, votes / np.where(total > 0, total, 1.0), 1.0 / n_classes)
+
+
+def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = SEED, C: float | None = None,
+                      neighbours: tuple[np.ndarray, np.ndarray] | None = None, knn: bool = True) -> dict:
     """Probable label errors among labelled rows (``y >= 0``; classes 0..K-1), likeliest first.
 
+    The out-of-fold probabilities are the mean of two probes' on the same folds: the CLIP logistic probe
+    (:func:`out_of_fold_proba`) and the weighted kNN probe (:func:`knn_out_of_fold`; ``neighbours``:
+    ``nearest_neighbours(X, KNN_SEARCHED)`` when already computed; ``knn=False``: the logistic probe's alone,
+    for comparison). They go to cleanlab's confident learning.
     Returns ``{"rows": indices into X, "suggested": label per row, "score": 1 - self-confidence per
     row, "proba": the out-of-fold probabilities of all labelled rows, "labelled": their indices, "probe": info}``.
     """
@@ -159,15 +208,26 @@ def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
 
     labelled = np.flatnonzero(y >= 0)
     present, codes = np.unique(y[labelled], return_inverse=True)
-    proba, info = out_of_fold_proba(X[labelled], codes, folds, seed, C)
+    proba, info = out_of_fold_proba(X, codes, folds, seed, C, rows=labelled)  # X[labelled] would be a second copy
+    fold_of = info.pop("fold_of")
+    t = time.perf_counter()
+    if knn:
+        if neighbours is None:
+            neighbours = nearest_neighbours(X, k=min(KNN_SEARCHED, len(X) - 1))
+        proba += knn_out_of_fold(neighbours, labelled, codes, fold_of)
+        proba /= 2.0
     # n_jobs=1: cleanlab's process pool relies on fork-inherited globals and fails under a spawned worker
     # (a served Prefect deployment); one class at a time costs milliseconds
     ranked = cleanlab_issues(labels=codes, pred_probs=proba, return_indices_ranked_by="self_confidence",
                              filter_by="prune_by_noise_rate", n_jobs=1)
     ranked = np.asarray(ranked, dtype=np.int64)
     self_conf = proba[np.arange(len(codes)), codes]
-    info |= {"method": "cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate), "
-                       "ranked by self-confidence", "cleanlab": _version("cleanlab")}
+    info |= {"probe": "mean of the out-of-fold probabilities of logreg (CLIP protocol: standardised, L-BFGS) and "
+                      f"weighted kNN (DINO protocol: cosine, k = {KNN_K}, temperature {KNN_T}) on the same folds"
+                      if knn else info["probe"],
+             "method": "cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate), "
+                       "ranked by self-confidence", "cleanlab": _version("cleanlab"),
+             "seconds": round(info["seconds"] + time.perf_counter() - t, 2)}
     return {"rows": labelled[ranked], "suggested": present[np.argmax(proba[ranked], axis=1)],
             "score": 1.0 - self_conf[ranked], "proba": proba, "labelled": labelled, "classes": present,
             "probe": info}
@@ -183,34 +243,56 @@ def _version(package: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ duplicates
-def _knn_blocked(X: np.ndarray, k: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` cosine neighbours (itself excluded) by blocked products; no normalised copy of ``X``.
-    A block costs 16 bytes per (row, stored row) (similarities, their negation, argpartition's indices):
-    blocks are cut to keep that within a quarter of ``X``'s size."""
+def _knn_blocked(X: np.ndarray, k: int, block_rows: int = BLOCK_ROWS, normalised: bool = False,
+                 budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` cosine neighbours (itself excluded) by tiled matrix products, without a normalised copy
+    of ``X`` (``normalised``: its rows have unit norm already). Each tile of similarities (row block x column
+    block) costs about 24 bytes per cell with its working arrays; tiles are cut to keep that within ``budget``
+    bytes (default: half of ``X``'s size, at least 16 MB). A running top-k per row is merged with each tile,
+    looking only at the rows where the tile holds something above the row's current k-th best."""
     n = len(X)
-    block_rows = int(max(32, min(block_rows, X.nbytes // 4 // max(16 * n, 1))))
-    inv = 1.0 / np.maximum(np.linalg.norm(X, axis=1), 1e-12).astype(np.float32)
+    budget = budget or max(X.nbytes // 2, 16 << 20)
+    cols = int(min(n, 8192))
+    rows_per = int(max(16, min(block_rows * 4, budget // (24 * cols))))
+    inv = None if normalised else 1.0 / np.maximum(row_norms(X), 1e-12).astype(np.float32)
     idx = np.zeros((n, k), np.int64)
     sim = np.zeros((n, k), np.float32)
-    for start in range(0, n, block_rows):
-        S = X[start:start + block_rows] @ X.T
-        S *= inv[start:start + block_rows, None]
-        S *= inv[None, :]
-        rows = np.arange(S.shape[0])
-        S[rows, start + rows] = -np.inf
-        part = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < n - 1 else np.argsort(-S, axis=1)[:, :k]
-        vals = np.take_along_axis(S, part, 1)
-        order = np.argsort(-vals, axis=1)
-        idx[start:start + len(S)] = np.take_along_axis(part, order, 1)
-        sim[start:start + len(S)] = np.take_along_axis(vals, order, 1)
+    for start in range(0, n, rows_per):
+        stop = min(n, start + rows_per)
+        Xb = X[start:stop]
+        best = np.full((stop - start, k), -np.inf, np.float32)
+        best_i = np.zeros((stop - start, k), np.int64)
+        for c0 in range(0, n, cols):
+            c1 = min(n, c0 + cols)
+            S = Xb @ X[c0:c1].T
+            if inv is not None:
+                S *= inv[start:stop, None]
+                S *= inv[None, c0:c1]
+            lo, hi = max(start, c0), min(stop, c1)
+            if lo < hi:  # itself is not its neighbour
+                S[np.arange(lo, hi) - start, np.arange(lo, hi) - c0] = -np.inf
+            hit = np.flatnonzero((S > best[:, -1:]).any(axis=1) if c0 else np.ones(len(S), bool))
+            if not len(hit):
+                continue
+            Sh = S[hit] if len(hit) < len(S) else S
+            kk = min(k, c1 - c0)
+            part = np.argpartition(-Sh, kk - 1, axis=1)[:, :kk] if kk < Sh.shape[1] else np.tile(
+                np.arange(Sh.shape[1]), (len(Sh), 1))
+            vals = np.hstack([best[hit], np.take_along_axis(Sh, part, 1)])
+            cand = np.hstack([best_i[hit], part + c0])
+            order = np.argsort(-vals, axis=1, kind="stable")[:, :k]
+            best[hit] = np.take_along_axis(vals, order, 1)  # sorted: best[:, -1] is the k-th best
+            best_i[hit] = np.take_along_axis(cand, order, 1)
+            del S, Sh
+        idx[start:stop], sim[start:stop] = best_i, best
     return idx, sim
 
 
 def nearest_neighbours(X: np.ndarray, k: int = 2, block_rows: int = BLOCK_ROWS,
                        exact_rows: int = EXACT_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest neighbours of every row by cosine (itself excluded): ``(indices, similarities)``,
-    each [n, k], nearest first. Up to ``exact_rows`` rows: exact, by blocked matrix products (memory
-    ``block_rows x n`` floats at a time). Above: ``CANDIDATES`` candidates per row found exactly in a
+    each [n, k], nearest first. Up to ``exact_rows`` rows: exact, by tiled matrix products (:func:`_knn_blocked`,
+    within half the embeddings' size). Above: ``max(CANDIDATES, k)`` candidates per row found exactly in a
     ``PROJECTED_DIMS``-dimensional PCA projection of the normalised rows, then rescored in full dimension."""
     X = np.asarray(X, np.float32)
     n = len(X)
@@ -223,13 +305,14 @@ def nearest_neighbours(X: np.ndarray, k: int = 2, block_rows: int = BLOCK_ROWS,
     fit_rows = np.sort(rng.choice(n, min(n, 10_000), replace=False))
     pca = PCA(PROJECTED_DIMS, random_state=SEED).fit(normalise(X[fit_rows]))
     P = np.vstack([pca.transform(normalise(X[s:s + 8192])) for s in range(0, n, 8192)]).astype(np.float32)
-    cand, _ = _knn_blocked(P, min(max(CANDIDATES, k), n - 1), block_rows)
+    cand, _ = _knn_blocked(P, min(max(CANDIDATES, k), n - 1), block_rows, budget=max(X.nbytes // 4, 16 << 20))
     del P
     idx = np.zeros((n, k), np.int64)
     sim = np.zeros((n, k), np.float32)
-    for s in range(0, n, 512):  # rescore the candidates exactly
-        Zb = normalise(X[s:s + 512])
-        C = cand[s:s + 512]
+    step = max(16, (32 << 20) // (4 * cand.shape[1] * X.shape[1]))  # rows whose candidates take 32 MB
+    for s in range(0, n, step):  # rescore the candidates exactly
+        Zb = normalise(X[s:s + step])
+        C = cand[s:s + step]
         full = np.einsum("nd,nkd->nk", Zb, normalise(X[C.ravel()]).reshape(C.shape[0], C.shape[1], -1))
         order = np.argsort(-full, axis=1)[:, :k]
         idx[s:s + len(C)] = np.take_along_axis(C, order, 1)
@@ -238,13 +321,15 @@ def nearest_neighbours(X: np.ndarray, k: int = 2, block_rows: int = BLOCK_ROWS,
 
 
 def near_duplicate_pairs(X: np.ndarray, ratio: float = NEAR_RATIO, identical: float = IDENTICAL_COSINE,
-                         block_rows: int = BLOCK_ROWS) -> list[tuple[int, int, float]]:
-    """Pairs ``(i, j, cosine)`` with i < j that are near-duplicates (see the module's docstring)."""
+                         block_rows: int = BLOCK_ROWS, neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+                         ) -> list[tuple[int, int, float]]:
+    """Pairs ``(i, j, cosine)`` with i < j that are near-duplicates by their embeddings alone (the rule used
+    when the pictures cannot be read; see the module's docstring). ``neighbours``: ``nearest_neighbours(X, 8)``
+    when already computed."""
     n = len(X)
     if n < 3:
         return []
-    k = 8  # identical copies beyond the nearest are caught within the first k neighbours
-    idx, sim = nearest_neighbours(X, k=min(k, n - 1), block_rows=block_rows)
+    idx, sim = neighbours if neighbours is not None else nearest_neighbours(X, k=min(8, n - 1), block_rows=block_rows)
     dist = 1.0 - sim.astype(np.float64)
     nn = idx[:, 0]
     mutual = nn[nn] == np.arange(n)
@@ -254,10 +339,145 @@ def near_duplicate_pairs(X: np.ndarray, ratio: float = NEAR_RATIO, identical: fl
     for i in np.flatnonzero(mutual & (np.minimum(rel, rel[nn]) < ratio)):
         j = int(nn[i])
         pairs[(min(i, j), max(i, j))] = float(sim[i, 0])
-    for i, j in zip(*np.nonzero(sim >= identical)):
-        a, b = int(i), int(idx[i, j])
-        pairs[(min(a, b), max(a, b))] = float(sim[i, j])
+    pairs.update(identical_pairs(idx, sim, identical))
     return [(a, b, s) for (a, b), s in sorted(pairs.items())]
+
+
+def identical_pairs(idx: np.ndarray, sim: np.ndarray, identical: float = IDENTICAL_COSINE) -> dict:
+    """``{(i, j): cosine}`` of the neighbours at cosine >= ``identical``: the same picture under another name."""
+    return {(min(int(i), int(idx[i, j])), max(int(i), int(idx[i, j]))): float(sim[i, j])
+            for i, j in zip(*np.nonzero(sim >= identical))}
+
+
+# ----------------------------------------------------------------------------- pictures (fingerprints)
+def store_source(features: Features, location: str | os.PathLike | None = None) -> tuple[object | None, str]:
+    """The source whose pictures the near-duplicate search reads: ``location`` (format detected), else the one
+    recorded in the store. Returns ``(opened source or None, why not)``: a store whose source is gone or cannot
+    be listed is audited by its embeddings alone, with the reason noted in audit.json."""
+    from featurebank.data.sources import FORMATS, SourceError, open_source
+
+    where = location or features.attrs.get("source")
+    if not where:
+        return None, "the store records no source (give --source)"
+    fmt = "auto" if location else str(features.attrs.get("source_format", "auto"))
+    try:
+        source = open_source(where, format=fmt if fmt in FORMATS else "auto")
+    except (SourceError, OSError, ValueError, ImportError) as exc:
+        return None, f"source {where} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return source, ""
+
+
+def thumbnail(data: bytes) -> np.ndarray | None:
+    """The picture's perceptual fingerprint: ``THUMB_SIDE`` x ``THUMB_SIDE`` grey pixels (the whole picture
+    squeezed to ``THUMB_VIA`` px with an antialiasing Lanczos filter, then averaged in boxes), mean removed and
+    scaled to unit norm, float32; re-encoding and a small change of size barely move it. None for a flat
+    picture (contrast under ``FLAT_STD`` grey levels), which has no shape to compare. Raises what PIL raises
+    for bytes it cannot decode (OSError, ValueError, its DecompressionBombError)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    img = Image.open(io.BytesIO(data))
+    img.draft("L", (THUMB_VIA * 2, THUMB_VIA * 2))  # a large JPEG decoded at a reduced scale
+    img = ImageOps.exif_transpose(img).convert("L")
+    img = img.resize((THUMB_VIA, THUMB_VIA), Image.LANCZOS).resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+    a = np.asarray(img, np.float32).ravel()
+    a -= a.mean()
+    norm = float(np.linalg.norm(a))
+    if norm < FLAT_STD * np.sqrt(a.size):
+        return None
+    return a / norm
+
+
+def pixel_fingerprints(source, ids: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Thumbnails (:func:`thumbnail`) of the rows ``ids`` (as a store holds them) read through ``source`` (any
+    kind: folders, manifests, Parquet, Arrow, tars, remote). Returns ``(rows, T, missing)``: the rows that have
+    one, their thumbnails [len(rows), THUMB_SIDE**2], and the count of rows without one by reason."""
+    from PIL import Image
+
+    from featurebank.data.sources import UnreadableSample, escape_id
+
+    by_id = {escape_id(s.id): s for s in source.samples}
+    rows, thumbs, missing = [], [], {}
+    for k, sample_id in enumerate(ids):
+        sample = by_id.get(sample_id)
+        if sample is None:
+            missing["not in the source"] = missing.get("not in the source", 0) + 1
+            continue
+        try:
+            t = thumbnail(source.read_bytes(sample))
+        except (UnreadableSample, OSError, ValueError, Image.DecompressionBombError):
+            missing["unreadable"] = missing.get("unreadable", 0) + 1
+            continue
+        if t is None:
+            missing["flat picture"] = missing.get("flat picture", 0) + 1
+            continue
+        rows.append(k)
+        thumbs.append(t)
+    T = np.stack(thumbs) if thumbs else np.zeros((0, THUMB_SIDE * THUMB_SIDE), np.float32)
+    return np.asarray(rows, np.int64), T, missing
+
+
+def pixel_pairs(T: np.ndarray, k: int = PIXEL_K, ratio: float = PIXEL_RATIO, floor: float = PIXEL_FLOOR,
+                same: float = PIXEL_SAME) -> dict[tuple[int, int], float]:
+    """``{(i, j): pixel similarity}`` (indices into ``T``, i < j) of the near-duplicate pairs by their
+    thumbnails: among each row's ``k`` nearest thumbnails (exact search), a pair at similarity >= ``same``, or
+    >= ``floor`` whose distance (1 - similarity) is under ``ratio`` times the distance of the ``k``-th nearest
+    thumbnail of either member (what a look-alike is, here). A copy sits far closer to its original than the
+    dataset's look-alikes do, whatever the dataset's scale of similarity."""
+    n = len(T)
+    if n < 2:
+        return {}
+    k = min(k, n - 1)
+    idx, sim = _knn_blocked(T, k, BLOCK_ROWS, normalised=True)
+    dist = 1.0 - sim.astype(np.float64)
+    ref = dist[:, k - 1]  # the k-th nearest: a look-alike's distance (the farthest of the k when n is small)
+    pairs = {}
+    for i, c in zip(*np.nonzero(sim >= min(floor, same))):
+        j = int(idx[i, c])
+        s = float(sim[i, c])
+        if s >= same or dist[i, c] < ratio * min(ref[i], ref[j]):
+            pairs[(min(int(i), j), max(int(i), j))] = s
+    return pairs
+
+
+def near_duplicates(X: np.ndarray, pictures: tuple[np.ndarray, np.ndarray, dict] | None = None,
+                    ratio: float = NEAR_RATIO, why_not: str = "", neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+                    ) -> tuple[dict[tuple[int, int], tuple], dict]:
+    """Near-duplicate pairs ``{(i, j): (cosine, pixel similarity or None)}`` (i < j) and how they were found.
+
+    With ``pictures`` (:func:`pixel_fingerprints`): pairs of thumbnails (:func:`pixel_pairs`), plus pairs of
+    identical embeddings, plus the embedding rule for rows whose picture could not be read. Without: the
+    embedding rule alone (:func:`near_duplicate_pairs`), and the note ``why_not`` says why. ``neighbours``:
+    ``nearest_neighbours(X, k)`` (k >= 2) when already computed; the first 8 are used."""
+    n = len(X)
+    if n < 3:
+        return {}, {"method": "none (fewer than 3 samples)"}
+    if neighbours is None:
+        neighbours = nearest_neighbours(X, k=min(8, n - 1))
+    neighbours = (neighbours[0][:, :8], neighbours[1][:, :8])
+    pairs: dict[tuple[int, int], tuple] = {key: (c, None) for key, c in identical_pairs(*neighbours).items()}
+    if pictures is None or not len(pictures[0]):
+        for a, b, c in near_duplicate_pairs(X, ratio, neighbours=neighbours):
+            pairs[(a, b)] = (c, None)
+        return pairs, {"method": "embeddings", "note": (why_not or "no picture could be read") + ": near-duplicates "
+                       "found by the embeddings alone (mutual nearest neighbours, clearly nearer than the next), which "
+                       "miss re-encoded or resized copies of small pictures", "rows_with_picture": 0}
+    rows, T, missing = pictures
+    for (i, j), ps in pixel_pairs(T).items():
+        a, b = int(rows[i]), int(rows[j])
+        xa, xb = X[a].astype(np.float64), X[b].astype(np.float64)
+        pairs[(a, b)] = (float(xa @ xb / max(np.linalg.norm(xa) * np.linalg.norm(xb), 1e-24)), ps)
+    info = {"method": "pictures", "rows_with_picture": int(len(rows)), "rows_without_picture": missing}
+    if len(rows) < n:  # rows without a picture: the embedding rule, for the pairs they are part of
+        has = np.zeros(n, bool)
+        has[rows] = True
+        extra = [(a, b, c) for a, b, c in near_duplicate_pairs(X, ratio, neighbours=neighbours)
+                 if not (has[a] and has[b])]
+        pairs.update({(a, b): (c, None) for a, b, c in extra})
+        info["note"] = (f"{n - len(rows)} rows without a picture ({', '.join(f'{v} {k}' for k, v in missing.items())}): "
+                        "their near-duplicates are found by the embeddings alone")
+    return pairs, info
 
 
 def exact_duplicate_pairs(content: list[str] | None) -> list[tuple[int, int]]:
@@ -305,12 +525,14 @@ def leak_effect(test_rows: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, l
 # ---------------------------------------------------------------------------------------------- audit
 def audit_features(features: Features, test_predictions: tuple[np.ndarray, np.ndarray] | None = None,
                    folds: int = FOLDS, seed: int = SEED, near_ratio: float = NEAR_RATIO, C: float | None = None,
-                   say=print) -> dict:
+                   source=None, source_note: str = "", say=print) -> dict:
     """The audit of a store's rows: label issues, duplicate groups and leaks, as a JSON-able dict.
 
     ``test_predictions``: ``(test rows, predicted labels)`` of the classifier whose accuracy the leaks
     may inflate; without it, the CLIP probe is trained on the train split with the C the label audit chose.
-    ``C``: the label audit's C (e.g. what a run's logreg probe chose), else searched."""
+    ``C``: the label audit's C (e.g. what a run's logreg probe chose), else searched. ``source``: the opened
+    source the store was made from (data.sources), whose pictures give the near-duplicates' fingerprints;
+    without it (``source_note`` says why), near-duplicates come from the embeddings alone."""
     t0 = time.perf_counter()
     names = features.class_names
     y, ids, splits = features.y, features.ids, features.splits
@@ -318,9 +540,12 @@ def audit_features(features: Features, test_predictions: tuple[np.ndarray, np.nd
                  "classes": list(names)}
     timings = {}
     labelled = y >= 0
+    t = time.perf_counter()  # one neighbour search serves the kNN probe and the duplicates
+    neighbours = nearest_neighbours(features.X, k=min(KNN_SEARCHED, len(ids) - 1)) if len(ids) >= 3 else None
+    timings["neighbours"] = round(time.perf_counter() - t, 2)
     if labelled.sum() >= 4 and len(np.unique(y[labelled])) >= 2:
         t = time.perf_counter()
-        found = find_label_issues(features.X, y, folds, seed, C)
+        found = find_label_issues(features.X, y, folds, seed, C, neighbours=neighbours)
         timings["label_issues"] = round(time.perf_counter() - t, 2)
         out["label_issues"] = {
             "probe": found["probe"], "n_labelled": int(labelled.sum()), "n_flagged": len(found["rows"]),
@@ -337,28 +562,44 @@ def audit_features(features: Features, test_predictions: tuple[np.ndarray, np.nd
         C = None
     t = time.perf_counter()
     exact = exact_duplicate_pairs(features.content)
-    near = near_duplicate_pairs(features.X, near_ratio)
+    pictures, why_not = None, source_note or "no source given"
+    if source is not None and getattr(source, "modality", "image") != "image":
+        why_not = "text samples"
+    elif source is not None:
+        pictures = pixel_fingerprints(source, ids)
+        timings["pictures"] = round(time.perf_counter() - t, 2)
+        why_not = "no picture of the source could be read"
+    near, how = near_duplicates(features.X, pictures, near_ratio, why_not, neighbours=neighbours)
+    del pictures
     timings["near_duplicates"] = round(time.perf_counter() - t, 2)
     exact_set = {(min(a, b), max(a, b)) for a, b in exact}
-    groups = groups_of(len(ids), [(a, b) for a, b in exact] + [(a, b) for a, b, _ in near])
-    cos = {(a, b): s for a, b, s in near}
+    groups = groups_of(len(ids), [(a, b) for a, b in exact] + list(near))
+    cos = {key: v[0] for key, v in near.items()}
+    pix = {key: v[1] for key, v in near.items() if v[1] is not None}
     rows, leaks, leaked_rows = [], [], set()
     for g, members in enumerate(groups, 1):
         kinds = {str(splits[m]) for m in members}
         rows.append({"group": g, "size": len(members), "members": [
             {"id": ids[m], "split": str(splits[m]), "label": names[y[m]] if y[m] >= 0 else ""} for m in members],
             "exact": all((min(a, b), max(a, b)) in exact_set for a, b in zip(members, members[1:])),
-            "cosine": max((cos.get((a, b), 1.0) for a in members for b in members if a < b and (a, b) in cos),
-                          default=1.0)})
+            "cosine": max((cos[(a, b)] for a in members for b in members if a < b and (a, b) in cos), default=1.0),
+            "pixel_similarity": max((pix[(a, b)] for a in members for b in members if a < b and (a, b) in pix),
+                                    default=None)})
         if {"train", "test"} <= kinds:
             leaks.append(g)
             leaked_rows.update(m for m in members if splits[m] == "test")
-    out["near_duplicates"] = {"rule": f"mutual nearest neighbours (cosine) with distance < {near_ratio} x the next "
-                              f"neighbour's on one side, or cosine >= {IDENTICAL_COSINE}; exact: equal sha256 content",
+    if how["method"] == "pictures":
+        rule = (f"pictures: among each picture's {PIXEL_K} nearest {THUMB_SIDE}x{THUMB_SIDE} grey thumbnails, "
+                f"similarity >= {PIXEL_SAME}, or >= {PIXEL_FLOOR} with distance < {PIXEL_RATIO} x the {PIXEL_K}th "
+                f"nearest's of both; embeddings at cosine >= {IDENTICAL_COSINE}; exact: equal sha256 content")
+    else:
+        rule = (f"embeddings: mutual nearest neighbours (cosine) with distance < {near_ratio} x the next neighbour's "
+                f"on one side, or cosine >= {IDENTICAL_COSINE}; exact: equal sha256 content")
+    out["near_duplicates"] = {"rule": rule, **how,
                               "ratio": near_ratio, "n_groups": len(groups), "n_samples": sum(len(g) for g in groups),
                               "n_exact_pairs": len(exact), "n_near_pairs": len(near), "groups": rows}
-    say(f"  duplicates: {len(groups)} groups ({len(exact)} exact pairs, {len(near)} near pairs), "
-        f"{len(leaks)} across train/test ({timings['near_duplicates']:.1f} s)")
+    say(f"  duplicates: {len(groups)} groups ({len(exact)} exact pairs, {len(near)} near pairs, by the {how['method']}), "
+        f"{len(leaks)} across train/test ({timings['near_duplicates']:.1f} s)" + (f"; {how['note']}" if how.get("note") else ""))
     effect = None
     if leaks:
         if test_predictions is None and C is not None:
@@ -419,7 +660,8 @@ def audit_markdown(audit: dict, shown: int = TOP_SHOWN) -> str:
                 f"| `{r['id']}` | {r['split']} | {r['given_label']} | {r['suggested_label']} | {r['score']:.3f} |\n"
                 for r in li["rows"][:shown]) + "\n"
     md += (f"## Duplicates\n\n{nd['n_groups']} groups holding {nd['n_samples']} samples ({nd['n_exact_pairs']} exact "
-           f"pairs, {nd['n_near_pairs']} near pairs). Rule: {nd['rule']}. All in `near_duplicates.csv`.\n\n")
+           f"pairs, {nd['n_near_pairs']} near pairs). Rule: {nd['rule']}. All in `near_duplicates.csv`.\n\n"
+           + (f"Note: {nd['note']}.\n\n" if nd.get("note") else ""))
     if nd["groups"]:
         md += "| group | size | cosine | members (split) |\n|---:|---:|---:|---|\n" + "".join(
             f"| {g['group']} | {g['size']} | {g['cosine']:.4f} | "
@@ -452,8 +694,10 @@ def write_audit(out_dir: str | os.PathLike, audit: dict) -> dict[str, Path]:
                                  ([r["id"], r["split"], r["given_label"], r["suggested_label"], f"{r['score']:.6f}"]
                                   for r in audit["label_issues"]["rows"]))
     leaks = set(audit["leaks"]["groups"])
-    paths["near_duplicates"] = _csv(out / "near_duplicates.csv", ["group", "id", "split", "label", "cosine", "leak"],
+    paths["near_duplicates"] = _csv(out / "near_duplicates.csv",
+                                    ["group", "id", "split", "label", "cosine", "pixel_similarity", "leak"],
                                     ([g["group"], m["id"], m["split"], m["label"], f"{g['cosine']:.6f}",
+                                      "" if g.get("pixel_similarity") is None else f"{g['pixel_similarity']:.6f}",
                                       int(g["group"] in leaks)]
                                      for g in audit["near_duplicates"]["groups"] for m in g["members"]))
     return paths

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurebank.classifiers.audit import audit_features, write_audit
+from featurebank.classifiers.audit import audit_features, store_source, write_audit
 from featurebank.features.store import Features, atomic_write
 
 THUMB = 64  # pixels, the longer side
@@ -156,7 +156,11 @@ def audit_run(features: Features, results, run_dir: str | os.PathLike, source=No
     logreg = next((r for r in results if r.name == "logreg"), None)
     C = (logreg.metrics.get("chosen") or {}).get("C") if logreg else None
     say("auditing the data (--no-audit to skip)")
-    audit = audit_features(features, test_predictions=(test, best.y_pred), C=C, say=say)
+    note = ""
+    if source is None:  # the source recorded in the store, while it can still be read
+        source, note = store_source(features)
+    audit = audit_features(features, test_predictions=(test, best.y_pred), C=C, source=source, source_note=note,
+                           say=say)
     audit["failures"] = failures or []
     audit["predictions"] = {"probe": best.name, "file": "predictions.csv"}
     write_audit(run_dir, audit)

@@ -17,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from featurebank.features.hashing import file_sha256
+from featurebank.features.preprocessing import Preprocessing, preprocessing_of
 from featurebank.features.choices import DEFAULT_BACKBONE  # noqa: F401 - declared with the other option values
 
 
@@ -31,47 +33,59 @@ class BackboneError(ValueError):
     """A backbone that cannot be built: the message names it and says what to do."""
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """What the model expects: resize the short side to ``resize``, centre-crop ``size``, normalise."""
-
-    size: int
-    resize: int
-    interpolation: str  # "bicubic" / "bilinear"
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    def transform(self, normalize: bool = True):
-        """The reference transform for a PIL image (torchvision), matching timm's eval transform;
-        ``normalize=False`` stops at the cropped PIL image."""
-        from torchvision import transforms as T
-
-        mode = T.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-        steps = [T.Resize(self.resize, interpolation=mode), T.CenterCrop(self.size)]
-        if normalize:
-            steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
-        return T.Compose(steps)
-
-
-def _preprocessing(size: int, crop_pct: float, interpolation: str, mean, std) -> Preprocessing:
-    return Preprocessing(size, int(size / crop_pct), interpolation, tuple(map(float, mean)), tuple(map(float, std)))
-
-
 @dataclass
 class Backbone:
+    """A frozen backbone of any modality, the one kind the engine, the sweep, the store and the API know.
+
+    ``name``, ``weights_sha256``, ``preprocessing`` (what the prepare step does: an image
+    :class:`Preprocessing`, a text ``features.text.TextPreprocessing``), ``layer``, ``pooling`` and
+    ``dim`` are its identity: the store's fingerprint covers them (:attr:`identity`). ``model`` maps the
+    prepared input to embeddings [B, dim]. ``prepare`` is the step from a sample's bytes to that input
+    and how it runs for an extraction (:class:`features.image_prepare.ImagePrepare`: decode and
+    transform; ``features.text.TextPrepare``: tokenise, grouped by length); its own operations (a text
+    backbone's ``tokenize``, ``batch``, ``combine``, ``tokenizer``) are reachable on the backbone.
+    """
+
     name: str
-    model: nn.Module  # images [B, 3, H, W] -> embeddings [B, D]
-    preprocessing: Preprocessing
+    model: nn.Module | None  # None for a backbone that only names a store (the sweep's per-layer stores)
+    preprocessing: object
     weights_sha256: str
     dim: int
     layer: str = "pooled"
     pooling: str = "avg"
-    modality: str = "image"  # what it embeds (text backbones: features.text)
+    modality: str = "image"
+    prepare: object = None  # None: the image prepare step
+    folder: Path | None = None  # where its files are (a sentence-transformers folder)
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.prepare is None and self.modality == "image":
+            from featurebank.features.image_prepare import IMAGE_PREPARE
+
+            self.prepare = IMAGE_PREPARE
+
+    @property
+    def identity(self) -> dict:
+        """What the store's fingerprint covers of this backbone (features.store.StoreConfig.for_backbone)."""
+        return {"name": self.name, "weights_sha256": self.weights_sha256, "preprocessing": self.preprocessing.as_dict(),
+                "layer": self.layer, "pooling": self.pooling, "dim": self.dim}
+
+    def with_options(self, **options) -> Backbone:
+        """The same backbone with other options of its prepare step (text: ``long_text``, ``precision``;
+        both fingerprinted)."""
+        return self.prepare.with_options(self, **options)
+
+    def encode(self, samples: list, batch_size: int = 32):
+        """Embed samples held in memory in this process with torch (for small jobs and tests)."""
+        return self.prepare.encode(self, samples, batch_size)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "prepare":
+            raise AttributeError(name)
+        prepare = self.__dict__.get("prepare")
+        if prepare is None or name.startswith("_") or not hasattr(prepare, name):
+            raise AttributeError(f"{type(self).__name__} {self.__dict__.get('name')!r} has no attribute {name!r}")
+        return getattr(prepare, name)
 
 
 def _load_state_dict(path: str | os.PathLike) -> dict:
@@ -146,9 +160,9 @@ def _efficientnet_lite(variant: str, layer: str | None) -> Backbone:
     model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
     _load_in_order(model, _load_state_dict(weights), weights)
     cfg = model.pretrained_cfg
-    pre = _preprocessing(cfg["input_size"][1], cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"])
+    pre = preprocessing_of(cfg["input_size"][1], cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"])
     if variant == "lite2":  # the Lite2 weights were trained at 260 px
-        pre = _preprocessing(260, cfg["crop_pct"], "bicubic", cfg["mean"], cfg["std"])
+        pre = preprocessing_of(260, cfg["crop_pct"], "bicubic", cfg["mean"], cfg["std"])
     model.reset_classifier(0)
     return _finish(f"efficientnet_{variant}", model, pre, file_sha256(weights), layer)
 
@@ -258,7 +272,7 @@ def _timm(name: str, layer: str | None) -> Backbone:
             f"({type(exc).__name__}); put them in the Hugging Face cache or connect to the internet"
         ) from None
     cfg = model.pretrained_cfg
-    pre = _preprocessing(cfg["input_size"][1], cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"),
+    pre = preprocessing_of(cfg["input_size"][1], cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"),
                          cfg["mean"], cfg["std"])
     _strip_head(model)
     return _finish(f"timm:{name}", model, pre, _state_sha256(model), layer)
@@ -267,7 +281,7 @@ def _timm(name: str, layer: str | None) -> Backbone:
 def _checkpoint(path: Path, arch: str | None, layer: str | None, preprocessing: Preprocessing | None) -> Backbone:
     if not path.is_file():
         raise BackboneError(f"checkpoint {path} does not exist")
-    pre = preprocessing or _preprocessing(224, 0.875, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    pre = preprocessing or preprocessing_of(224, 0.875, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     if arch is None and path.suffix == ".pt2":  # a torch.export program, TorchScript's successor
         try:
             model = torch.export.load(str(path)).module()
@@ -301,7 +315,7 @@ def _architecture(arch: str) -> tuple[nn.Module, Preprocessing]:
         import torchvision.models as tvm
 
         try:
-            return tvm.get_model(arch[3:], weights=None), _preprocessing(
+            return tvm.get_model(arch[3:], weights=None), preprocessing_of(
                 224, 0.875, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         except Exception:
             raise BackboneError(f"torchvision has no model '{arch[3:]}'") from None
@@ -313,7 +327,7 @@ def _architecture(arch: str) -> tuple[nn.Module, Preprocessing]:
     except Exception:
         raise BackboneError(f"unknown architecture '{arch}': use tv:<name> or timm:<name>") from None
     cfg = model.pretrained_cfg
-    return model, _preprocessing(cfg["input_size"][1], cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"),
+    return model, preprocessing_of(cfg["input_size"][1], cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"),
                                  cfg["mean"], cfg["std"])
 
 
@@ -360,64 +374,91 @@ _TIMM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _TV_NAME = re.compile(r"^[A-Za-z0-9_]+(:[A-Za-z0-9_]+)?$")
 
 
-def _is_checkpoint(name: str) -> bool:
+# ------------------------------------------------------------------------------------------ the table
+# In the manner of timm's model registry: each family of backbones is a row of data (the names or the
+# prefix or the kind of path it takes, a cheap check of a name, and its builder); features.registry
+# looks a name up in the rows of every modality. Adding a family is adding a row.
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of backbones: which names it takes and how to check one cheaply and build it.
+
+    ``build(name, layer=, arch=, long_text=, precision=, preprocessing=)`` returns a :class:`Backbone`;
+    ``check(name)`` raises BackboneError (one line) for a name of the family it cannot build, loading
+    nothing heavy. A name is looked up by ``names`` (exact), then ``prefix``, then ``matches`` (paths)."""
+
+    modality: str
+    build: Callable[..., Backbone]
+    check: Callable[[str], None] = lambda name: None
+    names: tuple[str, ...] = ()
+    prefix: str | None = None
+    matches: Callable[[str], bool] | None = None
+
+
+def find_family(name: str, families) -> Family | None:
+    """The row of ``families`` that takes ``name``: exact names first, then prefixes, then paths, in order."""
+    for test in (lambda f: name in f.names, lambda f: f.prefix is not None and name.startswith(f.prefix),
+                 lambda f: f.matches is not None and f.matches(name)):
+        found = next((f for f in families if test(f)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_torchvision(name: str) -> None:
+    import torchvision
+
+    if not _TV_NAME.match(name[3:]):
+        raise BackboneError(f"unknown backbone '{name}': {UNKNOWN_IMAGE}")
+    model, _, weights = name[3:].partition(":")
+    if model not in torchvision.models.list_models():
+        raise BackboneError(f"unknown backbone '{name}': torchvision has no model '{model}' "
+                            "(see torchvision.models.list_models())")
+    known = torchvision.models.get_model_weights(model).__members__
+    if weights and weights not in known:
+        raise BackboneError(f"unknown backbone '{name}': {model} has no weights '{weights}' "
+                            f"(choose from {', '.join(known)})")
+
+
+def _check_timm(name: str) -> None:
+    import timm
+
+    if not _TIMM_NAME.match(name[5:]):
+        raise BackboneError(f"unknown backbone '{name}': {UNKNOWN_IMAGE}")
+    if not timm.is_model(name[5:]):
+        raise BackboneError(f"unknown backbone '{name}': timm has no model '{name[5:]}' (see timm.list_models())")
+
+
+def _check_checkpoint(name: str) -> None:
+    if not Path(name).is_file():
+        raise BackboneError(f"backbone checkpoint {name} does not exist: give a TorchScript, .pt2 or state_dict file")
+
+
+def is_checkpoint(name: str) -> bool:
     return os.path.sep in name or name.endswith(CHECKPOINT_SUFFIXES)
 
 
-def is_text_backbone(name: str) -> bool:
-    """True for text backbone names (built by features.text): ``minilm``, ``mpnet``, ``st:<name>``, a
-    sentence-transformers folder (one with ``modules.json``)."""
-    return name in ("minilm", "mpnet") or name.startswith("st:") or (Path(name) / "modules.json").is_file()
-
-
-def check_backbone_name(name: str) -> str:
-    """Return ``name`` if it names a backbone this registry can build, else raise a one-line BackboneError.
-
-    Cheap: nothing is loaded (torchvision's and timm's model lists are consulted, a checkpoint path
-    must exist), so a mistyped name answers before any work starts."""
-    if name in LITE_VARIANTS or is_text_backbone(name):
-        return name
-    if name.startswith("tv:") and _TV_NAME.match(name[3:]):
-        import torchvision
-
-        model, _, weights = name[3:].partition(":")
-        if model not in torchvision.models.list_models():
-            raise BackboneError(f"unknown backbone '{name}': torchvision has no model '{model}' "
-                                "(see torchvision.models.list_models())")
-        known = torchvision.models.get_model_weights(model).__members__
-        if weights and weights not in known:
-            raise BackboneError(f"unknown backbone '{name}': {model} has no weights '{weights}' "
-                                f"(choose from {', '.join(known)})")
-        return name
-    if name.startswith("timm:") and _TIMM_NAME.match(name[5:]):
-        import timm
-
-        if not timm.is_model(name[5:]):
-            raise BackboneError(f"unknown backbone '{name}': timm has no model '{name[5:]}' (see timm.list_models())")
-        return name
-    if _is_checkpoint(name):
-        if not Path(name).is_file():
-            raise BackboneError(f"backbone checkpoint {name} does not exist: give a TorchScript, .pt2 or state_dict file")
-        return name
-    raise BackboneError(
-        f"unknown backbone '{name}': use efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, tv:<torchvision name>, "
-        "timm:<timm name>, or a checkpoint path"
-    )
+#: the image families (features.text declares the text ones; features.registry reads both)
+FAMILIES = (
+    Family("image", lambda name, layer=None, **_: _efficientnet_lite(name.split("_")[1], layer), names=LITE_VARIANTS),
+    Family("image", lambda name, layer=None, **_: _torchvision(name[3:], layer), _check_torchvision, prefix="tv:"),
+    Family("image", lambda name, layer=None, **_: _timm(name[5:], layer), _check_timm, prefix="timm:"),
+    Family("image", lambda name, layer=None, arch=None, preprocessing=None, **_: _checkpoint(
+        Path(name), arch, layer, preprocessing), _check_checkpoint, matches=is_checkpoint),
+)
+UNKNOWN_IMAGE = ("use efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, tv:<torchvision name>, "
+                 "timm:<timm name>, or a checkpoint path")
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None, arch: str | None = None,
                     preprocessing: Preprocessing | None = None) -> Backbone:
-    """Build a frozen backbone by name (see the module docstring for the names it takes)."""
-    if name in LITE_VARIANTS:
-        return _efficientnet_lite(name.split("_")[1], layer)
-    if name.startswith("tv:"):
-        return _torchvision(name[3:], layer)
-    if name.startswith("timm:"):
-        return _timm(name[5:], layer)
-    if _is_checkpoint(name):
-        return _checkpoint(Path(name), arch, layer, preprocessing)
-    check_backbone_name(name)  # raises the registry's one-line error: every valid name was handled above
-    raise AssertionError(name)
+    """Build a frozen image backbone by name (see the module docstring for the names it takes; every
+    modality's names: features.registry.build_backbone)."""
+    family = find_family(name, FAMILIES)
+    if family is None:
+        raise BackboneError(f"unknown backbone '{name}': {UNKNOWN_IMAGE}")
+    return family.build(name, layer=layer, arch=arch, preprocessing=preprocessing)
 
 
 def random_weights_backbone(name: str) -> Backbone:

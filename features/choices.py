@@ -4,6 +4,7 @@ The modules that implement each option import its names from here (one declarati
 
 DEFAULT_BACKBONE = "efficientnet_lite0"  # features.backbones
 DEFAULT_TEXT_BACKBONE = "minilm"  # features.text
+DEFAULT_BACKBONES = {"image": DEFAULT_BACKBONE, "text": DEFAULT_TEXT_BACKBONE}  # by the source's modality
 DECODERS = ("fast", "plain")  # features.decode
 DEFAULT_DECODER = DECODERS[0]
 AMP_MODES = ("auto", "bf16", "fp16", "fp32")  # features.device (CUDA autocast)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from featurebank.data.sources import FileReader, Reader, UnreadableSample
-from featurebank.features.backbones import Preprocessing
+from featurebank.features.preprocessing import Preprocessing
 from featurebank.features.choices import DECODERS, DEFAULT_DECODER
 from featurebank.features.images import (
     JPEG_MAGIC, ImageError, complete_jpeg, decode_image, jpeg_damage, jpeg_header, jpeg_orientation, jpeg_pixels,

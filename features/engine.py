@@ -1,42 +1,40 @@
-"""The extraction engine: image files in, embeddings in the HDF5 store out.
+"""The extraction engine: a source's samples in, embeddings in the HDF5 store out, one loop for every modality.
 
-Only samples that are new or whose content changed are embedded; everything else is reused. Files
-that cannot be decoded are recorded in the store with their reason and skipped. Work is committed
-in parts as it goes (see features.store), so a killed run resumes where it stopped.
-
-How the work is laid out on the machine (replica processes on a CPU, one process with GPU decoding
-on CUDA) is decided by :func:`features.device.choose_layout`; its docstring states the rule. Both
-layouts decode with :mod:`features.decode`, send every failure back as (index, reason), and keep
-memory flat with bounded queues.
+:func:`extract` plans what to embed (only samples that are new or whose content changed; everything else
+is reused), executes it (the backbone's prepare step turns the job into an :class:`Execution`: images
+are decoded in worker processes and run on the layout features.device chooses, features.image_prepare;
+texts are read, tokenised and grouped by length a window at a time, features.text), and commits it
+(the store's merge). Samples that cannot be used are recorded in the store with their reason and
+skipped. Work is committed in parts as it goes (see features.store), so a killed run resumes where it
+stopped.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of, unescape_id
+from featurebank.data.columns import Codes
+from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
 from featurebank.features.choices import CALIBRATION_SAMPLES
-from featurebank.features.decode import Decoder
-from featurebank.features.images import is_damage
+from featurebank.features.execution import Execution
 from featurebank.features.options import ExtractOptions
-from featurebank.features.registry import build_backbone, modality
-from featurebank.features.executors import CPU_BATCH, decode_batch, run_in_process, run_pipelined, run_replicas
-from featurebank.features.device import AMP_OF_PRECISION, Layout, pick_device
-from featurebank.features.runtimes import computed_precision, create_runtime
+from featurebank.features.plan import keep_unlisted, labels_changed, listing_columns, plan_reuse
+from featurebank.features.registry import build_backbone
+from featurebank.features.device import AMP_OF_PRECISION, pick_device
+from featurebank.features.runtimes import computed_precision
 from featurebank.features.runtimes import fingerprint as runtime_fingerprint
 from featurebank.features.store import (
-    DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, read_index, store_path,
+    DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, store_path,
 )
 
 
@@ -127,32 +125,36 @@ def extract(source: Source | str | os.PathLike, backbone: Backbone | str = DEFAU
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the store folder {path.parent} ({exc.strerror or exc})") from None
-    listing = Listing.of(source, o.content_hash)
+    listing = Listing.columns(source)  # no Python object per sample, however large the source (features.plan)
     say_listing_notes(source, o.say)
     label_column_changed = _check_labels_kept(path, source, listing.labels)
     with StoreWriter(path, config, o.dataset or source.name, lock_timeout=o.lock_timeout,
                      rows_per_part=o.rows_per_part, seconds_per_part=o.seconds_per_part, say=o.say) as writer:
         writer.described = describe_source(source)
-        index = writer.index()
-        todo, reused = plan_reuse(index, listing, o)
-        result = ExtractResult(path=path, reused=reused)
+        plan = plan_reuse(writer, source, listing.ids, o.content_hash, o.retry_failures, o.allow_damaged)
+        todo, listing.content = plan.todo, plan.content
+        result = ExtractResult(path=path, reused=plan.reused)
         if source.incomplete:  # rows are removed only by a listing that read every file of the source
-            result.kept = _keep_unlisted(path, index, listing)
-        stale = listing.stale(index)
+            listing.ids, listing.labels, listing.splits, result.kept = keep_unlisted(
+                path, plan.match, listing.ids, listing.labels, listing.splits)
+        stale, held = plan.match.stale, (plan.rows, plan.failures, plan.notes)
+        runtimes = plan.match.held["runtimes"]
+        del plan  # the match's columns and the fingerprints to embed are not needed by the merge
         if len(todo):
-            job = Job(source, backbone, writer, todo, listing, dev, o, result, index.runtimes)
-            (_embed_text if source.modality == "text" else _embed)(job)
-        _commit(writer, listing, source, path, result, index,
-                bool(len(todo)) or stale or label_column_changed)
+            job = Job(source, backbone, writer, todo, listing, dev, o, result, runtimes)
+            _embed(job)
+            del job
+        listing.content = None
+        _commit(writer, listing, source, path, result, held, bool(len(todo)) or stale or label_column_changed)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def check_modality(backbone, source: Source) -> None:
     """Refuse (ModalityError, one line) a backbone that embeds another kind of sample than ``source`` holds."""
-    if modality(backbone) != source.modality:
+    if backbone.modality != source.modality:
         hint = "a text backbone such as minilm" if source.modality == "text" else "an image backbone such as efficientnet_lite0"
-        raise ModalityError(f"{backbone.name} embeds {modality(backbone)}s but {source.name} holds {source.modality}s: "
+        raise ModalityError(f"{backbone.name} embeds {backbone.modality}s but {source.name} holds {source.modality}s: "
                             f"use {hint}")
 
 
@@ -180,17 +182,24 @@ def store_config(backbone, o: ExtractOptions) -> StoreConfig:
 class Listing:
     """The source's listing as the store records it: escaped ids, content fingerprints, labels, splits."""
 
-    ids: list[str]
-    content: list[str]
-    labels: list[str | None]
-    splits: list[str]
+    ids: Sequence[str]  # a list, or data.columns.Strings
+    content: Sequence[str] | None  # a list, or the fingerprints of the samples to embed by position (features.plan)
+    labels: Sequence[str | None]  # a list, or data.columns.Codes
+    splits: Sequence[str]
     classes: list[str]
 
     @classmethod
     def of(cls, source: Source, content_hash: bool) -> Listing:
+        """As lists, content fingerprints included (features.sweep)."""
         return cls([escape_id(s.id) for s in source.samples], sample_fingerprints(source, content_hash),
                    [None if s.label is None else escape_id(s.label) for s in source.samples],
                    [s.split or split_of(s.id) for s in source.samples], [escape_id(c) for c in source.classes])
+
+    @classmethod
+    def columns(cls, source: Source) -> Listing:
+        """As columns (features.plan.listing_columns); ``content`` is set by the plan, for the samples to embed."""
+        ids, labels, splits = listing_columns(source)
+        return cls(ids, None, labels, splits, [escape_id(c) for c in source.classes])
 
     def stale(self, index) -> bool:
         """Whether the store (or its parts) holds ids this listing no longer lists."""
@@ -208,37 +217,24 @@ def say_listing_notes(source: Source, say: Callable[[str], None]) -> None:
             "samples this listing cannot see are kept, not removed (a rerun that reads them decides)")
 
 
-def plan_reuse(index, listing: Listing, o: ExtractOptions) -> tuple[np.ndarray, int]:
-    """Which samples (positions in the listing) to embed, and how many rows are reused as they are."""
-    todo, reused = [], 0
-    for k, (i, c) in enumerate(zip(listing.ids, listing.content)):
-        if index.content.get(i) == c and (o.allow_damaged or i not in index.damaged_images):
-            reused += 1
-        elif (o.retry_failures or (failed := index.failures.get(i)) is None or failed[1] != c
-              or (o.allow_damaged and is_damage(failed[0]))):
-            todo.append(k)
-    return np.array(todo, np.int64), reused  # 8 bytes per sample to embed, not a Python int each
-
-
-def _commit(writer: StoreWriter, listing: Listing, source: Source, path: Path, result: ExtractResult, index,
+def _commit(writer: StoreWriter, listing: Listing, source: Source, path: Path, result: ExtractResult, held: tuple,
             changed: bool) -> None:
     """Merge what this run wrote into the store (when anything changed) and count it in ``result``: the
-    writer counts what this run added (ids escaped, so printable whatever the file name)."""
+    writer counts what this run added (ids escaped, so printable whatever the file name); ``held``: (rows,
+    failures, rows by note) the store holds, from the plan, when nothing is merged."""
     result.embedded = writer.added_rows
     result.failures = list(writer.added_failures)
     result.failed = len(result.failures)
     if (changed or writer.needs_merge() or not path.exists()
-            or _labels_changed(path, listing.ids, listing.labels, listing.splits, listing.classes)):
-        counts = writer.finish(listing.ids, listing.labels, listing.splits, listing.content,
+            or labels_changed(path, listing.ids, listing.labels, listing.splits, listing.classes)):
+        counts = writer.finish(listing.ids, listing.labels, listing.splits, None,
                                class_names=listing.classes, attrs={"label_column": source.label_column})
         result.removed = counts["removed"]
         result.rows = counts["rows"]
         result.failed_total = counts["failures"]
         result.notes = counts.get("notes", {})
     else:
-        result.rows = len(index.content)
-        result.failed_total = len(index.failures)
-        result.notes = index.notes
+        result.rows, result.failed_total, result.notes = held
 
 
 def describe_source(source: Source) -> dict[str, str]:
@@ -249,23 +245,7 @@ def describe_source(source: Source) -> dict[str, str]:
     return {"source": root, "source_format": str(source.format), "modality": source.modality}
 
 
-def _labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
-    """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
-    index = read_index(path)
-    names = index.class_names
-    stored = dict(zip(index.ids, zip(index.y.tolist(), index.splits.tolist())))
-    if want_names is None:
-        want_names = sorted({lab for lab in labels if lab is not None})
-    if names != want_names:
-        return True
-    pos = {c: k for k, c in enumerate(names)}
-    for i, lab, sp in zip(ids, labels, splits):
-        if i in stored and stored[i] != (pos.get(lab, -1) if lab is not None else -1, sp):
-            return True
-    return False
-
-
-labels_changed = _labels_changed  # public: features.sweep plans its stores as extract() does
+_labels_changed = labels_changed  # features.plan: the store's columns against the listing's
 
 
 def _check_labels_kept(path: Path, source: Source, labels) -> bool:
@@ -285,33 +265,11 @@ def _check_labels_kept(path: Path, source: Source, labels) -> bool:
         raise SourceError(f"{path} holds labels read from the column '{stored}', but without --label-column this "
                           f"source's labels are read from '{current}': give --label-column {stored} again to keep "
                           f"them (or --label-column {current} to replace them)")
-    if stored is None and all(lab is None for lab in labels):
+    if stored is None and not Codes.of(labels).present():
         raise SourceError(f"{path} holds labels, but this source lists none from the column '{current}': give "
                           "--label-column with the column they were read from to keep them (or --label-column "
                           f"{current} to drop them)")
     return stored != current
-
-
-def _keep_unlisted(path: Path, index, listing: Listing) -> int:
-    """Append to the listing (in place) the ids the store and its parts hold that it does not list, with
-    their stored labels and splits, so that the merge keeps them; returns how many rows that keeps."""
-    listed = set(listing.ids)
-    extra = [i for i in index.content if i not in listed] + [i for i in index.failures if i not in listed]
-    if not extra:
-        return 0
-    stored: dict[str, tuple] = {}
-    if path.exists():
-        held = read_index(path)
-        names = held.class_names
-        stored = {i: (names[y] if y >= 0 else None, sp)
-                  for i, y, sp in zip(held.ids, held.y.tolist(), held.splits.tolist())}
-    for i in extra:
-        lab, sp = stored.get(i, (None, None))
-        listing.ids.append(i)
-        listing.labels.append(lab)
-        listing.splits.append(sp or split_of(unescape_id(i)))
-        listing.content.append(index.content[i] if i in index.content else index.failures[i][1])
-    return sum(1 for i in extra if i in index.content)
 
 
 # ------------------------------------------------------------------------------------- sample access
@@ -320,38 +278,6 @@ def _keep_unlisted(path: Path, index, listing: Listing) -> int:
 def sample_fingerprints(source: Source, content_hash: bool) -> list[str]:
     """The content fingerprint of every sample of ``source`` (what reuse compares)."""
     return source.fingerprints(content_hash)  # the source owns its bytes: files, table rows, tar members
-
-
-class SampleFiles:
-    """The locations of the samples still to embed (read by the source's reader, see
-    :func:`sample_decoder`): ``files[j]`` is the j-th sample of ``todo``.
-
-    They are packed into one bytes buffer and an offsets array, with no Python object per sample:
-    decoding workers are forked, and reading the source's Sample objects from a worker (a reference
-    count is a write) copied their pages into every worker, so that each worker's memory grew with
-    the dataset (about 0.3 KB per sample each)."""
-
-    def __init__(self, source, todo):
-        encoded = [os.fsencode(str(source.samples[k].loc)) for k in todo]
-        self._offsets = np.zeros(len(encoded) + 1, np.int64)
-        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
-        self._blob = b"".join(encoded)
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, j: int) -> str:
-        if not -len(self) <= j < len(self):
-            raise IndexError(j)
-        j %= len(self)
-        return os.fsdecode(self._blob[self._offsets[j]:self._offsets[j + 1]])
-
-
-def sample_decoder(source: Source, backbone: Backbone, mode: str = "fast", allow_damaged: bool = False) -> Decoder:
-    """The decoder of ``source``'s samples: it reads their bytes through the source's reader (in the
-    worker processes) and makes the backbone's input tensor (``allow_damaged``: see extract)."""
-    return Decoder(backbone.preprocessing, mode, reader=source.reader, allow_damaged=allow_damaged)
-
 
 
 
@@ -467,124 +393,20 @@ class WriterThread:
             raise self._errors[0]
 
 
-def _progress(job: Job, unit: str, desc: str):
+def _embed(job: Job) -> None:
+    """Run the backbone's prepare step and runtime over the job's samples (its :class:`Execution`:
+    features.image_prepare for images, features.text for texts), rows and failures to the store."""
     from tqdm import tqdm
 
-    return tqdm(total=len(job.todo), unit=unit, desc=desc, disable=not job.options.progress, dynamic_ncols=True)
-
-
-def _embed_text(job: Job) -> None:
-    """Texts: read, tokenised and sorted by length a window at a time, in this process (see features.text)."""
-    from featurebank.features.text import embed_texts
-
-    o, dev = job.options, job.device
-    bar = _progress(job, "text", f"embedding ({job.backbone.name})")
-    rec = Recorder(job.writer, job.todo, job.listing.ids, job.listing.content, bar, threaded=True)
+    ex: Execution = job.backbone.prepare.execution(job)
+    if ex.store_runtime:
+        job.writer.runtime = ex.store_runtime
+    job.result.settings = ex.settings
+    bar = tqdm(total=len(job.todo), unit=ex.unit, desc=ex.desc, disable=not job.options.progress, dynamic_ncols=True)
+    rec = Recorder(job.writer, job.todo, job.listing.ids, job.listing.content, bar, threaded=ex.threaded)
     try:
-        name = embed_texts(job.source, job.backbone, job.todo, rec, o.batch_size, o.runtime, dev.type, say=o.say)
-        job.result.layout = f"{dev.type}: {name}, 1 process x {torch.get_num_threads()} threads"
+        job.result.layout = ex.run(rec)
     finally:
         bar.close()
         rec.close()
         job.result.stages = {k: round(v, 4) for k, v in rec.stages.items()}
-
-
-def _image_runtime(job: Job, paths: SampleFiles, check_dec: Decoder):
-    """The runtime of an image extraction (features.runtimes.create_runtime), and the runtime name it asks for."""
-    o, source, runtime = job.options, job.source, job.options.runtime
-    if o.layout is not None and runtime == "auto":
-        runtime = "torch"  # a forced layout is a torch layout (the tests' way to run the GPU path on a CPU)
-    if runtime == "auto" and mp.current_process().daemon and o.precision == "f32":
-        # a pool worker (Dask, multiprocessing) may not start decoding processes, and OpenVINO started
-        # in a forked child can hang in its thread pool: the eager module, in this process
-        o.say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
-        runtime = "torch"
-    n = o.calibration_samples
-    return create_runtime(runtime, job.backbone, job.device, o.precision, o.batch_size, say=o.say,
-                          first_batch=lambda: first_images(check_dec, paths),
-                          calibration=lambda: calibration_images(check_dec, source, n),
-                          int8_key=calibration_set(o.dataset or source.name, source.root), calibration_samples=n,
-                          # what computed the store's rows: a runtime found there agreed on their first batch
-                          agreed=job.stored_runtimes)
-
-
-def _image_layout(job: Job, rt, n: int) -> Layout:
-    o, dev = job.options, job.device
-    layout = o.layout or rt.layout(dev, n, o.batch_size or CPU_BATCH, o.workers)
-    if mp.current_process().daemon and (layout.replicas or layout.loader_workers):
-        # a daemonic process (a Dask or multiprocessing pool worker) may not start processes: all in here
-        layout = Layout(dev.type, 0, torch.get_num_threads() if dev.type == "cpu" else layout.threads, 0, layout.gpu_decode)
-    return layout
-
-
-def _embed(job: Job) -> None:
-    """Images: decoded by the source's reader and the backbone's transform, embedded by the runtime on
-    the layout features.device chooses (features.executors runs it)."""
-    o, dev, result = job.options, job.device, job.result
-    paths = SampleFiles(job.source, job.todo)
-    cpu_batch = o.batch_size or CPU_BATCH
-    dec = check_dec = sample_decoder(job.source, job.backbone, o.decoder, o.allow_damaged)
-    rt = _image_runtime(job, paths, check_dec)
-    job.writer.runtime = f"{rt.name} {rt.precision}"
-    layout = _image_layout(job, rt, len(paths))
-    result.layout = f"{dev.type}: {layout.describe()}, {rt.describe()}"
-    result.settings = {"device": str(dev), "batch_size": o.batch_size or "auto", "workers": o.workers,
-                       "replicas": layout.replicas, "amp": o.amp, "compile": o.compile, "decoder": o.decoder,
-                       "runtime": rt.name, "precision": o.precision}
-    bar = _progress(job, "img", f"embedding ({job.backbone.name}, {result.layout})")
-    rec = Recorder(job.writer, job.todo, job.listing.ids, job.listing.content, bar, threaded=not layout.replicas)
-    if rt.takes_pixels:
-        dec = dec.as_pixels()  # the runtime normalises inside its graph
-    try:
-        if rt.pipelined:
-            run_pipelined(rt, dec, paths, layout, rec, transfer=cpu_batch)
-        elif layout.replicas:
-            run_replicas(rt, dec, paths, cpu_batch, layout, rec)
-        else:
-            run_in_process(rt, dec, paths, o.batch_size, dev, layout, rec, o.compile)
-    finally:
-        bar.close()
-        rec.close()
-        result.stages = {k: round(v, 4) for k, v in rec.stages.items()}
-
-
-def first_images(dec: Decoder, paths, n: int | None = None) -> torch.Tensor | None:
-    """The first images still to embed that decode (auto's agreement check runs on them)."""
-    from featurebank.features.runtimes import CHECK_IMAGES
-
-    tensors, _, _, _ = decode_batch(dec, 0, [paths[j] for j in range(min(n or CHECK_IMAGES, len(paths)))])
-    return torch.stack(tensors) if tensors else None
-
-
-def calibration_set(dataset: str, root=None) -> str:
-    """The name int8 calibration is cached under: the dataset's (shared by all its shards, which are
-    named ``<dataset>.sNNNofMMM``) and where its samples are, so that two folders that happen to have
-    the same name never share a quantized model calibrated on the other's images, while a folder that
-    grows keeps its own."""
-    import re
-
-    m = re.match(r"^(?P<dataset>.+)\.s\d{3}of\d{3}$", dataset)  # features.shards.shard_dataset's names
-    name = m.group("dataset") if m else dataset
-    if root is None:
-        return name
-    where = str(root) if "://" in str(root) else os.path.abspath(os.fspath(root))
-    return f"{name}@{where}"
-
-
-def calibration_images(dec: Decoder, source: Source, n: int):
-    """Up to ``n`` decoded train-split samples of the whole source (lowest sha256 of the id first, so
-    the choice is stable and spread over the classes), in batches of 32."""
-    import hashlib
-
-    train = [k for k, s in enumerate(source.samples) if (s.split or split_of(s.id)) == "train"]
-    train.sort(key=lambda k: hashlib.sha256(source.samples[k].id.encode("utf-8", "surrogateescape")).hexdigest())
-    files = SampleFiles(source, train)
-    got, j = 0, 0
-    while got < n and j < len(files):
-        take = [files[i] for i in range(j, min(len(files), j + 32))]
-        j += len(take)
-        tensors, _, _, _ = decode_batch(dec, 0, take)
-        tensors = tensors[:n - got]
-        if tensors:
-            got += len(tensors)
-            yield torch.stack(tensors)

@@ -39,15 +39,18 @@ import torch
 from torch import nn
 
 from featurebank.data.sources import Source, open_source
-from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_backbone, is_text_backbone
+from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_backbone
 from featurebank.features.decode import Decoder
+from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.engine import (
-    CALIBRATION_SAMPLES, ExtractResult, Listing, ModalityError, SampleFiles, calibration_images, calibration_set,
-    extract, first_images, forward_precision, labels_changed, sample_decoder, store_config,
+    ExtractResult, Listing, ModalityError, extract, forward_precision, labels_changed, store_config,
+)
+from featurebank.features.image_prepare import (
+    SampleFiles, calibration_images, calibration_set, first_images, sample_decoder,
 )
 from featurebank.features.images import ImageError
 from featurebank.features.options import ExtractOptions
-from featurebank.features.registry import build_backbone, modality
+from featurebank.features.registry import build_backbone, modality_of
 from featurebank.features.executors import mp_context, worker_started
 from featurebank.features.device import pick_device, usable_cores
 from featurebank.features.runtimes import check_precision, create_runtime
@@ -317,31 +320,31 @@ def sweep(source: Source | str | os.PathLike, backbones: list[str], layers: list
         raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {o.dtype!r}")
     check_precision(o.precision)
     out = SweepResult(o.dataset or source.name, source.modality)
-    if source.modality == "text":
-        _sweep_texts(source, backbones, layers, store_dir, o, out)
+    if source.modality != "image":  # the shared read and decode is the images'; others: one extraction each
+        _sweep_each(source, backbones, layers, store_dir, o, out)
         out.seconds = time.perf_counter() - t0
         return out
     return _sweep_images(source, backbones, layers, store_dir, o, out, t0)
 
 
-def _sweep_texts(source: Source, backbones: list[str], layers: list[str], store_dir, o: ExtractOptions,
-                 out: SweepResult) -> None:
-    """One extraction per text backbone (each has its own tokenizer)."""
+def _sweep_each(source: Source, backbones: list[str], layers: list[str], store_dir, o: ExtractOptions,
+                out: SweepResult) -> None:
+    """One extraction per backbone (texts: each has its own tokenizer, so nothing is shared)."""
     if layers != [FINAL]:
-        raise SweepError(f"{source.name} holds texts: --layers applies to image backbones only")
-    # as before: a text backbone's own precision comes from its name's build (f32), and extract's other
-    # image-only options are left at their defaults
-    text_options = ExtractOptions(dataset=o.dataset, batch_size=o.batch_size, device=o.device, dtype=o.dtype,
+        raise SweepError(f"{source.name} holds {source.modality}s: --layers applies to image backbones only")
+    # a text backbone's precision comes from its build, and extract's image-only options stay at their defaults
+    each = ExtractOptions(dataset=o.dataset, batch_size=o.batch_size, device=o.device, dtype=o.dtype,
                                   content_hash=o.content_hash, retry_failures=o.retry_failures,
                                   lock_timeout=o.lock_timeout, rows_per_part=o.rows_per_part,
                                   seconds_per_part=o.seconds_per_part, progress=o.progress, say=o.say,
                                   runtime=o.runtime)
     for b in backbones:
         bb = build_backbone(b, long_text=o.long_text, precision=o.precision)
-        if modality(bb) != "text":
-            raise ModalityError(f"{b} embeds images but {source.name} holds texts: use text backbones such as minilm")
+        if bb.modality != source.modality:
+            raise ModalityError(f"{b} embeds {bb.modality}s but {source.name} holds {source.modality}s: use "
+                                f"{source.modality} backbones")
         t1 = time.perf_counter()
-        r = extract(source, bb, store_dir, text_options)
+        r = extract(source, bb, store_dir, each)
         rate = None
         if r.embedded:
             rate = r.embedded / max(1e-9, r.stages.get("forward", time.perf_counter() - t1))
@@ -357,8 +360,8 @@ def _sweep_images(source: Source, backbones: list[str], layers: list[str], store
                   out: SweepResult, t0: float) -> SweepResult:
     """Image backbones: one read and decode per sample for all, one forward pass per backbone for its layers."""
     for b in backbones:
-        if is_text_backbone(b):
-            raise ModalityError(f"{b} embeds texts but {source.name} holds images: use image backbones")
+        if modality_of(b) != "image":
+            raise ModalityError(f"{b} embeds {modality_of(b)}s but {source.name} holds images: use image backbones")
     dev = pick_device(o.device)  # once for the whole sweep
     precision, amp = forward_precision("image", dev, o)
     o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)

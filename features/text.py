@@ -23,14 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from featurebank.features.backbones import BackboneError
+from featurebank.features.backbones import Backbone, BackboneError, Family
+from featurebank.features.execution import Execution
 from featurebank.features.hashing import file_sha256
 from featurebank.features.choices import DEFAULT_TEXT_BACKBONE, LONG_TEXT  # noqa: F401 - declared with the other option values
 from featurebank.features.choices import TEXT_PRECISIONS
@@ -55,12 +56,9 @@ class TextPreprocessing:
     long_text: str = "truncate"
     precision: str = "f32"  # how the forward pass computes (f32, bf16): rows of different precisions never mix
     modality: str = "text"
-    size: int = 0  # images only; kept so that code reading ``preprocessing.size`` does not break
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("size")
-        return d
+        return asdict(self)
 
 
 class SentenceEncoder(nn.Module):
@@ -101,26 +99,20 @@ class Tokens:
     truncated: np.ndarray  # bool per text: longer than the maximum length (cut, or chunked)
 
 
-@dataclass
-class TextBackbone:
-    name: str
-    model: SentenceEncoder
-    tokenizer: object  # a tokenizers.Tokenizer, truncation set to the maximum length, no padding
+@dataclass(frozen=True)
+class TextPrepare:
+    """Texts: read a window of them at a time (WINDOW), tokenise it (truncated to the maximum length, or
+    cut into chunks of it under long_text="mean", noted "truncated"; bytes that are not UTF-8 decoded with
+    replacement characters, noted "replaced"), sort it by token length and cut it into batches, so that
+    padding stays small. The next window is prepared in a thread while the model runs the current one."""
+
     preprocessing: TextPreprocessing
-    weights_sha256: str
-    dim: int
-    folder: Path
+    tokenizer: object  # a tokenizers.Tokenizer, truncation set to the maximum length, no padding
     pad_id: int = 0
-    layer: str = "pooled"
-    modality: str = "text"
-    info: dict = field(default_factory=dict)
+    unit = "text"
 
-    @property
-    def pooling(self) -> str:
-        return self.preprocessing.pooling
-
-    def with_options(self, long_text: str | None = None, precision: str | None = None) -> TextBackbone:
-        """The same encoder with another long-text rule or forward precision (both fingerprinted)."""
+    def with_options(self, backbone, long_text: str | None = None, precision: str | None = None):
+        """``backbone`` with another long-text rule or forward precision (both fingerprinted)."""
         from dataclasses import replace
 
         long_text = long_text or self.preprocessing.long_text
@@ -129,7 +121,8 @@ class TextBackbone:
             raise BackboneError(f"long_text must be one of {', '.join(LONG_TEXT)}, not '{long_text}'")
         if precision not in PRECISIONS:
             raise BackboneError(f"precision for text must be one of {', '.join(PRECISIONS)}, not '{precision}'")
-        return replace(self, preprocessing=replace(self.preprocessing, long_text=long_text, precision=precision))
+        pre = replace(self.preprocessing, long_text=long_text, precision=precision)
+        return replace(backbone, preprocessing=pre, prepare=replace(self, preprocessing=pre))
 
     def tokenize(self, texts: list[str]) -> Tokens:
         """Token ids, truncated to the maximum length (or cut into chunks of it under long_text="mean")."""
@@ -169,17 +162,33 @@ class TextBackbone:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32)
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    def encode(self, backbone, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Embed a list of texts in this process with torch (length-grouped batches); for small jobs and tests."""
         tokens = self.tokenize(texts)
         order = np.argsort([len(c) for c in tokens.ids], kind="stable")
-        emb = np.zeros((len(tokens.ids), self.dim), np.float32)
+        emb = np.zeros((len(tokens.ids), backbone.dim), np.float32)
         with torch.inference_mode():
             for s in range(0, len(order), batch_size):
                 pick = order[s:s + batch_size]
                 ids, mask = self.batch([tokens.ids[i] for i in pick])
-                emb[pick] = self.model(torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy()
+                emb[pick] = backbone.model(torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy()
         return self.combine(emb, tokens.owner, len(texts))
+
+    def window(self, source, todo, positions: range, batch: int) -> dict:
+        """Read, decode and tokenise one window of texts, and cut it into length-sorted batches."""
+        return prepare_window(self, source, todo, positions, batch)
+
+    def execution(self, job) -> Execution:
+        """How the job's texts are embedded: windows prepared in a thread, batches through the text runtime."""
+        import torch
+
+        o, dev = job.options, job.device
+
+        def run(rec) -> str:
+            name = embed_texts(job.source, job.backbone, job.todo, rec, o.batch_size, o.runtime, dev.type, say=o.say)
+            return f"{dev.type}: {name}, 1 process x {torch.get_num_threads()} threads"
+
+        return Execution(run, f"embedding ({job.backbone.name})", self.unit)
 
 
 def _read_json(path: Path) -> dict | list:
@@ -239,7 +248,7 @@ def resolve_folder(name: str) -> Path:
 
 
 def create_text_backbone(name: str = DEFAULT_TEXT_BACKBONE, long_text: str = "truncate",
-                         precision: str = "f32") -> TextBackbone:
+                         precision: str = "f32") -> Backbone:
     """Build a frozen sentence encoder from a sentence-transformers folder (see the module docstring)."""
     folder = resolve_folder(name)
     modules = _read_json(folder / "modules.json")
@@ -296,11 +305,29 @@ def create_text_backbone(name: str = DEFAULT_TEXT_BACKBONE, long_text: str = "tr
     for p in model.parameters():
         p.requires_grad_(False)
     dim = int(transformer.config.hidden_size)
-    backbone = TextBackbone(name=name if not os.path.isdir(name) else f"st-folder:{folder.resolve().name}",
-                            model=model, tokenizer=tokenizer, preprocessing=pre,
-                            weights_sha256=_files_sha256(tdir, weights), dim=dim, folder=folder,
-                            pad_id=int(hf_tok.pad_token_id or 0))
-    return backbone.with_options(long_text, precision)
+    backbone = Backbone(name=name if not os.path.isdir(name) else f"st-folder:{folder.resolve().name}",
+                        model=model, preprocessing=pre, weights_sha256=_files_sha256(tdir, weights), dim=dim,
+                        pooling=pooling, modality="text", folder=folder,
+                        prepare=TextPrepare(pre, tokenizer, pad_id=int(hf_tok.pad_token_id or 0)))
+    return backbone.with_options(long_text=long_text, precision=precision)
+
+
+def is_sentence_transformers_folder(name: str) -> bool:
+    return (Path(name) / "modules.json").is_file()
+
+
+def _build(name: str, layer: str | None = None, arch: str | None = None, long_text: str = "truncate",
+           precision: str = "f32", **_) -> Backbone:
+    if layer or arch:
+        raise BackboneError(f"{name} is a text backbone: --layer and --arch apply to image backbones only")
+    return create_text_backbone(name, long_text=long_text, precision=precision)
+
+
+#: the text families (rows of features.registry's table, beside features.backbones' image ones)
+FAMILIES = (
+    Family("text", _build, names=("minilm", "mpnet"), prefix="st:"),
+    Family("text", _build, matches=is_sentence_transformers_folder),
+)
 
 
 # ------------------------------------------------------------------------------------------- runtimes
@@ -329,7 +356,7 @@ def source_texts(source, stored_ids: list[str]) -> list[str]:
 WINDOW = 1024  # texts tokenised, sorted by length and embedded together (memory stays flat)
 
 
-def _prepare(source, backbone: TextBackbone, todo: list[int], positions: range, batch: int) -> dict:
+def prepare_window(prep: TextPrepare, source, todo, positions: range, batch: int) -> dict:
     """Read, decode and tokenise one window of texts, and cut it into length-sorted batches."""
     import time
 
@@ -347,16 +374,16 @@ def _prepare(source, backbone: TextBackbone, todo: list[int], positions: range, 
     t1 = time.perf_counter()
     w = {"positions": positions, "keep": keep, "bad": bad, "n": len(texts), "read": t1 - t0, "batches": []}
     if texts:
-        tokens = backbone.tokenize(texts)
+        tokens = prep.tokenize(texts)
         order = np.argsort([len(c) for c in tokens.ids], kind="stable")
         w |= {"tokens": tokens, "order": order,
-              "batches": [backbone.batch([tokens.ids[i] for i in order[s:s + batch]]) for s in range(0, len(order), batch)],
+              "batches": [prep.batch([tokens.ids[i] for i in order[s:s + batch]]) for s in range(0, len(order), batch)],
               "notes": [",".join(x for x in (n, "truncated" if t else "") if x) for n, t in zip(notes, tokens.truncated)]}
     w["tokenize"] = time.perf_counter() - t1
     return w
 
 
-def embed_texts(source, backbone: TextBackbone, todo: list[int], rec, batch_size: int | None = None,
+def embed_texts(source, backbone: Backbone, todo: list[int], rec, batch_size: int | None = None,
                 runtime: str = "auto", device: str | None = None, say=print) -> str:
     """Embed the samples ``todo`` (indices into ``source.samples``) and hand rows and failures to ``rec``
     (the engine's recorder). Texts are read and tokenised a window at a time, sorted by token length
@@ -369,12 +396,12 @@ def embed_texts(source, backbone: TextBackbone, todo: list[int], rec, batch_size
     run = None
     windows = [range(w, min(w + WINDOW, len(todo))) for w in range(0, len(todo), WINDOW)]
     with ThreadPoolExecutor(1, thread_name_prefix="featurebank-tokenize") as pool:
-        pending = pool.submit(_prepare, source, backbone, todo, windows[0], batch) if windows else None
+        pending = pool.submit(backbone.prepare.window, source, todo, windows[0], batch) if windows else None
         for k in range(len(windows)):
             t0 = time.perf_counter()
             w = pending.result()
             rec.time("wait for tokenize", time.perf_counter() - t0)
-            pending = pool.submit(_prepare, source, backbone, todo, windows[k + 1], batch) if k + 1 < len(windows) else None
+            pending = pool.submit(backbone.prepare.window, source, todo, windows[k + 1], batch) if k + 1 < len(windows) else None
             rec.time("read", w["read"])
             rec.time("tokenize (thread)", w["tokenize"])
             rec.failures(w["bad"])
@@ -388,6 +415,6 @@ def embed_texts(source, backbone: TextBackbone, todo: list[int], rec, batch_size
                 tokens = w["tokens"]
                 emb = np.empty((len(tokens.ids), backbone.dim), np.float32)
                 emb[w["order"]] = np.concatenate(out)
-                rec.rows(w["keep"], backbone.combine(emb, tokens.owner, w["n"]), w["notes"])
+                rec.rows(w["keep"], backbone.prepare.combine(emb, tokens.owner, w["n"]), w["notes"])
             rec.advance(len(w["positions"]))
     return run.name if run is not None else "none"

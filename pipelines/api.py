@@ -255,7 +255,7 @@ class Backbone:
 
     @property
     def modality(self) -> str:
-        return getattr(self.model, "modality", "image")
+        return self.model.modality
 
     @property
     def dim(self) -> int:
@@ -342,7 +342,8 @@ class Backbone:
         kwargs = {}
         if precision == "int8":
             from featurebank.data.sources import open_source
-            from featurebank.features.engine import CALIBRATION_SAMPLES, calibration_images, calibration_set, sample_decoder
+            from featurebank.features.choices import CALIBRATION_SAMPLES
+            from featurebank.features.image_prepare import calibration_images, calibration_set, sample_decoder
 
             source = open_source(_path(self.calibration))
             dec = sample_decoder(source, self.model, self.decoder)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from featurebank.classifiers.audit import (
-    audit_features, drift_against, evaluate_predictions, reference_features, write_audit,
+    audit_features, drift_against, evaluate_predictions, reference_features, store_source, write_audit,
 )
 from featurebank.classifiers.fewshot import evaluate_fewshot, fewshot_run
 from featurebank.classifiers.gallery import audit_run, run_predictions
@@ -27,7 +27,7 @@ from featurebank.classifiers.report import METRIC_COLUMNS, write_report
 from featurebank.classifiers.retention import prune
 from featurebank.classifiers.runs import RUN_FILES, TRAIN_FILES, run_folder
 from featurebank.classifiers.train import exceeds_budget, modality_baseline, train_out_of_core, train_probes
-from featurebank.features.registry import backbone_for_store, baseline_inputs, build_backbone, modality
+from featurebank.features.registry import backbone_for_store, baseline_inputs, build_backbone
 from featurebank.features.engine import ExtractResult, extract
 from featurebank.features.shards import extract_shard, plan_shards
 from featurebank.features.store import join_shards, read_features
@@ -111,7 +111,8 @@ def run_audit(p: AuditParams, say=print) -> dict:
     audit.md, label_issues.csv and near_duplicates.csv into ``p.out_dir``."""
     features = read_features(p.store)
     say(f"auditing {features.path.name}: {len(features.ids)} samples, {len(features.class_names)} classes")
-    audit = audit_features(features, folds=p.folds, seed=p.seed, say=say)
+    source, note = store_source(features, p.source)  # its pictures give the near-duplicates' fingerprints
+    audit = audit_features(features, folds=p.folds, seed=p.seed, source=source, source_note=note, say=say)
     if p.against:
         audit["drift"] = drift_against(features, reference_features(p.against), seed=p.seed)
         d = audit["drift"]
@@ -132,8 +133,8 @@ def classifier_backbone(classifier: Path, manifest: dict, backbone: str | None =
     backbone = backbone_for_store(name, manifest["store_fingerprint"], layer=layer, arch=arch)
     # the stored dtype and the precision the classifier's store was made with; refused here if none fits
     found = store_options(classifier, manifest, backbone)
-    if modality(backbone) == "text":
-        found.pop("precision")  # a text backbone carries its precision itself
+    if "precision" in backbone.identity["preprocessing"]:
+        found.pop("precision")  # a backbone that carries its precision itself (a text one: features.text)
     return backbone, found
 
 

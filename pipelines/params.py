@@ -27,7 +27,8 @@ from featurebank.data.sources import (
 )
 from featurebank.features.export import EXPORT_FORMATS
 from featurebank.features.choices import (
-    AMP_MODES, DECODERS, DEFAULT_AMP, DEFAULT_BACKBONE, DEFAULT_DECODER, DEFAULT_TEXT_BACKBONE, LONG_TEXT, PRECISIONS, RUNTIMES,
+    AMP_MODES, DECODERS, DEFAULT_AMP, DEFAULT_BACKBONE, DEFAULT_BACKBONES, DEFAULT_DECODER, LONG_TEXT, PRECISIONS,
+    RUNTIMES,
 )
 from featurebank.features.options import ExtractOptions
 from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreError, read_index
@@ -43,7 +44,7 @@ def check_trainable(index) -> None:
 
 
 def check_backbone_name(v: str) -> str:
-    from featurebank.features.backbones import check_backbone_name as check
+    from featurebank.features.registry import check_backbone_name as check
 
     return check(v)
 
@@ -182,8 +183,7 @@ class EngineOptions(Params):
     def _default_backbone(self):
         source = getattr(self, "source", None)
         if self.backbone is None and source is not None:  # the source's modality decides (a demo decides when built)
-            text = source_modality(source, getattr(self, "text_column", None)) == "text"
-            self.backbone = DEFAULT_TEXT_BACKBONE if text else DEFAULT_BACKBONE
+            self.backbone = DEFAULT_BACKBONES.get(source_modality(source, getattr(self, "text_column", None)))
         return self
 
     @field_validator("device")
@@ -427,6 +427,13 @@ class AuditParams(Params):
                                  "a store of the same backbone configuration, or a run folder (its training set)")
     folds: int = option(5, "label audit: cross-validation folds of the out-of-fold probabilities", ge=2, le=20)
     seed: int = option(0, "label audit and drift test: the seed of folds, searches and permutations", ge=0)
+    source: str | None = option(None, "the source the store was made from (format detected), whose pictures the "
+                                "near-duplicate search compares (default: the source recorded in the store)")
+
+    @field_validator("source")
+    @classmethod
+    def _picture_source(cls, v: str | None) -> str | None:
+        return v if v is None else _source_given(v)
 
     @field_validator("against")
     @classmethod

@@ -14,7 +14,9 @@ from probes_support import digits_features, write_store
 
 from conftest import write_digits_folder
 
-from featurebank.classifiers.audit import audit_features, find_label_issues, groups_of, near_duplicate_pairs
+from featurebank.classifiers.audit import (
+    audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, pixel_fingerprints,
+)
 from featurebank.classifiers.drift import domain_classifier_test
 from featurebank.pipelines.cli import main
 
@@ -67,6 +69,45 @@ def test_near_duplicates_are_small_groups_and_leaks_change_the_test_accuracy():
     assert e["test_accuracy"] == pytest.approx(1 - 5 / len(test))
 
 
+def test_resaved_and_resized_copies_are_found_through_the_pictures(tmp_path):
+    """20 pictures re-saved under new names as JPEG of another quality and a 7 % other size are grouped with
+    their originals by the thumbnails read through the source; a clean folder yields few other groups."""
+    from featurebank.data.sources import open_source
+
+    f = digits_features(400)
+    folder = tmp_path / "digits"
+    rng = np.random.default_rng(3)
+    for k, sample_id in enumerate(f.ids):  # 64 px pictures of scikit-learn's digits, as write_digits_folder makes
+        (folder / sample_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((f.X[k].reshape(8, 8) * 255 / 16).astype(np.uint8)).resize((64, 64), Image.NEAREST).save(
+            folder / sample_id, compress_level=1)
+    originals = rng.choice(len(f.ids), 20, replace=False)
+    copies = []
+    for k, o in enumerate(originals):
+        img = Image.open(folder / f.ids[o]).convert("RGB")
+        side = round(64 * (0.93 if k % 2 else 1.07))
+        name = f"{f.ids[o].split('/')[0]}/copy-{k:02d}.jpg"
+        img.resize((side, side), Image.BICUBIC).save(folder / name, quality=(75, 85, 95)[k % 3])
+        copies.append(name)
+    ids = f.ids + copies
+    X = np.vstack([f.X, f.X[originals] + rng.normal(0, 0.5, (20, 64)).astype(np.float32)])
+    pictures = pixel_fingerprints(open_source(folder), ids)
+    assert len(pictures[0]) == len(ids) and not pictures[2]
+    pairs, how = near_duplicates(X, pictures)
+    assert how["method"] == "pictures"
+    groups = groups_of(len(ids), list(pairs))
+    n = len(f.ids)
+    found = sum(any({int(o), n + k} <= set(g) for g in groups) for k, o in enumerate(originals))
+    assert found >= 19
+    assert all(len(g) <= 3 for g in groups)
+    others = [g for g in groups if max(g) < n]
+    assert len(others) <= 3, [[ids[m] for m in g] for g in others]  # look-alikes of a clean folder
+
+    # the pictures cannot be read: the embeddings alone, and audit.json says so
+    pairs, how = near_duplicates(X, None, why_not="no source given")
+    assert how["method"] == "embeddings" and how["note"].startswith("no source given")
+
+
 def test_drift_holds_its_level_and_detects_another_dataset():
     f = digits_features()
     rng = np.random.default_rng(0)
@@ -94,6 +135,8 @@ def test_audit_command_writes_its_files(tmp_path, capsys):
     assert {"label_issues", "near_duplicates", "leaks", "drift"} <= set(audit)
     assert audit["drift"]["skipped"] and audit["drift"]["n_new"] == 0  # the same store: nothing new
     assert audit["leaks"]["n_groups"] >= 3
+    nd = audit["near_duplicates"]  # a store that records no source: its embeddings alone, and the reason
+    assert nd["method"] == "embeddings" and "no source" in nd["note"]
     rows = list(csv.DictReader((out / "near_duplicates.csv").open()))
     assert {"group", "id", "split"} <= set(rows[0])
     li = list(csv.DictReader((out / "label_issues.csv").open()))
@@ -105,8 +148,14 @@ def test_audit_command_writes_its_files(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_run_report_has_the_audit_predictions_failures_and_drift(tmp_path, capsys):
+    from featurebank.data.sources import split_of
+
     folder = write_digits_folder(tmp_path / "digits", per_class=12)
     (folder / "1" / "broken.png").write_bytes(b"not a png")
+    # a re-encoded, resized copy under a new name on the other side of the split: a leak found by its picture
+    original = sorted((folder / "0").glob("*.png"))[0]
+    copy_id = next(n for n in (f"0/copy{k}.jpg" for k in range(100)) if split_of(n) != split_of(f"0/{original.name}"))
+    Image.open(original).convert("RGB").resize((60, 60), Image.BICUBIC).save(folder / copy_id, quality=85)
     store, runs = tmp_path / "store", tmp_path / "runs"
     common = ["--store", str(store), "--out", str(runs), "--probes", "logreg,knn", "--workers", "0", "--no-prefect"]
     assert main(["run", str(folder), *common]) == 0
@@ -115,8 +164,12 @@ def test_run_report_has_the_audit_predictions_failures_and_drift(tmp_path, capsy
     for name in ("audit.json", "audit.md", "label_issues.csv", "near_duplicates.csv", "predictions.csv"):
         assert (first / name).is_file(), name
     preds = list(csv.DictReader((first / "predictions.csv").open()))
-    assert len(preds) == 36 and list(preds[0])[:5] == ["id", "split", "true_label", "predicted_label", "probability"]
+    assert len(preds) == 37 and list(preds[0])[:5] == ["id", "split", "true_label", "predicted_label", "probability"]
     page = (first / "report.html").read_text()
+    audit = json.loads((first / "audit.json").read_text())
+    assert audit["near_duplicates"]["method"] == "pictures" and audit["leaks"]["n_groups"] >= 1
+    leaked = {m["id"] for g in audit["near_duplicates"]["groups"] for m in g["members"]}
+    assert {copy_id, f"0/{original.name}"} <= leaked
     assert "Data audit" in page and "broken.png" in page and "loading='lazy'" in page
     assert all((first / t).is_file() for t in ("thumbs/00000.png",))
     assert page.count("<tr>") < 40  # one row per class in the per-class table, not one per (class, probe)
@@ -136,7 +189,7 @@ def test_run_report_has_the_audit_predictions_failures_and_drift(tmp_path, capsy
     assert main(["predict", str(runs / "classifiers" / "logreg"), str(folder), "--store", str(store), "--out", str(out),
                  "--workers", "0", "--evaluate"]) == 0
     err = capsys.readouterr().err
-    assert "accuracy" in err and "on 36 labelled samples" in err and "support" in err
+    assert "accuracy" in err and "on 37 labelled samples" in err and "support" in err
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0])[:3] == ["id", "true_label", "predicted"] and {r["true_label"] for r in rows} == {"0", "1", "7"}
 

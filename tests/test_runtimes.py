@@ -202,7 +202,7 @@ def test_openvino_takes_pixels_and_floats_alike_and_cuts_batches_into_requests(l
 
 
 def test_a_rerun_trusts_the_agreement_its_store_already_passed(lite0, photos, tmp_path, monkeypatch):
-    from featurebank.features import engine as engine_module
+    from featurebank.features import image_prepare  # the image prepare step runs the agreement check
 
     r = extract(photos, lite0, tmp_path, **quiet)  # auto: OpenVINO after the agreement check
     with h5py.File(r.path) as f:
@@ -213,7 +213,7 @@ def test_a_rerun_trusts_the_agreement_its_store_already_passed(lite0, photos, tm
 
     rt = create_runtime("auto", lite0, torch.device("cpu"), "f32", first_batch=no_check, agreed={"openvino f32"})
     assert rt.name == "openvino"
-    monkeypatch.setattr(engine_module, "first_images", lambda *a, **k: no_check())
+    monkeypatch.setattr(image_prepare, "first_images", lambda *a, **k: no_check())
     files = sorted(photos.rglob("*.jpg"))
     files[0].write_bytes(files[0].read_bytes())  # one changed file: the rerun embeds it without a check
     r2 = extract(photos, lite0, tmp_path, **quiet)

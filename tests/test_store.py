@@ -109,7 +109,7 @@ def test_sample_locations_round_trip_through_the_packed_buffer(tmp_path):
     """The decoding workers read sample locations from one packed buffer (no object per sample):
     every path comes back as it was, undecodable bytes and backslashes included."""
     from featurebank.data.sources import Sample, Source, escape_id
-    from featurebank.features.engine import SampleFiles
+    from featurebank.features.image_prepare import SampleFiles
 
     names = ["plain.jpg", "ünïcödé/ファイル.png", "back\\slash.jpg", os.fsdecode(b"latin-\xe9.jpg"), "a b/c.jpg"]
     src = Source("toy", tmp_path, [Sample(id=n, loc=str(tmp_path / n)) for n in names])

@@ -76,9 +76,12 @@ def fingerprint(runtime: str, precision: str, calibration_samples: int = CALIBRA
     return None
 
 
-def _identity(backbone) -> tuple:
-    """What the agreement check's result depends on: the model and how its input is prepared."""
-    return backbone.name, backbone.weights_sha256, backbone.layer, backbone.pooling, repr(backbone.preprocessing)
+def _identity(backbone) -> str:
+    """What the agreement check's result depends on: the backbone's identity (what its store's fingerprint
+    covers: the model and how its input is prepared)."""
+    import json
+
+    return json.dumps(backbone.identity, sort_keys=True, default=str)
 
 
 def _digest(x) -> str:
