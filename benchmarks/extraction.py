@@ -68,6 +68,7 @@ from featurebank.features.decode import Decoder  # noqa: E402
 from featurebank.features.engine import extract  # noqa: E402
 from featurebank.features.executors import FileDataset, collate, mp_context, steady_allocator  # noqa: E402
 from featurebank.features.device import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
+from featurebank.features.choices import RUNTIMES  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the input
 
@@ -833,7 +834,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=None, help="default: the engine's choice")
     ap.add_argument("--amp", default=DEFAULT_AMP, help="CUDA autocast: auto, bf16, fp16, fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"], help="the engine's runtime")
+    ap.add_argument("--runtime", default="auto", choices=RUNTIMES, help="the engine's runtime")
     ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "int8"],
                     help="how the forward pass computes, in (a) and (b)")
     ap.add_argument("--workers", type=int, default=None, help="override the engine's layout")
@@ -911,7 +912,7 @@ def _warm_runtime(folder: Path, backbone: Backbone, batch: int | None, runtime: 
     dec = sample_decoder(src, backbone)
     files = SampleFiles(src, list(range(len(src.samples))))
     rt = create_runtime(runtime, backbone, torch.device("cpu"), precision, batch, say=print,
-                        first_images=lambda: first_images(dec, files),
+                        first_batch=lambda: first_images(dec, files),
                         calibration=lambda: calibration_images(dec, src, CALIBRATION_SAMPLES),
                         int8_key=calibration_set(src.name, src.root), calibration_samples=CALIBRATION_SAMPLES)
     return rt.describe()

@@ -349,7 +349,7 @@ class _Plan:
     need: np.ndarray | None = None  # bool per sample of the source
     reused: int = 0
     stale: bool = False
-    agreed: bool = False  # its rows came from OpenVINO at this precision: the agreement check passed before
+    agreed: frozenset = frozenset()  # what computed its rows ("openvino f32", ...): they passed the agreement check
 
 
 def parse_list(value: str | list[str] | None) -> list[str]:
@@ -476,7 +476,7 @@ def _open_plan(stack: ExitStack, p: _Plan, listing: Listing, o: ExtractOptions, 
             need[k] = True
     p.need = need
     p.stale = listing.stale(index)
-    p.agreed = f"openvino {o.precision}" in index.runtimes
+    p.agreed = frozenset(index.runtimes)
 
 
 def _finish_plan(p: _Plan, listing: Listing, rate: float | None, precision: str, t0: float) -> StoreResult:
@@ -533,10 +533,10 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
             say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
             runtime = "torch"
         rt = create_runtime(runtime, c.taps, dev, precision, batch_size, say=say,
-                            first_images=lambda a=a, need=need: firsts(a, need),
+                            first_batch=lambda a=a, need=need: firsts(a, need),
                             calibration=lambda d=check_dec: calibration_images(d, source, calibration_samples),
                             int8_key=calibration_set(dataset, source.root), calibration_samples=calibration_samples,
-                            agreed=all(p.agreed for p in row))
+                            agreed=frozenset.intersection(*(p.agreed for p in row)))
         for p in row:
             p.writer.runtime = f"{rt.name} {rt.precision}"
         runtimes.append(rt)
@@ -553,7 +553,7 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
     # the sweep's own: large enough that few messages cross between processes, small enough that every
     # decoding worker has several batches in flight (with camera-size photos and a few hundred images,
     # batches of 64 left the models idle while the first ones decoded)
-    batch = decoded_batch(len(todo), n_workers) if any(r.name == "openvino" for r in runtimes) \
+    batch = decoded_batch(len(todo), n_workers) if any(r.pipelined for r in runtimes) \
         else max(1, batch_size or SWEEP_BATCH)
     loader = torch.utils.data.DataLoader(
         _Samples(files, shared, on_device), batch_size=batch, num_workers=n_workers, collate_fn=_collate,
