@@ -53,7 +53,7 @@ C_GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 1))  # 1e-4 .. 1, half-de
 
 def row_norms(X: np.ndarray) -> np.ndarray:
     """The L2 norm of each row, without the temporary of ``X * X`` that ``np.linalg.norm`` makes."""
-    return np.sqrt(np.einsum("ij,ij->i", X, X))
+    return np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float32 if X.dtype == np.float16 else None))
 
 
 def normalise(X: np.ndarray) -> np.ndarray:
@@ -309,11 +309,14 @@ def nearest_neighbours(X: np.ndarray, k: int = 2, block_rows: int = BLOCK_ROWS,
     del P
     idx = np.zeros((n, k), np.int64)
     sim = np.zeros((n, k), np.float32)
+    inv = 1.0 / np.maximum(row_norms(X), 1e-12).astype(np.float32)
     step = max(16, (32 << 20) // (4 * cand.shape[1] * X.shape[1]))  # rows whose candidates take 32 MB
-    for s in range(0, n, step):  # rescore the candidates exactly
-        Zb = normalise(X[s:s + step])
+    for s in range(0, n, step):  # rescore the candidates exactly: batched BLAS products, no normalised copies
         C = cand[s:s + step]
-        full = np.einsum("nd,nkd->nk", Zb, normalise(X[C.ravel()]).reshape(C.shape[0], C.shape[1], -1))
+        G = X[C.ravel()].reshape(C.shape[0], C.shape[1], -1)
+        full = np.matmul(G, X[s:s + len(C), :, None])[:, :, 0]
+        full *= inv[s:s + len(C), None]
+        full *= inv[C]
         order = np.argsort(-full, axis=1)[:, :k]
         idx[s:s + len(C)] = np.take_along_axis(C, order, 1)
         sim[s:s + len(C)] = np.take_along_axis(full, order, 1)

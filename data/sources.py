@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from featurebank.data.columns import Sample, SampleColumns, Strings
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
@@ -42,17 +44,6 @@ class UnreadableSample(ValueError):
 
 
 NUL_PATH = "its path holds a NUL byte, which no file name can hold"
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    id: str  # stable id: a path relative to the source root, a struct path, a tar key (may hold surrogate escapes)
-    # the location of the bytes, as the source's reader understands it: a file path for folders and
-    # manifests, a compact "file:row group:row" or "shard:offset:size" for tables and tars. A plain
-    # string: a listing of millions of samples must stay small (a Path costs ~5x)
-    loc: str
-    label: str | None = None
-    split: str | None = None  # "train" / "test"; None means "decide from the id's hash"
 
 
 class Reader:
@@ -132,7 +123,9 @@ class FileReader(Reader):
 class Source:
     name: str  # the dataset name: the folder's name, the manifest's or table's stem
     root: Path | str
-    samples: list[Sample]
+    # the listing, sorted by id: given as Samples or as columns, held as columns (data.columns.SampleColumns:
+    # no Python object per sample; ``samples[k]`` makes the k-th Sample)
+    samples: SampleColumns
     reader: Reader = field(default_factory=FileReader)
     format: str = "folder"  # folder, manifest, parquet, arrow, webdataset
     # class names in label-index order when the data says so (an HF ClassLabel, integer labels);
@@ -150,9 +143,13 @@ class Source:
     label_column_given: bool = False
     modality: ClassVar[str] = "image"  # what the samples are: "image" here, "text" for data.text sources
 
+    def __post_init__(self):
+        if not isinstance(self.samples, SampleColumns):
+            object.__setattr__(self, "samples", SampleColumns.from_samples(self.samples))
+
     @property
     def classes(self) -> list[str]:
-        present = {s.label for s in self.samples if s.label is not None}
+        present = set(self.samples.present_labels())
         if self.class_names is not None:
             return list(self.class_names) + sorted(present - set(self.class_names))
         return sorted(present)
@@ -163,7 +160,13 @@ class Source:
 
     def fingerprints(self, content_hash: bool = False) -> list[str]:
         """Each sample's content fingerprint, in listing order: equal fingerprints mean equal bytes."""
-        return self.reader.fingerprints([s.loc for s in self.samples], content_hash)
+        return self.reader.fingerprints(list(self.samples.locs), content_hash)
+
+    def fingerprint_column(self, content_hash: bool = False) -> Strings:
+        """:meth:`fingerprints` as one column (data.columns.Strings), made a block of samples at a time."""
+        locs, step = self.samples.locs, 8192
+        return Strings.of(f for a in range(0, len(locs), step)
+                          for f in self.reader.fingerprints(list(locs[a:a + step]), content_hash))
 
     def fingerprint(self, sample: Sample, content_hash: bool = False) -> str:
         return self.reader.fingerprint(sample.loc, content_hash)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
+from featurebank.data.columns import SPLIT_CODES, arrow, SampleColumns, Strings, as_binary, concat_strings, sort_order
 from featurebank.data.remote import FileSet, resolve
 from featurebank.data.sources import (
     FileReader, Reader, Sample, Source, SourceError, UnreadableSample, escape_id, is_remote, register_format,
@@ -31,11 +33,10 @@ SPLIT_ALIASES = {"train": "train", "test": "test", "validation": "train", "valid
 
 def _pa():
     try:
-        import pyarrow
         import pyarrow.parquet  # noqa: F401
     except ImportError:
         raise SourceError("reading Parquet/Arrow needs pyarrow: pip install pyarrow") from None
-    return pyarrow
+    return arrow()  # pyarrow, with the memory pool the columns use (data.columns.arrow)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -228,24 +229,109 @@ class PathTableReader(FileReader):
         return super().fingerprint(loc, content_hash)
 
 
+class _Listing:
+    """The listing being built, file by file, as columns (data.columns): no Python object per row."""
+
+    def __init__(self):
+        self.parts: list[SampleColumns] = []
+        self.file_of_row: list[np.ndarray] = []  # per part: the file index of each row (-1: a file's error row)
+        self.names: dict[str, int] = {}  # label name -> code, over every file
+
+    def error_row(self, i: int, fname: str) -> None:
+        """A file that cannot be opened or read stays listed, as one sample, with its reason."""
+        self.parts.append(SampleColumns(Strings.of([fname]), Strings.of([f"!{i}"])))
+        self.file_of_row.append(np.array([-1], np.int32))
+
+    def add(self, i: int, ids, locs, labels: np.ndarray, label_names: list[str], splits: np.ndarray) -> None:
+        remap = np.array([self.names.setdefault(n, len(self.names)) for n in label_names] + [-1], np.int32)
+        self.parts.append(SampleColumns(ids, locs, remap[labels], [], splits))
+        self.file_of_row.append(np.full(len(ids), i, np.int32))
+
+    def columns(self) -> tuple[SampleColumns, np.ndarray]:
+        parts = self.parts
+        cols = SampleColumns(concat_strings([p.ids for p in parts]), concat_strings([p.locs for p in parts]),
+                             np.concatenate([p.labels for p in parts]) if parts else None, list(self.names),
+                             np.concatenate([p.splits for p in parts]) if parts else None)
+        return cols, np.concatenate(self.file_of_row) if self.file_of_row else np.zeros(0, np.int32)
+
+
+def _label_codes(values, n: int, class_names: list[str] | None, state: dict) -> tuple[np.ndarray, list[str]]:
+    """A file's label column as (codes, names): HF ClassLabel integers name their class (``class_names``),
+    other integers their value as text (-1: no label), strings themselves; ``state`` gets whether every
+    label was an integer ("int_labels") and the integers present ("present")."""
+    pa = _pa()
+    if values is None or values.null_count == n:
+        return np.full(n, -1, np.int32), []
+    if pa.types.is_integer(values.type) and not pa.types.is_boolean(values.type):
+        ints = values.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        uniq, codes = np.unique(ints, return_inverse=True)
+        names, keep = [], []
+        for v in uniq.tolist():
+            if v < 0:
+                keep.append(-1)
+                continue
+            state["present"].add(v)
+            keep.append(len(names))
+            names.append(class_names[v] if class_names and v < len(class_names) else str(v))
+        return np.array(keep, np.int32)[codes].astype(np.int32), names
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        state["int_labels"] = False
+        values = values.cast(pa.large_string()) if pa.types.is_binary(values.type) else values
+    state["int_labels"] = False
+    enc = values.dictionary_encode()
+    names = [v if isinstance(v, str) else str(v) for v in enc.dictionary.to_pylist()]
+    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    return codes, names
+
+
+def _split_codes(values, where: str) -> np.ndarray:
+    """A file's split column as codes (data.columns.SPLIT_CODES; validation and dev count as train)."""
+    if values is None:
+        return None
+    enc = values.dictionary_encode()
+    table = []
+    for sp in enc.dictionary.to_pylist():
+        split = SPLIT_ALIASES.get(str(sp).lower())
+        if split is None:
+            raise SourceError(f"{where}: split must be train, test or validation, found '{sp}'")
+        table.append(SPLIT_CODES[split])
+    return np.array(table + [0], np.int8)[enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)]
+
+
+def _unique_in_file(paths) -> np.ndarray:
+    """True where a struct path is set and held by no other row of its file."""
+    pc = _pc()
+    n = len(paths)
+    ok = (~np.asarray(pc.fill_null(pc.equal(pc.binary_length(paths), 0), True).to_numpy(zero_copy_only=False)))
+    order = sort_order(paths)
+    if n > 1:
+        ranked = paths.take(order)
+        same = pc.fill_null(pc.equal(ranked[1:], ranked[:-1]), False).to_numpy(zero_copy_only=False)
+        dup = np.zeros(n, bool)
+        dup[order[1:][same]] = True
+        dup[order[:-1][same]] = True
+        ok &= ~dup
+    return ok
+
+
 def table_source(location, name: str | None = None, *, image_column: str | None = None,
                  label_column: str | None = None, storage_options: dict | None = None) -> Source:
-    """A Parquet/Arrow source (see the module docstring)."""
-    _pa()
+    """A Parquet/Arrow source (see the module docstring). Listed in columns (data.columns): a million rows
+    cost a few tens of bytes each, never a Python object per row."""
+    pa, pc = _pa(), _pc()
     loc = str(location)
     files: FileSet = resolve(loc, (".parquet", ".pq", ".arrow"), "Parquet/Arrow", storage_options)
     single = len(files.names) == 1
     label_name = label_column or DEFAULT_LABEL_COLUMN
-    samples: list[Sample] = []
-    taken: set[str] = set()
+    listing = _Listing()
     errors = dict(files.errors)
     column = kind = None
     class_names: list[str] | None = None
-    int_labels, present = True, set()
+    state = {"int_labels": True, "present": set()}
     for i, (fname, path) in enumerate(zip(files.names, files.local)):
         where = f"table {loc if single else fname}"
         if i in errors:
-            samples.append(Sample(id=fname, loc=f"!{i}"))
+            listing.error_row(i, fname)
             continue
         try:
             if not is_remote(path) and not os.path.isfile(path):  # a FIFO would block the listing forever
@@ -255,7 +341,7 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
             if single:
                 raise SourceError(f"{where} cannot be opened as Parquet/Arrow: {_first_line(exc)}") from None
             errors[i] = f"cannot open as Parquet/Arrow: {_first_line(exc)}"
-            samples.append(Sample(id=fname, loc=f"!{i}"))
+            listing.error_row(i, fname)
             continue
         schema = table.schema
         if column is None:
@@ -264,7 +350,7 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
             if single:
                 raise SourceError(f"{where} has no column '{column}' (columns: {', '.join(schema.names)})")
             errors[i] = f"no column '{column}' like the other files (columns: {', '.join(schema.names)})"
-            samples.append(Sample(id=fname, loc=f"!{i}"))
+            listing.error_row(i, fname)
             continue
         if label_column is not None and label_column not in schema.names:
             raise SourceError(f"{where} has no label column '{label_column}' (columns: {', '.join(schema.names)})")
@@ -272,70 +358,62 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
         names = (features.get(label_name) or {}).get("names")
         if names and class_names is None:
             class_names = [str(n) for n in names]
-        has_label = label_name in schema.names
-        has_split = "split" in schema.names
-        small = ([f"{column}.path"] if kind == "struct" else [column] if kind == "path" else []) \
-            + ([label_name] if has_label else []) + (["split"] if has_split else [])
-        rows = []  # (group, row in group, struct path or path, label, split)
+        path_col = f"{column}.path" if kind == "struct" else column if kind == "path" else None
+        small = ([path_col] if path_col else []) + ([label_name] if label_name in schema.names else []) \
+            + (["split"] if "split" in schema.names else [])
+        got: dict[str, list] = {c: [] for c in small}
+        sizes = []
         try:
             for g in range(table.num_groups):
-                got = table.group(g, small)
-                n = len(next(iter(got.values()))) if got else (table._batches[g].num_rows if table.arrow
-                                                               else table._pf.metadata.row_group(g).num_rows)
-                def col(c, got=got, n=n):
-                    return got[c].to_pylist() if c in got else [None] * n
-
-                paths = col(f"{column}.path") if kind == "struct" else col(column) if kind == "path" else [None] * n
-                labels, splits = col(label_name), col("split")
-                rows += [(g, r, paths[r], labels[r], splits[r]) for r in range(n)]
+                block = table.group(g, small)
+                sizes.append(len(next(iter(block.values()))) if block else (
+                    table._batches[g].num_rows if table.arrow else table._pf.metadata.row_group(g).num_rows))
+                for c in small:
+                    got[c].append(block[c])
+            cols = {c: (pa.concat_arrays(v) if v else None) for c, v in got.items()}
+            labels, label_names = _label_codes(cols.get(label_name), sum(sizes), class_names, state)
+            splits = _split_codes(cols.get("split"), where)
         except SourceError:
             raise
         except Exception as exc:
             if single:
                 raise SourceError(f"{where} cannot be read: {_first_line(exc)}") from None
             errors[i] = f"cannot read: {_first_line(exc)}"
-            samples.append(Sample(id=fname, loc=f"!{i}"))
+            listing.error_row(i, fname)
             continue
-        counts = Counter(p for _, _, p, _, _ in rows if p)
-        base = os.path.dirname(path)
-        for k, (g, r, p, lab, sp) in enumerate(rows):
-            if lab is not None and not isinstance(lab, str):
-                if isinstance(lab, bool) or not isinstance(lab, int):
-                    int_labels = False
-                    lab = str(lab)
-                elif lab < 0:
-                    lab = None  # HF: -1 is "no label"
-                else:
-                    present.add(lab)
-                    lab = class_names[lab] if class_names and lab < len(class_names) else str(lab)
-            elif lab is not None:
-                int_labels = False
-            split = SPLIT_ALIASES.get(str(sp).lower()) if sp is not None else None
-            if sp is not None and split is None:
-                raise SourceError(f"{where}: split must be train, test or validation, found '{sp}'")
-            if kind == "path":
-                if not p:
-                    raise SourceError(f"{where} has a row with an empty '{column}'; fill it in or remove the row")
-                sid, where_bytes = p, (p if is_remote(p) or os.path.isabs(p) else os.path.join(base, p))
-            else:
-                sid = p if (p and counts[p] == 1 and p not in taken) else f"{fname}:{k}"
-                where_bytes = f"{i}:{g}:{r}"
-            taken.add(sid)
-            samples.append(Sample(id=sid, loc=where_bytes, label=lab, split=split))
+        n = sum(sizes)
+        groups = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+        rows = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum([0, *sizes[:-1]]), sizes)
+        if kind == "path":
+            paths = cols[path_col]
+            if n and (paths.null_count or pc.any(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(paths)), 0)).as_py()):
+                raise SourceError(f"{where} has a row with an empty '{column}'; fill it in or remove the row")
+            base = os.path.dirname(path)
+            ids = Strings(paths)
+            locs = Strings.of(p if is_remote(p) or os.path.isabs(p) else os.path.join(base, p) for p in ids)
+        else:
+            paths = as_binary(cols[path_col]) if path_col else pa.nulls(n, pa.large_binary())
+            unique = _unique_in_file(paths) if path_col else np.zeros(n, bool)
+            fallback = pa.array([f"{fname}:{k}".encode() for k in np.flatnonzero(~unique).tolist()], pa.large_binary())
+            ids = Strings(pc.replace_with_mask(paths, pa.array(~unique), fallback) if len(fallback) else paths)
+            locs = Strings(pc.binary_join_element_wise(pa.scalar(str(i)), pa.array(groups).cast(pa.string()),
+                                                       pa.array(rows).cast(pa.string()), ":"))  # "file:group:row"
+        listing.add(i, ids, locs, labels, label_names, splits)
     if column is None:
         raise SourceError(f"source {loc}: no table could be opened ({'; '.join(errors.values())})")
-    if class_names is None and int_labels and present:
+    if class_names is None and state["int_labels"] and state["present"]:
         # integer labels keep their values and numeric order; the names are the labels present, never
         # range(max + 1) (a label of 3000000 is one class, not three million)
-        class_names = [str(k) for k in sorted(present)]
+        class_names = [str(k) for k in sorted(state["present"])]
     if kind == "path":  # a table file that cannot be opened stays listed (as one sample) with its reason
         reader: Reader = PathTableReader(files.identities, errors)
     else:
         reader = TableReader(files.local, files.identities, column, kind, [os.path.dirname(p) for p in files.local],
                              errors, files.names)
-    if not samples:
+    samples, file_of_row = listing.columns()
+    if not len(samples):
         raise SourceError(f"source {loc} lists no samples")
-    samples.sort(key=lambda s: os.fsencode(s.id))
+    samples = _first_file_keeps_its_id(samples, file_of_row, files.names) if kind != "path" else samples.sorted()
     default_name = Path(loc.rstrip("/")).name if os.path.isdir(loc) else (
         Path(files.names[0]).stem if single else Path(files.root).name)
     return Source(name=name or default_name or "table", root=files.root, samples=samples, reader=reader,
@@ -343,6 +421,36 @@ def table_source(location, name: str | None = None, *, image_column: str | None 
                   shard_key=reader.file_of if isinstance(reader, TableReader) else None,
                   incomplete={files.names[i]: reason for i, reason in errors.items()}, notes=files.notes,
                   label_column=label_name, label_column_given=label_column is not None)
+
+
+def _first_file_keeps_its_id(samples: SampleColumns, file_of_row: np.ndarray, names: list[str]) -> SampleColumns:
+    """The listing sorted by id; an id held by rows of several files stays with the first, the others become
+    ``<file>:<row>``."""
+    pa, pc = _pa(), _pc()
+    ids = samples.ids.arrow
+    order = sort_order(ids)
+    if len(ids) < 2:
+        return samples
+    ranked = ids.take(pa.array(order))
+    same = pc.fill_null(pc.equal(ranked[1:], ranked[:-1]), False).to_numpy(zero_copy_only=False)
+    del ranked
+    if not same.any():
+        return samples.sorted(order)
+    later = np.sort(order[1:][same])
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(file_of_row) != 0) + 1])
+    first_row = np.repeat(starts, np.diff(np.concatenate([starts, [len(file_of_row)]])))
+    fallback = pa.array([f"{names[file_of_row[k]]}:{k - first_row[k]}".encode() for k in later.tolist()],
+                        pa.large_binary())
+    mask = np.zeros(len(ids), bool)
+    mask[later] = True
+    new_ids = Strings(pc.replace_with_mask(ids, pa.array(mask), fallback))
+    return SampleColumns(new_ids, samples.locs, samples.labels, samples.label_names, samples.splits).sorted()
+
+
+def _pc():
+    import pyarrow.compute
+
+    return pyarrow.compute
 
 
 register_format("parquet", table_source)

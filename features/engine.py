@@ -15,23 +15,26 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of, unescape_id
+from featurebank.data.columns import Codes
+from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
 from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.execution import Execution
-from featurebank.features.images import is_damage
 from featurebank.features.options import ExtractOptions
+from featurebank.features.plan import keep_unlisted, labels_changed, listing_columns, plan_reuse
 from featurebank.features.registry import build_backbone
-from featurebank.features.device import AMP_OF_PRECISION, cuda_precision, pick_device
+from featurebank.features.device import AMP_OF_PRECISION, pick_device
+from featurebank.features.runtimes import computed_precision
+from featurebank.features.runtimes import fingerprint as runtime_fingerprint
 from featurebank.features.store import (
-    DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, read_index, store_path,
+    DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, store_path,
 )
 
 
@@ -121,23 +124,27 @@ def extract(source: Source | str | os.PathLike, backbone: Backbone | str = DEFAU
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the store folder {path.parent} ({exc.strerror or exc})") from None
-    listing = Listing.of(source, o.content_hash)
+    listing = Listing.columns(source)  # no Python object per sample, however large the source (features.plan)
     say_listing_notes(source, o.say)
     label_column_changed = _check_labels_kept(path, source, listing.labels)
     with StoreWriter(path, config, o.dataset or source.name, lock_timeout=o.lock_timeout,
                      rows_per_part=o.rows_per_part, seconds_per_part=o.seconds_per_part, say=o.say) as writer:
         writer.described = describe_source(source)
-        index = writer.index()
-        todo, reused = plan_reuse(index, listing, o)
-        result = ExtractResult(path=path, reused=reused)
+        plan = plan_reuse(writer, source, listing.ids, o.content_hash, o.retry_failures, o.allow_damaged)
+        todo, listing.content = plan.todo, plan.content
+        result = ExtractResult(path=path, reused=plan.reused)
         if source.incomplete:  # rows are removed only by a listing that read every file of the source
-            result.kept = _keep_unlisted(path, index, listing)
-        stale = listing.stale(index)
+            listing.ids, listing.labels, listing.splits, result.kept = keep_unlisted(
+                path, plan.match, listing.ids, listing.labels, listing.splits)
+        stale, held = plan.match.stale, (plan.rows, plan.failures, plan.notes)
+        runtimes = plan.match.held["runtimes"]
+        del plan  # the match's columns and the fingerprints to embed are not needed by the merge
         if len(todo):
-            job = Job(source, backbone, writer, todo, listing, dev, o, result, index.runtimes)
+            job = Job(source, backbone, writer, todo, listing, dev, o, result, runtimes)
             _embed(job)
-        _commit(writer, listing, source, path, result, index,
-                bool(len(todo)) or stale or label_column_changed)
+            del job
+        listing.content = None
+        _commit(writer, listing, source, path, result, held, bool(len(todo)) or stale or label_column_changed)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -157,21 +164,16 @@ def forward_precision(backbone, dev: torch.device, o: ExtractOptions) -> tuple[s
     check_precision(o.precision)
     if "precision" in backbone.identity["preprocessing"]:
         return "f32", o.amp  # the backbone carries its precision in its own (fingerprinted) preprocessing (texts)
-    if dev.type == "cuda" and o.runtime != "openvino":
-        # on CUDA autocast computes the rows: the fingerprint records its dtype, and amp follows it
-        precision = cuda_precision(dev, o.precision, o.amp)
-        return precision, AMP_OF_PRECISION.get(precision, o.amp)
-    return o.precision, o.amp
+    # what the runtime that will serve computes in (on CUDA torch's autocast: the fingerprint records its
+    # dtype, and amp follows it)
+    precision = computed_precision(o.runtime, dev, o.precision, o.amp)
+    return precision, (AMP_OF_PRECISION.get(precision, o.amp) if dev.type == "cuda" else o.amp)
 
 
 def store_config(backbone, o: ExtractOptions) -> StoreConfig:
     """The store configuration (and so the fingerprint) of ``backbone``'s rows under the options ``o``
     (its precision already the one the forward pass computes at: see :func:`forward_precision`)."""
-    recipe = None
-    if o.precision == "int8":
-        from featurebank.features.runtimes.openvino_runtime import int8_recipe
-
-        recipe = int8_recipe(o.calibration_samples or CALIBRATION_SAMPLES)
+    recipe = runtime_fingerprint(o.runtime, o.precision, o.calibration_samples or CALIBRATION_SAMPLES)
     return StoreConfig.for_backbone(backbone, o.dtype, o.precision, recipe)
 
 
@@ -179,17 +181,24 @@ def store_config(backbone, o: ExtractOptions) -> StoreConfig:
 class Listing:
     """The source's listing as the store records it: escaped ids, content fingerprints, labels, splits."""
 
-    ids: list[str]
-    content: list[str]
-    labels: list[str | None]
-    splits: list[str]
+    ids: Sequence[str]  # a list, or data.columns.Strings
+    content: Sequence[str] | None  # a list, or the fingerprints of the samples to embed by position (features.plan)
+    labels: Sequence[str | None]  # a list, or data.columns.Codes
+    splits: Sequence[str]
     classes: list[str]
 
     @classmethod
     def of(cls, source: Source, content_hash: bool) -> Listing:
+        """As lists, content fingerprints included (features.sweep)."""
         return cls([escape_id(s.id) for s in source.samples], sample_fingerprints(source, content_hash),
                    [None if s.label is None else escape_id(s.label) for s in source.samples],
                    [s.split or split_of(s.id) for s in source.samples], [escape_id(c) for c in source.classes])
+
+    @classmethod
+    def columns(cls, source: Source) -> Listing:
+        """As columns (features.plan.listing_columns); ``content`` is set by the plan, for the samples to embed."""
+        ids, labels, splits = listing_columns(source)
+        return cls(ids, None, labels, splits, [escape_id(c) for c in source.classes])
 
     def stale(self, index) -> bool:
         """Whether the store (or its parts) holds ids this listing no longer lists."""
@@ -207,37 +216,24 @@ def say_listing_notes(source: Source, say: Callable[[str], None]) -> None:
             "samples this listing cannot see are kept, not removed (a rerun that reads them decides)")
 
 
-def plan_reuse(index, listing: Listing, o: ExtractOptions) -> tuple[np.ndarray, int]:
-    """Which samples (positions in the listing) to embed, and how many rows are reused as they are."""
-    todo, reused = [], 0
-    for k, (i, c) in enumerate(zip(listing.ids, listing.content)):
-        if index.content.get(i) == c and (o.allow_damaged or i not in index.damaged_images):
-            reused += 1
-        elif (o.retry_failures or (failed := index.failures.get(i)) is None or failed[1] != c
-              or (o.allow_damaged and is_damage(failed[0]))):
-            todo.append(k)
-    return np.array(todo, np.int64), reused  # 8 bytes per sample to embed, not a Python int each
-
-
-def _commit(writer: StoreWriter, listing: Listing, source: Source, path: Path, result: ExtractResult, index,
+def _commit(writer: StoreWriter, listing: Listing, source: Source, path: Path, result: ExtractResult, held: tuple,
             changed: bool) -> None:
     """Merge what this run wrote into the store (when anything changed) and count it in ``result``: the
-    writer counts what this run added (ids escaped, so printable whatever the file name)."""
+    writer counts what this run added (ids escaped, so printable whatever the file name); ``held``: (rows,
+    failures, rows by note) the store holds, from the plan, when nothing is merged."""
     result.embedded = writer.added_rows
     result.failures = list(writer.added_failures)
     result.failed = len(result.failures)
     if (changed or writer.needs_merge() or not path.exists()
             or labels_changed(path, listing.ids, listing.labels, listing.splits, listing.classes)):
-        counts = writer.finish(listing.ids, listing.labels, listing.splits, listing.content,
+        counts = writer.finish(listing.ids, listing.labels, listing.splits, None,
                                class_names=listing.classes, attrs={"label_column": source.label_column})
         result.removed = counts["removed"]
         result.rows = counts["rows"]
         result.failed_total = counts["failures"]
         result.notes = counts.get("notes", {})
     else:
-        result.rows = len(index.content)
-        result.failed_total = len(index.failures)
-        result.notes = index.notes
+        result.rows, result.failed_total, result.notes = held
 
 
 def describe_source(source: Source) -> dict[str, str]:
@@ -246,22 +242,6 @@ def describe_source(source: Source) -> dict[str, str]:
     if "://" not in root and root:
         root = os.path.abspath(root)
     return {"source": root, "source_format": str(source.format), "modality": source.modality}
-
-
-def labels_changed(path: Path, ids, labels, splits, want_names=None) -> bool:
-    """True when the store's labels or splits no longer match the source (e.g. a manifest was edited)."""
-    index = read_index(path)
-    names = index.class_names
-    stored = dict(zip(index.ids, zip(index.y.tolist(), index.splits.tolist())))
-    if want_names is None:
-        want_names = sorted({lab for lab in labels if lab is not None})
-    if names != want_names:
-        return True
-    pos = {c: k for k, c in enumerate(names)}
-    for i, lab, sp in zip(ids, labels, splits):
-        if i in stored and stored[i] != (pos.get(lab, -1) if lab is not None else -1, sp):
-            return True
-    return False
 
 
 
@@ -283,33 +263,11 @@ def _check_labels_kept(path: Path, source: Source, labels) -> bool:
         raise SourceError(f"{path} holds labels read from the column '{stored}', but without --label-column this "
                           f"source's labels are read from '{current}': give --label-column {stored} again to keep "
                           f"them (or --label-column {current} to replace them)")
-    if stored is None and all(lab is None for lab in labels):
+    if stored is None and not Codes.of(labels).present():
         raise SourceError(f"{path} holds labels, but this source lists none from the column '{current}': give "
                           "--label-column with the column they were read from to keep them (or --label-column "
                           f"{current} to drop them)")
     return stored != current
-
-
-def _keep_unlisted(path: Path, index, listing: Listing) -> int:
-    """Append to the listing (in place) the ids the store and its parts hold that it does not list, with
-    their stored labels and splits, so that the merge keeps them; returns how many rows that keeps."""
-    listed = set(listing.ids)
-    extra = [i for i in index.content if i not in listed] + [i for i in index.failures if i not in listed]
-    if not extra:
-        return 0
-    stored: dict[str, tuple] = {}
-    if path.exists():
-        held = read_index(path)
-        names = held.class_names
-        stored = {i: (names[y] if y >= 0 else None, sp)
-                  for i, y, sp in zip(held.ids, held.y.tolist(), held.splits.tolist())}
-    for i in extra:
-        lab, sp = stored.get(i, (None, None))
-        listing.ids.append(i)
-        listing.labels.append(lab)
-        listing.splits.append(sp or split_of(unescape_id(i)))
-        listing.content.append(index.content[i] if i in index.content else index.failures[i][1])
-    return sum(1 for i in extra if i in index.content)
 
 
 # ------------------------------------------------------------------------------------- sample access

@@ -53,7 +53,7 @@ class ImagePrepare:
             elif layout.replicas:
                 run_replicas(rt, dec, paths, cpu_batch, layout, rec)
             else:
-                run_in_process(rt, dec, paths, o.batch_size, dev, layout, rec, o.amp, o.compile)
+                run_in_process(rt, dec, paths, o.batch_size, dev, layout, rec, o.compile)
             return described
 
         settings = {"device": str(dev), "batch_size": o.batch_size or "auto", "workers": o.workers,
@@ -76,10 +76,9 @@ class SampleFiles:
     the dataset (about 0.3 KB per sample each)."""
 
     def __init__(self, source, todo):
-        encoded = [os.fsencode(str(source.samples[k].loc)) for k in todo]
-        self._offsets = np.zeros(len(encoded) + 1, np.int64)
-        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
-        self._blob = b"".join(encoded)
+        locs, todo = source.samples.locs, np.asarray(todo, np.int64)
+        everything = len(todo) == len(locs) and bool(np.all(todo == np.arange(len(locs))))
+        self._blob, self._offsets = (locs if everything else locs.take(todo)).packed()
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -88,7 +87,7 @@ class SampleFiles:
         if not -len(self) <= j < len(self):
             raise IndexError(j)
         j %= len(self)
-        return os.fsdecode(self._blob[self._offsets[j]:self._offsets[j + 1]])
+        return os.fsdecode(self._blob[self._offsets[j]:self._offsets[j + 1]].tobytes())
 
 
 def sample_decoder(source: Source, backbone, mode: str = "fast", allow_damaged: bool = False) -> Decoder:
@@ -109,11 +108,11 @@ def image_runtime(job, paths: SampleFiles, check_dec: Decoder):
         runtime = "torch"
     n = o.calibration_samples
     return create_runtime(runtime, job.backbone, job.device, o.precision, o.batch_size, say=o.say,
-                          first_images=lambda: first_images(check_dec, paths),
+                          first_batch=lambda: first_images(check_dec, paths),
                           calibration=lambda: calibration_images(check_dec, source, n),
                           int8_key=calibration_set(o.dataset or source.name, source.root), calibration_samples=n,
-                          # the store's rows came from OpenVINO at this precision: it agreed on their first batch
-                          agreed=f"openvino {o.precision}" in job.stored_runtimes)
+                          # what computed the store's rows: a runtime found there agreed on their first batch
+                          agreed=job.stored_runtimes)
 
 
 def image_layout(job, rt, n: int) -> Layout:

@@ -145,6 +145,20 @@ def test_audit_command_writes_its_files(tmp_path, capsys):
     assert main(["audit", str(store), "--against", str(tmp_path / "nope")]) == 2
     assert "reference" in capsys.readouterr().err
 
+    # a store made from a folder: the near-duplicates compare the pictures read through that source
+    fixture = Path(__file__).parent / "fixtures" / "prior-store"
+    assert main(["audit", str(next((fixture / "store").glob("*.h5"))), "--out", str(tmp_path / "pics"),
+                 "--source", str(fixture / "digits")]) == 0
+    nd = json.loads((tmp_path / "pics" / "audit.json").read_text())["near_duplicates"]
+    assert nd["method"] == "pictures" and nd["rows_with_picture"] == 18 and "note" not in nd
+    from featurebank.classifiers.audit import store_source
+    from featurebank.features.store import read_features
+
+    moved = read_features(next((fixture / "store").glob("*.h5")))
+    moved.attrs["source"] = str(tmp_path / "gone")  # the recorded source is no longer there
+    source, note = store_source(moved)
+    assert source is None and "cannot be read" in note
+
 
 @pytest.mark.slow
 def test_run_report_has_the_audit_predictions_failures_and_drift(tmp_path, capsys):

@@ -17,7 +17,8 @@ from featurebank.data.files import atomic_write
 from featurebank.features.store.files import atomic_h5
 from featurebank.features.store.reader import (
     Damage, Embeddings, Features, StoreReader, check_store, damage_error, embedding_shape, open_store,
-    read_config, read_features, read_index, read_rows, recorded_config, row_ranges, scan_rows, store_damage,
+    LabelColumns, read_config, read_features, read_index, read_label_columns, read_rows,
+    read_string_column, recorded_config, row_ranges, scan_rows, store_damage,
     strings, verify_shards,
 )
 from featurebank.features.store.schema import (
@@ -26,14 +27,16 @@ from featurebank.features.store.schema import (
     int8_recipe_data, library_versions, recipe_as_data, recipe_fingerprinted, store_path, strings_crc,
 )
 from featurebank.features.store.shards import join_shards
-from featurebank.features.store.writer import StoreIndex, StoreWriter, write_failures, write_strings
+from featurebank.features.store.writer import Match, StoreIndex, StoreWriter, write_failures, write_strings
 
 __all__ = [
     "CALIBRATION_SAMPLES", "CHECKSUM", "CONFIG_VERSION", "DEFAULT_STORE_DIR", "DTYPES", "FORMAT_VERSION",
-    "READABLE_FORMATS", "ROWS_PER_CHUNK", "STORE_FORMAT", "STR", "Damage", "Embeddings", "Features", "StoreConfig",
+    "READABLE_FORMATS", "ROWS_PER_CHUNK", "STORE_FORMAT", "STR", "Damage", "Embeddings", "Features", "LabelColumns", "Match",
+    "StoreConfig",
     "StoreError", "StoreIndex", "StoreReader", "StoreWriter", "atomic_h5", "atomic_write", "calibration_samples",
     "check_store", "checksummed", "count_notes", "damage_error", "embedding_shape", "int8_recipe_data",
-    "join_shards", "library_versions", "open_store", "read_config", "read_features", "read_index", "read_rows",
+    "join_shards", "library_versions", "open_store", "read_config", "read_features", "read_index", "read_label_columns",
+    "read_rows", "read_string_column",
     "recipe_as_data", "recipe_fingerprinted", "recorded_config", "row_ranges", "scan_rows", "store_damage",
     "store_path", "strings", "strings_crc", "verify_shards", "write_failures", "write_strings",
 ]

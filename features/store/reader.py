@@ -166,6 +166,29 @@ def read_rows(dataset, damage: Damage, name: str, out: np.ndarray | None = None)
     return out
 
 
+def read_string_column(dataset, damage: Damage, name: str):
+    """A string row dataset as one Arrow large_binary array of UTF-8 bytes, read and checked chunk by chunk
+    (see :func:`_checked_blocks`): no Python object per row outlives its chunk. The rows of a chunk that
+    cannot be read are empty (and marked in ``damage``)."""
+    import pyarrow as pa
+
+    chunks, at = [], 0
+    for a, block in _checked_blocks(dataset, damage, name):
+        if a > at:
+            chunks.append(pa.array([b""] * (a - at), pa.large_binary()))
+        chunks.append(pa.array(block.tolist(), pa.large_string()).cast(pa.large_binary()))
+        at = a + len(block)
+    if dataset.shape[0] > at:
+        chunks.append(pa.array([b""] * (dataset.shape[0] - at), pa.large_binary()))
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.large_binary())
+
+
+def string_blocks(dataset, damage: Damage, name: str):
+    """(first row, block of str) for each readable chunk of a string row dataset; damaged chunks are marked
+    in ``damage`` and skipped."""
+    return _checked_blocks(dataset, damage, name)
+
+
 def scan_rows(f: h5py.File | h5py.Group, damage: Damage, names=("embeddings", "labels", "splits")) -> None:
     """Check the row datasets ``names`` that ``f`` holds, chunk by chunk, marking damaged rows (memory: one
     block at a time)."""
@@ -284,6 +307,30 @@ def read_index(path: str | os.PathLike) -> Features:
     """A store's index without its embeddings: ids, labels, class names, splits, content fingerprints and
     attributes (``X`` has zero columns). Cheap whatever the store's size: for checks and bookkeeping."""
     return read_features(path, embeddings=False)
+
+
+@dataclass
+class LabelColumns:
+    """A store's ids (Arrow large_binary, UTF-8), label index per row (-1: none), split per row (codes: 1
+    train, 2 test) and class names: what a rerun compares its listing with, no Python object per row."""
+
+    ids: object
+    y: np.ndarray
+    splits: np.ndarray
+    class_names: list[str]
+
+
+def read_label_columns(path: str | os.PathLike) -> LabelColumns:
+    """The ids, labels and splits of a store, read chunk by chunk into columns (see :class:`LabelColumns`)."""
+    with open_store(path) as f:
+        damage = Damage(f["ids"].shape[0])
+        ids = read_string_column(f["ids"], damage, "ids")
+        y = read_rows(f["labels"], damage, "labels").astype(np.int64, copy=False)
+        splits = np.zeros(f["splits"].shape[0], np.int8)
+        for a, block in _checked_blocks(f["splits"], damage, "splits"):
+            splits[a:a + len(block)] = np.where(block == "train", 1, np.where(block == "test", 2, 0))
+        names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
+    return LabelColumns(ids, y, splits, names)
 
 
 def embedding_shape(path: str | os.PathLike) -> tuple[int, int]:

@@ -28,9 +28,10 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
+from featurebank.data.columns import Codes, Strings, positions_in
 from featurebank.features.store import schema
 from featurebank.features.store.files import atomic_h5
-from featurebank.features.store.reader import Damage, open_store, read_rows, scan_rows
+from featurebank.features.store.reader import Damage, open_store, read_rows, read_string_column, scan_rows
 from featurebank.features.store.schema import (
     FORMAT_VERSION, STORE_FORMAT, STR, StoreConfig, StoreError, checksummed, count_notes, first_line,
     library_versions, strings_crc,
@@ -47,6 +48,31 @@ class StoreIndex:
     runtimes: set[str] = field(default_factory=set)  # what computed the rows held ("openvino f32", ...)
     damaged_images: set[str] = field(default_factory=set)  # ids of rows embedded although their image was damaged
     damaged_rows: int = 0  # rows left out because the store holds them damaged (checksum, NaN/inf): embedded again
+
+
+@dataclass
+class Match:
+    """Where the latest entry (store and parts; a later part wins) of each listed id is, as columns: no
+    Python object per id. Only failures, which are few, are held as Python values."""
+
+    sources: list[Path]
+    src: np.ndarray  # int32 per listed id: the source holding its latest row; -1: none, or a failure
+    row: np.ndarray  # int32 per listed id: that row
+    failures: dict[int, tuple[str, str]]  # listed position -> (reason, content) where the latest entry is a failure
+    unlisted_ids: Strings  # ids the sources hold that are not listed (latest entry each)
+    unlisted_src: np.ndarray  # their source (rows), -1 for a failure
+    unlisted_row: np.ndarray
+    unlisted_failures: dict[str, tuple[str, str]]
+    held: dict  # runtimes, notes (see _read_held)
+
+    @property
+    def removed(self) -> int:
+        """Rows of ids no longer listed."""
+        return int(np.count_nonzero(self.unlisted_src >= 0))
+
+    @property
+    def stale(self) -> bool:
+        return len(self.unlisted_ids) > 0
 
 
 
@@ -286,51 +312,119 @@ class StoreWriter:
                     damages[str(src)] = (damage, failed)
         return latest
 
-    def _locate(self, sources: Sequence[Path], ids: Sequence[str], held: dict) -> tuple:
-        """Where the latest entry of each listed id is, for the merge: (source index per id, -1 for
-        none; row in that source; {position: (reason, content)} of the ids whose latest entry is a
-        failure; rows of ids no longer listed). Two arrays and a map of positions, not a tuple per id:
-        the merge's memory grew with the dataset by 0.5 KB per sample (about 9 MB at 20,000) when it
-        held ("row", source, row, content, note) for every id."""
-        pos = {i: k for k, i in enumerate(ids)}
-        src = np.full(len(ids), -1, np.int32)
-        row = np.zeros(len(ids), np.int64)
-        fails: dict[int, tuple[str, str]] = {}
-        gone: dict[str, bool] = {}  # unlisted id -> its latest entry is a row
-        held.update(runtimes=set(), notes=False)
+    def match(self, ids, check: bool = False) -> Match:
+        """Locate the latest entry of each of ``ids`` (escaped; a list or data.columns.Strings) in the store and
+        its parts. ``check``: check every row on the way (as :meth:`index` does: damaged rows are left out and
+        named in one line each); otherwise the damage :meth:`index` or an earlier check found is left out.
+
+        Ids are matched through one Arrow hash table over the listing, entries read chunk by chunk: memory is
+        a few tens of bytes per id, never a Python object per id."""
+        import pyarrow as pa
+
+        listed = (ids if isinstance(ids, Strings) else Strings.of(ids, utf8=True)).arrow
+        sources = self._sources()
+        held: dict = {"runtimes": set(), "notes": False}
+        e_ids, e_src, e_row, fail_entries = [], [], [], []
+        if check:
+            self._damage = {}
         for s_idx, path in enumerate(sources):
             with h5py.File(path, "r") as f:
                 _read_held(f, held)
-                # rows and failure entries the index found damaged are never picked (see index)
                 damage = Damage(f["ids"].shape[0])
-                ids = read_rows(f["ids"], damage, "ids")
+                ids_s = read_string_column(f["ids"], damage, "ids")
                 found, failed = self._damage.get(str(path), (None, None))
-                if found is not None:
+                if check:
+                    scan_rows(f, damage, ("content", "notes", "embeddings", "labels", "splits"))
+                elif found is not None:
                     damage.rows |= found.rows
-                for r, i in enumerate(ids.tolist()):
-                    if damage.rows[r]:
-                        continue
-                    k = pos.get(i)
-                    if k is None:
-                        gone[i] = True
-                        continue
-                    src[k], row[k] = s_idx, r
-                    if fails:
-                        fails.pop(k, None)
+                ok = ~damage.rows
+                e_ids.append(ids_s.filter(pa.array(ok)) if not ok.all() else ids_s)
+                e_row.append(np.flatnonzero(ok).astype(np.int32))
+                e_src.append(np.full(len(e_row[-1]), s_idx, np.int32))
+                failed = failed if failed is not None and not check else Damage(
+                    f["failures/ids"].shape[0] if "failures" in f else 0)
                 if "failures" in f:
                     g = f["failures"]
-                    failed = failed if failed is not None else Damage(g["ids"].shape[0])
-                    columns = [read_rows(g[c], failed, f"failures/{c}") for c in ("ids", "reasons", "content")]
-                    for j, (i, reason, c) in enumerate(zip(*columns)):
-                        if failed.rows[j]:
-                            continue
-                        k = pos.get(i)
-                        if k is None:
-                            gone[i] = False
-                        else:
-                            src[k] = -1
-                            fails[k] = (reason, c)
-        return src, row, fails, sum(gone.values())
+                    f_ids, reasons, f_content = (read_rows(g[c], failed, f"failures/{c}")
+                                                 for c in ("ids", "reasons", "content"))
+                    good = np.flatnonzero(~failed.rows)
+                    e_ids.append(Strings.of(f_ids[good].tolist(), utf8=True).arrow)
+                    e_row.append(-1 - np.arange(len(fail_entries), len(fail_entries) + len(good), dtype=np.int32))
+                    e_src.append(np.full(len(good), s_idx, np.int32))
+                    fail_entries += [(str(reasons[k]), str(f_content[k])) for k in good.tolist()]
+                if check:
+                    self._damage[str(path)] = (damage, failed)
+        all_ids = pa.concat_arrays(e_ids) if e_ids else pa.array([], pa.large_binary())
+        src = np.concatenate(e_src) if e_src else np.zeros(0, np.int32)
+        row = np.concatenate(e_row) if e_row else np.zeros(0, np.int32)
+        del e_ids, e_src, e_row
+        pos = positions_in(all_ids, listed)
+        n = len(listed)
+        last = np.full(n, -1, np.int32)  # rows and positions in int32: 4 bytes per id, not 8
+        here = pos >= 0
+        np.maximum.at(last, pos[here], np.arange(len(pos), dtype=np.int32)[here])  # a later entry wins
+        out = np.flatnonzero(~here)
+        del pos, here
+        if len(out):  # the latest entry of each id not listed
+            t = pa.table({"id": all_ids.take(pa.array(out)), "e": out}).group_by("id").aggregate([("e", "max")])
+            un_ids, un_last = t["id"].combine_chunks(), t["e_max"].to_numpy()
+        else:
+            un_ids, un_last = pa.array([], pa.large_binary()), np.zeros(0, np.int64)
+        del all_ids, out
+        has = last >= 0
+        m_src = np.full(n, -1, np.int32)
+        m_row = np.zeros(n, np.int32)
+        m_src[has], m_row[has] = src[last[has]], row[last[has]]
+        is_fail = has & (m_row < 0)
+        failures = {k: fail_entries[-1 - m_row[k]] for k in np.flatnonzero(is_fail).tolist()}
+        m_src[is_fail] = -1
+        u_src, u_row = src[un_last], row[un_last]
+        un_strings = Strings(un_ids, utf8=True)
+        unlisted_failures = {un_strings[j]: fail_entries[-1 - u_row[j]] for j in np.flatnonzero(u_row < 0).tolist()}
+        u_src = np.where(u_row < 0, -1, u_src).astype(np.int32)
+        if check:
+            self._say_damage()
+        return Match(sources, m_src, m_row, failures, un_strings, u_src, u_row, unlisted_failures, held)
+
+    def _say_damage(self) -> int:
+        """One line per damaged file (and the old-format line); returns the damaged rows."""
+        bad_rows = 0
+        if (version := self.old_format()) is not None:
+            self.say(f"{self.path} is in store format {version} (without chunk checksums): it is written again "
+                     f"in format {FORMAT_VERSION}, its rows reused")
+        for src, (damage, failure_damage) in self._damage.items():
+            if damage:
+                bad_rows += damage.count
+                self.say(f"{src} is damaged: {damage.describe()}; those rows are not reused but embedded again "
+                         "from the source")
+            if failure_damage:
+                self.say(f"{src} is damaged: {failure_damage.count} entries of its failures table cannot be read "
+                         f"({'; '.join(failure_damage.causes)}); those samples are tried again")
+        return bad_rows
+
+    def stored_rows(self, match: Match, positions: np.ndarray, names=("content", "notes")) -> dict[str, np.ndarray]:
+        """For the listed ``positions`` whose latest entry is a row, the stored string columns ``names`` (object
+        arrays aligned with ``positions``; "" where a position has no row or a source lacks the column), read
+        source by source in increasing row order (contiguous where the rows are dense)."""
+        out = {c: np.full(len(positions), "", dtype=object) for c in names}
+        p_src, p_row = match.src[positions], match.row[positions]
+        handles = self._handles if getattr(self, "_handles_for", None) is match else None
+        if handles is None:
+            handles = self._handles = _OpenFiles(match.sources)
+            self._handles_for = match
+        for s_idx in np.unique(p_src[p_src >= 0]).tolist():
+            at = np.flatnonzero(p_src == s_idx)
+            at = at[np.argsort(p_row[at], kind="stable")]
+            h = handles[s_idx]
+            for c in names:
+                if c in h:
+                    out[c][at] = _pick(h[c].asstr(), p_row[at])
+        return out
+
+    def close_reads(self) -> None:
+        if getattr(self, "_handles", None) is not None:
+            self._handles.close()
+            self._handles = self._handles_for = None
 
     def add(self, ids: Sequence[str], embeddings: np.ndarray, content: Sequence[str],
             notes: Sequence[str] | None = None) -> None:
@@ -438,14 +532,19 @@ class StoreWriter:
         what the new file holds.
         """
         self.flush()
-        sources = self._sources()
+        ids = ids if isinstance(ids, Strings) else Strings.of(ids, utf8=True)
+        labels = Codes.of(labels)
+        splits = Codes.of(splits, ("train", "test"))
+        match = self.match(ids)
+        sources = match.sources
         parts = sources[1:] if sources and sources[0] == self.path else sources
-        held: dict = {}
-        src, row, fails, removed = self._locate(sources, ids, held)
+        src, row, fails, removed = match.src, match.row, match.failures, match.removed
+        held = match.held
+        del match
         keep = np.flatnonzero(src >= 0)
-        present = {lab for lab in labels if lab is not None}
+        present = set(labels.present())
         class_names = sorted(present) if class_names is None else list(class_names) + sorted(present - set(class_names))
-        class_index = {c: k for k, c in enumerate(class_names)}
+        label_codes = labels.recode(class_names)
         dim, dtype = self.config.dim, self.config.dtype
         with_notes, runtimes = self._any_notes or held["notes"], held["runtimes"]
         if self.runtime:
@@ -456,7 +555,7 @@ class StoreWriter:
         def fill(f):
             n = len(keep)
             emb = f.create_dataset("embeddings", shape=(n, dim), dtype=dtype, **checksummed(n, dim))
-            names = ("ids", "content", "notes") if with_notes else ("ids", "content")
+            names = ("ids", "content", "splits", "notes") if with_notes else ("ids", "content", "splits")
             cols = {c: write_strings(f, c, None, n) for c in names}
             crcs: dict[str, list[int]] = {c: [] for c in names}
             notes_counts.clear()
@@ -476,11 +575,11 @@ class StoreWriter:
                         notes[at] = _pick(h["notes"].asstr(), b_row[at])
                 stop = start + len(block)
                 emb[start:stop] = out
-                block_ids = np.array([ids[k] for k in block], dtype=object)
-                cols["ids"][start:stop] = block_ids
-                cols["content"][start:stop] = content
-                crcs["ids"].append(strings_crc(block_ids))
-                crcs["content"].append(strings_crc(content))
+                block_ids = np.array(list(ids.take(block)), dtype=object)
+                block_splits = np.array(list(splits[block]), dtype=object)
+                for c, values in (("ids", block_ids), ("content", content), ("splits", block_splits)):
+                    cols[c][start:stop] = values
+                    crcs[c].append(strings_crc(values))
                 if with_notes:
                     cols["notes"][start:stop] = notes
                     crcs["notes"].append(strings_crc(notes))
@@ -490,11 +589,8 @@ class StoreWriter:
                 cols[c].attrs["crc32"] = np.array(crcs[c], np.uint32)
             if with_notes:
                 f.attrs["notes_counts"] = json.dumps(notes_counts, sort_keys=True)
-            lab = f.create_dataset("labels", data=np.array(
-                [class_index[labels[k]] if labels[k] is not None else -1 for k in keep], dtype=np.int64),
-                **checksummed(len(keep)))
+            lab = f.create_dataset("labels", data=label_codes[keep].astype(np.int64), **checksummed(len(keep)))
             lab.attrs.create("class_names", data=np.array(class_names, dtype=object), shape=(len(class_names),), dtype=STR)
-            write_strings(f, "splits", [splits[k] for k in keep])
             write_failures(f, [(ids[k], *fails[k]) for k in sorted(fails)])
             self._write_attrs(f, [p.name for p in parts])
             f.attrs.update({k: v for k, v in (attrs or {}).items() if v is not None})
