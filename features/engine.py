@@ -30,7 +30,9 @@ from featurebank.features.execution import Execution
 from featurebank.features.options import ExtractOptions
 from featurebank.features.plan import keep_unlisted, labels_changed, listing_columns, plan_reuse
 from featurebank.features.registry import build_backbone
-from featurebank.features.device import AMP_OF_PRECISION, cuda_precision, pick_device
+from featurebank.features.device import AMP_OF_PRECISION, pick_device
+from featurebank.features.runtimes import computed_precision
+from featurebank.features.runtimes import fingerprint as runtime_fingerprint
 from featurebank.features.store import (
     DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, store_path,
 )
@@ -163,21 +165,16 @@ def forward_precision(kind: str, dev: torch.device, o: ExtractOptions) -> tuple[
     check_precision(o.precision)
     if kind == "text":
         return "f32", o.amp  # a text backbone's precision is in its own (fingerprinted) preprocessing
-    if dev.type == "cuda" and o.runtime != "openvino":
-        # on CUDA autocast computes the rows: the fingerprint records its dtype, and amp follows it
-        precision = cuda_precision(dev, o.precision, o.amp)
-        return precision, AMP_OF_PRECISION.get(precision, o.amp)
-    return o.precision, o.amp
+    # what the runtime that will serve computes in (on CUDA torch's autocast: the fingerprint records its
+    # dtype, and amp follows it)
+    precision = computed_precision(o.runtime, dev, o.precision, o.amp)
+    return precision, (AMP_OF_PRECISION.get(precision, o.amp) if dev.type == "cuda" else o.amp)
 
 
 def store_config(backbone, o: ExtractOptions) -> StoreConfig:
     """The store configuration (and so the fingerprint) of ``backbone``'s rows under the options ``o``
     (its precision already the one the forward pass computes at: see :func:`forward_precision`)."""
-    recipe = None
-    if o.precision == "int8":
-        from featurebank.features.runtimes.openvino_runtime import int8_recipe
-
-        recipe = int8_recipe(o.calibration_samples or CALIBRATION_SAMPLES)
+    recipe = runtime_fingerprint(o.runtime, o.precision, o.calibration_samples or CALIBRATION_SAMPLES)
     return StoreConfig.for_backbone(backbone, o.dtype, o.precision, recipe)
 
 
