@@ -566,7 +566,7 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
     t0 = time.perf_counter()
     try:
         if on_device:
-            _run_on_device(run, loader, shared, files, dev, amp, batch_size or SWEEP_BATCH, bar)
+            _run_on_device(run, loader, shared, files, dev, batch_size or SWEEP_BATCH, bar)
         else:
             _run_lanes(run, loader, bar)
     finally:
@@ -857,13 +857,14 @@ def _run_lanes(run: _Run, loader, bar) -> None:
     run.forward_s = list(lanes.shares.charged)
 
 
-def _run_on_device(run: _Run, loader, shared: SharedDecoder, files, dev, amp, batch: int, bar) -> None:
+def _run_on_device(run: _Run, loader, shared: SharedDecoder, files, dev, batch: int, bar) -> None:
     """CUDA (or a CPU whose forced layout says ``gpu_decode``, as the tests run it): the loader's workers
     read each JPEG's bytes (other formats, rotated and damaged JPEGs are decoded on the CPU there); this
     process decodes the batch once on the device and runs each backbone's resize and normalisation there
     (:meth:`SharedDecoder.finish_on_device`), then each backbone's forward pass (torch, autocast at the
     store's precision)."""
-    forwards = [rt.forward(amp, batch) for rt in run.runtimes]
+    for rt in run.runtimes:  # the model on the device, autocast at the store's precision (folded in by the engine)
+        rt.prepare(len(run.todo), batch)
     cuda = dev.type == "cuda"
     try:
         for b in run.batches(loader):
@@ -889,7 +890,7 @@ def _run_on_device(run: _Run, loader, shared: SharedDecoder, files, dev, amp, ba
             run.failures(bad)
             if order:
                 pos = run.todo[np.asarray(order, np.int64)]
-                for a, fwd in enumerate(forwards):
+                for a, rt in enumerate(run.runtimes):
                     mine = run.mine(a, order)
                     if not mine.any():
                         continue
@@ -898,7 +899,7 @@ def _run_on_device(run: _Run, loader, shared: SharedDecoder, files, dev, amp, ba
                     if len(sel) < len(order):
                         x = x[torch.from_numpy(sel).to(dev)]
                     t1 = time.perf_counter()
-                    emb = fwd(x.contiguous(memory_format=torch.channels_last)).cpu().numpy()
+                    _, emb = next(iter(rt.map([(None, x)])))  # channels_last and the copy back: the runtime's
                     run.forward_s[a] += time.perf_counter() - t1
                     run.rows(a, pos[sel], emb, row_notes([order[j] for j in sel], notes))
             bar.update(len(order) + len(bad))
