@@ -68,6 +68,7 @@ from featurebank.features.decode import Decoder  # noqa: E402
 from featurebank.features.engine import extract  # noqa: E402
 from featurebank.features.executors import FileDataset, collate, mp_context, steady_allocator  # noqa: E402
 from featurebank.features.device import DEFAULT_AMP, choose_layout, pick_amp, pick_device, usable_cores  # noqa: E402
+from featurebank.features.choices import RUNTIMES  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the input
 
@@ -758,7 +759,8 @@ def record_sources(path: Path, report: dict) -> None:
     """Add a row to the sources table of BENCHMARKS.md (made on first use), keeping it contiguous."""
     t, m = report["sources"], report["machine"]
     med = sorted(t["runs"], key=lambda r: r["ratio"])[(len(t["runs"]) - 1) // 2]
-    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
+    load = f", load {t['load'][0]:.1f}-{t['load'][1]:.1f}" if t.get("load") else ""
+    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}{load}",
            report["backbone"], t["images"], t["source"], f"{med['folder']:.1f}", f"{med[t['source']]:.1f}",
            f"{t['ratio_median']:.3f}", f"{100 * t['rerun_share_median']:.1f} %"]
     insert_row(path, "## Parquet and WebDataset against the folder", SOURCES_HEADER,
@@ -795,7 +797,8 @@ def record(path: Path, report: dict) -> None:
                  ratio, stages, f"{100 * t['rerun_share']:.1f} % (start-up {t['process_startup_s']} s)"]
     else:
         cells = ["-"] * 10
-    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
+    load = f", load {t['load'][0]:.1f}-{t['load'][1]:.1f}" if t.get("load") else ""
+    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}{load}",
            versions, report["backbone"], f"{report['device']}, {report['batch_size']}, {report.get('precision', 'f32')}",
            *cells, mem_s]
     insert_row(path, RUNTIMES_MARK, RUNTIMES_HEADER, "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
@@ -831,7 +834,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=None, help="default: the engine's choice")
     ap.add_argument("--amp", default=DEFAULT_AMP, help="CUDA autocast: auto, bf16, fp16, fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"], help="the engine's runtime")
+    ap.add_argument("--runtime", default="auto", choices=RUNTIMES, help="the engine's runtime")
     ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "int8"],
                     help="how the forward pass computes, in (a) and (b)")
     ap.add_argument("--workers", type=int, default=None, help="override the engine's layout")
@@ -909,7 +912,7 @@ def _warm_runtime(folder: Path, backbone: Backbone, batch: int | None, runtime: 
     dec = sample_decoder(src, backbone)
     files = SampleFiles(src, list(range(len(src.samples))))
     rt = create_runtime(runtime, backbone, torch.device("cpu"), precision, batch, say=print,
-                        first_images=lambda: first_images(dec, files),
+                        first_batch=lambda: first_images(dec, files),
                         calibration=lambda: calibration_images(dec, src, CALIBRATION_SAMPLES),
                         int8_key=calibration_set(src.name, src.root), calibration_samples=CALIBRATION_SAMPLES)
     return rt.describe()
@@ -1083,7 +1086,9 @@ image, one forward pass per backbone for all its layers, one store per backbone 
 other; **a_k** each backbone's bare OpenVINO forward (all its layers) on tensors in memory; **c** the
 shared decoder on all cores; **ceiling** 1 / (sum 1/a_k + 1/c); **ratio** (b) / ceiling; **1-extraction**
 the sweep's time over one extraction of the first backbone (final layer). Every timing builds its models
-inside it.
+inside it. In brackets after (b)/ceiling (rows from 2026-12-05 on): the same ratio for the sweep's
+embedding alone, from starting its decoders to its last row (building the models and runtimes, and the
+stores' final merge, left out).
 
 {SWEEP_COLUMNS}
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
@@ -1092,10 +1097,13 @@ inside it.
 
 def record_sweep(path: Path, report: dict) -> None:
     t, m = report["sweep"], report["machine"]
-    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}",
+    load = f", load {t['load'][0]:.1f}-{t['load'][1]:.1f}" if t.get("load") else ""
+    row = [time.strftime("%Y-%m-%d %H:%M", time.gmtime()), f"{m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}{load}",
            ", ".join(t["backbones"]), ", ".join(t["layers"]), t["images_desc"],
            " / ".join(f"{v:.1f}" for v in t["bare"].values()), f"{t['decode_ceiling']:.1f}", f"{t['ceiling']:.1f}",
-           f"{t['sweep']:.1f}", f"{t['separate']:.1f}", f"{t['ratio_ceiling']:.3f}", f"{t['ratio_separate']:.2f}",
+           f"{t['sweep']:.1f}", f"{t['separate']:.1f}",
+           f"{t['ratio_ceiling']:.3f}" + (f" (embedding {t['ratio_loop_ceiling']:.3f})" if t.get("ratio_loop_ceiling") else ""),
+           f"{t['ratio_separate']:.2f}",
            f"{t['sweep_over_one']:.2f}"]
     insert_row(path, SWEEP_MARK, SWEEP_HEADER, "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |")
 
@@ -1128,6 +1136,7 @@ def sweep_benchmark(a, work: Path) -> dict:
 
     names = parse_list(a.backbones)
     layers = parse_list(a.layers) or ["final"]
+    load0 = os.getloadavg()[0]  # other work on the machine: shown in the row (the ratios are noisy under load)
     if a.data:
         folder, desc = Path(a.data), Path(a.data).name
     else:
@@ -1187,13 +1196,29 @@ def sweep_benchmark(a, work: Path) -> dict:
                "sweep_over_one": wall_sweep / first, "stages": r.stages}
         run["ratio_ceiling"] = run["sweep"] / ceiling
         run["ratio_separate"] = run["sweep"] / run["separate"]
+        loop = r.stages.get("embedding (wall)")
+        run["loop"] = n / loop if loop else None  # decoders started to last row: models and merge left out
+        run["ratio_loop_ceiling"] = run["loop"] / ceiling if loop else None
         print(f"  sweep end to end {run['sweep']:.1f} img/s ({wall_sweep:.1f} s) = {run['ratio_ceiling']:.3f} of the "
-              f"ceiling; separate extractions {run['separate']:.1f} img/s ({sum(walls.values()):.1f} s): sweep "
-              f"{run['ratio_separate']:.2f}x faster; sweep / one extraction of {cands[0].name} = "
-              f"{run['sweep_over_one']:.2f}", flush=True)
+              f"ceiling {ceiling:.1f}", flush=True)
+        if loop:
+            print(f"    of which embedding {loop:.1f} s ({run['loop']:.1f} img/s = {run['ratio_loop_ceiling']:.3f} of the "
+                  f"ceiling); the other {wall_sweep - loop:.1f} s build the models and runtimes and merge the stores",
+                  flush=True)
+        print(f"  separate extractions {run['separate']:.1f} img/s ({sum(walls.values()):.1f} s: "
+              f"{', '.join(f'{k} {v:.1f} s' for k, v in walls.items())}): the sweep is {run['ratio_separate']:.2f}x "
+              f"their speed", flush=True)
+        print(f"  sweep / one extraction of {cands[0].name} (time) = {run['sweep_over_one']:.2f}", flush=True)
         runs.append(run)
     med = sorted(runs, key=lambda x: x["ratio_ceiling"])[(len(runs) - 1) // 2]
-    return {**med, "backbones": names, "layers": layers, "images_desc": desc, "runs": runs,
+    loop = f", embedding alone {med['ratio_loop_ceiling']:.3f}" if med.get("ratio_loop_ceiling") else ""
+    print(f"sweep result ({desc}, {', '.join(names)}; layers {', '.join(layers)}): sweep/ceiling "
+          f"{med['ratio_ceiling']:.3f}{loop} (goal >= 0.85); sweep/separate {med['ratio_separate']:.2f}x (goal > 1); "
+          f"sweep/one extraction {med['sweep_over_one']:.2f}" + (f" (median of {len(runs)} repeats)" if len(runs) > 1 else ""),
+          flush=True)
+    load = sorted((load0, os.getloadavg()[0]))
+    print(f"load average (1 min) {load[0]:.1f}-{load[1]:.1f} on {usable_cores()} cores", flush=True)
+    return {**med, "load": load, "backbones": names, "layers": layers, "images_desc": desc, "runs": runs,
             "ratios_ceiling": [round(x["ratio_ceiling"], 4) for x in runs]}
 
 

@@ -11,5 +11,6 @@ AMP_MODES = ("auto", "bf16", "fp16", "fp32")  # features.device (CUDA autocast)
 DEFAULT_AMP = AMP_MODES[0]
 RUNTIMES = ("auto", "torch", "openvino")  # features.runtimes
 PRECISIONS = ("f32", "bf16", "int8")
+TEXT_PRECISIONS = ("f32", "bf16")  # features.text: a sentence encoder computes in these
 LONG_TEXT = ("truncate", "mean")  # features.text: what a text longer than the maximum length becomes
 CALIBRATION_SAMPLES = 300  # int8: the train-split samples NNCF calibrates on, unless told otherwise

@@ -180,13 +180,38 @@ def read_for_gpu(loc, decoder: Decoder):
     data is read in full on the CPU, the rest of the decode happens on the device."""
     data = decoder.read(loc)
     decoder.note = ""
-    if data[:3] == JPEG_MAGIC:
-        head = jpeg_header(data)
-        # the device decoder ignores EXIF orientation: rotated photos are decoded on the CPU
-        if (head is not None and head[2] in (1, 3) and head[0] * head[1] > 0 and complete_jpeg(data)
-                and jpeg_orientation(data) == 1 and not jpeg_damage(data)):
-            return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if device_decodable(data):
+        return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return "pixels", decoder.decode(data)
+
+
+def device_decodable(data: bytes) -> bool:
+    """True for a whole, undamaged JPEG (gray or RGB, EXIF orientation 1) that the device decoder takes
+    as it is; everything else is decoded on the CPU (the device decoder ignores EXIF orientation and
+    does not report damaged data)."""
+    if data[:3] != JPEG_MAGIC:
+        return False
+    head = jpeg_header(data)
+    return bool(head is not None and head[2] in (1, 3) and head[0] * head[1] > 0 and complete_jpeg(data)
+                and jpeg_orientation(data) == 1 and not jpeg_damage(data))
+
+
+def decode_jpegs_on_device(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """A batch of JPEG byte tensors decoded on ``device`` into uint8 [3, H, W], one call for the batch;
+    None for a file the device could not decode (the caller decodes it on the CPU)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    kw = {"apply_exif_orientation": True} if _decode_jpeg_supports_exif() else {}
+    try:
+        return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device, **kw))
+    except Exception:  # one bad file spoils the batch call: decode one by one to find it
+        images = []
+        for buf in jpegs:
+            try:
+                images.append(decode_jpeg(buf, mode=ImageReadMode.RGB, device=device, **kw))
+            except Exception:
+                images.append(None)
+        return images
 
 
 def decode_on_device(jpegs: list[torch.Tensor], paths: list, decoder: Decoder, device: torch.device):
@@ -195,20 +220,8 @@ def decode_on_device(jpegs: list[torch.Tensor], paths: list, decoder: Decoder, d
     Returns (tensors, failures): one tensor or None per input, and (position, reason) for the files
     that neither the device nor the CPU fallback could decode.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    kw = {"apply_exif_orientation": True} if _decode_jpeg_supports_exif() else {}
-    try:
-        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device, **kw)
-    except Exception:  # one bad file spoils the batch call: decode one by one to find it
-        images = []
-        for buf in jpegs:
-            try:
-                images.append(decode_jpeg(buf, mode=ImageReadMode.RGB, device=device, **kw))
-            except Exception:
-                images.append(None)
     out, failures = [], []
-    for k, img in enumerate(images):
+    for k, img in enumerate(decode_jpegs_on_device(jpegs, device)):
         try:
             out.append(decoder.finish(img) if img is not None else decoder(paths[k]).to(device, non_blocking=True))
         except ImageError as exc:

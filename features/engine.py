@@ -30,7 +30,9 @@ from featurebank.features.execution import Execution
 from featurebank.features.options import ExtractOptions
 from featurebank.features.plan import keep_unlisted, labels_changed, listing_columns, plan_reuse
 from featurebank.features.registry import build_backbone
-from featurebank.features.device import AMP_OF_PRECISION, cuda_precision, pick_device
+from featurebank.features.device import AMP_OF_PRECISION, pick_device
+from featurebank.features.runtimes import computed_precision
+from featurebank.features.runtimes import fingerprint as runtime_fingerprint
 from featurebank.features.store import (
     DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, store_path,
 )
@@ -111,11 +113,10 @@ def extract(source: Source | str | os.PathLike, backbone: Backbone | str = DEFAU
     if o.dtype not in DTYPES:
         raise ValueError(f"dtype must be {' or '.join(DTYPES)}, not {o.dtype!r}")
     if isinstance(backbone, str):
-        backbone = build_backbone(backbone, long_text=o.long_text,
-                                  precision=o.precision if source.modality == "text" else "f32")
+        backbone = build_backbone(backbone, long_text=o.long_text, precision=o.precision)
     check_modality(backbone, source)
     dev = pick_device(o.device)  # once per extraction: every stage below gets this device
-    precision, amp = forward_precision(source.modality, dev, o)
+    precision, amp = forward_precision(backbone, dev, o)
     o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)
     config = store_config(backbone, o)
     path = store_path(store, o.dataset or source.name, config)
@@ -156,28 +157,23 @@ def check_modality(backbone, source: Source) -> None:
                             f"use {hint}")
 
 
-def forward_precision(kind: str, dev: torch.device, o: ExtractOptions) -> tuple[str, str]:
+def forward_precision(backbone, dev: torch.device, o: ExtractOptions) -> tuple[str, str]:
     """The precision the forward pass computes at and the CUDA autocast that gives it, on ``dev``."""
     from featurebank.features.runtimes import check_precision
 
     check_precision(o.precision)
-    if kind == "text":
-        return "f32", o.amp  # a text backbone's precision is in its own (fingerprinted) preprocessing
-    if dev.type == "cuda" and o.runtime != "openvino":
-        # on CUDA autocast computes the rows: the fingerprint records its dtype, and amp follows it
-        precision = cuda_precision(dev, o.precision, o.amp)
-        return precision, AMP_OF_PRECISION.get(precision, o.amp)
-    return o.precision, o.amp
+    if "precision" in backbone.identity["preprocessing"]:
+        return "f32", o.amp  # the backbone carries its precision in its own (fingerprinted) preprocessing (texts)
+    # what the runtime that will serve computes in (on CUDA torch's autocast: the fingerprint records its
+    # dtype, and amp follows it)
+    precision = computed_precision(o.runtime, dev, o.precision, o.amp)
+    return precision, (AMP_OF_PRECISION.get(precision, o.amp) if dev.type == "cuda" else o.amp)
 
 
 def store_config(backbone, o: ExtractOptions) -> StoreConfig:
     """The store configuration (and so the fingerprint) of ``backbone``'s rows under the options ``o``
     (its precision already the one the forward pass computes at: see :func:`forward_precision`)."""
-    recipe = None
-    if o.precision == "int8":
-        from featurebank.features.runtimes.openvino_runtime import int8_recipe
-
-        recipe = int8_recipe(o.calibration_samples or CALIBRATION_SAMPLES)
+    recipe = runtime_fingerprint(o.runtime, o.precision, o.calibration_samples or CALIBRATION_SAMPLES)
     return StoreConfig.for_backbone(backbone, o.dtype, o.precision, recipe)
 
 
@@ -248,7 +244,6 @@ def describe_source(source: Source) -> dict[str, str]:
     return {"source": root, "source_format": str(source.format), "modality": source.modality}
 
 
-_labels_changed = labels_changed  # features.plan: the store's columns against the listing's
 
 
 def _check_labels_kept(path: Path, source: Source, labels) -> bool:

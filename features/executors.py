@@ -32,7 +32,7 @@ import torch
 from featurebank.features.decode import Decoder, decode_on_device, read_for_gpu
 from featurebank.features.images import ImageError
 from featurebank.features.processes import die_with_parent
-from featurebank.features.device import GPU_MAX_BATCH, Layout
+from featurebank.features.device import Layout
 
 CPU_BATCH = 32
 
@@ -132,7 +132,7 @@ def mp_context(threads: int = 1):
 
 def run_replicas(runtime, dec: Decoder, paths, batch: int, layout: Layout, rec) -> None:
     ctx = mp_context(layout.threads)
-    runtime.model  # noqa: B018 - laid out (channels_last, eval) once in the parent: forked replicas share it
+    runtime.prepare(len(paths), batch)  # laid out once in the parent: forked replicas share it
     # both queues are bounded and the paths travel with the tasks, so memory stays flat however many
     # images there are; gc.freeze keeps the children's garbage collector off the parent's objects
     # (touching them would copy their pages into every child)
@@ -244,20 +244,17 @@ def collate(items):
     }
 
 
-def run_in_process(runtime, dec: Decoder, paths, batch_size, dev: torch.device, layout: Layout,
-                   rec, amp, compile_model) -> None:
+def run_in_process(runtime, dec: Decoder, paths, batch_size, dev: torch.device, layout: Layout, rec,
+                   compile_model: bool = False) -> None:
+    """The runtime in this process (CUDA, MPS, a CPU with one core), fed by DataLoader workers that read
+    (and on a CPU decode) the files; on CUDA JPEGs are decoded on the device. The runtime overlaps a
+    batch's copy back with the next batch (see its ``map``); copy and device decoding are timed here by
+    CUDA events, the forward pass by the runtime."""
     from torch.utils.data import DataLoader
 
     if dev.type == "cpu":
         torch.set_num_threads(layout.threads)
-    forward = runtime.forward(amp, batch_size or CPU_BATCH, pad=bool(compile_model and dev.type == "cuda"))
-    if compile_model and dev.type == "cuda":
-        forward.model = torch.compile(forward.model)
-    size = runtime.size
-    if batch_size is None and dev.type == "cuda":
-        forward.probe((3, size, size), min(GPU_MAX_BATCH, len(paths)))
-        torch.cuda.empty_cache()
-    batch = forward.max_batch
+    batch = runtime.prepare(len(paths), batch_size, compile_model)
     loader = DataLoader(
         FileDataset(paths, dec, layout.gpu_decode), batch_size=batch, num_workers=layout.loader_workers,
         collate_fn=collate, pin_memory=dev.type == "cuda",
@@ -265,55 +262,53 @@ def run_in_process(runtime, dec: Decoder, paths, batch_size, dev: torch.device, 
         worker_init_fn=worker_started if layout.loader_workers else None,
     )
     cuda = dev.type == "cuda"
-    pending = None  # the batch whose embeddings are still on their way back from the device
-    for b in _timed(loader, rec):
-        bad = list(b["bad"])
-        parts, order = [], []
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda else None
-        t1 = time.perf_counter()
-        if cuda:
-            ev[0].record()
-        if b["pixels"] is not None:
-            parts.append(b["pixels"].to(dev, non_blocking=True))
-            order.extend(b["pixel_idx"])
-        if cuda:
-            ev[1].record()
-        else:
-            rec.time("copy", time.perf_counter() - t1)
-        t1 = time.perf_counter()
-        if b["jpeg_sizes"]:
-            jpegs = list(torch.split(b["jpeg_bytes"], b["jpeg_sizes"]))
-            tensors, fails = decode_on_device(jpegs, [paths[i] for i in b["jpeg_idx"]], dec, dev)
-            bad.extend((b["jpeg_idx"][k], r) for k, r in fails)
-            ok = [k for k, t in enumerate(tensors) if t is not None]
-            if ok:
-                parts.append(torch.stack([tensors[k] for k in ok]))
-                order.extend(b["jpeg_idx"][k] for k in ok)
-        if cuda:
-            ev[2].record()
-        else:
-            rec.time("decode (device)", time.perf_counter() - t1)
-        rec.failures(bad)
-        if parts:
-            x = (torch.cat(parts) if len(parts) > 1 else parts[0]).contiguous(memory_format=torch.channels_last)
+
+    def device_times(ev) -> None:
+        ev[2].synchronize()
+        rec.time("copy", ev[0].elapsed_time(ev[1]) / 1000)
+        rec.time("decode (device)", ev[1].elapsed_time(ev[2]) / 1000)
+
+    def batches():
+        for b in _timed(loader, rec):
+            bad = list(b["bad"])
+            parts, order = [], []
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if cuda else None
             t1 = time.perf_counter()
-            emb = forward(x)
             if cuda:
-                # the copy back is queued behind the forward pass; it is collected after the next batch
-                # has been launched, so the device never waits for the host
-                host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
-                host.copy_(emb, non_blocking=True)
-                ev[3].record()
-                emb = host
+                ev[0].record()
+            if b["pixels"] is not None:
+                parts.append(b["pixels"].to(dev, non_blocking=True))
+                order.extend(b["pixel_idx"])
+            if cuda:
+                ev[1].record()
             else:
-                rec.time("forward", time.perf_counter() - t1)
-        else:
-            emb = None
-        if pending is not None:
-            _collect(pending, rec)
-        pending = (order, emb, ev, len(bad), b["notes"])
-    if pending is not None:
-        _collect(pending, rec)
+                rec.time("copy", time.perf_counter() - t1)
+            t1 = time.perf_counter()
+            if b["jpeg_sizes"]:
+                jpegs = list(torch.split(b["jpeg_bytes"], b["jpeg_sizes"]))
+                tensors, fails = decode_on_device(jpegs, [paths[i] for i in b["jpeg_idx"]], dec, dev)
+                bad.extend((b["jpeg_idx"][k], r) for k, r in fails)
+                ok = [k for k, t in enumerate(tensors) if t is not None]
+                if ok:
+                    parts.append(torch.stack([tensors[k] for k in ok]))
+                    order.extend(b["jpeg_idx"][k] for k in ok)
+            if cuda:
+                ev[2].record()
+            else:
+                rec.time("decode (device)", time.perf_counter() - t1)
+            rec.failures(bad)
+            if not parts:
+                if cuda:
+                    device_times(ev)
+                rec.advance(len(bad))
+                continue
+            yield (order, len(bad), b["notes"], ev), (torch.cat(parts) if len(parts) > 1 else parts[0])
+
+    for (order, n_bad, notes, ev), emb in runtime.map(batches(), timer=rec.time):
+        if cuda:
+            device_times(ev)  # recorded before its forward pass, which has finished
+        rec.rows(order, emb, row_notes(order, notes))
+        rec.advance(len(order) + n_bad)
 
 
 def _timed(loader, rec):
@@ -346,19 +341,6 @@ def _timed(loader, rec):
         rec.time("wait for decode", time.perf_counter() - t0)
         rec.time("read+decode (workers)", b["decode_s"])
         yield b
-
-
-def _collect(pending, rec) -> None:
-    """Wait for a batch's embeddings, record its device timings, hand it to the writer."""
-    order, emb, ev, n_bad, notes = pending
-    if ev is not None:
-        ev[3].synchronize()
-        rec.time("copy", ev[0].elapsed_time(ev[1]) / 1000)
-        rec.time("decode (device)", ev[1].elapsed_time(ev[2]) / 1000)
-        rec.time("forward", ev[2].elapsed_time(ev[3]) / 1000)
-    if emb is not None:
-        rec.rows(order, emb.numpy(), row_notes(order, notes))
-    rec.advance(len(order) + n_bad)
 
 
 def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec, transfer: int = CPU_BATCH) -> None:

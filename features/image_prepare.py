@@ -53,7 +53,7 @@ class ImagePrepare:
             elif layout.replicas:
                 run_replicas(rt, dec, paths, cpu_batch, layout, rec)
             else:
-                run_in_process(rt, dec, paths, o.batch_size, dev, layout, rec, o.amp, o.compile)
+                run_in_process(rt, dec, paths, o.batch_size, dev, layout, rec, o.compile)
             return described
 
         settings = {"device": str(dev), "batch_size": o.batch_size or "auto", "workers": o.workers,
@@ -108,11 +108,11 @@ def image_runtime(job, paths: SampleFiles, check_dec: Decoder):
         runtime = "torch"
     n = o.calibration_samples
     return create_runtime(runtime, job.backbone, job.device, o.precision, o.batch_size, say=o.say,
-                          first_images=lambda: first_images(check_dec, paths),
+                          first_batch=lambda: first_images(check_dec, paths),
                           calibration=lambda: calibration_images(check_dec, source, n),
                           int8_key=calibration_set(o.dataset or source.name, source.root), calibration_samples=n,
-                          # the store's rows came from OpenVINO at this precision: it agreed on their first batch
-                          agreed=f"openvino {o.precision}" in job.stored_runtimes)
+                          # what computed the store's rows: a runtime found there agreed on their first batch
+                          agreed=job.stored_runtimes)
 
 
 def image_layout(job, rt, n: int) -> Layout:

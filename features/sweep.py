@@ -18,9 +18,11 @@ What it saves over one extraction per (backbone, layer):
 Texts: one extraction per text backbone (each has its own tokenizer, so each text is tokenised once
 per tokenizer); text backbones have no layers to choose.
 
-Decoding runs in worker processes (DataLoader) while this process runs the backbones one after the
-other on each batch, so every backbone's forward time is measured on its own: ``per_second`` is the
-rate each backbone reached inside the sweep (images per second of its forward passes).
+On a CPU, decoding runs in worker processes (DataLoader) and every backbone runs in a thread of its
+own on the shared decoded batches, so the backbones overlap each other and the decoding; each is
+charged its share of the time while several run at once, and ``per_second`` is the rate each
+backbone reached inside the sweep (images per second of its share). On CUDA the JPEGs are decoded
+once on the device and each backbone's resize and normalisation runs there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import dataclasses
 import gc
 import json
 import os
+import queue
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -40,18 +44,18 @@ from torch import nn
 
 from featurebank.data.sources import Source, open_source
 from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_backbone
-from featurebank.features.decode import Decoder
+from featurebank.features.decode import Decoder, decode_jpegs_on_device, device_decodable
 from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.engine import (
     ExtractResult, Listing, ModalityError, extract, forward_precision, labels_changed, store_config,
 )
 from featurebank.features.image_prepare import (
-    SampleFiles, calibration_images, calibration_set, first_images, sample_decoder,
+    SampleFiles, calibration_images, calibration_set, sample_decoder,
 )
-from featurebank.features.images import ImageError
+from featurebank.features.images import ImageError, is_damage
 from featurebank.features.options import ExtractOptions
 from featurebank.features.registry import build_backbone, modality_of
-from featurebank.features.executors import mp_context, worker_started
+from featurebank.features.executors import mp_context, row_notes, worker_started
 from featurebank.features.device import pick_device, usable_cores
 from featurebank.features.runtimes import check_precision, create_runtime
 from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, atomic_write, store_path
@@ -130,14 +134,30 @@ def candidate(name: str, layers: list[str], arch: str | None = None) -> Candidat
     model = base.model
     taps = Taps(model, layers)
     taps.eval()
-    size = base.preprocessing.size
-    with torch.inference_mode():
-        taps(torch.zeros(1, 3, size, size))
-    dims = list(taps.widths)  # each tap's width, pooled as --layer pools it
+    if all(layer == FINAL for layer in layers):
+        dims = [int(base.dim)] * len(layers)  # the pooled output: the width the backbone declares
+    else:
+        dims = _tap_widths(taps, base.preprocessing.size)
     per_layer = [dataclasses.replace(base, model=None, layer="pooled" if layer == FINAL else layer, dim=d)
                  for layer, d in zip(layers, dims)]
     tap_backbone = dataclasses.replace(base, model=taps, layer="taps:" + "|".join(layers), dim=int(sum(dims)))
     return Candidate(base.name, layers, tap_backbone, per_layer, dims)
+
+
+def _tap_widths(taps: Taps, size: int) -> list[int]:
+    """Each tap's width, pooled as --layer pools it, from one eager forward pass of one image: a small
+    one first (64 px: the widths are channels, which do not depend on the input's size, and a forward
+    pass at full size cost about a second per backbone on a loaded 2-core machine), the model's own
+    size where the model takes no other (a ViT's patch grid)."""
+    with torch.inference_mode():
+        if size > 64:
+            try:
+                taps(torch.zeros(1, 3, 64, 64))
+                return list(taps.widths)
+            except Exception:
+                taps._outs = {}
+        taps(torch.zeros(1, 3, size, size))
+    return list(taps.widths)
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -149,34 +169,70 @@ class SharedDecoder:
     resize target: a large JPEG is decoded at a reduced DCT scale that still suits every backbone),
     then each backbone's own resize, crop and normalisation (:meth:`Decoder.finish`). Returns one
     tensor per decoder, or raises ImageError (the sample is then recorded as a failure in every
-    store that needed it). ``plain`` decoders decode per backbone (the reference path, PIL)."""
+    store that needed it). ``plain`` decoders decode per backbone (the reference path, PIL).
+
+    ``note`` is what the decoders said about the last sample ("damaged": decoded although libjpeg
+    reported damaged data, with ``allow_damaged``), as :attr:`Decoder.note` is for one decoder."""
 
     def __init__(self, decoders: list[Decoder]):
         self.decoders = decoders
         self.big = max(decoders, key=lambda d: (d.pre.resize, d.pre.size))
         self.timings = {"read": 0.0, "decode": 0.0}
+        self.note = ""
 
     def __call__(self, loc) -> list[torch.Tensor]:
+        return self.decode(self.read(loc))
+
+    def read(self, loc) -> bytes:
         t0 = time.perf_counter()
         try:
-            data = self.big.read(loc)
+            return self.big.read(loc)
         finally:
             self.timings["read"] += time.perf_counter() - t0
+
+    def decode(self, data: bytes) -> list[torch.Tensor]:
         t1 = time.perf_counter()
+        self.note = ""
         try:
             if any(d.mode == "plain" for d in self.decoders):
-                return [d.decode(data) for d in self.decoders]
+                out = [d.decode(data) for d in self.decoders]
+                self.note = next((d.note for d in self.decoders if d.note), "")
+                return out
+            self.big.note = ""
             pixels = self.big.decode_pixels(data)
+            self.note = self.big.note
             return [d.finish(pixels) for d in self.decoders]
         finally:
             self.timings["decode"] += time.perf_counter() - t1
 
+    def finish_on_device(self, jpegs: list[torch.Tensor], locs: list, device: torch.device):
+        """The GPU path: a batch of JPEG byte tensors decoded once on ``device`` (in full, one call for
+        the batch, as :func:`features.decode.decode_on_device` does for one backbone), then each
+        backbone's resize, crop and normalisation there. A file the device cannot decode is decoded
+        on the CPU (:meth:`__call__`) and moved. Returns (per file a list of tensors per backbone, or
+        None; failures as (position, reason); notes as (position, note))."""
+        out, failures, notes = [], [], []
+        for k, img in enumerate(decode_jpegs_on_device(jpegs, device)):
+            try:
+                if img is not None:
+                    out.append([d.finish(img) for d in self.decoders])
+                else:
+                    out.append([t.to(device, non_blocking=True) for t in self(locs[k])])
+                    if self.note:
+                        notes.append((k, self.note))
+            except ImageError as exc:
+                out.append(None)
+                failures.append((k, str(exc)))
+        return out, failures, notes
+
 
 class _Samples(torch.utils.data.Dataset):
-    """Per item (position, tensors per backbone or None, reason or None, seconds)."""
+    """Per item (position, kind, payload, reason, seconds, note): kind "pixels" with the tensors per
+    backbone, or (``on_device``) "jpeg" with the bytes of a JPEG the device decodes; a failure is
+    returned with its reason, never raised."""
 
-    def __init__(self, files, dec: SharedDecoder):
-        self.files, self.dec = files, dec
+    def __init__(self, files, dec: SharedDecoder, on_device: bool = False):
+        self.files, self.dec, self.on_device = files, dec, on_device
 
     def __len__(self) -> int:
         return len(self.files)
@@ -184,20 +240,29 @@ class _Samples(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         t0 = time.perf_counter()
         try:
-            return i, self.dec(self.files[i]), None, time.perf_counter() - t0
+            self.dec.note = ""
+            data = self.dec.read(self.files[i])
+            if self.on_device and device_decodable(data):
+                return i, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), None, time.perf_counter() - t0, ""
+            return i, "pixels", self.dec.decode(data), None, time.perf_counter() - t0, self.dec.note
         except ImageError as exc:
-            return i, None, str(exc), time.perf_counter() - t0
+            return i, None, None, str(exc), time.perf_counter() - t0, ""
         except Exception as exc:  # a decoder bug must cost one file, not the sweep
-            return i, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0
+            return i, None, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0, ""
 
 
 def _collate(items):
-    good = [(i, t) for i, t, _, _ in items if t is not None]
+    good = [(i, p) for i, k, p, _, _, _ in items if k == "pixels"]
+    jpegs = [(i, p) for i, k, p, _, _, _ in items if k == "jpeg"]
     return {
         "idx": [i for i, _ in good],
         "per_backbone": [torch.stack([t[k] for _, t in good]) for k in range(len(good[0][1]))] if good else [],
-        "bad": [(i, r) for i, _, r, _ in items if r is not None],
-        "decode_s": sum(s for *_, s in items),
+        "jpeg_idx": [i for i, _ in jpegs],
+        "jpeg_bytes": torch.cat([p for _, p in jpegs]) if jpegs else None,
+        "jpeg_sizes": [len(p) for _, p in jpegs],
+        "bad": [(i, r) for i, _, _, r, _, _ in items if r is not None],
+        "notes": [(i, n) for i, _, _, _, _, n in items if n],
+        "decode_s": sum(t for *_, t, _ in items),
     }
 
 
@@ -284,7 +349,7 @@ class _Plan:
     need: np.ndarray | None = None  # bool per sample of the source
     reused: int = 0
     stale: bool = False
-    agreed: bool = False  # its rows came from OpenVINO at this precision: the agreement check passed before
+    agreed: frozenset = frozenset()  # what computed its rows ("openvino f32", ...): they passed the agreement check
 
 
 def parse_list(value: str | list[str] | None) -> list[str]:
@@ -304,12 +369,11 @@ def sweep(source: Source | str | os.PathLike, backbones: list[str], layers: list
     layers; text backbones run one extraction each (features.engine.extract). ``options`` are extract's
     (:class:`features.options.ExtractOptions`; ``settings``: its fields by keyword) and mean what they
     mean there; ``workers`` is the number of decoding processes here; ``compile`` (torch.compile) is
-    not used by the sweep's forward passes, ``layout`` neither, and ``allow_damaged`` is refused."""
+    not used by the sweep's forward passes, ``layout`` only for its ``gpu_decode`` (the tests' way to run
+    the GPU path on a CPU, as for extract); ``allow_damaged`` means what it means
+    for extract() (damaged JPEGs embedded and noted "damaged" in every store, as extract notes them)."""
     t0 = time.perf_counter()
     o = ExtractOptions.of(options, **settings)
-    if o.allow_damaged:  # the shared decode records no "damaged" notes yet: refused rather than ignored
-        raise SweepError("sweep does not take --allow-damaged: extract each backbone with featurebank extract "
-                         "--allow-damaged, and sweep reuses those stores")
     if not isinstance(source, Source):
         source = open_source(source, o.dataset)
     backbones = list(dict.fromkeys(parse_list(backbones)))
@@ -362,10 +426,10 @@ def _sweep_images(source: Source, backbones: list[str], layers: list[str], store
     for b in backbones:
         if modality_of(b) != "image":
             raise ModalityError(f"{b} embeds {modality_of(b)}s but {source.name} holds images: use image backbones")
-    dev = pick_device(o.device)  # once for the whole sweep
-    precision, amp = forward_precision("image", dev, o)
-    o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)
     cands = [candidate(b, layers) for b in backbones]
+    dev = pick_device(o.device)  # once for the whole sweep
+    precision, amp = forward_precision(cands[0].taps, dev, o)
+    o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)
     listing = Listing.of(source, o.content_hash)
     plans = [[_Plan(c.taps.name, layer, sb, config, store_path(store_dir, out.dataset, config))
               for layer, sb in zip(c.layers, c.per_layer) for config in [store_config(sb, o)]] for c in cands]
@@ -387,7 +451,9 @@ def _sweep_images(source: Source, backbones: list[str], layers: list[str], store
         if active:
             rates = _embed_images(source, active, listing.ids, listing.content, dev, o.batch_size, o.workers,
                                   o.progress, out, o.say, decoder=o.decoder, runtime=o.runtime, precision=o.precision,
-                                  amp=o.amp, calibration_samples=o.calibration_samples, dataset=out.dataset)
+                                  amp=o.amp, calibration_samples=o.calibration_samples, dataset=out.dataset,
+                                  allow_damaged=o.allow_damaged,
+                                  gpu_decode=dev.type == "cuda" or bool(o.layout is not None and o.layout.gpu_decode))
         for c, row in zip(cands, plans):
             for p in row:
                 out.stores.append(_finish_plan(p, listing, rates.get(id(c)), o.precision, t0))
@@ -402,14 +468,15 @@ def _open_plan(stack: ExitStack, p: _Plan, listing: Listing, o: ExtractOptions, 
                                                say=o.say))
     index = p.writer.index()
     need = np.zeros(len(listing.ids), bool)
-    for k, (i, c) in enumerate(zip(listing.ids, listing.content)):
-        if index.content.get(i) == c:
+    for k, (i, c) in enumerate(zip(listing.ids, listing.content)):  # the rule of extract(), store by store
+        if index.content.get(i) == c and (o.allow_damaged or i not in index.damaged_images):
             p.reused += 1
-        elif o.retry_failures or index.failures.get(i, (None, None))[1] != c:
+        elif (o.retry_failures or (failed := index.failures.get(i)) is None or failed[1] != c
+              or (o.allow_damaged and is_damage(failed[0]))):
             need[k] = True
     p.need = need
     p.stale = listing.stale(index)
-    p.agreed = f"openvino {o.precision}" in index.runtimes
+    p.agreed = frozenset(index.runtimes)
 
 
 def _finish_plan(p: _Plan, listing: Listing, rate: float | None, precision: str, t0: float) -> StoreResult:
@@ -423,9 +490,10 @@ def _finish_plan(p: _Plan, listing: Listing, rate: float | None, precision: str,
             or labels_changed(p.path, listing.ids, listing.labels, listing.splits, listing.classes)):
         counts = w.finish(listing.ids, listing.labels, listing.splits, listing.content, class_names=listing.classes)
         r.removed, r.rows, r.failed_total = counts["removed"], counts["rows"], counts["failures"]
+        r.notes = counts.get("notes", {})
     else:
         index = w.index()
-        r.rows, r.failed_total = len(index.content), len(index.failures)
+        r.rows, r.failed_total, r.notes = len(index.content), len(index.failures), index.notes
     if rate is not None:
         _record_rate(p.path, rate, int(r.embedded), "sweep")
     else:
@@ -434,11 +502,21 @@ def _finish_plan(p: _Plan, listing: Listing, rate: float | None, precision: str,
     return StoreResult(p.backbone, p.layer, p.path, p.store_backbone.dim, r, rate, precision)
 
 
+#: decoded batches waiting for each backbone (bounds memory: a slow backbone holds the decoders back)
+LANE_DEPTH = 2
+
+
 def _embed_images(source, active, ids, content, dev, batch_size, workers, progress, out: SweepResult, say, *,
-                  decoder, runtime, precision, amp, calibration_samples, dataset) -> dict[int, float]:
-    """Decode every sample some active backbone needs once, run each backbone on the batch, cut its
-    rows into its layers' stores. Returns each backbone's forward rate (images/s) by id of its candidate."""
-    from torch.utils.data import DataLoader
+                  decoder, runtime, precision, amp, calibration_samples, dataset, allow_damaged=False,
+                  gpu_decode=False) -> dict[int, float]:
+    """Decode every sample some active backbone needs once, run each backbone on it, cut its rows into its
+    layers' stores. Returns each backbone's forward rate (images/s) by id of its candidate.
+
+    On a CPU (:func:`_run_lanes`) decoding runs in worker processes and every backbone has a thread of
+    its own fed from the shared decoded batches (an OpenVINO backbone keeps its infer requests busy
+    there, as ``extract`` does with one), so the backbones overlap each other and the decoding instead
+    of taking turns; rows go to the stores through one writer thread. On CUDA (:func:`_run_on_device`)
+    the JPEGs are decoded once on the device and each backbone's resize and normalisation runs there."""
     from tqdm import tqdm
 
     union = np.logical_or.reduce([need for _, _, need in active])
@@ -447,17 +525,18 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
     runtimes, decoders = [], []
     if dev.type == "cpu":
         torch.set_num_threads(usable_cores())
-    for c, row, need in active:
-        check_dec = sample_decoder(source, c.taps, decoder)
-        sub = SampleFiles(source, np.flatnonzero(need))
+    check_decs = [sample_decoder(source, c.taps, decoder, allow_damaged) for c, _, _ in active]
+    firsts = _FirstImages(source, check_decs)
+    for a, (c, row, need) in enumerate(active):
+        check_dec = check_decs[a]
         if runtime == "auto" and precision == "f32" and _daemonic():
             say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
             runtime = "torch"
         rt = create_runtime(runtime, c.taps, dev, precision, batch_size, say=say,
-                            first_images=lambda d=check_dec, s=sub: first_images(d, s),
+                            first_batch=lambda a=a, need=need: firsts(a, need),
                             calibration=lambda d=check_dec: calibration_images(d, source, calibration_samples),
                             int8_key=calibration_set(dataset, source.root), calibration_samples=calibration_samples,
-                            agreed=all(p.agreed for p in row))
+                            agreed=frozenset.intersection(*(p.agreed for p in row)))
         for p in row:
             p.writer.runtime = f"{rt.name} {rt.precision}"
         runtimes.append(rt)
@@ -465,84 +544,367 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
         say(f"  {c.taps.name}: layers {', '.join(c.layers)} in one forward pass ({rt.describe()}), "
             f"{int(need.sum())} samples to embed")
     shared = SharedDecoder(decoders)
+    on_device = gpu_decode and all(r.name == "torch" for r in runtimes)
     n_workers = workers if workers is not None else (0 if len(todo) <= INLINE_DECODE_UP_TO or _daemonic()
                                                      else usable_cores())
+    if _daemonic():
+        n_workers = 0  # a daemonic process may not start processes
     # OpenVINO's batch size is per infer request (it cuts a batch into requests), so decoded batches are
-    # the sweep's own: large enough that few infer requests idle at each batch's end, small enough that
-    # every decoding worker has several batches in flight (with camera-size photos and a few hundred
-    # images, batches of 64 left the model idle while the first ones decoded)
-    batch = decoded_batch(len(todo), n_workers) if any(r.name == "openvino" for r in runtimes) \
+    # the sweep's own: large enough that few messages cross between processes, small enough that every
+    # decoding worker has several batches in flight (with camera-size photos and a few hundred images,
+    # batches of 64 left the models idle while the first ones decoded)
+    batch = decoded_batch(len(todo), n_workers) if any(r.pipelined for r in runtimes) \
         else max(1, batch_size or SWEEP_BATCH)
-    loader = DataLoader(_Samples(files, shared), batch_size=batch, num_workers=n_workers, collate_fn=_collate,
-                        prefetch_factor=4 if n_workers else None, persistent_workers=False,
-                        worker_init_fn=worker_started if n_workers else None,
-                        multiprocessing_context=mp_context() if n_workers else None)
-    forward_s = [0.0] * len(active)
-    images = [0] * len(active)
-    stages = {"wait for decode": 0.0, "read+decode (workers)": 0.0, "write": 0.0}
+    loader = torch.utils.data.DataLoader(
+        _Samples(files, shared, on_device), batch_size=batch, num_workers=n_workers, collate_fn=_collate,
+        pin_memory=dev.type == "cuda", prefetch_factor=4 if n_workers else None, persistent_workers=False,
+        worker_init_fn=worker_started if n_workers else None,
+        multiprocessing_context=mp_context() if n_workers else None)
+    run = _Run(active, runtimes, todo, ids, content)
     bar = tqdm(total=len(todo), unit="img", desc=f"sweep ({len(active)} backbones)", disable=not progress,
                dynamic_ncols=True)
-    gc.freeze()  # the decoding workers fork here: keep their collector off this process's objects
+    t0 = time.perf_counter()
     try:
-        it = iter(loader)
-    finally:
-        gc.unfreeze()
-    try:
-        while True:
-            t_wait = time.perf_counter()
-            try:
-                b = next(it)
-            except StopIteration:
-                break
-            stages["wait for decode"] += time.perf_counter() - t_wait
-            stages["read+decode (workers)"] += b["decode_s"]
-            if b["bad"]:
-                for _, row, _ in active:
-                    for p in row:
-                        ks = [int(todo[j]) for j, _ in b["bad"] if p.need[todo[j]]]
-                        reasons = [r for j, r in b["bad"] if p.need[todo[j]]]
-                        if ks:
-                            p.writer.add_failures([ids[k] for k in ks], reasons, [content[k] for k in ks])
-            idx = np.asarray(b["idx"], np.int64)
-            for a, ((c, row, need), rt) in enumerate(zip(active, runtimes)):
-                if not len(idx):
-                    break
-                pos = todo[idx]
-                mine = need[pos]
-                if not mine.any():
-                    continue
-                x = b["per_backbone"][a]
-                if not mine.all():
-                    x = x[torch.from_numpy(np.flatnonzero(mine))]
-                t1 = time.perf_counter()
-                emb = np.asarray(rt.embed(x), np.float32)
-                forward_s[a] += time.perf_counter() - t1
-                images[a] += len(x)
-                ks = pos[mine]
-                t2 = time.perf_counter()
-                off = 0
-                for p, d in zip(row, c.dims):
-                    take = p.need[ks]
-                    if take.any():
-                        kk = ks[take]
-                        p.writer.add([ids[k] for k in kk], emb[take, off:off + d], [content[k] for k in kk])
-                    off += d
-                stages["write"] += time.perf_counter() - t2
-            bar.update(len(b["idx"]) + len(b["bad"]))
+        if on_device:
+            _run_on_device(run, loader, shared, files, dev, batch_size or SWEEP_BATCH, bar)
+        else:
+            _run_lanes(run, loader, bar)
     finally:
         bar.close()
-        del it
     out.embedded_samples += len(todo)
+    # wall time from starting the decoders to the last row handed to the stores (the benchmark sets it
+    # beside the sweep's whole time: the rest is building the models and runtimes, and the final merge)
+    stages = {"embedding (wall)": time.perf_counter() - t0, **run.stages}
     for a, (c, _, _) in enumerate(active):
-        stages[f"forward {c.taps.name}"] = forward_s[a]
+        stages[f"forward {c.taps.name}"] = run.forward_s[a]
     out.stages = stages
     rates = {}
     for a, (c, _, _) in enumerate(active):
-        if images[a] and forward_s[a] > 0:
-            rates[id(c)] = images[a] / forward_s[a]
-            say(f"  {c.taps.name}: {images[a]} images in {forward_s[a]:.1f} s of forward passes "
+        if run.images[a] and run.forward_s[a] > 0:
+            rates[id(c)] = run.images[a] / run.forward_s[a]
+            say(f"  {c.taps.name}: {run.images[a]} images in {run.forward_s[a]:.1f} s of forward passes "
                 f"({rates[id(c)]:.1f} images/s, all {len(c.layers)} layers)")
     return rates
+
+
+class _FirstImages:
+    """The first images each backbone still needs, for ``auto``'s agreement check (features.runtimes), read
+    and decoded once for every backbone that needs the same ones (:class:`SharedDecoder`) instead of once
+    per backbone: with camera-size photos that was a second or more per backbone."""
+
+    def __init__(self, source, decoders: list[Decoder]):
+        self.source, self.shared = source, SharedDecoder(decoders)
+        self._done: dict[tuple, list | None] = {}
+
+    def __call__(self, a: int, need: np.ndarray) -> torch.Tensor | None:
+        from featurebank.features.runtimes import CHECK_IMAGES
+
+        key = tuple(int(k) for k in np.flatnonzero(need)[:CHECK_IMAGES])
+        if key not in self._done:
+            files, got = SampleFiles(self.source, key), []
+            for j in range(len(files)):
+                try:
+                    got.append(self.shared(files[j]))
+                except Exception:  # a file that does not decode is left out, as first_images leaves it
+                    continue
+            self._done[key] = [torch.stack([t[b] for t in got]) for b in range(len(self.shared.decoders))] if got else None
+        per_backbone = self._done[key]
+        return None if per_backbone is None else per_backbone[a]
+
+
+class _Run:
+    """What the image paths share: the active backbones, their runtimes and stores, the writer thread
+    (StoreWriter is not thread-safe: every store's rows and failures go through one thread), the
+    forward time charged to each backbone and the stage timings."""
+
+    def __init__(self, active, runtimes, todo, ids, content):
+        self.active, self.runtimes, self.todo, self.ids, self.content = active, runtimes, todo, ids, content
+        self.forward_s = [0.0] * len(active)
+        self.images = [0] * len(active)
+        self.stages = {"wait for decode": 0.0, "read+decode (workers)": 0.0}
+        self.writes = _Writes()
+
+    def batches(self, loader):
+        """The loader's batches, timing the wait for them; the workers fork as the iterator is made
+        (gc.freeze: their collector stays off this process's objects, see features.executors)."""
+        gc.freeze()
+        try:
+            it = iter(loader)
+        finally:
+            gc.unfreeze()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    b = next(it)
+                except StopIteration:
+                    return
+                self.stages["wait for decode"] += time.perf_counter() - t0
+                self.stages["read+decode (workers)"] += b["decode_s"]
+                yield b
+        finally:
+            del it
+
+    def failures(self, bad) -> None:
+        """(position in todo, reason) -> a failure in every store that needed the sample."""
+        if not bad:
+            return
+        for _, row, _ in self.active:
+            for p in row:
+                ks = [int(self.todo[j]) for j, _ in bad if p.need[self.todo[j]]]
+                if ks:
+                    reasons = [r for j, r in bad if p.need[self.todo[j]]]
+                    self.writes.put(p.writer.add_failures, [self.ids[k] for k in ks], reasons,
+                                    [self.content[k] for k in ks])
+
+    def mine(self, a: int, idx) -> np.ndarray:
+        """Of the batch's positions ``idx`` (in todo), which backbone ``a`` needs (bool)."""
+        return self.active[a][2][self.todo[np.asarray(idx, np.int64)]]
+
+    def rows(self, a: int, ks: np.ndarray, emb: np.ndarray, notes) -> None:
+        """Backbone ``a``'s rows for the samples ``ks`` (positions in the source), cut into its layers."""
+        c, row, _ = self.active[a]
+        self.images[a] += len(ks)
+        off = 0
+        for p, d in zip(row, c.dims):
+            take = p.need[ks]
+            if take.any():
+                kk = ks[take]
+                args = [[self.ids[k] for k in kk], emb[take, off:off + d], [self.content[k] for k in kk]]
+                if notes is not None:
+                    args.append([n for n, t in zip(notes, take) if t])
+                self.writes.put(p.writer.add, *args)
+            off += d
+
+    def close(self) -> None:
+        t0 = time.perf_counter()
+        self.writes.close()
+        self.stages["write (wait at the end)"] = time.perf_counter() - t0
+        self.stages["write (thread)"] = self.writes.busy
+
+
+class _Writes:
+    """Every store's writes (StoreWriter.add, add_failures) in one background thread behind a bounded
+    queue, in the order they were put; an error there is raised at the next put or at close."""
+
+    def __init__(self, depth: int = 16):
+        self.busy = 0.0
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._loop, name="featurebank-sweep-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._errors:
+                continue  # drain, so that a blocked put returns
+            fn, args = item
+            t0 = time.perf_counter()
+            try:
+                fn(*args)
+            except BaseException as exc:
+                self._errors.append(exc)
+            self.busy += time.perf_counter() - t0
+
+    def put(self, fn, *args) -> None:
+        if self._errors:
+            raise self._errors[0]
+        self._queue.put((fn, args))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._errors:
+            raise self._errors[0]
+
+
+class _Shares:
+    """Forward time charged to each backbone when they run at once: while n backbones are running,
+    each is charged 1/n of the wall time (they share the cores), so that a backbone's images over its
+    charged seconds is its rate inside the sweep, and the charges add up to the time some backbone ran."""
+
+    def __init__(self, n: int):
+        self.charged = [0.0] * n
+        self._running: set[int] = set()
+        self._last = time.perf_counter()
+        self._lock = threading.Lock()
+
+    def _advance(self) -> None:
+        now = time.perf_counter()
+        if self._running:
+            share = (now - self._last) / len(self._running)
+            for a in self._running:
+                self.charged[a] += share
+        self._last = now
+
+    def start(self, a: int) -> None:
+        with self._lock:
+            self._advance()
+            self._running.add(a)
+
+    def stop(self, a: int) -> None:
+        with self._lock:
+            self._advance()
+            self._running.discard(a)
+
+
+class _Lanes:
+    """One thread ("lane") per backbone, each taking decoded batches from a bounded queue of its own; an
+    error in a lane stops the others and is raised in the caller at its next hand-over or at the end."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        n = len(run.active)
+        self.shares = _Shares(n)
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.queues = [queue.Queue(maxsize=LANE_DEPTH) for _ in range(n)]
+        self.serial = threading.Lock()  # synchronous runtimes take turns
+        self.threads = [threading.Thread(target=self._lane, args=(a,), name=f"featurebank-sweep-{a}", daemon=True)
+                        for a in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _take(self, a: int):
+        """Lane a's batches until the end mark (None) or a stop; not running while it waits."""
+        while not self.stop.is_set():
+            self.shares.stop(a)
+            try:
+                item = self.queues[a].get(timeout=0.5)
+            except queue.Empty:
+                continue
+            finally:
+                self.shares.start(a)
+            if item is None:
+                return
+            yield item
+
+    def _lane(self, a: int) -> None:
+        rt, shares = self.run.runtimes[a], self.shares
+        try:
+            with torch.inference_mode():
+                if rt.pipelined:
+                    shares.start(a)
+                    for (ks, notes), emb in rt.map(self._take(a)):
+                        self.run.rows(a, ks, np.asarray(emb, np.float32), notes)
+                else:
+                    for (ks, notes), x in self._take(a):
+                        shares.stop(a)
+                        with self.serial:
+                            shares.start(a)
+                            emb = np.asarray(rt.embed(x), np.float32)
+                        self.run.rows(a, ks, emb, notes)
+        except BaseException as exc:
+            self.errors.append(exc)
+            self.stop.set()
+        finally:
+            shares.stop(a)
+
+    def hand(self, a: int, item) -> None:
+        """Put into lane a's queue, waiting while it is full, unless a lane failed."""
+        while True:
+            if self.errors:
+                raise self.errors[0]
+            try:
+                self.queues[a].put(item, timeout=0.5)
+                return
+            except queue.Full:
+                pass
+
+    def finish(self) -> None:
+        for a in range(len(self.queues)):
+            self.hand(a, None)
+        for t in self.threads:
+            t.join()
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def _run_lanes(run: _Run, loader, bar) -> None:
+    """A CPU: decoded batches from the loader's worker processes; one thread per backbone (:class:`_Lanes`)
+    runs its runtime on them: an asynchronous runtime (OpenVINO) through ``map``, which keeps every infer
+    request busy while the next batch is taken, a synchronous one (torch) through ``embed``, one
+    synchronous backbone at a time (each uses every core). Rows go to the writer thread. The backbones
+    thus run side by side with each other and with decoding, and a batch end leaves no core idle while
+    another backbone has work."""
+    lanes = _Lanes(run)
+    try:
+        for b in run.batches(loader):
+            run.failures(b["bad"])
+            idx = b["idx"]
+            if idx:
+                pos = run.todo[np.asarray(idx, np.int64)]
+                for a in range(len(run.active)):
+                    mine = run.mine(a, idx)
+                    if not mine.any():
+                        continue
+                    x = b["per_backbone"][a]
+                    sel = np.flatnonzero(mine)
+                    if len(sel) < len(idx):
+                        x = x[torch.from_numpy(sel)]
+                    lanes.hand(a, ((pos[sel], row_notes([idx[j] for j in sel], b["notes"])), x))
+            bar.update(len(idx) + len(b["bad"]))
+        lanes.finish()
+    finally:
+        lanes.close()
+        run.close()
+    run.forward_s = list(lanes.shares.charged)
+
+
+def _run_on_device(run: _Run, loader, shared: SharedDecoder, files, dev, batch: int, bar) -> None:
+    """CUDA (or a CPU whose forced layout says ``gpu_decode``, as the tests run it): the loader's workers
+    read each JPEG's bytes (other formats, rotated and damaged JPEGs are decoded on the CPU there); this
+    process decodes the batch once on the device and runs each backbone's resize and normalisation there
+    (:meth:`SharedDecoder.finish_on_device`), then each backbone's forward pass (torch, autocast at the
+    store's precision)."""
+    for rt in run.runtimes:  # the model on the device, autocast at the store's precision (folded in by the engine)
+        rt.prepare(len(run.todo), batch)
+    cuda = dev.type == "cuda"
+    try:
+        for b in run.batches(loader):
+            bad, notes = list(b["bad"]), list(b["notes"])
+            order, parts = list(b["idx"]), [[x.to(dev, non_blocking=True)] if len(x) else [] for x in b["per_backbone"]]
+            if not parts:
+                parts = [[] for _ in run.runtimes]
+            if b["jpeg_sizes"]:
+                t0 = time.perf_counter()
+                jpegs = list(torch.split(b["jpeg_bytes"], b["jpeg_sizes"]))
+                ji = b["jpeg_idx"]
+                tensors, fails, jnotes = shared.finish_on_device(jpegs, [files[i] for i in ji], dev)
+                bad.extend((ji[k], r) for k, r in fails)
+                notes.extend((ji[k], nt) for k, nt in jnotes)
+                ok = [k for k, t in enumerate(tensors) if t is not None]
+                if ok:
+                    for a in range(len(parts)):
+                        parts[a].append(torch.stack([tensors[k][a] for k in ok]))
+                    order.extend(ji[k] for k in ok)
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                run.stages["decode (device)"] = run.stages.get("decode (device)", 0.0) + time.perf_counter() - t0
+            run.failures(bad)
+            if order:
+                pos = run.todo[np.asarray(order, np.int64)]
+                for a, rt in enumerate(run.runtimes):
+                    mine = run.mine(a, order)
+                    if not mine.any():
+                        continue
+                    x = torch.cat(parts[a]) if len(parts[a]) > 1 else parts[a][0]
+                    sel = np.flatnonzero(mine)
+                    if len(sel) < len(order):
+                        x = x[torch.from_numpy(sel).to(dev)]
+                    t1 = time.perf_counter()
+                    _, emb = next(iter(rt.map([(None, x)])))  # channels_last and the copy back: the runtime's
+                    run.forward_s[a] += time.perf_counter() - t1
+                    run.rows(a, pos[sel], emb, row_notes([order[j] for j in sel], notes))
+            bar.update(len(order) + len(bad))
+    finally:
+        run.close()
 
 
 def decoded_batch(n: int, workers: int) -> int:

@@ -34,7 +34,8 @@ from featurebank.features.backbones import Backbone, BackboneError, Family
 from featurebank.features.execution import Execution
 from featurebank.features.hashing import file_sha256
 from featurebank.features.choices import DEFAULT_TEXT_BACKBONE, LONG_TEXT  # noqa: F401 - declared with the other option values
-from featurebank.features.runtimes.text import TEXT_PRECISIONS, create_text_runtime
+from featurebank.features.choices import TEXT_PRECISIONS
+from featurebank.features.runtimes import create_runtime
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
@@ -330,7 +331,7 @@ FAMILIES = (
 
 
 # ------------------------------------------------------------------------------------------- runtimes
-# The text runtimes (torch, OpenVINO) live with the image ones, behind the same seam: features.runtimes.text.
+# The runtimes (torch, OpenVINO) are the image ones, behind the same seam: features.runtimes.
 
 PRECISIONS = TEXT_PRECISIONS
 
@@ -406,8 +407,8 @@ def embed_texts(source, backbone: Backbone, todo: list[int], rec, batch_size: in
             rec.failures(w["bad"])
             if w["n"]:
                 if run is None:
-                    run = create_text_runtime(backbone, runtime, backbone.preprocessing.precision, device or "cpu",
-                                              first=w["batches"][0], say=say)
+                    run = create_runtime(runtime, backbone, device or "cpu", backbone.preprocessing.precision,
+                                         first_batch=lambda first=w["batches"][0]: first, say=say)
                 t0 = time.perf_counter()
                 out = [e for _, e in run.map(enumerate(w["batches"]))]
                 rec.time("forward", time.perf_counter() - t0)

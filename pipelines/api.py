@@ -334,13 +334,11 @@ class Backbone:
     def _image_runtime(self, first):
         import torch
 
-        from featurebank.features.device import DEFAULT_AMP, cuda_precision, pick_device
-        from featurebank.features.runtimes import create_runtime
+        from featurebank.features.device import DEFAULT_AMP, pick_device
+        from featurebank.features.runtimes import computed_precision, create_runtime
 
         dev = pick_device(self.device)
-        precision = self.precision
-        if dev.type == "cuda" and self.runtime != "openvino":  # as features.engine.extract does
-            precision = cuda_precision(dev, precision, DEFAULT_AMP)
+        precision = computed_precision(self.runtime, dev, self.precision, DEFAULT_AMP)  # as features.engine.extract does
         kwargs = {}
         if precision == "int8":
             from featurebank.data.sources import open_source
@@ -352,7 +350,7 @@ class Backbone:
             kwargs = {"calibration": lambda: calibration_images(dec, source, CALIBRATION_SAMPLES),
                       "int8_key": calibration_set(source.name, source.root)}
         return create_runtime(self.runtime, self.model, dev, precision, None, say=self.say,
-                              first_images=lambda: torch.stack(first), **kwargs)
+                              first_batch=lambda: torch.stack(first), **kwargs)
 
     def _encode_images(self, samples, batch_size: int):
         import numpy as np
@@ -375,7 +373,7 @@ class Backbone:
 
         from featurebank.data.text import decode_text
         from featurebank.features.device import pick_device
-        from featurebank.features.runtimes.text import create_text_runtime
+        from featurebank.features.runtimes import create_runtime
 
         texts = []
         for k, s in enumerate(samples):
@@ -394,8 +392,8 @@ class Backbone:
         order = np.argsort([len(c) for c in tokens.ids], kind="stable")
         batches = [model.batch([tokens.ids[i] for i in order[s:s + batch_size]]) for s in range(0, len(order), batch_size)]
         if self._runtime is None:
-            self._runtime = create_text_runtime(model, self.runtime, model.preprocessing.precision,
-                                                pick_device(self.device).type, first=batches[0], say=self.say)
+            self._runtime = create_runtime(self.runtime, model, pick_device(self.device),
+                                           model.preprocessing.precision, first_batch=lambda: batches[0], say=self.say)
         emb = np.empty((len(tokens.ids), model.dim), np.float32)
         emb[order] = np.concatenate([e for _, e in self._runtime.map(enumerate(batches))])
         return model.combine(emb, tokens.owner, len(texts))

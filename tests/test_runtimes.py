@@ -22,7 +22,8 @@ from PIL import Image
 from featurebank.features.backbones import Backbone, Preprocessing, create_backbone
 from featurebank.features.decode import Decoder
 from featurebank.features.engine import extract
-from featurebank.features.runtimes import RuntimeUnavailable, cosines, create_runtime
+from featurebank.features.device import Layout
+from featurebank.features.runtimes import Runtime, RuntimeUnavailable, cosines, create_runtime
 from featurebank.features.runtimes.openvino_runtime import OpenVINORuntime, cache_dir, cpu_has_bf16, float_model_path
 from featurebank.features.runtimes.torch_runtime import TorchRuntime
 from featurebank.features.store import read_features
@@ -210,7 +211,7 @@ def test_a_rerun_trusts_the_agreement_its_store_already_passed(lite0, photos, tm
     def no_check():
         raise AssertionError("the agreement check ran again")
 
-    rt = create_runtime("auto", lite0, torch.device("cpu"), "f32", first_images=no_check, agreed=True)
+    rt = create_runtime("auto", lite0, torch.device("cpu"), "f32", first_batch=no_check, agreed={"openvino f32"})
     assert rt.name == "openvino"
     monkeypatch.setattr(image_prepare, "first_images", lambda *a, **k: no_check())
     files = sorted(photos.rglob("*.jpg"))
@@ -229,3 +230,52 @@ def test_cuda_autocast_is_the_precision_the_store_records():
     assert cuda_precision(gpu, "bf16", "fp16") == "bf16"  # --precision bf16 means bf16 autocast
     rt = TorchRuntime(create_backbone("efficientnet_lite0"), gpu, "fp16")
     assert rt.amp_dtype() is torch.float16 and TorchRuntime(rt.backbone, gpu, "f32").amp_dtype() is None
+
+
+class _SerialRuntime(Runtime):
+    """A runtime written as a new one would be: a Runtime subclass of features/runtimes/base.py and
+    nothing else (the eager module, one batch after another, in the calling process)."""
+
+    name = "serial"
+
+    def __init__(self, backbone, device=None, precision="f32", batch=None, **context):
+        self.backbone, self.precision, self.batches = backbone, precision, 0
+        self.model = backbone.model.eval()
+
+    def layout(self, device, n_items, batch, workers):
+        return Layout(device.type, 0, 1, 0)
+
+    def map(self, batches, timer=None):
+        for tag, x in batches:
+            self.batches += 1
+            with torch.inference_mode():
+                yield tag, self.model(x).float().numpy()
+
+
+def test_a_new_runtime_is_one_class_and_one_line_in_the_table(lite0, photos, batch, eager, tmp_path, monkeypatch):
+    """What docs/architecture.md says a new runtime touches, and nothing more: its class, one line in
+    runtimes.TABLE and its name in choices.RUNTIMES. The engine, the run paths and the store take it
+    through the protocol alone, and f32 rows of it share the store of the other runtimes."""
+    import featurebank.features.runtimes as runtimes
+
+    made = []
+
+    class Serial(_SerialRuntime):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(runtimes, "TABLE", (Serial, *runtimes.TABLE))  # the one line, first in auto's order
+    monkeypatch.setattr(runtimes, "BY_NAME", {cls.name: cls for cls in runtimes.TABLE})
+    monkeypatch.setattr(runtimes, "RUNTIMES", (*runtimes.RUNTIMES, "serial"))  # its name, as features.choices declares
+    r = extract(photos, lite0, tmp_path, runtime="serial", **quiet)
+    assert r.embedded == 12 and "serial f32" in r.layout and made[-1].batches >= 1
+    with h5py.File(r.path) as f:
+        assert f.attrs["runtime"] == "serial f32"
+    feats = read_features(r.path)
+    files = sorted(photos.rglob("*.jpg"))
+    assert cosines(feats.X[[feats.ids.index(str(p.relative_to(photos))) for p in files]], eager).min() >= 0.9999
+    # auto asks it first: it serves, after agreeing with the eager module on the first images
+    said = []
+    rt = create_runtime("auto", lite0, torch.device("cpu"), "f32", first_batch=lambda: batch[:4], say=said.append)
+    assert rt.name == "serial" and not said and rt.batches == 1

@@ -295,10 +295,133 @@ def test_text_sweep_makes_extracts_store_and_ranks_against_tfidf(tmp_path, capsy
     assert "--layers applies to image backbones only" in capsys.readouterr().err
 
 
-def test_an_option_the_sweep_cannot_honour_is_refused_not_ignored(tmp_path):
-    from featurebank.features.sweep import SweepError
+def test_allow_damaged_notes_damaged_jpegs_in_every_store_as_extract_does(tmp_path):
+    """Three whole JPEGs and three damaged copies (test_integrity_damage's real damage): with
+    allow_damaged the shared decode embeds them and every store notes them "damaged", the store extract
+    makes (reused by it); without it they are failures with libjpeg's reason; with it again they are
+    tried again, as extract does."""
+    import h5py
+    from test_integrity_damage import damaged, jpeg
 
-    folder = write_digits_folder(tmp_path / "digits", per_class=2)
-    with pytest.raises(SweepError, match="--allow-damaged"):
-        sweep(folder, ["efficientnet_lite0"], store_dir=tmp_path / "store", allow_damaged=True)
-    assert not (tmp_path / "store").exists()  # refused before anything was written
+    from featurebank.features.images import DAMAGED
+    from featurebank.features.store import strings
+
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for k in range(3):
+        (root / "a" / f"{k}.jpg").write_bytes(jpeg(k))
+    for name, data in damaged(jpeg(2)).items():
+        (root / "b" / name).write_bytes(data)
+    store, kw = tmp_path / "store", dict(workers=0, **QUIET)
+    layers = ["blocks.3", "final"]
+    r = sweep(root, ["efficientnet_lite0"], layers, store, allow_damaged=True, **kw)
+    for s in r.stores:
+        assert (s.result.embedded, s.result.failed, s.result.notes) == (6, 0, {"damaged": 3})
+        with h5py.File(s.path, "r") as f:
+            notes = dict(zip(strings(f["ids"]), strings(f["notes"])))
+        assert {i for i, n in notes.items() if n == "damaged"} == {"b/inverted.jpg", "b/zeroed.jpg", "b/half.jpg"}
+    single = extract(root, build_backbone("efficientnet_lite0", layer="blocks.3"), store, allow_damaged=True, **kw)
+    assert single.path == r.stores[0].path and (single.embedded, single.reused) == (0, 6)
+    strict = sweep(root, ["efficientnet_lite0"], layers, store, **kw)
+    for s in strict.stores:
+        assert (s.result.embedded, s.result.reused, s.result.failed, s.result.rows) == (0, 3, 3, 3)
+        assert all(reason.startswith(DAMAGED) for _, reason in s.result.failures)
+    back = sweep(root, ["efficientnet_lite0"], layers, store, allow_damaged=True, **kw)
+    assert all((s.result.embedded, s.result.reused, s.result.notes) == (3, 3, {"damaged": 3}) for s in back.stores)
+
+
+def _photo_jpegs(folder: Path) -> list[Path]:
+    """Real photos as JPEGs of several sizes, one of them large enough for a reduced DCT scale, and a
+    broken one (cut short)."""
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, (name, size) in enumerate((("coffee", (400, 300)), ("chelsea", (451, 300)), ("astronaut", (1200, 1200)))):
+        p = folder / f"{k}.jpg"
+        Image.fromarray(getattr(skimage.data, name)()).resize(size).save(p, quality=90)
+        paths.append(p)
+    broken = folder / "broken.jpg"
+    broken.write_bytes(paths[0].read_bytes()[:300])
+    return [*paths, broken]
+
+
+def _preprocessings():
+    from featurebank.features.backbones import Preprocessing
+
+    return [Preprocessing(224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3),
+            Preprocessing(260, 292, "bicubic", (0.5,) * 3, (0.5,) * 3),
+            Preprocessing(240, 272, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+
+
+def test_one_device_decode_feeds_every_backbone_as_the_single_gpu_path_does(tmp_path):
+    """The sweep's GPU path, with the CPU as the device: a batch of JPEGs decoded once
+    (SharedDecoder.finish_on_device), each backbone's resize and normalisation from that one decoded
+    tensor; every backbone's tensors equal the single extraction's GPU path (decode_on_device with its
+    own decoder) exactly, and the broken file fails in both with the same reason."""
+    import torch
+
+    from featurebank.features.decode import Decoder, decode_on_device
+    from featurebank.features.sweep import SharedDecoder
+
+    paths = [str(p) for p in _photo_jpegs(tmp_path / "photos")]
+    jpegs = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
+    shared = SharedDecoder([Decoder(pre) for pre in _preprocessings()])
+    cpu = torch.device("cpu")
+    got, fails, notes = shared.finish_on_device(jpegs, paths, cpu)
+    assert [k for k, _ in fails] == [3] and got[3] is None and notes == []
+    for a, pre in enumerate(_preprocessings()):
+        own, own_fails = decode_on_device(jpegs, paths, Decoder(pre), cpu)
+        assert own_fails == fails
+        for k in range(3):
+            assert got[k][a].shape == (3, pre.size, pre.size) and torch.equal(got[k][a], own[k])
+
+
+def test_the_sweeps_gpu_path_runs_on_the_cpu_and_makes_the_single_paths_stores(tmp_path):
+    """The whole device path of the sweep (a loader worker sending JPEG bytes, one decode per batch on
+    the device, each backbone finished there, the CPU fallback for PNGs and broken files, the writer
+    thread), with the CPU as the device: its stores are the files a single extraction's GPU path (run on
+    the CPU the same way) makes, with the same rows."""
+    from conftest import make_images
+
+    from featurebank.features.device import Layout
+
+    folder = make_images(tmp_path / "photos")  # JPEGs and PNGs
+    (folder / "cat" / "broken.jpg").write_bytes((folder / "cat" / "01.jpg").read_bytes()[:200])
+    lay = Layout("cpu", replicas=0, threads=2, loader_workers=0, gpu_decode=True)  # extract's way, below
+    r = sweep(folder, ["efficientnet_lite0"], ["blocks.3", "final"], tmp_path / "store", device="cpu",
+              runtime="torch", workers=1, batch_size=4, layout=lay, **QUIET)
+    assert r.stages.get("decode (device)", 0) > 0
+    for s, layer in zip(r.stores, ("blocks.3", None)):
+        assert (s.result.embedded, s.result.failed) == (6, 1)
+        single = extract(folder, build_backbone("efficientnet_lite0", layer=layer), tmp_path / "single", device="cpu",
+                         batch_size=4, layout=lay, **QUIET)
+        assert single.path.name == s.path.name and single.failed == 1
+        a, b = read_features(s.path), read_features(single.path)
+        assert a.ids == b.ids and len(a.ids) == 6
+        assert cosines(a.X, b.X).min() >= 0.9999
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["fp32", "auto"])
+def test_the_sweep_on_cuda_decodes_on_the_device_and_makes_extracts_stores(tmp_path, amp):
+    """On CUDA: JPEGs decoded once on the GPU feed two backbones of different input sizes; each store is
+    the file extract makes on CUDA at the same precision, with the same rows."""
+    folder = write_digits_folder(tmp_path / "digits", per_class=8, classes=(0, 1, 7))
+    for p in list(folder.rglob("*.png"))[::2]:  # half of them JPEGs: decoded on the device
+        from PIL import Image
+
+        Image.open(p).convert("RGB").save(p.with_suffix(".jpg"), quality=95)
+        p.unlink()
+    names = ["efficientnet_lite0", "efficientnet_lite1"]
+    r = sweep(folder, names, ["final"], tmp_path / "store", device="cuda", amp=amp, **QUIET)
+    assert r.stages.get("decode (device)", 0) > 0
+    tol = 0.9999 if amp == "fp32" else 0.999
+    for s, name in zip(r.stores, names):
+        single = extract(folder, build_backbone(name), tmp_path / "single", device="cuda", amp=amp, **QUIET)
+        assert single.path.name == s.path.name
+        a, b = read_features(s.path), read_features(single.path)
+        assert a.ids == b.ids and len(a.ids) == 24
+        assert cosines(a.X, b.X).min() >= tol

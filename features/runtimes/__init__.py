@@ -1,79 +1,145 @@
-"""Runtimes: what turns a prepared batch into numpy embeddings [B, D]. For images the batch is a
-normalised float tensor [B, 3, H, W], or uint8 pixels [B, H, W, 3] for a runtime that normalises in its
-own graph (``takes_pixels``: OpenVINO); for texts (features.runtimes.text) token ids and mask [B, L].
+"""Runtimes: what turns a prepared batch into numpy embeddings [B, D], for images and texts alike. For
+images the batch is a normalised float tensor [B, 3, H, W], or uint8 pixels [B, H, W, 3] for a runtime
+that normalises in its own graph (``takes_pixels``: OpenVINO); for texts token ids and mask [B, L].
 
-A runtime owns how the forward pass uses the machine (replicas and threads for torch; infer requests
-and streams for OpenVINO). The protocol is ``features.runtimes.base.Runtime``. The engine (features.engine) decides
-what to embed and commits it; the run paths (features.executors) feed decoded batches to a runtime and
-hand its embeddings to the store. Adding a runtime means one module here and one line in
-:func:`create_runtime`: neither the store, nor the sources, nor the probes change.
+A runtime owns how the forward pass uses the machine (replicas, threads, autocast, out-of-memory
+back-off for torch; infer requests, streams and the precision hint for OpenVINO). The protocol is
+``features.runtimes.base.Runtime``; the engine (features.engine) and the run paths (features.executors)
+call nothing else. Adding a runtime means one module here (a ``Runtime`` subclass), one line in
+:data:`TABLE` and its name in ``features.choices.RUNTIMES``: neither the store, nor the sources, nor the
+probes, nor the engine change.
 
 ``precision`` is how the forward pass computes (f32, bf16, int8); it is part of the store's fingerprint
-(features.store.StoreConfig). Runtimes at f32 share a store: they agree to a cosine of 0.9999 per image
-on real photos (tests/test_runtimes.py), and the store records which runtime wrote it.
+(features.store.StoreConfig, from :func:`fingerprint`). Runtimes at f32 share a store: they agree to a
+cosine of 0.9999 per image on real photos (tests/test_runtimes.py), and the store records which runtime
+wrote it.
 
-``runtime="auto"`` (the default): OpenVINO on a CPU when it is installed, the backbone converts and
-its embeddings of the dataset's first images agree with the eager torch module; otherwise torch, with
-one line saying why.
+``runtime="auto"`` (the default, :func:`create_runtime`): each runtime of :data:`TABLE` in turn is asked
+whether it can serve the backbone on this device at this precision; the first that can and builds is
+kept, provided its embeddings of the first batch still to embed agree with the reference runtime's
+(the eager torch module at f32; :data:`AGREEMENT`); otherwise the next, with one line saying why.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 
+import numpy as np
 import torch
 
-from featurebank.features.choices import CALIBRATION_SAMPLES, PRECISIONS, RUNTIMES  # noqa: F401 - declared with the other option values
-
+from featurebank.features.choices import CALIBRATION_SAMPLES, RUNTIMES
 from featurebank.features.runtimes.base import (  # noqa: F401 - the protocol, re-exported for its callers
     AGREEMENT, CHECK_IMAGES, Runtime, RuntimeUnavailable, check_precision, cosines,
 )
+from featurebank.features.runtimes.openvino_runtime import OpenVINORuntime
+from featurebank.features.runtimes.torch_runtime import TorchRuntime
+
+#: every runtime, in auto's order of preference; the last one (the eager module) is the reference the
+#: others must agree with, and runs wherever the others cannot
+TABLE: tuple[type[Runtime], ...] = (OpenVINORuntime, TorchRuntime)
+BY_NAME = {cls.name: cls for cls in TABLE}
+if set(BY_NAME) != set(RUNTIMES) - {"auto"}:
+    raise ImportError(f"features.choices.RUNTIMES {RUNTIMES} must name the runtimes of TABLE ({', '.join(BY_NAME)}) and auto")
+REFERENCE = TABLE[-1]
+
+#: (runtime, backbone identity, precision, first batch) -> worst cosine: a process that extracts the same
+#: data again (a flow, a server, a benchmark's warm-up) does not repeat the same comparison
+_AGREED: dict[tuple, float] = {}
 
 
-def create_runtime(runtime: str, backbone, device: torch.device, precision: str = "f32", batch: int | None = None,
-                   first_images: Callable[[], torch.Tensor | None] | None = None, say: Callable[[str], None] = print,
-                   calibration: Callable[[], Iterable[torch.Tensor]] | None = None, int8_key: str = "",
-                   calibration_samples: int = CALIBRATION_SAMPLES, agreed: bool = False) -> Runtime:
-    """The runtime that embeds ``backbone`` on ``device`` at ``precision``.
-
-    ``auto``: OpenVINO on a CPU when it is installed, the backbone converts and (f32, bf16) it agrees
-    with the eager module on ``first_images()``; otherwise torch, saying why in one line. An explicit
-    ``openvino`` that cannot run raises RuntimeUnavailable; ``torch`` runs f32 (and bf16 by autocast).
-    ``batch``: images per forward pass (None: the runtime's own choice, 32 for torch on a CPU, 2 per
-    OpenVINO infer request). ``calibration()`` yields the int8 calibration batches, ``int8_key`` names the calibration set in
-    the quantized model's cache key. ``agreed``: the check already passed for this store (its rows
-    were computed by OpenVINO at this precision), so a rerun does not pay for it again.
-    """
-    from featurebank.features.runtimes.torch_runtime import TorchRuntime
-
+def candidates(runtime: str, device: torch.device) -> list[type[Runtime]]:
+    """The runtimes ``runtime`` may use on ``device``, in order: the named one, or for ``auto`` those of
+    :data:`TABLE` that run on this device."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime != "auto":
+        return [BY_NAME[runtime]]
+    return [cls for cls in TABLE if cls.devices is None or device.type in cls.devices]
+
+
+def computed_precision(runtime: str, device: torch.device, precision: str, amp: str) -> str:
+    """The precision the rows will be computed in on ``device`` (on CUDA torch's autocast dtype), as the
+    store's fingerprint records it, from the runtime that would serve."""
+    for cls in candidates(runtime, device):
+        if runtime != "auto" or cls.refuses(None, device, precision) is None:
+            return cls.computes(device, precision, amp)
+    return precision
+
+
+def fingerprint(runtime: str, precision: str, calibration_samples: int = CALIBRATION_SAMPLES) -> dict | None:
+    """What else the store's fingerprint covers of how rows are computed at ``precision`` (the int8
+    recipe), from the runtime ``runtime`` names, or for ``auto`` the first of :data:`TABLE` that has
+    something to say; None for most precisions (f32 runtimes share a store)."""
+    for cls in (TABLE if runtime == "auto" else candidates(runtime, torch.device("cpu"))):
+        if (covered := cls.fingerprint(precision, calibration_samples)) is not None:
+            return covered
+    return None
+
+
+def _identity(backbone) -> str:
+    """What the agreement check's result depends on: the backbone's identity (what its store's fingerprint
+    covers: the model and how its input is prepared)."""
+    import json
+
+    return json.dumps(backbone.identity, sort_keys=True, default=str)
+
+
+def _digest(x) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (x if isinstance(x, tuple) else (x,)):
+        h.update(np.ascontiguousarray(t.cpu().numpy() if isinstance(t, torch.Tensor) else t).tobytes())
+    return h.hexdigest()
+
+
+def create_runtime(runtime: str, backbone, device: torch.device | str, precision: str = "f32", batch: int | None = None,
+                   first_batch: Callable[[], object | None] | None = None, say: Callable[[str], None] = print,
+                   agreed: Collection[str] = (), **context) -> Runtime:
+    """The runtime that embeds ``backbone`` on ``device`` at ``precision``.
+
+    ``auto``: the first runtime of :data:`TABLE` that can serve (see the module docstring), saying in one
+    line why each one before it was passed over; an explicit runtime that cannot run raises
+    RuntimeUnavailable. ``batch``: samples per forward pass (None: the runtime's own choice).
+    ``first_batch()``: the first batch still to embed, for the agreement check; ``agreed``: what computed the
+    store's rows (``"openvino f32"``, ...): a runtime found there at this precision passed the check
+    for this store already, so a rerun does not pay for it again (nor does the same comparison run twice in
+    a process). ``context``: what some runtimes need (int8: ``calibration``, ``int8_key``,
+    ``calibration_samples``), given to each.
+    """
+    device = torch.device(device)
     if not (precision == "fp16" and device.type == "cuda"):  # fp16: CUDA autocast (features.device.cuda_precision)
         check_precision(precision)
-    if runtime == "torch" or (runtime == "auto" and device.type != "cpu"):
-        if precision == "int8":
-            raise RuntimeUnavailable("precision int8 needs the OpenVINO runtime on a CPU (--runtime openvino)")
-        return TorchRuntime(backbone, device, precision, batch or 32)
-    if device.type != "cpu":
-        raise RuntimeUnavailable(f"the OpenVINO runtime runs on the CPU here, not on {device.type}: use --runtime torch")
-    try:
-        from featurebank.features.runtimes.openvino_runtime import OpenVINORuntime
-
-        ov = OpenVINORuntime(backbone, precision, batch, calibration=calibration, int8_key=int8_key,
-                             calibration_samples=calibration_samples, say=say)
-    except RuntimeUnavailable as exc:
-        if runtime == "openvino" or precision == "int8":
-            raise
-        say(f"runtime: torch ({exc})")
-        return TorchRuntime(backbone, device, precision, batch or 32)
-    if runtime == "auto" and precision in AGREEMENT and first_images is not None and not agreed:
-        x = first_images()
-        if x is not None and len(x):
-            eager = TorchRuntime(backbone, device, "f32", len(x)).embed(x)
-            worst = float(cosines(ov.embed(x), eager).min())
-            if worst < AGREEMENT[precision]:
-                say(f"runtime: torch (OpenVINO {precision} disagrees with the eager model on the first "
-                    f"{len(x)} images: cosine {worst:.6f} < {AGREEMENT[precision]})")
-                ov.close()
-                return TorchRuntime(backbone, device, precision, batch or 32)
-    return ov
+    chain = candidates(runtime, device)
+    usable = [cls for cls in chain if runtime != "auto" or cls.refuses(backbone, device, precision) is None]
+    if not usable:  # nothing can: the reason of the last one asked (the reference runtime for auto)
+        raise RuntimeUnavailable(chain[-1].refuses(backbone, device, precision) if chain
+                                 else f"no runtime runs on {device.type}")
+    for k, cls in enumerate(usable):
+        last = k == len(usable) - 1
+        if runtime != "auto" and (why := cls.refuses(backbone, device, precision)):
+            raise RuntimeUnavailable(f"{why}: use --runtime {REFERENCE.name}" if cls.devices else why)
+        try:
+            rt = cls(backbone, device=device, precision=precision, batch=batch, say=say, **context)
+        except RuntimeUnavailable as exc:
+            if last:
+                raise
+            say(f"runtime: {usable[k + 1].name} ({exc})")
+            continue
+        if (runtime != "auto" or cls is REFERENCE or last or f"{cls.name} {precision}" in agreed or first_batch is None
+                or precision not in AGREEMENT):
+            return rt
+        x = first_batch()
+        n = 0 if x is None else len(x[0] if isinstance(x, tuple) else x)  # a text batch is (ids, mask)
+        if not n:
+            return rt
+        key = (cls.name, _identity(backbone), precision, _digest(x))
+        if key not in _AGREED:
+            eager = REFERENCE(backbone, device=device, precision="f32", batch=n).embed(x)
+            _AGREED[key] = float(cosines(rt.embed(x), eager).min())
+        if _AGREED[key] >= AGREEMENT[precision]:
+            return rt
+        say(f"runtime: {usable[k + 1].name} ({cls.name} {precision} disagrees with the eager model on the first "
+            f"batch: cosine {_AGREED[key]:.6f} < {AGREEMENT[precision]})")
+        rt.close()
+    raise AssertionError("unreachable: the last usable runtime is returned")

@@ -1,21 +1,27 @@
-"""The OpenVINO runtime on the CPU: the backbone converted once, cached on disk, compiled for throughput.
+"""The OpenVINO runtime on the CPU, for images and texts alike: the backbone converted once, cached on
+disk, compiled for throughput, in one ``Core`` per process.
 
 - Conversion: ``openvino.convert_model`` traces the eval-mode module under ``torch.no_grad()`` with an
-  example input. The result is saved with ``compress_to_fp16=False`` (``save_model`` compresses weights
-  to FP16 by default, and a cached model would then differ from a fresh conversion).
-- Cache: ``<cache>/openvino/<key>/model.xml|.bin`` where the key covers the backbone's identity (name,
-  weights sha256, layer, pooling, input size), the model kind (float, or int8 with its recipe and
-  calibration set) and the openvino version. Written to a temporary folder and renamed, so every
-  process (the test suite, Dask shards) shares one cache and never reads half a model. The cache is
-  ``$FEATUREBANK_CACHE_DIR`` or ``$XDG_CACHE_HOME/featurebank`` (default ``~/.cache/featurebank``).
-- Compilation: a static shape of a few images per request (DEFAULT_BATCH; a partial request is padded:
-  no second compilation), uint8 pixel input normalised inside the graph (PrePostProcessor),
-  ``PERFORMANCE_HINT=THROUGHPUT`` and ``INFERENCE_PRECISION_HINT`` set explicitly (f32 or bf16: the CPU
-  plugin silently computes in bf16 on CPUs with AVX512_BF16 or AMX unless told f32), two asynchronous
-  infer requests per stream kept busy round robin (streams decided by OpenVINO). Not an
-  ``AsyncInferQueue``: its Python callbacks run in OpenVINO's threads and need the GIL, and waiting for
-  the queue while holding it hung intermittently here.
-- int8: NNCF post-training quantization (its default recipe) of the float model, calibrated on
+  example input (an image batch, or a tokenised pair of texts). The result is saved with
+  ``compress_to_fp16=False`` (``save_model`` compresses weights to FP16 by default, and a cached model
+  would then differ from a fresh conversion).
+- Cache: ``<cache>/openvino/<key>/model.xml|.bin`` where the key covers the backbone's identity (images:
+  name, weights sha256, layer, pooling, input size; texts: weights, transformer config, pooling,
+  normalisation), the model kind (float, or int8 with its recipe and calibration set) and the openvino
+  version. Written to a temporary folder and renamed, so every process (the test suite, Dask shards)
+  shares one cache and never reads half a model. The cache is ``$FEATUREBANK_CACHE_DIR`` or
+  ``$XDG_CACHE_HOME/featurebank`` (default ``~/.cache/featurebank``).
+- Compilation (one per model file, shape and precision in a process): ``PERFORMANCE_HINT=THROUGHPUT``
+  and ``INFERENCE_PRECISION_HINT`` set explicitly (f32 or bf16: the CPU plugin silently computes in bf16
+  on CPUs with AVX512_BF16 or AMX unless told f32), two asynchronous infer requests per stream kept busy
+  round robin (streams decided by OpenVINO). Not an ``AsyncInferQueue``: its Python callbacks run in
+  OpenVINO's threads and need the GIL, and waiting for the queue while holding it hung intermittently
+  here. Images: a static shape of a few images per request (DEFAULT_BATCH; a partial request is padded:
+  no second compilation), uint8 pixel input normalised inside the graph (PrePostProcessor). Texts:
+  dynamic shapes, one compilation for every batch and sequence length (static shapes measured no faster:
+  all-MiniLM-L6-v2, 256-token BBC articles, texts/s at batch 1 / 8 / 32: dynamic 31.1 / 29.4 / 28.0,
+  static 30.7 / 29.5 / 28.3; ``benchmarks/text.py --sweep-shapes``).
+- int8 (images): NNCF post-training quantization (its default recipe) of the float model, calibrated on
   samples of the dataset's train split, cached by key under a file lock (one calibration per store,
   shared by a grown folder and by every shard).
 """
@@ -69,18 +75,28 @@ def openvino_version() -> str:
 def int8_recipe(samples: int = CALIBRATION_SAMPLES) -> dict:
     """How int8 models are made, as data (features.store.int8_recipe_data); part of the store's fingerprint at
     precision int8."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return int8_recipe_data(version("nncf"), samples)
+    try:
+        return int8_recipe_data(version("nncf"), samples)
+    except PackageNotFoundError:
+        raise RuntimeUnavailable("precision int8 needs nncf (pip install nncf)") from None
 
 
 def cpu_has_bf16() -> bool:
-    ov = _openvino()
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), as OpenVINO's CPU plugin reports it:
+    the one bf16 capability check, for images and texts."""
     try:
-        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        caps = core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except RuntimeUnavailable:
+        raise
     except Exception:
         return False
     return "BF16" in [str(c).upper() for c in caps]
+
+
+def is_text(backbone) -> bool:
+    return backbone.modality == "text"
 
 
 def backbone_key(backbone) -> dict:
@@ -93,6 +109,31 @@ def _key(backbone, kind: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def _float_folder(backbone) -> str:
+    """The float model's folder name in the cache (the key of its identity, see the module docstring)."""
+    if is_text(backbone):
+        p = backbone.preprocessing
+        blob = json.dumps([backbone.weights_sha256, p.config_sha256, p.pooling, p.normalize, openvino_version()],
+                          separators=(",", ":"))
+        return "text-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return _key(backbone, {"kind": "float"})
+
+
+def _float_meta(backbone) -> dict:
+    if is_text(backbone):
+        return {"backbone": backbone.name, "weights_sha256": backbone.weights_sha256, "kind": "text"}
+    return {**backbone_key(backbone), "kind": "float"}
+
+
+def example_input(backbone):
+    """What conversion traces the module with: an image batch, or a tokenised pair of texts (ids, mask)."""
+    if is_text(backbone):
+        ids, mask = backbone.batch(backbone.tokenize(["featurebank converts this encoder once.", "and caches it"]).ids)
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+    size = backbone.preprocessing.size
+    return torch.zeros(1, 3, size, size)
+
+
 def write_atomically(final: Path, write: Callable[[Path], dict]) -> None:
     """``write(folder)`` into a temporary folder beside ``final``, then rename it into place; when
     another process got there first, its model is kept and this one discarded."""
@@ -103,16 +144,20 @@ def write_atomically(final: Path, write: Callable[[Path], dict]) -> None:
 
 def convert(backbone) -> object:
     """A fresh OpenVINO model of the backbone (no cache)."""
+    import warnings
+
     ov = _openvino()
-    size = backbone.preprocessing.size
     model = backbone.model
     try:
         model.eval()
     except NotImplementedError:
         pass
     try:
-        with torch.no_grad():
-            return ov.convert_model(model, example_input=torch.zeros(1, 3, size, size))
+        # convert_model traces: no_grad, not inference_mode; its tracer warnings are about the model's
+        # code (transformers'), not the user's
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ov.convert_model(model, example_input=example_input(backbone))
     except Exception as exc:
         line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise RuntimeUnavailable(f"{backbone.name} does not convert to OpenVINO ({line})") from None
@@ -121,13 +166,13 @@ def convert(backbone) -> object:
 def float_model_path(backbone, say: Callable[[str], None] = lambda s: None) -> Path:
     """The cached float (f32 weights) model of ``backbone``, converting it on first use."""
     ov = _openvino()
-    folder = cache_dir() / "openvino" / _key(backbone, {"kind": "float"})
+    folder = cache_dir() / "openvino" / _float_folder(backbone)
     if not (folder / "model.xml").is_file():
         def write(tmp: Path) -> dict:
             t0 = time.perf_counter()
             m = convert(backbone)
             ov.save_model(m, str(tmp / "model.xml"), compress_to_fp16=False)
-            return {**backbone_key(backbone), "kind": "float", "openvino": openvino_version(),
+            return {**_float_meta(backbone), "openvino": openvino_version(),
                     "conversion_seconds": round(time.perf_counter() - t0, 2)}
 
         folder.parent.mkdir(parents=True, exist_ok=True)  # an unusable cache answers before any work is announced
@@ -176,21 +221,26 @@ class _StaticShapeError(Exception):
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(model_path: str, batch: int, size: int, precision: str, mean: tuple, std: tuple):
-    """One compiled model per (file, batch, input size, precision, normalisation) in a process, shared
-    by every runtime made from it (each keeps its own infer requests): a process that extracts many
-    times (a Prefect worker, the test suite) compiles once and does not create and tear down
-    OpenVINO's thread pools again and again. The file's name holds its cache key, so a changed model
-    is another entry.
+def _compiled(model_path: str, precision: str, static: tuple | None = None):
+    """One compiled model per (file, precision, static shape and normalisation) in a process, shared by
+    every runtime made from it (each keeps its own infer requests): a process that extracts many times
+    (a Prefect worker, the test suite) compiles once and does not create and tear down OpenVINO's
+    thread pools again and again. The file's name holds its cache key, so a changed model is another
+    entry.
 
-    The compiled model takes uint8 pixels [batch, size, size, 3]: OpenVINO's preprocessing converts
-    them to float, normalises them with the backbone's mean and std and reorders them to NCHW inside
-    the graph, where it costs next to nothing; the decoders then skip the float pass and hand a
-    quarter of the bytes between processes."""
+    ``static`` (images): (batch, size, mean, std). The compiled model then takes uint8 pixels
+    [batch, size, size, 3]: OpenVINO's preprocessing converts them to float, normalises them with the
+    backbone's mean and std and reorders them to NCHW inside the graph, where it costs next to nothing;
+    the decoders then skip the float pass and hand a quarter of the bytes between processes. None
+    (texts): dynamic shapes, as converted."""
     ov = _openvino()
+    ov_core = core()
+    config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if static is None:
+        return ov_core.compile_model(model_path, "CPU", config)
     from openvino.preprocess import PrePostProcessor
 
-    ov_core = core()
+    batch, size, mean, std = static
     model = ov_core.read_model(model_path)
     try:
         model.reshape([batch, 3, size, size])
@@ -201,14 +251,12 @@ def _compiled(model_path: str, batch: int, size: int, precision: str, mean: tupl
     ppp.input().model().set_layout(ov.Layout("NCHW"))
     ppp.input().preprocess().convert_element_type(ov.Type.f32).mean([255.0 * m for m in mean]).scale(
         [255.0 * s for s in std])
-    model = ppp.build()
-    config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-    return ov_core.compile_model(model, "CPU", config)
+    return ov_core.compile_model(ppp.build(), "CPU", config)
 
 
 @functools.lru_cache(maxsize=1)
 def core():
-    """The process's one OpenVINO Core (image and text runtimes share its thread pools)."""
+    """The process's one OpenVINO Core (every model compiled here shares its thread pools)."""
     return _openvino().Core()
 
 
@@ -261,55 +309,74 @@ def streams_and_requests(compiled) -> tuple[int, int]:
 
 
 class OpenVINORuntime(Runtime):
-    name = "openvino"
-    pipelined = True
-    takes_pixels = True
+    """A backbone on OpenVINO's CPU plugin. Images: uint8 pixels in (``takes_pixels``), batches cut into
+    requests of ``batch`` images, decoded by worker processes meanwhile (``pipelined``). Texts: a batch
+    ``(ids, mask)`` is one request of dynamic shape."""
 
-    def __init__(self, backbone, precision: str = "f32", batch: int | None = None, *, calibration=None, int8_key: str = "",
-                 calibration_samples: int = CALIBRATION_SAMPLES, say: Callable[[str], None] = lambda s: None,
-                 model_path: str | os.PathLike | None = None):
+    name = "openvino"
+    devices = ("cpu",)
+    pipelined = True
+
+    def __init__(self, backbone, precision: str = "f32", batch: int | None = None, *, device=None, calibration=None,
+                 int8_key: str = "", calibration_samples: int = CALIBRATION_SAMPLES,
+                 say: Callable[[str], None] = lambda s: None, model_path: str | os.PathLike | None = None):
         _openvino()  # one line where OpenVINO is not installed
         if precision == "bf16" and not cpu_has_bf16():
             raise RuntimeUnavailable("precision bf16 needs a CPU with bf16 support (AVX512_BF16 or AMX); this one has none")
         self.backbone, self.precision = backbone, precision
+        self.text = is_text(backbone)
+        self.takes_pixels = not self.text
         self.batch = max(1, int(batch or DEFAULT_BATCH))
-        pre = backbone.preprocessing
-        self.size = pre.size
-        self._mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)
-        self._std = np.asarray(pre.std, np.float32).reshape(1, 3, 1, 1)
-        if model_path is None:
-            try:
+        if not self.text:
+            pre = backbone.preprocessing
+            self.size = pre.size
+            self._mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)
+            self._std = np.asarray(pre.std, np.float32).reshape(1, 3, 1, 1)
+        try:
+            if model_path is None:
                 if precision == "int8":
-                    if calibration is None:
+                    if calibration is None or self.text:
                         raise RuntimeUnavailable("precision int8 needs calibration samples (extract() provides them)")
                     model_path = int8_model_path(backbone, calibration, int8_key, calibration_samples, say)
                 else:
                     model_path = float_model_path(backbone, say)
-            except OSError as exc:  # FEATUREBANK_CACHE_DIR names a file, a read-only folder, a full disk
-                raise RuntimeUnavailable(cache_unusable(exc)) from None
-        self.model_path = Path(model_path)
-        try:
-            self.compiled = _compiled(str(self.model_path), self.batch, self.size, precision,
-                                      tuple(pre.mean), tuple(pre.std))
-        except _StaticShapeError as exc:
+            self.model_path = Path(model_path)
+            static = None if self.text else (self.batch, self.size, tuple(pre.mean), tuple(pre.std))
+            self.compiled = _compiled(str(self.model_path), precision, static)
+        except (RuntimeUnavailable, _StaticShapeError) as exc:
+            if isinstance(exc, RuntimeUnavailable):
+                raise
             raise RuntimeUnavailable(f"{backbone.name} cannot take a static batch in OpenVINO ({exc})") from None
+        except OSError as exc:  # FEATUREBANK_CACHE_DIR names a file, a read-only folder, a full disk
+            raise RuntimeUnavailable(cache_unusable(exc)) from None
+        except Exception as exc:  # a converted model the plugin cannot compile
+            line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise RuntimeUnavailable(f"{backbone.name} does not convert to OpenVINO ({line})") from None
         self.streams, self.requests = streams_and_requests(self.compiled)
         self._requests = None
+
+    @classmethod
+    def fingerprint(cls, precision, calibration_samples):
+        return int8_recipe(calibration_samples) if precision == "int8" else None
 
     def close(self) -> None:
         self._requests = None
         self.compiled = None
 
     def describe(self) -> str:
+        if self.text:
+            return f"openvino {self.precision}, {self.requests} requests, {self.streams} streams, dynamic shapes"
         return (f"openvino {self.precision}, {self.requests} requests x batch {self.batch}, {self.streams} streams, "
                 "uint8 input")
 
-    def layout(self, device, n_images, batch, workers) -> Layout:
+    def layout(self, device, n_items, batch, workers) -> Layout:
+        if self.text:  # texts are read and tokenised in a thread of this process
+            return Layout("cpu", 0, self.streams, 0)
         # decoding runs in worker processes while the requests run: both share the cores. A few
         # images (a rerun's new ones) are decoded here: starting and stopping workers costs more
         cores = usable_cores()
         if workers is None:
-            loader = 0 if n_images <= INLINE_DECODE_UP_TO else max(1, cores)
+            loader = 0 if n_items <= INLINE_DECODE_UP_TO else max(1, cores)
         else:
             loader = workers
         return Layout("cpu", 0, cores, loader)
@@ -330,26 +397,32 @@ class OpenVINORuntime(Runtime):
             a = np.concatenate([a, np.repeat(a[-1:], self.batch - len(a), 0)])
         return a
 
-    def embed(self, x) -> np.ndarray:
-        return next(iter(self.map([(0, x)])))[1]
+    def _requests_of(self, x) -> list[tuple[int, dict]]:
+        """A batch as (samples, inputs) per infer request."""
+        if self.text:
+            ids, mask = x
+            return [(len(ids), {0: np.ascontiguousarray(ids), 1: np.ascontiguousarray(mask)})]
+        a = self.pixels_of(x)
+        return [(min(self.batch, len(a) - s), {0: self._padded(a[s:s + self.batch])})
+                for s in range(0, len(a), self.batch)]
 
-    def map(self, batches: Iterable[tuple[object, torch.Tensor]]) -> Iterator[tuple[object, np.ndarray]]:
-        """Batches of any size in, in order; each is cut into requests of ``self.batch`` images (the
-        last one padded) and run by :func:`round_robin` on ``requests`` infer requests."""
+    def map(self, batches, timer=None):
+        """Batches of any size in, in order; each is cut into its requests (images: of ``self.batch``
+        images, the last one padded; texts: one) and run by :func:`round_robin` on ``requests`` infer
+        requests. The forward pass overlaps the caller's work: the caller times it."""
         if self._requests is None:
             self._requests = [self.compiled.create_infer_request() for _ in range(self.requests)]
         open_: collections.deque = collections.deque()  # per batch, in order: [tag, parts, parts left]
 
         def jobs():
             for tag, x in batches:
-                a = self.pixels_of(x)
-                starts = range(0, len(a), self.batch)
-                if not len(starts):
+                parts = self._requests_of(x)
+                if not parts:
                     raise ValueError("an empty batch")
-                entry = [tag, [None] * len(starts), len(starts)]
+                entry = [tag, [None] * len(parts), len(parts)]
                 open_.append(entry)
-                for slot, s in enumerate(starts):
-                    yield (entry, slot, min(self.batch, len(a) - s)), {0: self._padded(a[s:s + self.batch])}
+                for slot, (n, inputs) in enumerate(parts):
+                    yield (entry, slot, n), inputs
 
         for (entry, slot, n), out in round_robin(self._requests, jobs()):
             entry[1][slot] = out[:n]
