@@ -248,11 +248,19 @@ class _Listing:
         self.file_of_row.append(np.full(len(ids), i, np.int32))
 
     def columns(self) -> tuple[SampleColumns, np.ndarray]:
-        parts = self.parts
-        cols = SampleColumns(concat_strings([p.ids for p in parts]), concat_strings([p.locs for p in parts]),
-                             np.concatenate([p.labels for p in parts]) if parts else None, list(self.names),
-                             np.concatenate([p.splits for p in parts]) if parts else None)
-        return cols, np.concatenate(self.file_of_row) if self.file_of_row else np.zeros(0, np.int32)
+        """The files' columns end to end; the parts are dropped as they are joined (the ids' before the
+        locations are joined), so that a listing is never held three times over."""
+        parts, self.parts = self.parts, []
+        labels = np.concatenate([p.labels for p in parts]) if parts else None
+        splits = np.concatenate([p.splits for p in parts]) if parts else None
+        locs = [p.locs for p in parts]
+        ids = [p.ids for p in parts]
+        del parts
+        ids = concat_strings(ids)
+        locs = concat_strings(locs)
+        file_of_row, self.file_of_row = self.file_of_row, []
+        return (SampleColumns(ids, locs, labels, list(self.names), splits),
+                np.concatenate(file_of_row) if file_of_row else np.zeros(0, np.int32))
 
 
 def _label_codes(values, n: int, class_names: list[str] | None, state: dict) -> tuple[np.ndarray, list[str]]:
@@ -431,7 +439,7 @@ def _first_file_keeps_its_id(samples: SampleColumns, file_of_row: np.ndarray, na
     order = sort_order(ids)
     if len(ids) < 2:
         return samples
-    ranked = ids.take(pa.array(order))
+    ranked = ids if bool(np.all(order[1:] > order[:-1])) else ids.take(pa.array(order))  # listed sorted: no copy
     same = pc.fill_null(pc.equal(ranked[1:], ranked[:-1]), False).to_numpy(zero_copy_only=False)
     del ranked
     if not same.any():

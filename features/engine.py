@@ -138,13 +138,16 @@ def extract(source: Source | str | os.PathLike, backbone: Backbone | str = DEFAU
                 path, plan.match, listing.ids, listing.labels, listing.splits)
         stale, held = plan.match.stale, (plan.rows, plan.failures, plan.notes)
         runtimes = plan.match.held["runtimes"]
-        del plan  # the match's columns and the fingerprints to embed are not needed by the merge
+        changed = bool(len(todo)) or stale or label_column_changed
+        # nothing to embed: the labels are checked through the match's mapping (listed position -> store row)
+        match = None if changed else plan.match
+        del plan  # the fingerprints to embed (and, when anything changed, the match) are not needed by the merge
         if len(todo):
             job = Job(source, backbone, writer, todo, listing, dev, o, result, runtimes)
             _embed(job)
             del job
         listing.content = None
-        _commit(writer, listing, source, path, result, held, bool(len(todo)) or stale or label_column_changed)
+        _commit(writer, listing, source, path, result, held, changed, match)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -217,15 +220,18 @@ def say_listing_notes(source: Source, say: Callable[[str], None]) -> None:
 
 
 def _commit(writer: StoreWriter, listing: Listing, source: Source, path: Path, result: ExtractResult, held: tuple,
-            changed: bool) -> None:
+            changed: bool, match=None) -> None:
     """Merge what this run wrote into the store (when anything changed) and count it in ``result``: the
     writer counts what this run added (ids escaped, so printable whatever the file name); ``held``: (rows,
-    failures, rows by note) the store holds, from the plan, when nothing is merged."""
+    failures, rows by note) the store holds, from the plan, when nothing is merged. ``match``: the plan's
+    (features.store.Match), through which the store's labels and splits are compared with the listing's
+    without reading its ids again; None: compared by id (features.plan.labels_changed)."""
     result.embedded = writer.added_rows
     result.failures = list(writer.added_failures)
     result.failed = len(result.failures)
     if (changed or writer.needs_merge() or not path.exists()
-            or labels_changed(path, listing.ids, listing.labels, listing.splits, listing.classes)):
+            or (writer.labels_differ(match, listing.labels, listing.splits, listing.classes) if match is not None
+                else labels_changed(path, listing.ids, listing.labels, listing.splits, listing.classes))):
         counts = writer.finish(listing.ids, listing.labels, listing.splits, None,
                                class_names=listing.classes, attrs={"label_column": source.label_column})
         result.removed = counts["removed"]

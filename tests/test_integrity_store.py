@@ -323,3 +323,31 @@ def test_manifest_rows_are_embedded_recorded_or_dropped_never_kept_stale(tmp_pat
     table.write_text("path,label\npets/b/0.png,b\n")
     r = run(table, backbone, tmp_path / "store")
     assert (r.rows, r.failed_total, r.removed) == (1, 0, 0)
+
+
+def test_an_edited_label_or_split_is_written_without_embedding_again(tmp_path, backbone):
+    make_folder(tmp_path / "pets", n_per_class=2)
+    table = tmp_path / "pets.csv"
+    table.write_text("path,label,split\npets/a/0.png,a,train\npets/a/1.png,a,test\npets/b/0.png,b,train\n"
+                     "pets/b/1.png,b,test\n")
+    first = run(table, backbone, tmp_path / "store")
+    assert (first.embedded, first.rows) == (4, 4)
+    written = first.path.stat().st_mtime_ns
+    # nothing changed: the store is not written again
+    again = run(table, backbone, tmp_path / "store")
+    assert (again.embedded, again.rows) == (0, 4) and again.path.stat().st_mtime_ns == written
+    # a label edited: the rerun embeds nothing but writes the store with the new label
+    table.write_text("path,label,split\npets/a/0.png,a,train\npets/a/1.png,b,test\npets/b/0.png,b,train\n"
+                     "pets/b/1.png,b,test\n")
+    r = run(table, backbone, tmp_path / "store")
+    f = read_features(r.path)
+    assert (r.embedded, r.reused, r.rows) == (0, 4, 4)
+    assert [f.class_names[y] for y in f.y] == ["a", "b", "b", "b"]
+    # a split edited: the same
+    table.write_text("path,label,split\npets/a/0.png,a,train\npets/a/1.png,b,test\npets/b/0.png,b,test\n"
+                     "pets/b/1.png,b,test\n")
+    r = run(table, backbone, tmp_path / "store")
+    assert r.embedded == 0 and list(read_features(r.path).splits) == ["train", "test", "test", "test"]
+    written = r.path.stat().st_mtime_ns
+    r = run(table, backbone, tmp_path / "store")
+    assert r.embedded == 0 and r.path.stat().st_mtime_ns == written

@@ -354,11 +354,15 @@ class StoreWriter:
                     fail_entries += [(str(reasons[k]), str(f_content[k])) for k in good.tolist()]
                 if check:
                     self._damage[str(path)] = (damage, failed)
-        all_ids = pa.concat_arrays(e_ids) if e_ids else pa.array([], pa.large_binary())
+        e_ids = [x for x in e_ids if len(x)] or [pa.array([], pa.large_binary())]
+        all_ids = pa.concat_arrays(e_ids) if len(e_ids) > 1 else e_ids[0]  # one source: no copy of its ids
         src = np.concatenate(e_src) if e_src else np.zeros(0, np.int32)
         row = np.concatenate(e_row) if e_row else np.zeros(0, np.int32)
         del e_ids, e_src, e_row
-        pos = positions_in(all_ids, listed)
+        if len(all_ids) == len(listed) and all_ids.equals(listed):  # a store of the listing as it is: no hash table
+            pos = np.arange(len(listed), dtype=np.int32)
+        else:
+            pos = positions_in(all_ids, listed)
         n = len(listed)
         last = np.full(n, -1, np.int32)  # rows and positions in int32: 4 bytes per id, not 8
         here = pos >= 0
@@ -420,6 +424,35 @@ class StoreWriter:
                 if c in h:
                     out[c][at] = _pick(h[c].asstr(), p_row[at])
         return out
+
+    def labels_differ(self, match: Match, labels: Codes, splits: Codes, class_names: Sequence[str],
+                      step: int = 1 << 16) -> bool:
+        """True when the store's class names are not ``class_names``, or its label or split of a listed id
+        differs from the listing's (``labels``, ``splits``: by listed position). The listed ids are those whose
+        latest entry is a row of the store file itself (``match.src`` 0): their store rows come from the match's
+        mapping (listed position -> row), read ``step`` positions at a time, so the store's ids are not read
+        again and no column of the store is held whole. A store that is not the match's first source differs."""
+        if not match.sources or match.sources[0] != self.path:
+            return True
+        with open_store(self.path) as f:
+            names = [str(c) for c in f["labels"].attrs.get("class_names", [])]
+            if names != list(class_names):
+                return True
+            for a in range(0, len(match.src), step):
+                at = np.flatnonzero(match.src[a:a + step] == 0)
+                if not len(at):
+                    continue
+                rows = match.row[a:a + step][at]
+                order = np.argsort(rows, kind="stable")
+                at, rows = at[order] + a, rows[order]
+                held_y = _pick(f["labels"], rows)
+                held_split = _pick(f["splits"].asstr(), rows)
+                want_y = Codes(labels.codes[at], labels.names).recode(names)
+                want_split = np.array(["train", "test", ""], dtype=object)[
+                    Codes(splits.codes[at], splits.names).recode(("train", "test"))]
+                if np.any(held_y != want_y) or np.any(held_split != want_split):
+                    return True
+        return False
 
     def close_reads(self) -> None:
         if getattr(self, "_handles", None) is not None:
