@@ -388,7 +388,9 @@ def detect_format(location: str | os.PathLike) -> str:
     return "folder"
 
 
-FORMATS = ("auto", "folder", "manifest", "parquet", "webdataset", "text")
+#: the values of --source-format: the built-in ones, then each registered format (register_format appends it;
+#: the data package imports every format module, so the tuple is complete once featurebank.data is imported)
+FORMATS: tuple[str, ...] = ("auto", "folder", "manifest")
 #: format -> opener(location, name, **options): the modules that read a format register it here (data.tables,
 #: data.webdataset, data.text; the data package imports them), so that this module never imports them back.
 #: Every opener receives all of open_source's keyword options and takes those it needs (``**_options``).
@@ -405,8 +407,11 @@ def register_format(name: str, opener: Callable[..., Source], detect: Callable[.
     """Make ``open_source`` read the format ``name`` with ``opener``; ``detect(location, text_column)`` says
     whether an "auto" location is of this format; ``modality`` is what its samples are (what
     :func:`source_modality` answers, which picks the default backbone)."""
+    global FORMATS
     FORMAT_OPENERS[name] = opener
     FORMAT_MODALITIES[name] = modality
+    if name not in FORMATS:
+        FORMATS = (*FORMATS, name)
     if detect is not None:
         FORMAT_DETECTORS[name] = detect
 
