@@ -85,13 +85,15 @@ class Thumbnails:
         sample = self.by_id.get(sample_id)
         if sample is None:
             return f"<figure class='t'><div class='miss'>no source</div>{cap}</figure>"
-        try:  # the source says how its samples are previewed: text, or None for a thumbnail
+        try:  # the source says how its samples are previewed: a text, or None (a thumbnail if it has pixels)
             text = self.source.preview_text(sample)
         except ValueError as exc:
             text = f"(unreadable: {exc})"
         if text is not None:
             text = text[:TEXT_CHARS]
             return f"<figure class='t txt'><pre>{html.escape(text)}</pre>{cap}</figure>"
+        if not self.source.has_pixels:
+            return f"<figure class='t'><div class='miss'>no preview</div>{cap}</figure>"
         if sample_id not in self.made:
             self.made[sample_id] = self._write(sample)
         src = self.made[sample_id]
