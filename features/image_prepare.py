@@ -4,7 +4,9 @@ the reference transform), the runtime that embeds the batches (features.runtimes
 processes that feeds it (features.device.choose_layout, features.executors).
 
 An image backbone carries an :class:`ImagePrepare` (``backbone.prepare``); the engine asks it for the
-:class:`features.engine.Execution` of a job and runs that, as it runs a text backbone's.
+:class:`features.engine.Execution` of a job and runs that, as it runs a text backbone's. The Python API
+asks it for an :class:`ImageEncoder` (``memory_encoder``): images held in memory through the same decoder
+and runtime.
 """
 
 from __future__ import annotations
