@@ -566,8 +566,8 @@ def audit_features(features: Features, test_predictions: tuple[np.ndarray, np.nd
     t = time.perf_counter()
     exact = exact_duplicate_pairs(features.content)
     pictures, why_not = None, source_note or "no source given"
-    if source is not None and getattr(source, "modality", "image") != "image":
-        why_not = "text samples"
+    if source is not None and not source.has_pixels:
+        why_not = f"{source.modality} samples"
     elif source is not None:
         pictures = pixel_fingerprints(source, ids)
         timings["pictures"] = round(time.perf_counter() - t, 2)

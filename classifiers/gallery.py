@@ -78,7 +78,6 @@ class Thumbnails:
         self.source = source
         self.dir = run_dir / "thumbs"
         self.by_id = {escape_id(s.id): s for s in source.samples} if source is not None else {}
-        self.text = getattr(source, "modality", "image") == "text"
         self.made: dict[str, str] = {}
 
     def html(self, sample_id: str, caption: str) -> str:
@@ -86,12 +85,15 @@ class Thumbnails:
         sample = self.by_id.get(sample_id)
         if sample is None:
             return f"<figure class='t'><div class='miss'>no source</div>{cap}</figure>"
-        if self.text:
-            try:
-                text = self.source.read_text(sample)[0][:TEXT_CHARS]
-            except ValueError as exc:
-                text = f"(unreadable: {exc})"
+        try:  # the source says how its samples are previewed: a text, or None (a thumbnail if it has pixels)
+            text = self.source.preview_text(sample)
+        except ValueError as exc:
+            text = f"(unreadable: {exc})"
+        if text is not None:
+            text = text[:TEXT_CHARS]
             return f"<figure class='t txt'><pre>{html.escape(text)}</pre>{cap}</figure>"
+        if not self.source.has_pixels:
+            return f"<figure class='t'><div class='miss'>no preview</div>{cap}</figure>"
         if sample_id not in self.made:
             self.made[sample_id] = self._write(sample)
         src = self.made[sample_id]

@@ -142,6 +142,7 @@ class Source:
     label_column: str | None = None
     label_column_given: bool = False
     modality: ClassVar[str] = "image"  # what the samples are: "image" here, "text" for data.text sources
+    has_pixels: ClassVar[bool] = True  # its samples decode to pictures (thumbnails, pixel near-duplicates)
 
     def __post_init__(self):
         if not isinstance(self.samples, SampleColumns):
@@ -170,6 +171,11 @@ class Source:
 
     def fingerprint(self, sample: Sample, content_hash: bool = False) -> str:
         return self.reader.fingerprint(sample.loc, content_hash)
+
+    def preview_text(self, sample: Sample) -> str | None:
+        """What a report shows of the sample as text, or None where it shows a picture (images: a
+        thumbnail made from :meth:`read_bytes`). A source of another modality overrides it."""
+        return None
 
 
 _UTF8_FS = sys.getfilesystemencoding().lower() in ("utf-8", "utf8")
@@ -382,18 +388,30 @@ def detect_format(location: str | os.PathLike) -> str:
     return "folder"
 
 
-FORMATS = ("auto", "folder", "manifest", "parquet", "webdataset", "text")
-#: format -> opener(location, name, image_column=, label_column=, storage_options=): the modules that read
-#: a format register it here (data.tables, data.webdataset; the data package imports them), so that this
-#: module never imports them back
+#: the values of --source-format: the built-in ones, then each registered format (register_format appends it;
+#: the data package imports every format module, so the tuple is complete once featurebank.data is imported)
+FORMATS: tuple[str, ...] = ("auto", "folder", "manifest")
+#: format -> opener(location, name, **options): the modules that read a format register it here (data.tables,
+#: data.webdataset, data.text; the data package imports them), so that this module never imports them back.
+#: Every opener receives all of open_source's keyword options and takes those it needs (``**_options``).
 FORMAT_OPENERS: dict[str, Callable[..., Source]] = {}
+#: format -> the modality of the samples it lists ("image" unless its module registers another)
+FORMAT_MODALITIES: dict[str, str] = {}
 #: format -> detector(location, text_column) -> bool, consulted first when the format is "auto" (data.text
 #: registers one: a .jsonl file, a table with a text column, a folder of .txt files without images)
 FORMAT_DETECTORS: dict[str, Callable[..., bool]] = {}
 
 
-def register_format(name: str, opener: Callable[..., Source], detect: Callable[..., bool] | None = None) -> None:
+def register_format(name: str, opener: Callable[..., Source], detect: Callable[..., bool] | None = None,
+                    modality: str = "image") -> None:
+    """Make ``open_source`` read the format ``name`` with ``opener``; ``detect(location, text_column)`` says
+    whether an "auto" location is of this format; ``modality`` is what its samples are (what
+    :func:`source_modality` answers, which picks the default backbone)."""
+    global FORMATS
     FORMAT_OPENERS[name] = opener
+    FORMAT_MODALITIES[name] = modality
+    if name not in FORMATS:
+        FORMATS = (*FORMATS, name)
     if detect is not None:
         FORMAT_DETECTORS[name] = detect
 
@@ -414,8 +432,9 @@ def source_kind(location: str | os.PathLike, format: str = FORMATS[0], text_colu
 
 
 def source_modality(location: str | os.PathLike, text_column: str | None = None) -> str:
-    """"text" or "image": what ``open_source`` would list at ``location`` (cheap)."""
-    return "text" if source_kind(location, text_column=text_column) == "text" else "image"
+    """The modality of what ``open_source`` would list at ``location`` (cheap): its format's, as registered
+    (the built-in folder and manifest list images)."""
+    return FORMAT_MODALITIES.get(source_kind(location, text_column=text_column), "image")
 
 
 def open_source(location: str | os.PathLike, name: str | None = None, *, format: str = FORMATS[0],
@@ -427,11 +446,9 @@ def open_source(location: str | os.PathLike, name: str | None = None, *, format:
     if format not in FORMATS:
         raise SourceError(f"unknown source format '{format}': choose one of {', '.join(FORMATS)}")
     kind = source_kind(location, format, text_column)
-    if kind == "text":  # data.text: a folder of .txt files, or a CSV/Parquet/JSONL table with a text column
-        return FORMAT_OPENERS[kind](location, name, text_column=text_column, label_column=label_column)
-    if kind in FORMAT_OPENERS:
+    if kind in FORMAT_OPENERS:  # each opener takes the options it needs
         return FORMAT_OPENERS[kind](location, name, image_column=image_column, label_column=label_column,
-                                    storage_options=storage_options)
+                                    storage_options=storage_options, text_column=text_column)
     if is_remote(location):
         raise SourceError(f"source {location}: only Parquet/Arrow tables and WebDataset tars can be read remotely")
     if kind == "manifest":

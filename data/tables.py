@@ -461,4 +461,6 @@ def _pc():
     return pyarrow.compute
 
 
-register_format("parquet", table_source)
+register_format("parquet", lambda location, name=None, *, image_column=None, label_column=None, storage_options=None,
+                **_options: table_source(location, name, image_column=image_column, label_column=label_column,
+                                         storage_options=storage_options))

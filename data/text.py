@@ -69,6 +69,7 @@ class TextSource(Source):
     """A source of texts: its reader gives a sample's bytes, :meth:`read_text` the decoded text."""
 
     modality: ClassVar[str] = "text"
+    has_pixels: ClassVar[bool] = False
 
     def read_text(self, sample: Sample) -> tuple[str, bool]:
         """``(text, replaced)`` or TextError / UnreadableSample (both ValueError) with the reason."""
@@ -77,6 +78,10 @@ class TextSource(Source):
         except UnreadableSample as exc:
             raise TextError("empty text" if str(exc) == "empty file" else str(exc)) from None
         return decode_text(data)
+
+    def preview_text(self, sample: Sample) -> str:
+        """The decoded text (a report shows its first characters); ValueError with the reason."""
+        return self.read_text(sample)[0]
 
 
 def _text_entries(root: Path, unreadable: dict[str, str] | None = None):
@@ -219,4 +224,4 @@ def open_text(location, name: str | None = None, text_column: str | None = None,
     return text_table(location, name, text_column, label_column)
 
 
-register_format("text", open_text, detect=is_text_location)
+register_format("text", open_text, detect=is_text_location, modality=TextSource.modality)

@@ -4,7 +4,9 @@ the reference transform), the runtime that embeds the batches (features.runtimes
 processes that feeds it (features.device.choose_layout, features.executors).
 
 An image backbone carries an :class:`ImagePrepare` (``backbone.prepare``); the engine asks it for the
-:class:`features.engine.Execution` of a job and runs that, as it runs a text backbone's.
+:class:`features.engine.Execution` of a job and runs that, as it runs a text backbone's. The Python API
+asks it for an :class:`ImageEncoder` (``memory_encoder``): images held in memory through the same decoder
+and runtime.
 """
 
 from __future__ import annotations
@@ -32,8 +34,21 @@ class ImagePrepare:
 
     unit = "img"
 
+    strings_are_paths = True  # a str given to the in-memory encoder is a file path, not the sample itself
+
     def with_options(self, backbone, **options):
         raise TypeError(f"{backbone.name} is an image backbone: it takes no {', '.join(options)}")
+
+    @staticmethod
+    def options_from_store(info: dict) -> dict:
+        """The in-memory encoder's options that make it agree with a store's rows (features.listing.store_info)."""
+        from featurebank.features.choices import PRECISIONS
+
+        return {"precision": info["precision"] if info["precision"] in PRECISIONS else "f32"}
+
+    def memory_encoder(self, backbone, **options) -> ImageEncoder:
+        """What embeds images held in memory (the Python API's ``Backbone.encode``); see :class:`ImageEncoder`."""
+        return ImageEncoder(backbone, **options)
 
     def execution(self, job):
         """How the job's images are embedded: the runtime, the layout, and the executor that runs them."""
@@ -64,6 +79,97 @@ class ImagePrepare:
 
 
 IMAGE_PREPARE = ImagePrepare()
+
+
+class ImageEncoder:
+    """Embeds images held in memory as an extraction of the same files would (cosine >= 0.9999 at f32):
+    PIL images, numpy arrays (H x W grey or H x W x 3/4, uint8, or floats in [0, 1]), encoded bytes, or
+    file paths (``str`` or ``os.PathLike``), through the same decoder and runtime. The runtime is created
+    at the first call, checked on its first images, and kept. int8 needs ``calibration``: the source whose
+    train-split samples calibrate the quantized model."""
+
+    def __init__(self, backbone, *, runtime: str = "auto", precision: str = "f32", device: str | None = None,
+                 decoder: str = "fast", calibration=None, say=print, **_options):
+        if precision == "int8" and calibration is None:
+            raise ValueError("precision int8 needs calibration=SOURCE: the folder or table whose train-split samples "
+                             "calibrate the quantized model (as 'featurebank extract SOURCE --precision int8')")
+        self.backbone, self.runtime_name, self.precision, self.device = backbone, runtime, precision, device
+        self.decoder, self.calibration, self.say = decoder, calibration, say
+        self.runtime = None
+
+    @staticmethod
+    def sample_bytes(sample, k: int) -> bytes:
+        """The encoded bytes of one in-memory sample (PIL and numpy: lossless PNG, decoded exactly as a PNG
+        file of these pixels); ValueError naming it for anything else."""
+        import io
+
+        from PIL import Image
+
+        from featurebank.features.images import read_local
+
+        if isinstance(sample, bytes):
+            return sample
+        if isinstance(sample, str | os.PathLike):
+            return read_local(sample)
+        if isinstance(sample, np.ndarray):
+            a = sample
+            if a.dtype != np.uint8:
+                a = np.clip(a.astype(np.float64) * (255.0 if a.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+            if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+                a = a.transpose(1, 2, 0)  # CHW -> HWC
+            if a.ndim == 3 and a.shape[-1] == 1:
+                a = a[..., 0]
+            sample = Image.fromarray(a)
+        if isinstance(sample, Image.Image):
+            buf = io.BytesIO()
+            (sample if sample.mode not in ("CMYK", "YCbCr", "LAB", "HSV") else sample.convert("RGB")).save(buf, "PNG")
+            return buf.getvalue()
+        raise ValueError(f"sample {k}: cannot embed a {type(sample).__name__} as an image; give a PIL image, a numpy "
+                         "array, encoded bytes or a file path")
+
+    def decode(self, samples, pixels: bool) -> list[torch.Tensor]:
+        from featurebank.features.images import ImageError
+
+        dec = Decoder(self.backbone.preprocessing, self.decoder)
+        dec = dec.as_pixels() if pixels else dec
+        out = []
+        for k, s in enumerate(samples):
+            try:
+                out.append(dec.decode(self.sample_bytes(s, k)))
+            except ImageError as exc:
+                where = os.fspath(s) if isinstance(s, str | os.PathLike) else f"sample {k}"
+                raise ValueError(f"{where}: {exc}") from None
+        return out
+
+    def create_runtime(self, first: list[torch.Tensor]):
+        from featurebank.data.sources import open_source
+        from featurebank.features.choices import CALIBRATION_SAMPLES
+        from featurebank.features.device import DEFAULT_AMP, pick_device
+        from featurebank.features.runtimes import computed_precision
+
+        dev = pick_device(self.device)
+        precision = computed_precision(self.runtime_name, dev, self.precision, DEFAULT_AMP)  # as the engine does
+        kwargs = {}
+        if precision == "int8":
+            source = open_source(os.fspath(self.calibration))
+            dec = sample_decoder(source, self.backbone, self.decoder)
+            kwargs = {"calibration": lambda: calibration_images(dec, source, CALIBRATION_SAMPLES),
+                      "int8_key": calibration_set(source.name, source.root)}
+        return create_runtime(self.runtime_name, self.backbone, dev, precision, None, say=self.say,
+                              first_batch=lambda: torch.stack(first), **kwargs)
+
+    def encode(self, samples: list, batch_size: int = 32) -> np.ndarray:
+        """float32 [N, D] for a non-empty list of samples."""
+        from featurebank.features.runtimes import CHECK_IMAGES
+
+        if self.runtime is None:
+            self.runtime = self.create_runtime(self.decode(samples[:CHECK_IMAGES], pixels=False))
+        rt = self.runtime
+        out = []
+        for s in range(0, len(samples), batch_size):
+            batch = torch.stack(self.decode(samples[s:s + batch_size], pixels=rt.takes_pixels))
+            out.append(np.asarray(rt.embed(batch), np.float32))
+        return np.concatenate(out)
 
 
 class SampleFiles:

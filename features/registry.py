@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from featurebank.features import backbones, text
 from featurebank.features.backbones import Backbone, BackboneError, Family, find_family
+from featurebank.features.image_prepare import ImagePrepare
 from featurebank.features.pixels import pixel_features
 
 #: every family, text first (a sentence-transformers folder is a path, as a checkpoint is)
@@ -66,3 +67,13 @@ BASELINE_INPUTS = {"image": pixel_features, "text": text.source_texts}
 def baseline_inputs(source, ids: list[str]):
     """The inputs of the baseline of ``source``'s modality, in the order of ``ids``."""
     return BASELINE_INPUTS[source.modality](source, ids)
+
+
+#: each modality's prepare step (its class), for what is asked of a modality before a backbone is built
+PREPARES = {"image": ImagePrepare, "text": text.TextPrepare}
+
+
+def options_from_store(info: dict) -> dict:
+    """The in-memory encoder's options (precision; for texts the long-text rule) that make it agree with
+    the rows of the store ``info`` describes (features.listing.store_info)."""
+    return PREPARES[info["modality"]].options_from_store(info)

@@ -110,6 +110,17 @@ class TextPrepare:
     tokenizer: object  # a tokenizers.Tokenizer, truncation set to the maximum length, no padding
     pad_id: int = 0
     unit = "text"
+    strings_are_paths = False  # a str given to the in-memory encoder is the text itself
+
+    @staticmethod
+    def options_from_store(info: dict) -> dict:
+        """The in-memory encoder's options that make it agree with a store's rows (features.listing.store_info)."""
+        pre = info["preprocessing"]
+        return {"precision": pre.get("precision", "f32"), "long_text": pre.get("long_text", "truncate")}
+
+    def memory_encoder(self, backbone, **options) -> TextEncoder:
+        """What embeds texts held in memory (the Python API's ``Backbone.encode``); see :class:`TextEncoder`."""
+        return TextEncoder(backbone, **options)
 
     def with_options(self, backbone, long_text: str | None = None, precision: str | None = None):
         """``backbone`` with another long-text rule or forward precision (both fingerprinted)."""
@@ -189,6 +200,51 @@ class TextPrepare:
             return f"{dev.type}: {name}, 1 process x {torch.get_num_threads()} threads"
 
         return Execution(run, f"embedding ({job.backbone.name})", self.unit)
+
+
+class TextEncoder:
+    """Embeds texts held in memory as an extraction of the same texts would: strings (the texts
+    themselves), or ``os.PathLike`` files and bytes decoded as a text folder's are; length-grouped
+    batches through the runtime, created at the first call and kept."""
+
+    def __init__(self, backbone: Backbone, *, runtime: str = "auto", device: str | None = None, say=print,
+                 **_options):
+        self.backbone, self.runtime_name, self.device, self.say = backbone, runtime, device, say
+        self.runtime = None
+
+    @staticmethod
+    def texts(samples: list) -> list[str]:
+        from featurebank.data.text import decode_text
+
+        texts = []
+        for k, s in enumerate(samples):
+            if isinstance(s, str):
+                texts.append(s)
+            elif isinstance(s, os.PathLike | bytes):
+                try:
+                    texts.append(decode_text(s if isinstance(s, bytes) else Path(s).read_bytes())[0])
+                except (OSError, ValueError) as exc:
+                    raise ValueError(f"{os.fspath(s) if isinstance(s, os.PathLike) else f'sample {k}'}: {exc}") from None
+            else:
+                raise ValueError(f"sample {k}: a text backbone embeds strings (or pathlib.Path files), "
+                                 f"not a {type(s).__name__}")
+        return texts
+
+    def encode(self, samples: list, batch_size: int = 32) -> np.ndarray:
+        """float32 [N, D] for a non-empty list of samples."""
+        from featurebank.features.device import pick_device
+
+        model = self.backbone
+        texts = self.texts(samples)
+        tokens = model.tokenize(texts)
+        order = np.argsort([len(c) for c in tokens.ids], kind="stable")
+        batches = [model.batch([tokens.ids[i] for i in order[s:s + batch_size]]) for s in range(0, len(order), batch_size)]
+        if self.runtime is None:
+            self.runtime = create_runtime(self.runtime_name, model, pick_device(self.device),
+                                          model.preprocessing.precision, first_batch=lambda: batches[0], say=self.say)
+        emb = np.empty((len(tokens.ids), model.dim), np.float32)
+        emb[order] = np.concatenate([e for _, e in self.runtime.map(enumerate(batches))])
+        return model.combine(emb, tokens.owner, len(texts))
 
 
 def _read_json(path: Path) -> dict | list:

@@ -217,21 +217,24 @@ class Backbone:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        self.model = build_backbone(name, layer=layer, arch=arch, long_text=long_text, precision=precision)
-        self.runtime, self.precision, self.device, self.decoder = runtime, precision, device, decoder
-        self.calibration, self.say = calibration, say
-        self._runtime = None
-        if precision == "int8" and calibration is None and self.modality == "image":
-            raise ValueError("precision int8 needs calibration=SOURCE: the folder or table whose train-split samples "
-                             "calibrate the quantized model (as 'featurebank extract SOURCE --precision int8')")
+        self._setup(build_backbone(name, layer=layer, arch=arch, long_text=long_text, precision=precision),
+                    runtime=runtime, precision=precision, device=device, decoder=decoder, calibration=calibration,
+                    say=say)
+
+    def _setup(self, model, **options) -> None:
+        """The backbone's prepare step makes what embeds samples in memory (features.image_prepare.ImageEncoder,
+        features.text.TextEncoder): nothing here knows the modality."""
+        self.model = model
+        self.runtime, self.precision, self.device = options["runtime"], options["precision"], options["device"]
+        self.decoder, self.calibration, self.say = options["decoder"], options["calibration"], options["say"]
+        self._encoder = model.prepare.memory_encoder(model, **options)
 
     @classmethod
     def wrap(cls, model, *, runtime: str = "auto", precision: str = "f32", device: str | None = None,
              decoder: str = "fast", say=_stderr) -> Backbone:
         """A Backbone around a model already built by ``featurebank.features.registry.build_backbone``."""
         out = cls.__new__(cls)
-        out.model, out.runtime, out.precision, out.device, out.decoder = model, runtime, precision, device, decoder
-        out.calibration, out.say, out._runtime = None, say, None
+        out._setup(model, runtime=runtime, precision=precision, device=device, decoder=decoder, calibration=None, say=say)
         return out
 
     @classmethod
@@ -239,14 +242,10 @@ class Backbone:
         """The backbone configuration a store was written with (name, layer, precision; for texts the
         long-text rule), so that ``encode`` agrees with its rows."""
         from featurebank.features.listing import store_info
+        from featurebank.features.registry import options_from_store
 
         i = store_info(store)
-        pre = i["preprocessing"]
-        options = {"layer": None if i["layer"] in ("", "pooled") else i["layer"]}
-        if i["modality"] == "text":
-            options.update(precision=pre.get("precision", "f32"), long_text=pre.get("long_text", "truncate"))
-        else:
-            options["precision"] = i["precision"] if i["precision"] in PRECISIONS else "f32"
+        options = {"layer": None if i["layer"] in ("", "pooled") else i["layer"]} | options_from_store(i)
         return cls(i["backbone"], **(options | kwargs))
 
     @property
@@ -260,6 +259,11 @@ class Backbone:
     @property
     def dim(self) -> int:
         return self.model.dim
+
+    @property
+    def strings_are_paths(self) -> bool:
+        """Whether a ``str`` sample is a file path (images) rather than the sample itself (texts)."""
+        return self.model.prepare.strings_are_paths
 
     def __repr__(self) -> str:
         return f"Backbone({self.name!r}, modality={self.modality!r}, dim={self.dim}, precision={self.precision!r})"
@@ -278,125 +282,7 @@ class Backbone:
         samples = list(samples)
         if not samples:
             return np.zeros((0, self.dim), np.float32)
-        if self.modality == "text":
-            return self._encode_texts(samples, batch_size)
-        return self._encode_images(samples, batch_size)
-
-    # -- images
-    def _decoder(self, pixels: bool):
-        from featurebank.features.decode import Decoder
-
-        dec = Decoder(self.model.preprocessing, self.decoder)
-        return dec.as_pixels() if pixels else dec
-
-    @staticmethod
-    def _bytes(sample, k: int) -> bytes:
-        import io
-
-        import numpy as np
-        from PIL import Image
-
-        from featurebank.features.images import read_local
-
-        if isinstance(sample, bytes):
-            return sample
-        if isinstance(sample, str | os.PathLike):
-            return read_local(sample)
-        if isinstance(sample, np.ndarray):
-            a = sample
-            if a.dtype != np.uint8:
-                a = np.clip(a.astype(np.float64) * (255.0 if a.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
-            if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-                a = a.transpose(1, 2, 0)  # CHW -> HWC
-            if a.ndim == 3 and a.shape[-1] == 1:
-                a = a[..., 0]
-            sample = Image.fromarray(a)
-        if isinstance(sample, Image.Image):  # lossless PNG: decoded exactly as a PNG file of these pixels
-            buf = io.BytesIO()
-            (sample if sample.mode not in ("CMYK", "YCbCr", "LAB", "HSV") else sample.convert("RGB")).save(buf, "PNG")
-            return buf.getvalue()
-        raise ValueError(f"sample {k}: cannot embed a {type(sample).__name__} as an image; give a PIL image, a numpy "
-                         "array, encoded bytes or a file path")
-
-    def _decode(self, samples, pixels: bool):
-        from featurebank.features.images import ImageError
-
-        dec = self._decoder(pixels)
-        out = []
-        for k, s in enumerate(samples):
-            try:
-                out.append(dec.decode(self._bytes(s, k)))
-            except ImageError as exc:
-                where = os.fspath(s) if isinstance(s, str | os.PathLike) else f"sample {k}"
-                raise ValueError(f"{where}: {exc}") from None
-        return out
-
-    def _image_runtime(self, first):
-        import torch
-
-        from featurebank.features.device import DEFAULT_AMP, pick_device
-        from featurebank.features.runtimes import computed_precision, create_runtime
-
-        dev = pick_device(self.device)
-        precision = computed_precision(self.runtime, dev, self.precision, DEFAULT_AMP)  # as features.engine.extract does
-        kwargs = {}
-        if precision == "int8":
-            from featurebank.data.sources import open_source
-            from featurebank.features.choices import CALIBRATION_SAMPLES
-            from featurebank.features.image_prepare import calibration_images, calibration_set, sample_decoder
-
-            source = open_source(_path(self.calibration))
-            dec = sample_decoder(source, self.model, self.decoder)
-            kwargs = {"calibration": lambda: calibration_images(dec, source, CALIBRATION_SAMPLES),
-                      "int8_key": calibration_set(source.name, source.root)}
-        return create_runtime(self.runtime, self.model, dev, precision, None, say=self.say,
-                              first_batch=lambda: torch.stack(first), **kwargs)
-
-    def _encode_images(self, samples, batch_size: int):
-        import numpy as np
-        import torch
-
-        from featurebank.features.runtimes import CHECK_IMAGES
-
-        if self._runtime is None:
-            self._runtime = self._image_runtime(self._decode(samples[:CHECK_IMAGES], pixels=False))
-        rt = self._runtime
-        out = []
-        for s in range(0, len(samples), batch_size):
-            batch = torch.stack(self._decode(samples[s:s + batch_size], pixels=rt.takes_pixels))
-            out.append(np.asarray(rt.embed(batch), np.float32))
-        return np.concatenate(out)
-
-    # -- texts
-    def _encode_texts(self, samples, batch_size: int):
-        import numpy as np
-
-        from featurebank.data.text import decode_text
-        from featurebank.features.device import pick_device
-        from featurebank.features.runtimes import create_runtime
-
-        texts = []
-        for k, s in enumerate(samples):
-            if isinstance(s, str):
-                texts.append(s)
-            elif isinstance(s, os.PathLike | bytes):
-                try:
-                    texts.append(decode_text(s if isinstance(s, bytes) else Path(s).read_bytes())[0])
-                except (OSError, ValueError) as exc:
-                    raise ValueError(f"{os.fspath(s) if _is_path(s) else f'sample {k}'}: {exc}") from None
-            else:
-                raise ValueError(f"sample {k}: a text backbone embeds strings (or pathlib.Path files), "
-                                 f"not a {type(s).__name__}")
-        model = self.model
-        tokens = model.tokenize(texts)
-        order = np.argsort([len(c) for c in tokens.ids], kind="stable")
-        batches = [model.batch([tokens.ids[i] for i in order[s:s + batch_size]]) for s in range(0, len(order), batch_size)]
-        if self._runtime is None:
-            self._runtime = create_runtime(self.runtime, model, pick_device(self.device),
-                                           model.preprocessing.precision, first_batch=lambda: batches[0], say=self.say)
-        emb = np.empty((len(tokens.ids), model.dim), np.float32)
-        emb[order] = np.concatenate([e for _, e in self._runtime.map(enumerate(batches))])
-        return model.combine(emb, tokens.owner, len(texts))
+        return self._encoder.encode(samples, batch_size)
 
 
 # ----------------------------------------------------------------------------------- train and runs
@@ -676,7 +562,7 @@ class Classifier:
         else:
             items = [samples] if isinstance(samples, str | bytes | os.PathLike) or not isinstance(samples, Iterable) \
                 else list(samples)
-            ids = [os.fspath(s) if _is_path(s) or (isinstance(s, str) and self._backbone.modality == "image") else k
+            ids = [os.fspath(s) if _is_path(s) or (isinstance(s, str) and self._backbone.strings_are_paths) else k
                    for k, s in enumerate(items)]
         return self.frame(self._backbone.encode(items, batch_size=batch_size), ids)
 
