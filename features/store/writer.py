@@ -155,6 +155,23 @@ def write_failures(group: h5py.Group, fails: Sequence[tuple[str, str, str]]) -> 
 
 
 
+def _gather(handles, b_src: np.ndarray, b_row: np.ndarray, dim: int, dtype, with_notes: bool):
+    """One block of the merge: each row's embedding, content fingerprint and note, read from the file
+    (the store or a part) that holds its latest entry, in row order within each file."""
+    out = np.empty((len(b_src), dim), dtype)
+    content = np.empty(len(b_src), dtype=object)
+    notes = np.full(len(b_src), "", dtype=object)
+    for s_idx in np.unique(b_src):
+        at = np.flatnonzero(b_src == s_idx)
+        at = at[np.argsort(b_row[at], kind="stable")]
+        h = handles[int(s_idx)]
+        out[at] = _pick(h["embeddings"], b_row[at])
+        content[at] = _pick(h["content"].asstr(), b_row[at])
+        if with_notes and "notes" in h:
+            notes[at] = _pick(h["notes"].asstr(), b_row[at])
+    return out, content, notes
+
+
 class StoreWriter:
     """Commits an extraction's results in parts and merges them into the store at the end.
 
@@ -571,8 +588,7 @@ class StoreWriter:
         match = self.match(ids)
         sources = match.sources
         parts = sources[1:] if sources and sources[0] == self.path else sources
-        src, row, fails, removed = match.src, match.row, match.failures, match.removed
-        held = match.held
+        src, row, fails, removed, held = match.src, match.row, match.failures, match.removed, match.held
         del match
         keep = np.flatnonzero(src >= 0)
         present = set(labels.present())
@@ -594,18 +610,7 @@ class StoreWriter:
             notes_counts.clear()
             for start in range(0, n, schema.ROWS_PER_CHUNK):  # block by block: memory stays flat
                 block = keep[start:start + schema.ROWS_PER_CHUNK]
-                b_src, b_row = src[block], row[block]
-                out = np.empty((len(block), dim), dtype)
-                content = np.empty(len(block), dtype=object)
-                notes = np.full(len(block), "", dtype=object)
-                for s_idx in np.unique(b_src):
-                    at = np.flatnonzero(b_src == s_idx)
-                    at = at[np.argsort(b_row[at], kind="stable")]
-                    h = handles[int(s_idx)]
-                    out[at] = _pick(h["embeddings"], b_row[at])
-                    content[at] = _pick(h["content"].asstr(), b_row[at])
-                    if with_notes and "notes" in h:
-                        notes[at] = _pick(h["notes"].asstr(), b_row[at])
+                out, content, notes = _gather(handles, src[block], row[block], dim, dtype, with_notes)
                 stop = start + len(block)
                 emb[start:stop] = out
                 block_ids = np.array(list(ids.take(block)), dtype=object)
@@ -640,14 +645,18 @@ class StoreWriter:
             ) from None
         finally:
             handles.close()
+        self._drop_parts(parts)
+        return {"rows": len(keep), "failures": len(fails), "removed": removed,
+                "unfinished": len(ids) - len(keep) - len(fails), "notes": dict(notes_counts)}
+
+    def _drop_parts(self, parts) -> None:
+        """The merged parts and their folder, once the new store file is in place."""
         for p in parts:  # a part left by a kill here is skipped through merged_parts, then deleted
             p.unlink(missing_ok=True)
         try:
             self.parts_dir.rmdir()
         except OSError:
             pass
-        return {"rows": len(keep), "failures": len(fails), "removed": removed,
-                "unfinished": len(ids) - len(keep) - len(fails), "notes": dict(notes_counts)}
 
     def _write_attrs(self, f: h5py.File, merged_parts: Iterable[str]) -> None:
         c = self.config
