@@ -315,27 +315,27 @@ class Recorder:
         self.stages: dict[str, float] = {}
         self._recent: dict[str, float] = {}
         self._shown = 0.0
-        self.thread = WriterThread(writer) if threaded else None
+        self.thread = WriterThread() if threaded else None
 
     def rows(self, positions, embeddings: np.ndarray, notes=None) -> None:
         ks = [self.todo[p] for p in positions]
         args = ([self.ids[k] for k in ks], np.asarray(embeddings, np.float32), [self.content[k] for k in ks])
         if notes is not None:
             args = (*args, list(notes))
-        self._write("rows", args)
+        self._write(self.writer.add, args)
 
     def failures(self, bad) -> None:
         if not bad:
             return
         ks = [self.todo[p] for p, _ in bad]
-        self._write("fail", ([self.ids[k] for k in ks], [r for _, r in bad], [self.content[k] for k in ks]))
+        self._write(self.writer.add_failures, ([self.ids[k] for k in ks], [r for _, r in bad], [self.content[k] for k in ks]))
 
-    def _write(self, kind, args) -> None:
+    def _write(self, fn, args) -> None:
         t0 = time.perf_counter()
         if self.thread is not None:
-            self.thread.put(kind, args)
+            self.thread.put(fn, *args)
         else:
-            (self.writer.add if kind == "rows" else self.writer.add_failures)(*args)
+            fn(*args)
         self.time("write", time.perf_counter() - t0)
 
     def time(self, stage: str, seconds: float) -> None:
@@ -361,33 +361,33 @@ class Recorder:
 
 
 class WriterThread:
-    """Runs StoreWriter.add/add_failures in a background thread behind a bounded queue, so the model
-    never waits for the disk; an error in the thread is raised in the caller at its next put/close."""
+    """Runs store writes (StoreWriter.add, add_failures: one store or several) in a background thread
+    behind a bounded queue, in the order they were put, so the model never waits for the disk; an error
+    in the thread is raised in the caller at its next put or close."""
 
-    def __init__(self, writer, depth: int = 8):
-        self.writer = writer
+    def __init__(self, depth: int = 8, name: str = "featurebank-writer"):
         self.busy = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._loop, name="featurebank-writer", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._errors:
                 continue  # drain, so that a blocked put returns
-            kind, args = item
+            fn, args = item
             t0 = time.perf_counter()
             try:
-                (self.writer.add if kind == "rows" else self.writer.add_failures)(*args)
+                fn(*args)
             except BaseException as exc:
                 self._errors.append(exc)
             self.busy += time.perf_counter() - t0
 
-    def put(self, kind: str, args) -> None:
+    def put(self, fn, *args) -> None:
         if self._errors:
             raise self._errors[0]
-        self._queue.put((kind, args))
+        self._queue.put((fn, args))
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -48,6 +48,7 @@ from featurebank.features.decode import Decoder, decode_jpegs_on_device, device_
 from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.engine import (
     ExtractResult, Listing, ModalityError, extract, forward_precision, labels_changed, store_config,
+    WriterThread,
 )
 from featurebank.features.image_prepare import (
     SampleFiles, calibration_images, calibration_set, sample_decoder,
@@ -622,7 +623,7 @@ class _Run:
         self.forward_s = [0.0] * len(active)
         self.images = [0] * len(active)
         self.stages = {"wait for decode": 0.0, "read+decode (workers)": 0.0}
-        self.writes = _Writes()
+        self.writes = WriterThread(depth=16, name="featurebank-sweep-writer")
 
     def batches(self, loader):
         """The loader's batches, timing the wait for them; the workers fork as the iterator is made
@@ -681,42 +682,6 @@ class _Run:
         self.writes.close()
         self.stages["write (wait at the end)"] = time.perf_counter() - t0
         self.stages["write (thread)"] = self.writes.busy
-
-
-class _Writes:
-    """Every store's writes (StoreWriter.add, add_failures) in one background thread behind a bounded
-    queue, in the order they were put; an error there is raised at the next put or at close."""
-
-    def __init__(self, depth: int = 16):
-        self.busy = 0.0
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._loop, name="featurebank-sweep-writer", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._errors:
-                continue  # drain, so that a blocked put returns
-            fn, args = item
-            t0 = time.perf_counter()
-            try:
-                fn(*args)
-            except BaseException as exc:
-                self._errors.append(exc)
-            self.busy += time.perf_counter() - t0
-
-    def put(self, fn, *args) -> None:
-        if self._errors:
-            raise self._errors[0]
-        self._queue.put((fn, args))
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if self._errors:
-            raise self._errors[0]
 
 
 class _Shares:

@@ -102,10 +102,10 @@ class _FakeWriter:
 
 def test_writer_thread_writes_everything_in_the_background():
     w = _FakeWriter(delay=0.002)
-    t = WriterThread(w, depth=2)
+    t = WriterThread(depth=2)
     for k in range(20):
-        t.put("rows", ([f"id{k}"], np.ones((1, 4), np.float32) * k, [f"c{k}"]))
-    t.put("fail", (["bad"], ["not an image"], ["c"]))
+        t.put(w.add, [f"id{k}"], np.ones((1, 4), np.float32) * k, [f"c{k}"])
+    t.put(w.add_failures, ["bad"], ["not an image"], ["c"])
     t.close()
     assert [r[0] for r in w.rows] == [f"id{k}" for k in range(20)]
     assert w.failures == [("bad", "not an image", "c")]
@@ -114,10 +114,11 @@ def test_writer_thread_writes_everything_in_the_background():
 
 
 def test_writer_thread_error_reaches_the_caller():
-    t = WriterThread(_FakeWriter(fail_after=2), depth=1)
+    w = _FakeWriter(fail_after=2)
+    t = WriterThread(depth=1)
     with pytest.raises(OSError, match="disk full"):
         for k in range(50):
-            t.put("rows", ([f"id{k}"], np.zeros((1, 4), np.float32), ["c"]))
+            t.put(w.add, [f"id{k}"], np.zeros((1, 4), np.float32), ["c"])
         t.close()
     with pytest.raises(OSError):
         t.close()
