@@ -285,18 +285,7 @@ class StoreWriter:
                     damaged_images.add(i)
             else:
                 failures[i] = (entry[1], entry[2])
-        bad_rows = 0
-        if (version := self.old_format()) is not None:
-            self.say(f"{self.path} is in store format {version} (without chunk checksums): it is written again "
-                     f"in format {FORMAT_VERSION}, its rows reused")
-        for src, (damage, failure_damage) in self._damage.items():
-            if damage:
-                bad_rows += damage.count
-                self.say(f"{src} is damaged: {damage.describe()}; those rows are not reused but embedded again "
-                         "from the source")
-            if failure_damage:
-                self.say(f"{src} is damaged: {failure_damage.count} entries of its failures table cannot be read "
-                         f"({'; '.join(failure_damage.causes)}); those samples are tried again")
+        bad_rows = self._say_damage()
         return StoreIndex(content, failures, count_notes(notes), held["runtimes"], damaged_images, bad_rows)
 
     @staticmethod
