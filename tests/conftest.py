@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
 from PIL import Image
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -41,6 +43,48 @@ def prefect_api() -> str:
                 os.environ.pop("PREFECT_API_URL", None)
             else:
                 os.environ["PREFECT_API_URL"] = saved
+
+
+PHOTOS = [skimage.data.coffee(), skimage.data.chelsea(), skimage.data.astronaut()]
+
+
+def jpeg(k: int, size=(160, 120), **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(PHOTOS[k % 3]).resize(size, Image.BICUBIC).rotate(20 * k).save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def scan_data(data: bytes) -> tuple[int, int]:
+    """(first byte, end) of a baseline JPEG's entropy-coded data: after the SOS segment, before EOI."""
+    i = 2
+    while data[i + 1] != 0xDA:
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return i + 2 + int.from_bytes(data[i + 2:i + 4], "big"), len(data) - 2
+
+
+def damaged(data: bytes) -> dict[str, bytes]:
+    """The three kinds of damage of the issue, each of one whole JPEG."""
+    start, end = scan_data(data)
+    inverted = bytearray(data)
+    mid = (start + end) // 2
+    inverted[mid:mid + 40] = bytes(b ^ 0xFF for b in inverted[mid:mid + 40])
+    zeroed = bytearray(data)
+    third = (end - start) // 3
+    zeroed[start + third:start + 2 * third] = bytes(third)
+    half = data[:start + (end - start) // 2] + b"\xff\xd9"
+    return {"inverted.jpg": bytes(inverted), "zeroed.jpg": bytes(zeroed), "half.jpg": half}
+
+
+def write_damaged_folder(root: Path) -> Path:
+    """Two classes: three whole JPEGs in a, and in b three damaged copies of the third (each damage gives a
+    libjpeg warning for this photo; some damage of other photos decodes without one, see docs/integrity.md)."""
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for k in range(3):
+        (root / "a" / f"{k}.jpg").write_bytes(jpeg(k))
+    for name, data in damaged(jpeg(2)).items():
+        (root / "b" / name).write_bytes(data)
+    return root
 
 
 def write_digits_folder(root: Path, per_class: int = 6, classes=(0, 1, 7)) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_digits_folder
+from conftest import write_damaged_folder, write_digits_folder
 
 from featurebank.features.engine import extract
 from featurebank.features.registry import build_backbone
@@ -296,23 +296,16 @@ def test_text_sweep_makes_extracts_store_and_ranks_against_tfidf(tmp_path, capsy
 
 
 def test_allow_damaged_notes_damaged_jpegs_in_every_store_as_extract_does(tmp_path):
-    """Three whole JPEGs and three damaged copies (test_integrity_damage's real damage): with
+    """Three whole JPEGs and three damaged copies (conftest's real damage, as test_integrity_damage uses): with
     allow_damaged the shared decode embeds them and every store notes them "damaged", the store extract
     makes (reused by it); without it they are failures with libjpeg's reason; with it again they are
     tried again, as extract does."""
     import h5py
-    from test_integrity_damage import damaged, jpeg
 
     from featurebank.features.images import DAMAGED
     from featurebank.features.store import strings
 
-    root = tmp_path / "photos"
-    (root / "a").mkdir(parents=True)
-    (root / "b").mkdir()
-    for k in range(3):
-        (root / "a" / f"{k}.jpg").write_bytes(jpeg(k))
-    for name, data in damaged(jpeg(2)).items():
-        (root / "b" / name).write_bytes(data)
+    root = write_damaged_folder(tmp_path / "photos")
     store, kw = tmp_path / "store", dict(workers=0, **QUIET)
     layers = ["blocks.3", "final"]
     r = sweep(root, ["efficientnet_lite0"], layers, store, allow_damaged=True, **kw)
