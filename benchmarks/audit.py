@@ -8,7 +8,8 @@
 
 - labels: 5 % of the labels flipped at random to another class (in memory, seeded), the label audit run,
   precision among the top k (k = number flipped) and recall among all flagged, per seed (``--probes logreg``:
-  the logistic probe's probabilities alone, for comparison; any store, e.g. Fashion-MNIST's).
+  the logistic probe's probabilities alone, for comparison; ``--filter-by``: another of cleanlab's rules for
+  what is flagged; any store, e.g. Fashion-MNIST's).
 - duplicates: 20 images re-saved under new names as JPEG (other quality; ``--resize`` changes the size
   too), embedded into a copy of the store (only the 20 new files are embedded), the audit's
   near-duplicate groups scored: how many copies land in a group with their original, and how many other
@@ -43,7 +44,8 @@ except ImportError:  # a checkout without an install: the repository root is the
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from featurebank.classifiers.audit import (
-    audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, pixel_fingerprints, store_source,
+    FILTER_BY, audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, pixel_fingerprints,
+    store_source,
 )
 from featurebank.classifiers.drift import domain_classifier_test
 from featurebank.data.sources import open_source
@@ -66,14 +68,15 @@ def labels(args) -> list[dict]:
         flip = rng.choice(len(y), k, replace=False)
         y[flip] = (y[flip] + rng.integers(1, len(f.class_names), k)) % len(f.class_names)
         t = time.perf_counter()
-        found = find_label_issues(f.X, y, folds=args.folds, seed=seed, knn=args.probes == "logreg+knn")
+        found = find_label_issues(f.X, y, folds=args.folds, seed=seed, knn=args.probes == "logreg+knn",
+                                  filter_by=args.filter_by)
         flagged = found["rows"].tolist()
         flipped = set(flip.tolist())
         row = {"seed": seed, "flipped": k, "flagged": len(flagged),
                "precision_top_k": round(len(flipped & set(flagged[:k])) / k, 4),
                "recall_flagged": round(len(flipped & set(flagged)) / k, 4),
                "precision_flagged": round(len(flipped & set(flagged)) / max(len(flagged), 1), 4),
-               "C": found["probe"]["C"], "probes": args.probes, "folds": args.folds,
+               "C": found["probe"]["C"], "probes": args.probes, "folds": args.folds, "filter_by": args.filter_by,
                "seconds": round(time.perf_counter() - t, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -240,6 +243,9 @@ def main(argv=None) -> None:
     ap.add_argument("--probes", default="logreg+knn", choices=["logreg+knn", "logreg"],
                     help="labels: whose out-of-fold probabilities (the audit's: logreg+knn)")
     ap.add_argument("--folds", default=5, type=int, help="labels: cross-validation folds")
+    ap.add_argument("--filter-by", default=FILTER_BY,
+                    choices=["prune_by_class", "prune_by_noise_rate", "both", "confident_learning", "predicted_neq_given"],
+                    help="labels: cleanlab's rule for what is flagged (the audit's: %(default)s)")
     ap.add_argument("--resize", action="store_true", help="duplicates: also change the size by 7 %%")
     ap.add_argument("--quality", default="75,85,95", type=lambda s: [int(x) for x in s.split(",")],
                     help="duplicates: JPEG qualities drawn from")

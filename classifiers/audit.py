@@ -49,6 +49,7 @@ KNN_T = 0.07  # ... and its temperature
 KNN_SEARCHED = 40  # neighbours searched per row: KNN_K of them outside the row's own fold
 SEARCH_ROWS = 2000  # rows the label audit's C search uses at most
 C_GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 1))  # 1e-4 .. 1, half-decades
+FILTER_BY = "prune_by_class"  # cleanlab's rule for how many of each class's samples are flagged (docs/audit.md)
 
 
 def row_norms(X: np.ndarray) -> np.ndarray:
@@ -194,13 +195,14 @@ def knn_out_of_fold(neighbours: tuple[np.ndarray, np.ndarray], rows: np.ndarray,
 
 
 def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = SEED, C: float | None = None,
-                      neighbours: tuple[np.ndarray, np.ndarray] | None = None, knn: bool = True) -> dict:
+                      neighbours: tuple[np.ndarray, np.ndarray] | None = None, knn: bool = True,
+                      filter_by: str = FILTER_BY) -> dict:
     """Probable label errors among labelled rows (``y >= 0``; classes 0..K-1), likeliest first.
 
     The out-of-fold probabilities are the mean of two probes' on the same folds: the CLIP logistic probe
     (:func:`out_of_fold_proba`) and the weighted kNN probe (:func:`knn_out_of_fold`; ``neighbours``:
     ``nearest_neighbours(X, KNN_SEARCHED)`` when already computed; ``knn=False``: the logistic probe's alone,
-    for comparison). They go to cleanlab's confident learning.
+    for comparison). They go to cleanlab's confident learning (``filter_by``: its rule for what is flagged).
     Returns ``{"rows": indices into X, "suggested": label per row, "score": 1 - self-confidence per
     row, "proba": the out-of-fold probabilities of all labelled rows, "labelled": their indices, "probe": info}``.
     """
@@ -219,13 +221,13 @@ def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
     # n_jobs=1: cleanlab's process pool relies on fork-inherited globals and fails under a spawned worker
     # (a served Prefect deployment); one class at a time costs milliseconds
     ranked = cleanlab_issues(labels=codes, pred_probs=proba, return_indices_ranked_by="self_confidence",
-                             filter_by="prune_by_noise_rate", n_jobs=1)
+                             filter_by=filter_by, n_jobs=1)
     ranked = np.asarray(ranked, dtype=np.int64)
     self_conf = proba[np.arange(len(codes)), codes]
     info |= {"probe": "mean of the out-of-fold probabilities of logreg (CLIP protocol: standardised, L-BFGS) and "
                       f"weighted kNN (DINO protocol: cosine, k = {KNN_K}, temperature {KNN_T}) on the same folds"
                       if knn else info["probe"],
-             "method": "cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate), "
+             "method": f"cleanlab.filter.find_label_issues (confident learning, filter_by={filter_by}), "
                        "ranked by self-confidence", "cleanlab": _version("cleanlab"),
              "seconds": round(info["seconds"] + time.perf_counter() - t, 2)}
     return {"rows": labelled[ranked], "suggested": present[np.argmax(proba[ranked], axis=1)],

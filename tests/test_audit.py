@@ -34,6 +34,7 @@ def test_label_issues_find_flipped_labels_of_real_digits():
     assert len(flipped & set(ranked)) / 30 >= 0.6  # recall among all flagged
     assert all(found["suggested"][k] != y[r] for k, r in enumerate(ranked))  # a suggestion is another class
     assert np.all(np.diff(found["score"]) <= 1e-12)  # the likeliest issue first
+    assert "filter_by=prune_by_class" in found["probe"]["method"]  # the rule recorded in audit.json
 
 
 def test_near_duplicates_are_small_groups_and_leaks_change_the_test_accuracy():
