@@ -1,13 +1,14 @@
 """Measure the audit (docs/audit.md) on the MNIST-5k demo store.
 
     featurebank demo mnist5k --store bench-store --data-dir bench-data --no-prefect   # once: the store and images
-    python benchmarks/audit.py labels --store bench-store/mnist5k-<fingerprint>.h5 --seeds 0,1,2
+    python benchmarks/audit.py labels --store bench-store/mnist5k-<fingerprint>.h5 --images bench-data/mnist5k --seeds 0,1,2
     python benchmarks/audit.py duplicates --store bench-store/mnist5k-<fp>.h5 --images bench-data/mnist5k
     python benchmarks/audit.py drift --store bench-store/mnist5k-<fp>.h5 --work bench-work
     python benchmarks/audit.py cost --store bench-store/mnist5k-<fp>.h5 --rows 5000,100000
 
 - labels: 5 % of the labels flipped at random to another class (in memory, seeded), the label audit run,
-  precision among the top k (k = number flipped) and recall among all flagged, per seed (``--probes logreg``:
+  precision among the top k (k = number flipped) and recall among all flagged, per seed (without ``--images``:
+  the embeddings' probes alone, as for a store whose pictures cannot be read; ``--probes logreg``:
   the logistic probe's probabilities alone, for comparison; ``--filter-by``: another of cleanlab's rules for
   what is flagged; any store, e.g. Fashion-MNIST's).
 - duplicates: 20 images re-saved under new names as JPEG (other quality; ``--resize`` changes the size
@@ -44,8 +45,8 @@ except ImportError:  # a checkout without an install: the repository root is the
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from featurebank.classifiers.audit import (
-    FILTER_BY, audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, pixel_fingerprints,
-    store_source,
+    FILTER_BY, audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, picture_neighbours,
+    pixel_fingerprints, store_source,
 )
 from featurebank.classifiers.drift import domain_classifier_test
 from featurebank.data.sources import open_source
@@ -60,6 +61,8 @@ def cli(*args: str) -> str:
 
 def labels(args) -> list[dict]:
     f = read_features(args.store)
+    pictures = pixel_fingerprints(open_source(args.images), f.ids) if args.images else None
+    pixel_nb = picture_neighbours(pictures[1]) if pictures is not None else None
     rows = []
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
@@ -69,7 +72,7 @@ def labels(args) -> list[dict]:
         y[flip] = (y[flip] + rng.integers(1, len(f.class_names), k)) % len(f.class_names)
         t = time.perf_counter()
         found = find_label_issues(f.X, y, folds=args.folds, seed=seed, knn=args.probes == "logreg+knn",
-                                  filter_by=args.filter_by)
+                                  filter_by=args.filter_by, pictures=pictures, pixel_neighbours=pixel_nb)
         flagged = found["rows"].tolist()
         flipped = set(flip.tolist())
         row = {"seed": seed, "flipped": k, "flagged": len(flagged),
@@ -77,6 +80,7 @@ def labels(args) -> list[dict]:
                "recall_flagged": round(len(flipped & set(flagged)) / k, 4),
                "precision_flagged": round(len(flipped & set(flagged)) / max(len(flagged), 1), 4),
                "C": found["probe"]["C"], "probes": args.probes, "folds": args.folds, "filter_by": args.filter_by,
+               "pictures": found["probe"]["pictures"], "members_accuracy": found["probe"]["members_accuracy"],
                "seconds": round(time.perf_counter() - t, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -235,7 +239,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["labels", "duplicates", "drift", "cost"])
     ap.add_argument("--store", required=True, help="the MNIST-5k demo store (featurebank demo mnist5k)")
-    ap.add_argument("--images", help="duplicates: the demo's image folder")
+    ap.add_argument("--images", help="duplicates: the demo's image folder; labels: the store's pictures (the audit "
+                    "reads them through the store's source), for the picture member")
     ap.add_argument("--work", default="bench-audit", help="scratch folder")
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--seed", default=0, type=int)
