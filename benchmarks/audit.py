@@ -4,7 +4,7 @@
     python benchmarks/audit.py labels --store bench-store/mnist5k-<fingerprint>.h5 --images bench-data/mnist5k --seeds 0,1,2
     python benchmarks/audit.py duplicates --store bench-store/mnist5k-<fp>.h5 --images bench-data/mnist5k
     python benchmarks/audit.py drift --store bench-store/mnist5k-<fp>.h5 --work bench-work
-    python benchmarks/audit.py cost --store bench-store/mnist5k-<fp>.h5 --rows 5000,100000
+    python benchmarks/audit.py cost --store bench-store/mnist5k-<fp>.h5 --images bench-data/mnist5k --rows 0,100000
 
 - labels: 5 % of the labels flipped at random to another class (in memory, seeded), the label audit run,
   precision among the top k (k = number flipped) and recall among all flagged, per seed (without ``--images``:
@@ -210,8 +210,8 @@ def cost(args) -> list[dict]:
         import sklearn.linear_model  # noqa: F401
         import sklearn.model_selection  # noqa: F401
 
-        def audit_store(f=f):  # as 'featurebank audit' does: the pictures of the source recorded in the store
-            source, note = store_source(f)
+        def audit_store(f=f, rows=rows):  # as 'featurebank audit' does: the pictures of the source recorded in the store
+            source, note = store_source(f, args.images if rows == 0 else None)  # --images: as --source does
             return audit_features(f, source=source, source_note=note, say=lambda s: print(s, file=sys.stderr))
 
         untraced = None

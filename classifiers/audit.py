@@ -5,8 +5,10 @@ Plain functions over arrays (``X`` embeddings, ``y`` labels, ``ids``, ``splits``
 figures measured on the demo data.
 
 - **Label issues**: out-of-fold predicted probabilities (stratified K folds), the mean of the CLIP logistic
-  probe's (C searched once on the first fold's training part, then fixed) and the weighted kNN probe's,
-  ranked by cleanlab's confident learning (``cleanlab.filter.find_label_issues``, by self-confidence).
+  probe's (C searched once on the first fold's training part, then fixed), the weighted kNN probe's and,
+  where the pictures can be read, the same kNN probe's on their thumbnails (when it raises the ensemble's
+  out-of-fold accuracy), each weighted by its out-of-fold accuracy above chance; flagged by cleanlab's
+  confident learning (``cleanlab.filter.find_label_issues``, ``prune_by_class``), by self-confidence.
 - **Duplicates**: exact duplicates share a sha256 content fingerprint (or an embedding, cosine >=
   ``IDENTICAL_COSINE``). Near-duplicates are found through the pictures, read through the store's source:
   small grey thumbnails whose distance is far under that of the dataset's look-alikes (the k-th nearest
@@ -202,6 +204,28 @@ def picture_neighbours(T: np.ndarray, k: int = KNN_SEARCHED) -> tuple[np.ndarray
     return _knn_blocked(T, min(k, len(T) - 1), BLOCK_ROWS, normalised=True)
 
 
+def _add_pictures(proba, members, weights, pictures, pixel_neighbours, labelled, codes, fold_of, n) -> dict:
+    """The picture member joins ``proba`` (in place, the rows that have a picture) when it raises the
+    ensemble's out-of-fold accuracy; ``members``/``weights`` gain it then. Returns what audit.json records."""
+    pixel_neighbours = pixel_neighbours or picture_neighbours(pictures[1])
+    sel, p_pix = _picture_member(pictures, pixel_neighbours, labelled, codes, fold_of, n)
+    acc = _accuracy(p_pix, codes[sel])
+    both, w = weights["logreg"] + weights["knn"], _weight(acc, codes[sel])
+    mixed = (both * proba[sel] + w * p_pix) / (both + w)
+    before, after = _accuracy(proba[sel], codes[sel]), _accuracy(mixed, codes[sel])
+    used = {"rows": int(len(sel)), "accuracy": round(acc, 4), "ensemble_accuracy_without": round(before, 4),
+            "ensemble_accuracy_with": round(after, 4), "used": bool(after > before)}
+    if used["used"]:
+        proba[sel] = mixed
+        members["pictures"], weights["pictures"] = acc, w
+    else:
+        used["note"] = "left out: it does not raise the ensemble's out-of-fold accuracy"
+    if len(sel) < len(labelled):
+        used["note"] = (f"{len(labelled) - len(sel)} labelled rows without a picture: the embeddings' probes alone"
+                        + (f"; {used['note']}" if "note" in used else ""))
+    return used
+
+
 def _picture_member(pictures, pixel_nb, labelled, codes, fold_of, n) -> tuple[np.ndarray, np.ndarray]:
     """The weighted kNN probe on the thumbnails: ``(sel, proba)``, ``sel`` the positions among the labelled
     rows that have a picture and ``proba`` their out-of-fold probabilities (same folds as the other members)."""
@@ -259,23 +283,7 @@ def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
         del p_knn
     used = {"used": False, "note": why_not or "no pictures given"}
     if knn and pictures is not None and len(pictures[0]) >= 2:
-        pixel_neighbours = pixel_neighbours or picture_neighbours(pictures[1])
-        sel, p_pix = _picture_member(pictures, pixel_neighbours, labelled, codes, fold_of, len(X))
-        acc = _accuracy(p_pix, codes[sel])
-        both, w = weights["logreg"] + weights["knn"], _weight(acc, codes[sel])
-        mixed = (both * proba[sel] + w * p_pix) / (both + w)
-        before, after = _accuracy(proba[sel], codes[sel]), _accuracy(mixed, codes[sel])
-        used = {"rows": int(len(sel)), "accuracy": round(acc, 4), "ensemble_accuracy_without": round(before, 4),
-                "ensemble_accuracy_with": round(after, 4), "used": bool(after > before)}
-        if used["used"]:
-            proba[sel] = mixed
-            members["pictures"], weights["pictures"] = acc, w
-        else:
-            used["note"] = "left out: it does not raise the ensemble's out-of-fold accuracy"
-        if len(sel) < len(labelled):
-            used["note"] = (f"{len(labelled) - len(sel)} labelled rows without a picture: the embeddings' probes alone"
-                            + (f"; {used['note']}" if "note" in used else ""))
-        del p_pix, mixed
+        used = _add_pictures(proba, members, weights, pictures, pixel_neighbours, labelled, codes, fold_of, len(X))
     # n_jobs=1: cleanlab's process pool relies on fork-inherited globals and fails under a spawned worker
     # (a served Prefect deployment); one class at a time costs milliseconds
     ranked = cleanlab_issues(labels=codes, pred_probs=proba, return_indices_ranked_by="self_confidence",
