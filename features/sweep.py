@@ -19,8 +19,8 @@ Texts: one extraction per text backbone (each has its own tokenizer, so each tex
 per tokenizer); text backbones have no layers to choose.
 
 On a CPU, decoding runs in worker processes (DataLoader) and every backbone runs in a thread of its
-own on the shared decoded batches, so the backbones overlap each other and the decoding; each is
-charged its share of the time while several run at once, and ``per_second`` is the rate each
+own on the shared decoded batches, taking turns batch by batch while the decoders work on (see
+:class:`_Lanes`); each is charged its share of the time while several run at once, and ``per_second`` is the rate each
 backbone reached inside the sweep (images per second of its share). On CUDA the JPEGs are decoded
 once on the device and each backbone's resize and normalisation runs there.
 """
@@ -505,6 +505,8 @@ def _finish_plan(p: _Plan, listing: Listing, rate: float | None, precision: str,
 
 #: decoded batches waiting for each backbone (bounds memory: a slow backbone holds the decoders back)
 LANE_DEPTH = 2
+#: decoded batches each decoding worker keeps ready ahead of the backbones
+PREFETCH = 4
 
 
 def _embed_images(source, active, ids, content, dev, batch_size, workers, progress, out: SweepResult, say, *,
@@ -515,8 +517,8 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
 
     On a CPU (:func:`_run_lanes`) decoding runs in worker processes and every backbone has a thread of
     its own fed from the shared decoded batches (an OpenVINO backbone keeps its infer requests busy
-    there, as ``extract`` does with one), so the backbones overlap each other and the decoding instead
-    of taking turns; rows go to the stores through one writer thread. On CUDA (:func:`_run_on_device`)
+    there, as ``extract`` does with one), the backbones taking turns batch by batch while the
+    decoders work on; rows go to the stores through one writer thread. On CUDA (:func:`_run_on_device`)
     the JPEGs are decoded once on the device and each backbone's resize and normalisation runs there."""
     from tqdm import tqdm
 
@@ -558,7 +560,7 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
         else max(1, batch_size or SWEEP_BATCH)
     loader = torch.utils.data.DataLoader(
         _Samples(files, shared, on_device), batch_size=batch, num_workers=n_workers, collate_fn=_collate,
-        pin_memory=dev.type == "cuda", prefetch_factor=4 if n_workers else None, persistent_workers=False,
+        pin_memory=dev.type == "cuda", prefetch_factor=PREFETCH if n_workers else None, persistent_workers=False,
         worker_init_fn=worker_started if n_workers else None,
         multiprocessing_context=mp_context() if n_workers else None)
     run = _Run(active, runtimes, todo, ids, content)
@@ -716,7 +718,14 @@ class _Shares:
 
 class _Lanes:
     """One thread ("lane") per backbone, each taking decoded batches from a bounded queue of its own; an
-    error in a lane stops the others and is raised in the caller at its next hand-over or at the end."""
+    error in a lane stops the others and is raised in the caller at its next hand-over or at the end.
+
+    The lanes take turns, batch by batch, in the order the batches were handed out (a ticket per
+    hand-over): a lane starts its batch when the lane before it has handed all of its batch to the
+    runtime. An asynchronous runtime's last requests of one batch still run while the next lane's first
+    ones start, so no core waits at a hand-over, and only one model's streams run at a time otherwise:
+    three OpenVINO models side by side (six stream threads on two cores, beside the decoders) ran
+    about 6 % slower than the same models in turn (benchmarks/extraction.py --backbones)."""
 
     def __init__(self, run: _Run):
         self.run = run
@@ -725,57 +734,83 @@ class _Lanes:
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.queues = [queue.Queue(maxsize=LANE_DEPTH) for _ in range(n)]
-        self.serial = threading.Lock()  # synchronous runtimes take turns
+        self._tickets = 0  # handed out (by the one thread that hands batches over)
+        self._serving = 0  # the ticket whose lane may run
+        self._turn = threading.Condition()
         self.threads = [threading.Thread(target=self._lane, args=(a,), name=f"featurebank-sweep-{a}", daemon=True)
                         for a in range(n)]
         for t in self.threads:
             t.start()
 
+    def _next_turn(self) -> None:
+        with self._turn:
+            self._serving += 1
+            self._turn.notify_all()
+
     def _take(self, a: int):
-        """Lane a's batches until the end mark (None) or a stop; not running while it waits."""
-        while not self.stop.is_set():
-            self.shares.stop(a)
-            try:
-                item = self.queues[a].get(timeout=0.5)
-            except queue.Empty:
-                continue
-            finally:
+        """Lane a's batches, each when its turn comes, until the end mark (None) or a stop; not
+        running while it waits. Its turn ends when it asks for the next batch (or ends)."""
+        holding = False
+        try:
+            while not self.stop.is_set():
+                self.shares.stop(a)
+                if holding:
+                    holding = False
+                    self._next_turn()
+                try:
+                    item = self.queues[a].get(timeout=0.5)
+                except queue.Empty:
+                    self.shares.start(a)
+                    continue
+                if item is None:
+                    self.shares.start(a)
+                    return
+                ticket, payload = item
+                with self._turn:
+                    while self._serving != ticket and not self.stop.is_set():
+                        self._turn.wait(0.5)
+                holding = True
                 self.shares.start(a)
-            if item is None:
-                return
-            yield item
+                if self.stop.is_set():
+                    return
+                yield payload
+        finally:
+            if holding:
+                self._next_turn()
 
     def _lane(self, a: int) -> None:
         rt, shares = self.run.runtimes[a], self.shares
         try:
             with torch.inference_mode():
+                shares.start(a)
                 if rt.pipelined:
-                    shares.start(a)
                     for (ks, notes), emb in rt.map(self._take(a)):
                         self.run.rows(a, ks, np.asarray(emb, np.float32), notes)
                 else:
                     for (ks, notes), x in self._take(a):
-                        shares.stop(a)
-                        with self.serial:
-                            shares.start(a)
-                            emb = np.asarray(rt.embed(x), np.float32)
-                        self.run.rows(a, ks, emb, notes)
+                        self.run.rows(a, ks, np.asarray(rt.embed(x), np.float32), notes)
         except BaseException as exc:
             self.errors.append(exc)
             self.stop.set()
+            with self._turn:
+                self._turn.notify_all()
         finally:
             shares.stop(a)
 
     def hand(self, a: int, item) -> None:
-        """Put into lane a's queue, waiting while it is full, unless a lane failed."""
+        """Put into lane a's queue (with the next ticket), waiting while it is full, unless a lane failed."""
+        if item is not None:
+            item = (self._tickets, item)
         while True:
             if self.errors:
                 raise self.errors[0]
             try:
                 self.queues[a].put(item, timeout=0.5)
-                return
+                break
             except queue.Full:
                 pass
+        if item is not None:
+            self._tickets += 1
 
     def finish(self) -> None:
         for a in range(len(self.queues)):
@@ -787,16 +822,17 @@ class _Lanes:
 
     def close(self) -> None:
         self.stop.set()
+        with self._turn:
+            self._turn.notify_all()
         for t in self.threads:
             t.join(timeout=30)
 
 
 def _run_lanes(run: _Run, loader, bar) -> None:
     """A CPU: decoded batches from the loader's worker processes; one thread per backbone (:class:`_Lanes`)
-    runs its runtime on them: an asynchronous runtime (OpenVINO) through ``map``, which keeps every infer
-    request busy while the next batch is taken, a synchronous one (torch) through ``embed``, one
-    synchronous backbone at a time (each uses every core). Rows go to the writer thread. The backbones
-    thus run side by side with each other and with decoding, and a batch end leaves no core idle while
+    runs its runtime on them, in turns: an asynchronous runtime (OpenVINO) through ``map``, which keeps
+    every infer request busy while the next batch is taken, a synchronous one (torch) through ``embed``.
+    Rows go to the writer thread. Decoding runs beside the backbones, and a hand-over leaves no core idle while
     another backbone has work."""
     lanes = _Lanes(run)
     try:

@@ -425,3 +425,70 @@ def test_the_sweep_on_cuda_decodes_on_the_device_and_makes_extracts_stores(tmp_p
         a, b = read_features(s.path), read_features(single.path)
         assert a.ids == b.ids and len(a.ids) == 24
         assert cosines(a.X, b.X).min() >= tol
+
+
+def test_the_backbones_take_turns_in_the_order_the_batches_were_handed_out():
+    """The CPU path's lanes (one thread per backbone): each batch runs when its turn comes, in hand-over
+    order, and an error in one lane stops the others and reaches the caller. The lanes' scheduling alone,
+    with runtimes that record when they run: one synchronous (torch-like, ``embed``) and two pipelined
+    (OpenVINO-like, ``map`` pulling the next batch only after handing over the last)."""
+    import threading
+
+    from featurebank.features.sweep import _Lanes
+
+    log, lock = [], threading.Lock()
+
+    class Recording:
+        def __init__(self, a, pipelined):
+            self.a, self.pipelined, self.busy = a, pipelined, False
+
+        def _run(self, x):
+            with lock:
+                assert not any(r.busy for r in rts), "two backbones ran at once"
+                self.busy = True
+            time.sleep(0.002 * (3 - self.a))  # the first lane is the slowest: turns, not speed, decide
+            log.append((self.a, int(x[0])))
+            self.busy = False
+            return np.zeros((len(x), 2), np.float32)
+
+        def embed(self, x):
+            return self._run(x)
+
+        def map(self, batches):
+            for tag, x in batches:
+                yield tag, self._run(x)
+
+    rts = [Recording(0, False), Recording(1, True), Recording(2, True)]
+
+    class Run:
+        active, runtimes = [None] * 3, rts
+
+        def rows(self, a, ks, emb, notes):
+            pass
+
+    lanes = _Lanes(Run())
+    try:
+        for batch in range(6):
+            for a in range(3):
+                if (a, batch) != (2, 3):  # a backbone that needs none of a batch's samples is not handed it
+                    lanes.hand(a, ((np.arange(2), None), np.full(2, batch)))
+        lanes.finish()
+    finally:
+        lanes.close()
+    handed = [(a, b) for b in range(6) for a in range(3) if (a, b) != (2, 3)]
+    assert log == handed
+
+    class Failing(Recording):
+        def embed(self, x):
+            raise RuntimeError("out of memory in backbone 0")
+
+    rts[0] = Failing(0, False)
+    lanes = _Lanes(Run())
+    with pytest.raises(RuntimeError, match="backbone 0"):
+        try:
+            for batch in range(50):
+                for a in range(3):
+                    lanes.hand(a, ((np.arange(2), None), np.full(2, batch)))
+            lanes.finish()
+        finally:
+            lanes.close()
