@@ -1,14 +1,16 @@
 """Measure the audit (docs/audit.md) on the MNIST-5k demo store.
 
     featurebank demo mnist5k --store bench-store --data-dir bench-data --no-prefect   # once: the store and images
-    python benchmarks/audit.py labels --store bench-store/mnist5k-<fingerprint>.h5 --seeds 0,1,2
+    python benchmarks/audit.py labels --store bench-store/mnist5k-<fingerprint>.h5 --images bench-data/mnist5k --seeds 0,1,2
     python benchmarks/audit.py duplicates --store bench-store/mnist5k-<fp>.h5 --images bench-data/mnist5k
     python benchmarks/audit.py drift --store bench-store/mnist5k-<fp>.h5 --work bench-work
-    python benchmarks/audit.py cost --store bench-store/mnist5k-<fp>.h5 --rows 5000,100000
+    python benchmarks/audit.py cost --store bench-store/mnist5k-<fp>.h5 --images bench-data/mnist5k --rows 0,100000
 
 - labels: 5 % of the labels flipped at random to another class (in memory, seeded), the label audit run,
-  precision among the top k (k = number flipped) and recall among all flagged, per seed (``--probes logreg``:
-  the logistic probe's probabilities alone, for comparison; any store, e.g. Fashion-MNIST's).
+  precision among the top k (k = number flipped) and recall among all flagged, per seed (without ``--images``:
+  the embeddings' probes alone, as for a store whose pictures cannot be read; ``--probes logreg``:
+  the logistic probe's probabilities alone, for comparison; ``--filter-by``: another of cleanlab's rules for
+  what is flagged; any store, e.g. Fashion-MNIST's).
 - duplicates: 20 images re-saved under new names as JPEG (other quality; ``--resize`` changes the size
   too), embedded into a copy of the store (only the 20 new files are embedded), the audit's
   near-duplicate groups scored: how many copies land in a group with their original, and how many other
@@ -43,7 +45,8 @@ except ImportError:  # a checkout without an install: the repository root is the
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from featurebank.classifiers.audit import (
-    audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, pixel_fingerprints, store_source,
+    FILTER_BY, audit_features, find_label_issues, groups_of, near_duplicate_pairs, near_duplicates, picture_neighbours,
+    pixel_fingerprints, store_source,
 )
 from featurebank.classifiers.drift import domain_classifier_test
 from featurebank.data.sources import open_source
@@ -58,6 +61,8 @@ def cli(*args: str) -> str:
 
 def labels(args) -> list[dict]:
     f = read_features(args.store)
+    pictures = pixel_fingerprints(open_source(args.images), f.ids) if args.images else None
+    pixel_nb = picture_neighbours(pictures[1]) if pictures is not None else None
     rows = []
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
@@ -66,14 +71,16 @@ def labels(args) -> list[dict]:
         flip = rng.choice(len(y), k, replace=False)
         y[flip] = (y[flip] + rng.integers(1, len(f.class_names), k)) % len(f.class_names)
         t = time.perf_counter()
-        found = find_label_issues(f.X, y, folds=args.folds, seed=seed, knn=args.probes == "logreg+knn")
+        found = find_label_issues(f.X, y, folds=args.folds, seed=seed, knn=args.probes == "logreg+knn",
+                                  filter_by=args.filter_by, pictures=pictures, pixel_neighbours=pixel_nb)
         flagged = found["rows"].tolist()
         flipped = set(flip.tolist())
         row = {"seed": seed, "flipped": k, "flagged": len(flagged),
                "precision_top_k": round(len(flipped & set(flagged[:k])) / k, 4),
                "recall_flagged": round(len(flipped & set(flagged)) / k, 4),
                "precision_flagged": round(len(flipped & set(flagged)) / max(len(flagged), 1), 4),
-               "C": found["probe"]["C"], "probes": args.probes, "folds": args.folds,
+               "C": found["probe"]["C"], "probes": args.probes, "folds": args.folds, "filter_by": args.filter_by,
+               "pictures": found["probe"]["pictures"], "members_accuracy": found["probe"]["members_accuracy"],
                "seconds": round(time.perf_counter() - t, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -203,8 +210,8 @@ def cost(args) -> list[dict]:
         import sklearn.linear_model  # noqa: F401
         import sklearn.model_selection  # noqa: F401
 
-        def audit_store(f=f):  # as 'featurebank audit' does: the pictures of the source recorded in the store
-            source, note = store_source(f)
+        def audit_store(f=f, rows=rows):  # as 'featurebank audit' does: the pictures of the source recorded in the store
+            source, note = store_source(f, args.images if rows == 0 else None)  # --images: as --source does
             return audit_features(f, source=source, source_note=note, say=lambda s: print(s, file=sys.stderr))
 
         untraced = None
@@ -232,7 +239,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["labels", "duplicates", "drift", "cost"])
     ap.add_argument("--store", required=True, help="the MNIST-5k demo store (featurebank demo mnist5k)")
-    ap.add_argument("--images", help="duplicates: the demo's image folder")
+    ap.add_argument("--images", help="duplicates: the demo's image folder; labels: the store's pictures (the audit "
+                    "reads them through the store's source), for the picture member")
     ap.add_argument("--work", default="bench-audit", help="scratch folder")
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--seed", default=0, type=int)
@@ -240,6 +248,9 @@ def main(argv=None) -> None:
     ap.add_argument("--probes", default="logreg+knn", choices=["logreg+knn", "logreg"],
                     help="labels: whose out-of-fold probabilities (the audit's: logreg+knn)")
     ap.add_argument("--folds", default=5, type=int, help="labels: cross-validation folds")
+    ap.add_argument("--filter-by", default=FILTER_BY,
+                    choices=["prune_by_class", "prune_by_noise_rate", "both", "confident_learning", "predicted_neq_given"],
+                    help="labels: cleanlab's rule for what is flagged (the audit's: %(default)s)")
     ap.add_argument("--resize", action="store_true", help="duplicates: also change the size by 7 %%")
     ap.add_argument("--quality", default="75,85,95", type=lambda s: [int(x) for x in s.split(",")],
                     help="duplicates: JPEG qualities drawn from")

@@ -5,8 +5,10 @@ Plain functions over arrays (``X`` embeddings, ``y`` labels, ``ids``, ``splits``
 figures measured on the demo data.
 
 - **Label issues**: out-of-fold predicted probabilities (stratified K folds), the mean of the CLIP logistic
-  probe's (C searched once on the first fold's training part, then fixed) and the weighted kNN probe's,
-  ranked by cleanlab's confident learning (``cleanlab.filter.find_label_issues``, by self-confidence).
+  probe's (C searched once on the first fold's training part, then fixed), the weighted kNN probe's and,
+  where the pictures can be read, the same kNN probe's on their thumbnails (when it raises the ensemble's
+  out-of-fold accuracy), each weighted by its out-of-fold accuracy above chance; flagged by cleanlab's
+  confident learning (``cleanlab.filter.find_label_issues``, ``prune_by_class``), by self-confidence.
 - **Duplicates**: exact duplicates share a sha256 content fingerprint (or an embedding, cosine >=
   ``IDENTICAL_COSINE``). Near-duplicates are found through the pictures, read through the store's source:
   small grey thumbnails whose distance is far under that of the dataset's look-alikes (the k-th nearest
@@ -49,6 +51,7 @@ KNN_T = 0.07  # ... and its temperature
 KNN_SEARCHED = 40  # neighbours searched per row: KNN_K of them outside the row's own fold
 SEARCH_ROWS = 2000  # rows the label audit's C search uses at most
 C_GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 1))  # 1e-4 .. 1, half-decades
+FILTER_BY = "prune_by_class"  # cleanlab's rule for how many of each class's samples are flagged (docs/audit.md)
 
 
 def row_norms(X: np.ndarray) -> np.ndarray:
@@ -193,14 +196,69 @@ def knn_out_of_fold(neighbours: tuple[np.ndarray, np.ndarray], rows: np.ndarray,
     return np.where(total > 0, votes / np.where(total > 0, total, 1.0), 1.0 / n_classes)
 
 
+def picture_neighbours(T: np.ndarray, k: int = KNN_SEARCHED) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ``k`` nearest thumbnails of every thumbnail (indices into ``T``, similarities), nearest first: one
+    search that serves the label audit's picture member and the near-duplicate search (its first ``PIXEL_K``)."""
+    if len(T) < 2:
+        return None
+    return _knn_blocked(T, min(k, len(T) - 1), BLOCK_ROWS, normalised=True)
+
+
+def _add_pictures(proba, members, weights, pictures, pixel_neighbours, labelled, codes, fold_of, n) -> dict:
+    """The picture member joins ``proba`` (in place, the rows that have a picture) when it raises the
+    ensemble's out-of-fold accuracy; ``members``/``weights`` gain it then. Returns what audit.json records."""
+    pixel_neighbours = pixel_neighbours or picture_neighbours(pictures[1])
+    sel, p_pix = _picture_member(pictures, pixel_neighbours, labelled, codes, fold_of, n)
+    acc = _accuracy(p_pix, codes[sel])
+    both, w = weights["logreg"] + weights["knn"], _weight(acc, codes[sel])
+    mixed = (both * proba[sel] + w * p_pix) / (both + w)
+    before, after = _accuracy(proba[sel], codes[sel]), _accuracy(mixed, codes[sel])
+    used = {"rows": int(len(sel)), "accuracy": round(acc, 4), "ensemble_accuracy_without": round(before, 4),
+            "ensemble_accuracy_with": round(after, 4), "used": bool(after > before)}
+    if used["used"]:
+        proba[sel] = mixed
+        members["pictures"], weights["pictures"] = acc, w
+    else:
+        used["note"] = "left out: it does not raise the ensemble's out-of-fold accuracy"
+    if len(sel) < len(labelled):
+        used["note"] = (f"{len(labelled) - len(sel)} labelled rows without a picture: the embeddings' probes alone"
+                        + (f"; {used['note']}" if "note" in used else ""))
+    return used
+
+
+def _picture_member(pictures, pixel_nb, labelled, codes, fold_of, n) -> tuple[np.ndarray, np.ndarray]:
+    """The weighted kNN probe on the thumbnails: ``(sel, proba)``, ``sel`` the positions among the labelled
+    rows that have a picture and ``proba`` their out-of-fold probabilities (same folds as the other members)."""
+    rows = pictures[0]
+    has = np.zeros(n, bool)
+    has[rows] = True
+    sel = np.flatnonzero(has[labelled])
+    idx = np.zeros((n, pixel_nb[0].shape[1]), np.int64)  # neighbours as rows of X; only picture rows are read
+    sim = np.zeros((n, pixel_nb[0].shape[1]), np.float32)
+    idx[rows], sim[rows] = rows[pixel_nb[0]], pixel_nb[1]
+    return sel, knn_out_of_fold((idx, sim), labelled[sel], codes[sel], fold_of[sel])
+
+
 def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = SEED, C: float | None = None,
-                      neighbours: tuple[np.ndarray, np.ndarray] | None = None, knn: bool = True) -> dict:
+                      neighbours: tuple[np.ndarray, np.ndarray] | None = None, knn: bool = True,
+                      filter_by: str = FILTER_BY, pictures: tuple[np.ndarray, np.ndarray, dict] | None = None,
+                      pixel_neighbours: tuple[np.ndarray, np.ndarray] | None = None, why_not: str = "") -> dict:
     """Probable label errors among labelled rows (``y >= 0``; classes 0..K-1), likeliest first.
 
-    The out-of-fold probabilities are the mean of two probes' on the same folds: the CLIP logistic probe
-    (:func:`out_of_fold_proba`) and the weighted kNN probe (:func:`knn_out_of_fold`; ``neighbours``:
-    ``nearest_neighbours(X, KNN_SEARCHED)`` when already computed; ``knn=False``: the logistic probe's alone,
-    for comparison). They go to cleanlab's confident learning.
+    The out-of-fold probabilities are the mean of probes on the same folds, each weighted by its out-of-fold
+    accuracy against the given labels above chance (:func:`_weight`):
+
+    - the CLIP logistic probe (:func:`out_of_fold_proba`);
+    - the weighted kNN probe on the embeddings (:func:`knn_out_of_fold`; ``neighbours``:
+      ``nearest_neighbours(X, KNN_SEARCHED)`` when already computed; ``knn=False``: the logistic probe's alone,
+      for comparison);
+    - with ``pictures`` (:func:`pixel_fingerprints`), the same kNN probe on the pictures' thumbnails, a second
+      view of each sample (``pixel_neighbours``: :func:`picture_neighbours` of them when already computed),
+      for the rows that have a picture and only when it raises the ensemble's out-of-fold accuracy.
+      ``why_not``: why there are no pictures, for the record.
+
+    They go to cleanlab's confident learning (``filter_by``: its rule for what is flagged), ranked by
+    self-confidence (what cleanlab's ensemble score weighted by accuracy ranks by, too).
     Returns ``{"rows": indices into X, "suggested": label per row, "score": 1 - self-confidence per
     row, "proba": the out-of-fold probabilities of all labelled rows, "labelled": their indices, "probe": info}``.
     """
@@ -211,26 +269,52 @@ def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: in
     proba, info = out_of_fold_proba(X, codes, folds, seed, C, rows=labelled)  # X[labelled] would be a second copy
     fold_of = info.pop("fold_of")
     t = time.perf_counter()
+    members = {"logreg": _accuracy(proba, codes)}
+    weights = {"logreg": _weight(members["logreg"], codes)}
     if knn:
         if neighbours is None:
             neighbours = nearest_neighbours(X, k=min(KNN_SEARCHED, len(X) - 1))
-        proba += knn_out_of_fold(neighbours, labelled, codes, fold_of)
-        proba /= 2.0
+        p_knn = knn_out_of_fold(neighbours, labelled, codes, fold_of)
+        members["knn"] = _accuracy(p_knn, codes)
+        weights["knn"] = _weight(members["knn"], codes)
+        proba *= weights["logreg"]
+        proba += weights["knn"] * p_knn
+        proba /= weights["logreg"] + weights["knn"]
+        del p_knn
+    used = {"used": False, "note": why_not or "no pictures given"}
+    if knn and pictures is not None and len(pictures[0]) >= 2:
+        used = _add_pictures(proba, members, weights, pictures, pixel_neighbours, labelled, codes, fold_of, len(X))
     # n_jobs=1: cleanlab's process pool relies on fork-inherited globals and fails under a spawned worker
     # (a served Prefect deployment); one class at a time costs milliseconds
     ranked = cleanlab_issues(labels=codes, pred_probs=proba, return_indices_ranked_by="self_confidence",
-                             filter_by="prune_by_noise_rate", n_jobs=1)
+                             filter_by=filter_by, n_jobs=1)
     ranked = np.asarray(ranked, dtype=np.int64)
     self_conf = proba[np.arange(len(codes)), codes]
-    info |= {"probe": "mean of the out-of-fold probabilities of logreg (CLIP protocol: standardised, L-BFGS) and "
-                      f"weighted kNN (DINO protocol: cosine, k = {KNN_K}, temperature {KNN_T}) on the same folds"
-                      if knn else info["probe"],
-             "method": "cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate), "
+    probes = {"logreg": "logreg (CLIP protocol: standardised, L-BFGS)",
+              "knn": f"weighted kNN on the embeddings (DINO protocol: cosine, k = {KNN_K}, temperature {KNN_T})",
+              "pictures": f"the same weighted kNN on {THUMB_SIDE}x{THUMB_SIDE} grey thumbnails of the pictures"}
+    info |= {"probe": ("mean, weighted by out-of-fold accuracy above chance, of the out-of-fold probabilities of "
+                       + "; ".join(probes[m] for m in members) + "; on the same folds") if knn else probes["logreg"],
+             "members_accuracy": {m: round(a, 4) for m, a in members.items()},
+             "members_weight": {m: round(w / sum(weights.values()), 4) for m, w in weights.items()}, "pictures": used,
+             "method": f"cleanlab.filter.find_label_issues (confident learning, filter_by={filter_by}), "
                        "ranked by self-confidence", "cleanlab": _version("cleanlab"),
              "seconds": round(info["seconds"] + time.perf_counter() - t, 2)}
     return {"rows": labelled[ranked], "suggested": present[np.argmax(proba[ranked], axis=1)],
             "score": 1.0 - self_conf[ranked], "proba": proba, "labelled": labelled, "classes": present,
             "probe": info}
+
+
+def _accuracy(proba: np.ndarray, codes: np.ndarray) -> float:
+    """Out-of-fold accuracy against the given labels."""
+    return float(np.mean(np.argmax(proba, axis=1) == codes)) if len(codes) else 0.0
+
+
+def _weight(accuracy: float, codes: np.ndarray) -> float:
+    """An ensemble member's weight: its out-of-fold accuracy above chance (the accuracy of always naming the
+    most frequent given label), so that a member no better than chance has no say."""
+    chance = float(np.bincount(codes).max() / len(codes)) if len(codes) else 0.0
+    return max(accuracy - chance, 1e-6)
 
 
 def _version(package: str) -> str:
@@ -422,17 +506,22 @@ def pixel_fingerprints(source, ids: list[str]) -> tuple[np.ndarray, np.ndarray, 
 
 
 def pixel_pairs(T: np.ndarray, k: int = PIXEL_K, ratio: float = PIXEL_RATIO, floor: float = PIXEL_FLOOR,
-                same: float = PIXEL_SAME) -> dict[tuple[int, int], float]:
+                same: float = PIXEL_SAME, neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+                ) -> dict[tuple[int, int], float]:
     """``{(i, j): pixel similarity}`` (indices into ``T``, i < j) of the near-duplicate pairs by their
     thumbnails: among each row's ``k`` nearest thumbnails (exact search), a pair at similarity >= ``same``, or
     >= ``floor`` whose distance (1 - similarity) is under ``ratio`` times the distance of the ``k``-th nearest
     thumbnail of either member (what a look-alike is, here). A copy sits far closer to its original than the
-    dataset's look-alikes do, whatever the dataset's scale of similarity."""
+    dataset's look-alikes do, whatever the dataset's scale of similarity. ``neighbours``: :func:`picture_neighbours`
+    of ``T`` (at least ``k`` per row) when already computed."""
     n = len(T)
     if n < 2:
         return {}
     k = min(k, n - 1)
-    idx, sim = _knn_blocked(T, k, BLOCK_ROWS, normalised=True)
+    if neighbours is not None and neighbours[0].shape[1] >= k:
+        idx, sim = neighbours[0][:, :k], neighbours[1][:, :k]
+    else:
+        idx, sim = _knn_blocked(T, k, BLOCK_ROWS, normalised=True)
     dist = 1.0 - sim.astype(np.float64)
     ref = dist[:, k - 1]  # the k-th nearest: a look-alike's distance (the farthest of the k when n is small)
     pairs = {}
@@ -446,13 +535,15 @@ def pixel_pairs(T: np.ndarray, k: int = PIXEL_K, ratio: float = PIXEL_RATIO, flo
 
 def near_duplicates(X: np.ndarray, pictures: tuple[np.ndarray, np.ndarray, dict] | None = None,
                     ratio: float = NEAR_RATIO, why_not: str = "", neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+                    pixel_neighbours: tuple[np.ndarray, np.ndarray] | None = None,
                     ) -> tuple[dict[tuple[int, int], tuple], dict]:
     """Near-duplicate pairs ``{(i, j): (cosine, pixel similarity or None)}`` (i < j) and how they were found.
 
     With ``pictures`` (:func:`pixel_fingerprints`): pairs of thumbnails (:func:`pixel_pairs`), plus pairs of
     identical embeddings, plus the embedding rule for rows whose picture could not be read. Without: the
     embedding rule alone (:func:`near_duplicate_pairs`), and the note ``why_not`` says why. ``neighbours``:
-    ``nearest_neighbours(X, k)`` (k >= 2) when already computed; the first 8 are used."""
+    ``nearest_neighbours(X, k)`` (k >= 2) when already computed; the first 8 are used. ``pixel_neighbours``:
+    :func:`picture_neighbours` of the thumbnails when already computed."""
     n = len(X)
     if n < 3:
         return {}, {"method": "none (fewer than 3 samples)"}
@@ -467,7 +558,7 @@ def near_duplicates(X: np.ndarray, pictures: tuple[np.ndarray, np.ndarray, dict]
                        "found by the embeddings alone (mutual nearest neighbours, clearly nearer than the next), which "
                        "miss re-encoded or resized copies of small pictures", "rows_with_picture": 0}
     rows, T, missing = pictures
-    for (i, j), ps in pixel_pairs(T).items():
+    for (i, j), ps in pixel_pairs(T, neighbours=pixel_neighbours).items():
         a, b = int(rows[i]), int(rows[j])
         xa, xb = X[a].astype(np.float64), X[b].astype(np.float64)
         pairs[(a, b)] = (float(xa @ xb / max(np.linalg.norm(xa) * np.linalg.norm(xb), 1e-24)), ps)
@@ -546,9 +637,19 @@ def audit_features(features: Features, test_predictions: tuple[np.ndarray, np.nd
     t = time.perf_counter()  # one neighbour search serves the kNN probe and the duplicates
     neighbours = nearest_neighbours(features.X, k=min(KNN_SEARCHED, len(ids) - 1)) if len(ids) >= 3 else None
     timings["neighbours"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()  # the pictures, read once: a second view for the label audit, and the duplicates
+    pictures, pixel_nb, why_not = None, None, source_note or "no source given"
+    if source is not None and not source.has_pixels:
+        why_not = f"{source.modality} samples"
+    elif source is not None:
+        pictures = pixel_fingerprints(source, ids)
+        pixel_nb = picture_neighbours(pictures[1])
+        timings["pictures"] = round(time.perf_counter() - t, 2)
+        why_not = "no picture of the source could be read"
     if labelled.sum() >= 4 and len(np.unique(y[labelled])) >= 2:
         t = time.perf_counter()
-        found = find_label_issues(features.X, y, folds, seed, C, neighbours=neighbours)
+        found = find_label_issues(features.X, y, folds, seed, C, neighbours=neighbours, pictures=pictures,
+                                  pixel_neighbours=pixel_nb, why_not=why_not)
         timings["label_issues"] = round(time.perf_counter() - t, 2)
         out["label_issues"] = {
             "probe": found["probe"], "n_labelled": int(labelled.sum()), "n_flagged": len(found["rows"]),
@@ -557,23 +658,19 @@ def audit_features(features: Features, test_predictions: tuple[np.ndarray, np.nd
                      for r, s, sc in zip(found["rows"].tolist(), found["suggested"].tolist(), found["score"].tolist())],
         }
         C = found["probe"]["C"]
+        pics = found["probe"]["pictures"]
         say(f"  label issues: {len(found['rows'])} of {int(labelled.sum())} labelled samples flagged "
-            f"({timings['label_issues']:.1f} s)")
+            f"({timings['label_issues']:.1f} s)" + ("" if pics["used"] else f"; pictures not used: {pics['note']}"))
+        del found
     else:
         out["label_issues"] = {"n_labelled": int(labelled.sum()), "n_flagged": 0, "rows": [],
                                "skipped": "fewer than two labelled classes"}
         C = None
     t = time.perf_counter()
     exact = exact_duplicate_pairs(features.content)
-    pictures, why_not = None, source_note or "no source given"
-    if source is not None and not source.has_pixels:
-        why_not = f"{source.modality} samples"
-    elif source is not None:
-        pictures = pixel_fingerprints(source, ids)
-        timings["pictures"] = round(time.perf_counter() - t, 2)
-        why_not = "no picture of the source could be read"
-    near, how = near_duplicates(features.X, pictures, near_ratio, why_not, neighbours=neighbours)
-    del pictures
+    near, how = near_duplicates(features.X, pictures, near_ratio, why_not, neighbours=neighbours,
+                                pixel_neighbours=pixel_nb)
+    del pictures, pixel_nb
     timings["near_duplicates"] = round(time.perf_counter() - t, 2)
     exact_set = {(min(a, b), max(a, b)) for a, b in exact}
     groups = groups_of(len(ids), [(a, b) for a, b in exact] + list(near))

@@ -34,6 +34,52 @@ def test_label_issues_find_flipped_labels_of_real_digits():
     assert len(flipped & set(ranked)) / 30 >= 0.6  # recall among all flagged
     assert all(found["suggested"][k] != y[r] for k, r in enumerate(ranked))  # a suggestion is another class
     assert np.all(np.diff(found["score"]) <= 1e-12)  # the likeliest issue first
+    assert "filter_by=prune_by_class" in found["probe"]["method"]  # the rule recorded in audit.json
+    assert not found["probe"]["pictures"]["used"] and set(found["probe"]["members_accuracy"]) == {"logreg", "knn"}
+
+
+def test_pictures_are_a_second_view_for_the_label_audit_when_they_help(tmp_path):
+    """Embeddings blurred by noise, the real pictures beside them: the kNN probe on the pictures' thumbnails
+    joins the ensemble and lifts the precision among the top k; pictures that do not belong to their rows
+    (shuffled) are left out, with the reason; rows without a picture keep the embeddings' probes alone."""
+    from featurebank.data.sources import open_source
+
+    f = digits_features(600)
+    folder = tmp_path / "digits"
+    for k, sample_id in enumerate(f.ids):
+        (folder / sample_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((f.X[k].reshape(8, 8) * 255 / 16).astype(np.uint8)).resize((32, 32), Image.NEAREST).save(
+            folder / sample_id, compress_level=1)
+    rng = np.random.default_rng(0)
+    X = f.X + rng.normal(0, 8.0, f.X.shape).astype(np.float32)  # embeddings far worse than the pictures
+    y = f.y.copy()
+    flip = rng.choice(len(y), 30, replace=False)
+    y[flip] = (y[flip] + rng.integers(1, 10, 30)) % 10
+    flipped = set(flip.tolist())
+
+    def top_k(found):
+        return len(flipped & set(found["rows"].tolist()[:30])) / 30
+
+    alone = find_label_issues(X, y, why_not="no source given")
+    assert alone["probe"]["pictures"] == {"used": False, "note": "no source given"}
+    pictures = pixel_fingerprints(open_source(folder), f.ids)
+    both = find_label_issues(X, y, pictures=pictures)
+    used = both["probe"]["pictures"]
+    assert used["used"] and used["rows"] == 600 and used["accuracy"] > 0.85
+    assert used["ensemble_accuracy_with"] > used["ensemble_accuracy_without"]
+    assert "thumbnails" in both["probe"]["probe"] and set(both["probe"]["members_weight"]) == {"logreg", "knn", "pictures"}
+    assert top_k(both) >= 0.7 and top_k(both) > top_k(alone)
+
+    shuffled = (pictures[0], pictures[1][rng.permutation(len(pictures[1]))], {})
+    other = find_label_issues(X, y, pictures=shuffled)
+    assert not other["probe"]["pictures"]["used"] and other["probe"]["pictures"]["note"].startswith("left out")
+    assert other["rows"].tolist() == alone["rows"].tolist()
+
+    some = (pictures[0][50:], pictures[1][50:], {"unreadable": 50})  # the first 50 rows have no picture
+    part = find_label_issues(X, y, pictures=some)
+    assert part["probe"]["pictures"]["used"] and part["probe"]["pictures"]["rows"] == 550
+    assert part["probe"]["pictures"]["note"].startswith("50 labelled rows without a picture")
+    np.testing.assert_allclose(part["proba"][:50], alone["proba"][:50])  # their probabilities: the embeddings' alone
 
 
 def test_near_duplicates_are_small_groups_and_leaks_change_the_test_accuracy():
@@ -149,8 +195,12 @@ def test_audit_command_writes_its_files(tmp_path, capsys):
     fixture = Path(__file__).parent / "fixtures" / "prior-store"
     assert main(["audit", str(next((fixture / "store").glob("*.h5"))), "--out", str(tmp_path / "pics"),
                  "--source", str(fixture / "digits")]) == 0
-    nd = json.loads((tmp_path / "pics" / "audit.json").read_text())["near_duplicates"]
+    pics = json.loads((tmp_path / "pics" / "audit.json").read_text())
+    nd = pics["near_duplicates"]
     assert nd["method"] == "pictures" and nd["rows_with_picture"] == 18 and "note" not in nd
+    assert pics["label_issues"]["probe"]["pictures"]["rows"] == 18  # the same pictures, offered to the label audit
+    no_pictures = audit["label_issues"]["probe"]["pictures"]  # the first store: no source, and why
+    assert not no_pictures["used"] and "no source" in no_pictures["note"]
     from featurebank.classifiers.audit import store_source
     from featurebank.features.store import read_features
 
