@@ -204,8 +204,10 @@ def run_replicas(runtime, dec: Decoder, paths, batch: int, layout: Layout, rec) 
 
 
 class FileDataset(torch.utils.data.Dataset):
-    """Per item (position, kind, payload, reason, seconds, note): on a GPU layout a JPEG's bytes,
-    otherwise the finished tensor; a failure is returned, never raised."""
+    """Per item (position, kind, payload, reason, seconds, note): with ``gpu_decode`` a whole JPEG's bytes
+    ("jpeg", for the device to decode), otherwise what the decoder makes of the sample ("pixels": one
+    tensor, or one per backbone from the sweep's ``SharedDecoder``); a failure is returned, never raised.
+    ``dec`` is anything with ``read(loc)``, ``decode(data)`` and ``note``, as :class:`Decoder` has."""
 
     def __init__(self, paths, dec: Decoder, gpu_decode: bool):
         self.paths, self.dec, self.gpu_decode = paths, dec, gpu_decode
@@ -227,9 +229,18 @@ class FileDataset(torch.utils.data.Dataset):
             return i, None, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0, ""
 
 
+def _stacked(payloads: list):
+    """The decoded images of a batch as one tensor, or, where each holds one tensor per backbone (the
+    sweep), as one tensor per backbone."""
+    if isinstance(payloads[0], (list, tuple)):
+        return [torch.stack([p[k] for p in payloads]) for k in range(len(payloads[0]))]
+    return torch.stack(payloads)
+
+
 def collate(items):
     """One batch: the JPEGs' bytes as one flat tensor with their sizes (one shared-memory block per
-    batch, not one per file), the CPU-decoded images stacked, and the failures."""
+    batch, not one per file), the CPU-decoded images stacked (one tensor per backbone for the sweep), and
+    the failures."""
     pixels = [(i, p) for i, k, p, _, _, _ in items if k == "pixels"]
     jpegs = [p for _, k, p, _, _, _ in items if k == "jpeg"]
     return {
@@ -237,7 +248,7 @@ def collate(items):
         "jpeg_bytes": torch.cat(jpegs) if jpegs else None,
         "jpeg_sizes": [len(p) for p in jpegs],
         "pixel_idx": [i for i, _ in pixels],
-        "pixels": torch.stack([p for _, p in pixels]) if pixels else None,
+        "pixels": _stacked([p for _, p in pixels]) if pixels else None,
         "bad": [(i, r) for i, _, _, r, _, _ in items if r is not None],
         "notes": [(i, n) for i, _, _, _, _, n in items if n],
         "decode_s": sum(t for *_, t, _ in items),

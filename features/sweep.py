@@ -44,7 +44,7 @@ from torch import nn
 
 from featurebank.data.sources import Source, open_source
 from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_backbone
-from featurebank.features.decode import Decoder, decode_jpegs_on_device, device_decodable
+from featurebank.features.decode import Decoder, decode_jpegs_on_device
 from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.engine import (
     ExtractResult, Listing, ModalityError, extract, forward_precision, labels_changed, store_config,
@@ -56,7 +56,7 @@ from featurebank.features.image_prepare import (
 from featurebank.features.images import ImageError, is_damage
 from featurebank.features.options import ExtractOptions
 from featurebank.features.registry import build_backbone, modality_of
-from featurebank.features.executors import mp_context, row_notes, worker_started
+from featurebank.features.executors import FileDataset, collate, mp_context, row_notes, worker_started
 from featurebank.features.device import pick_device, usable_cores
 from featurebank.features.runtimes import check_precision, create_runtime
 from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, atomic_write, store_path
@@ -225,46 +225,6 @@ class SharedDecoder:
                 out.append(None)
                 failures.append((k, str(exc)))
         return out, failures, notes
-
-
-class _Samples(torch.utils.data.Dataset):
-    """Per item (position, kind, payload, reason, seconds, note): kind "pixels" with the tensors per
-    backbone, or (``on_device``) "jpeg" with the bytes of a JPEG the device decodes; a failure is
-    returned with its reason, never raised."""
-
-    def __init__(self, files, dec: SharedDecoder, on_device: bool = False):
-        self.files, self.dec, self.on_device = files, dec, on_device
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        t0 = time.perf_counter()
-        try:
-            self.dec.note = ""
-            data = self.dec.read(self.files[i])
-            if self.on_device and device_decodable(data):
-                return i, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), None, time.perf_counter() - t0, ""
-            return i, "pixels", self.dec.decode(data), None, time.perf_counter() - t0, self.dec.note
-        except ImageError as exc:
-            return i, None, None, str(exc), time.perf_counter() - t0, ""
-        except Exception as exc:  # a decoder bug must cost one file, not the sweep
-            return i, None, None, f"cannot decode: {type(exc).__name__}: {exc}", time.perf_counter() - t0, ""
-
-
-def _collate(items):
-    good = [(i, p) for i, k, p, _, _, _ in items if k == "pixels"]
-    jpegs = [(i, p) for i, k, p, _, _, _ in items if k == "jpeg"]
-    return {
-        "idx": [i for i, _ in good],
-        "per_backbone": [torch.stack([t[k] for _, t in good]) for k in range(len(good[0][1]))] if good else [],
-        "jpeg_idx": [i for i, _ in jpegs],
-        "jpeg_bytes": torch.cat([p for _, p in jpegs]) if jpegs else None,
-        "jpeg_sizes": [len(p) for _, p in jpegs],
-        "bad": [(i, r) for i, _, _, r, _, _ in items if r is not None],
-        "notes": [(i, n) for i, _, _, _, _, n in items if n],
-        "decode_s": sum(t for *_, t, _ in items),
-    }
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -559,7 +519,7 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
     batch = decoded_batch(len(todo), n_workers) if any(r.pipelined for r in runtimes) \
         else max(1, batch_size or SWEEP_BATCH)
     loader = torch.utils.data.DataLoader(
-        _Samples(files, shared, on_device), batch_size=batch, num_workers=n_workers, collate_fn=_collate,
+        FileDataset(files, shared, on_device), batch_size=batch, num_workers=n_workers, collate_fn=collate,
         pin_memory=dev.type == "cuda", prefetch_factor=PREFETCH if n_workers else None, persistent_workers=False,
         worker_init_fn=worker_started if n_workers else None,
         multiprocessing_context=mp_context() if n_workers else None)
@@ -838,14 +798,14 @@ def _run_lanes(run: _Run, loader, bar) -> None:
     try:
         for b in run.batches(loader):
             run.failures(b["bad"])
-            idx = b["idx"]
+            idx = b["pixel_idx"]
             if idx:
                 pos = run.todo[np.asarray(idx, np.int64)]
                 for a in range(len(run.active)):
                     mine = run.mine(a, idx)
                     if not mine.any():
                         continue
-                    x = b["per_backbone"][a]
+                    x = b["pixels"][a]
                     sel = np.flatnonzero(mine)
                     if len(sel) < len(idx):
                         x = x[torch.from_numpy(sel)]
@@ -870,9 +830,9 @@ def _run_on_device(run: _Run, loader, shared: SharedDecoder, files, dev, batch: 
     try:
         for b in run.batches(loader):
             bad, notes = list(b["bad"]), list(b["notes"])
-            order, parts = list(b["idx"]), [[x.to(dev, non_blocking=True)] if len(x) else [] for x in b["per_backbone"]]
-            if not parts:
-                parts = [[] for _ in run.runtimes]
+            order = list(b["pixel_idx"])
+            parts = ([[x.to(dev, non_blocking=True)] for x in b["pixels"]] if b["pixels"] is not None
+                     else [[] for _ in run.runtimes])
             if b["jpeg_sizes"]:
                 t0 = time.perf_counter()
                 jpegs = list(torch.split(b["jpeg_bytes"], b["jpeg_sizes"]))
