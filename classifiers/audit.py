@@ -177,13 +177,15 @@ def search_c(X: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None, seed:
 
 
 def knn_out_of_fold(neighbours: tuple[np.ndarray, np.ndarray], rows: np.ndarray, codes: np.ndarray,
-                    fold_of: np.ndarray, k: int = KNN_K, temperature: float = KNN_T) -> np.ndarray:
+                    fold_of: np.ndarray, k: int = KNN_K, temperature: float = KNN_T,
+                    n_classes: int | None = None) -> np.ndarray:
     """Out-of-fold probabilities of the weighted kNN probe (the DINO protocol: cosine similarity, votes
     weighted by exp(similarity / temperature)) from one neighbour search of all rows: each labelled row
     (``rows``, labels ``codes``, fold ``fold_of``) votes with its ``k`` nearest labelled neighbours outside
-    its own fold, which is what a kNN probe fitted on the other folds would see (up to the searched depth)."""
+    its own fold, which is what a kNN probe fitted on the other folds would see (up to the searched depth).
+    ``n_classes``: the columns (default: the largest code + 1; give it when ``rows`` may miss a class)."""
     idx, sim = neighbours
-    n_classes = int(codes.max()) + 1
+    n_classes = int(codes.max()) + 1 if n_classes is None else n_classes
     pos = np.full(len(idx), -1, np.int64)
     pos[rows] = np.arange(len(rows))
     nb = pos[idx[rows]]  # the labelled position of each neighbour, -1 for an unlabelled one
@@ -237,7 +239,8 @@ def _picture_member(pictures, pixel_nb, labelled, codes, fold_of, n) -> tuple[np
     idx = np.zeros((n, pixel_nb[0].shape[1]), np.int64)  # neighbours as rows of X; only picture rows are read
     sim = np.zeros((n, pixel_nb[0].shape[1]), np.float32)
     idx[rows], sim[rows] = rows[pixel_nb[0]], pixel_nb[1]
-    return sel, knn_out_of_fold((idx, sim), labelled[sel], codes[sel], fold_of[sel])
+    n_classes = int(codes.max()) + 1  # the rows with a picture may miss a class: the columns stay the ensemble's
+    return sel, knn_out_of_fold((idx, sim), labelled[sel], codes[sel], fold_of[sel], n_classes=n_classes)
 
 
 def find_label_issues(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = SEED, C: float | None = None,
