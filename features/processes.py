@@ -46,11 +46,21 @@ def pdeathsig_preexec(sig: int = signal.SIGTERM):
     return lambda: _prctl_pdeathsig(sig) and None
 
 
+def _gone(parent: int) -> None:
+    """End this worker at once (no cleanup: the parent that would read its results is gone), saying so in
+    one line, so that a parent that is in fact alive sees why its worker ended."""
+    try:
+        os.write(2, f"featurebank: worker {os.getpid()} ends: its parent {parent} is gone (parent now {os.getppid()})\n"
+                 .encode())
+    finally:
+        os._exit(1)
+
+
 def _watch(parent: int, poll: float) -> None:
     while True:
         time.sleep(poll)
         if os.getppid() != parent:
-            os._exit(1)  # no cleanup: the parent that would read our results is gone
+            _gone(parent)
 
 
 def die_with_parent(_worker_id: int | None = None, *, parent: int | None = None, poll: float = POLL_SECONDS) -> None:
@@ -71,7 +81,7 @@ def die_with_parent(_worker_id: int | None = None, *, parent: int | None = None,
         threading.Thread(target=_watch, args=(parent, poll), name="featurebank-parent-watch", daemon=True).start()
     _armed = (os.getpid(), parent)
     if os.getppid() != parent:  # the parent died before the kernel was told to watch it
-        os._exit(1)
+        _gone(parent)
 
 
 _armed: tuple[int, int] | None = None
