@@ -250,8 +250,6 @@ def describe_source(source: Source) -> dict[str, str]:
     return {"source": root, "source_format": str(source.format), "modality": source.modality}
 
 
-
-
 def _check_labels_kept(path: Path, source: Source, labels) -> bool:
     """Refuse (SourceError, one line naming the option) a rerun that would drop or replace the labels a
     store holds only because ``--label-column`` was left out this time; True when the store records

@@ -311,6 +311,7 @@ class _Plan:
     reused: int = 0
     stale: bool = False
     agreed: frozenset = frozenset()  # what computed its rows ("openvino f32", ...): they passed the agreement check
+    held: tuple = (0, 0, {})  # (rows, failures, rows by note) the store held when opened: its counts if nothing merges
 
 
 def parse_list(value: str | list[str] | None) -> list[str]:
@@ -438,6 +439,7 @@ def _open_plan(stack: ExitStack, p: _Plan, listing: Listing, o: ExtractOptions, 
     p.need = need
     p.stale = listing.stale(index)
     p.agreed = frozenset(index.runtimes)
+    p.held = (len(index.content), len(index.failures), index.notes)
 
 
 def _finish_plan(p: _Plan, listing: Listing, rate: float | None, precision: str, t0: float) -> StoreResult:
@@ -452,9 +454,8 @@ def _finish_plan(p: _Plan, listing: Listing, rate: float | None, precision: str,
         counts = w.finish(listing.ids, listing.labels, listing.splits, listing.content, class_names=listing.classes)
         r.removed, r.rows, r.failed_total = counts["removed"], counts["rows"], counts["failures"]
         r.notes = counts.get("notes", {})
-    else:
-        index = w.index()
-        r.rows, r.failed_total, r.notes = len(index.content), len(index.failures), index.notes
+    else:  # nothing written or merged: the store holds what its index said when it was opened
+        r.rows, r.failed_total, r.notes = p.held
     if rate is not None:
         _record_rate(p.path, rate, int(r.embedded), "sweep")
     else:

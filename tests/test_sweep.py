@@ -62,7 +62,8 @@ def test_sweep_stores_are_the_single_extractions_stores(swept, tmp_path):
 def test_complete_stores_are_reused_and_a_new_backbone_runs_alone(swept):
     folder, store, _ = swept
     again = sweep(folder, ["efficientnet_lite0"], ["final", "blocks.3"], store, **QUIET)
-    assert again.embedded_samples == 0 and all(s.result.embedded == 0 and s.result.reused == 36 for s in again.stores)
+    assert again.embedded_samples == 0 and all(s.result.embedded == 0 and s.result.reused == 36 and s.result.rows == 36
+               for s in again.stores)
     more = sweep(folder, ["efficientnet_lite0", "efficientnet_lite1"], ["final"], store, runtime="torch", **QUIET)
     by = {s.backbone: s for s in more.stores}
     assert by["efficientnet_lite0"].result.embedded == 0 and by["efficientnet_lite1"].result.embedded == 36
