@@ -83,6 +83,28 @@ def test_logme_of_a_real_store_equals_the_direct_implementation(swept):
     assert abs(logme(train.X, y) - direct_logme(train.X, y)) <= 1e-3
 
 
+@pytest.mark.parametrize("cache", ["usable", "a file"])
+def test_decoding_workers_start_before_the_runtimes_and_again_when_the_runtime_takes_other_input(
+        swept, tmp_path, monkeypatch, cache):
+    """Two decoding workers start before the runtimes are built, decoding for the runtime expected
+    (OpenVINO: uint8 pixels). When OpenVINO cannot serve (its model cache is a file), torch takes
+    normalised tensors instead, and the workers start again: the same rows either way."""
+    folder, _, first = swept
+    said: list[str] = []
+    if cache == "a file":
+        (tmp_path / "cache-file").write_text("a file, not a folder")
+        monkeypatch.setenv("FEATUREBANK_CACHE_DIR", str(tmp_path / "cache-file"))
+    again = sweep(folder, ["efficientnet_lite0"], ["blocks.3", "final"], tmp_path / "store", workers=2,
+                  progress=False, say=said.append)
+    ran = [line for line in said if "in one forward pass" in line]
+    assert len(ran) == 1 and ("(openvino f32" if cache == "usable" else "(torch") in ran[0], said
+    for a, b in zip(again.stores, first.stores):
+        assert a.path.name == b.path.name and a.result.embedded == a.result.rows == 36
+        fa, fb = read_features(a.path), read_features(b.path)
+        assert fa.ids == fb.ids
+        assert cosines(fa.X, fb.X).min() >= 0.9999
+
+
 SWEEP = (
     "import sys\n"
     "from featurebank.features.sweep import sweep\n"

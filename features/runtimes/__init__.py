@@ -57,6 +57,18 @@ def candidates(runtime: str, device: torch.device) -> list[type[Runtime]]:
     return [cls for cls in TABLE if cls.devices is None or device.type in cls.devices]
 
 
+def expected(runtime: str, backbone, device: torch.device, precision: str) -> type[Runtime]:
+    """The runtime :func:`create_runtime` tries first for ``backbone``: the named one, or for ``auto`` the
+    first of :data:`TABLE` that does not refuse it. Its class says what its input will be (``takes_pixels``,
+    ``pipelined``) before it is built, so decoding can start while it builds (features.sweep); building
+    may still refuse it, or auto's agreement check pass it over, and then the caller starts again."""
+    chain = candidates(runtime, device)
+    for cls in chain:
+        if runtime != "auto" or cls.refuses(backbone, device, precision) is None:
+            return cls
+    return REFERENCE
+
+
 def computed_precision(runtime: str, device: torch.device, precision: str, amp: str) -> str:
     """The precision the rows will be computed in on ``device`` (on CUDA torch's autocast dtype), as the
     store's fingerprint records it, from the runtime that would serve."""

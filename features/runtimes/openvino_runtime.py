@@ -316,6 +316,7 @@ class OpenVINORuntime(Runtime):
     name = "openvino"
     devices = ("cpu",)
     pipelined = True
+    takes_pixels = True  # images; a text encoder's instance takes token ids
 
     def __init__(self, backbone, precision: str = "f32", batch: int | None = None, *, device=None, calibration=None,
                  int8_key: str = "", calibration_samples: int = CALIBRATION_SAMPLES,
