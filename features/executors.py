@@ -31,7 +31,7 @@ import torch
 
 from featurebank.features.decode import Decoder, decode_on_device, read_for_gpu
 from featurebank.features.images import ImageError
-from featurebank.features.processes import die_with_parent
+from featurebank.features.processes import die_with_parent, forget_parent_exit_hooks
 from featurebank.features.device import Layout
 
 CPU_BATCH = 32
@@ -39,8 +39,10 @@ CPU_BATCH = 32
 
 def worker_started(_worker_id=None) -> None:
     """Called first in every worker process this package starts (replicas, decoding workers; it is
-    also a DataLoader ``worker_init_fn``): a killed parent (SIGKILL included) takes it with it."""
+    also a DataLoader ``worker_init_fn``): a killed parent (SIGKILL included) takes it with it, and the
+    exit hooks of its parent's threads are dropped (features.processes.forget_parent_exit_hooks)."""
     die_with_parent()
+    forget_parent_exit_hooks()
     steady_allocator()
 
 

@@ -11,6 +11,12 @@ lives as long as they do (the engine starts them from the thread that waits for 
 
 ``die_with_parent`` is also a ready ``worker_init_fn`` for ``torch.utils.data.DataLoader`` (it
 accepts and ignores the worker id).
+
+A forked worker also drops the exit hooks its parent's threads left (:func:`forget_parent_exit_hooks`):
+they belong to threads the worker does not have. Prefect's services (its log and event workers, started
+by any flow run in the process) leave one whose call fails in a forked child, and the worker then
+ended with exit code 1 after finishing its work: a DataLoader stopped the extraction with "worker
+exited unexpectedly".
 """
 
 from __future__ import annotations
@@ -44,6 +50,16 @@ def pdeathsig_preexec(sig: int = signal.SIGTERM):
     if not sys.platform.startswith("linux"):
         return None
     return lambda: _prctl_pdeathsig(sig) and None
+
+
+def forget_parent_exit_hooks() -> None:
+    """Drop the hooks ``threading`` runs when this process ends that a forked worker inherited from its
+    parent (``threading._register_atexit``: Prefect 3's QueueService registers one per service; after a
+    fork, Prefect resets the service but not the hook, whose drain then asserts, so the child ended
+    with exit code 1 however its work went). A worker started by spawn has none to drop."""
+    hooks = getattr(threading, "_threading_atexits", None)  # CPython's list behind _register_atexit
+    if isinstance(hooks, list):
+        hooks.clear()
 
 
 def _gone(parent: int) -> None:

@@ -61,3 +61,34 @@ def test_workers_die_when_their_parent_is_killed(tmp_path, kind):
             proc.wait()
         for pid in alive(children):
             os.kill(pid, signal.SIGKILL)  # the workers this test started, should the check have failed
+
+
+def _work_and_end(started: bool) -> None:
+    if started:
+        from featurebank.features.executors import worker_started
+
+        worker_started()
+
+
+def test_a_worker_forked_after_a_flow_ran_in_its_parent_ends_with_exit_code_0(prefect_api):
+    """A flow run in this process starts Prefect's log and event services, which leave a threading exit
+    hook that fails in a forked child: a child that does nothing about it ends with exit code 1 when
+    its work is done (a DataLoader then stopped the sweep with "worker exited unexpectedly"); a worker
+    of ours drops the hook (worker_started) and ends with 0."""
+    import multiprocessing as mp
+
+    from prefect import flow, get_run_logger
+
+    @flow
+    def hello():
+        get_run_logger().info("a flow in this process")
+
+    hello()
+    codes = {}
+    for started in (False, True):
+        p = mp.get_context("fork").Process(target=_work_and_end, args=(started,))
+        p.start()
+        p.join(60)
+        codes[started] = p.exitcode
+    assert codes[False] == 1, f"the exit hook no longer fails in a forked child (Prefect upgraded?): {codes}"
+    assert codes[True] == 0, codes
