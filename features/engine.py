@@ -11,6 +11,7 @@ stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from featurebank.data.columns import Codes
-from featurebank.data.sources import Source, SourceError, escape_id, open_source, split_of
+from featurebank.data.sources import Source, SourceError, escape_id, open_source
 from featurebank.features.backbones import DEFAULT_BACKBONE, Backbone
 from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.execution import Execution
@@ -34,7 +35,7 @@ from featurebank.features.device import AMP_OF_PRECISION, pick_device
 from featurebank.features.runtimes import computed_precision
 from featurebank.features.runtimes import fingerprint as runtime_fingerprint
 from featurebank.features.store import (
-    DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, open_store, store_path,
+    DEFAULT_STORE_DIR, DTYPES, Match, StoreConfig, StoreError, StoreWriter, open_store, store_path,
 )
 
 
@@ -126,28 +127,16 @@ def extract(source: Source | str | os.PathLike, backbone: Backbone | str = DEFAU
         raise StoreError(f"cannot create the store folder {path.parent} ({exc.strerror or exc})") from None
     listing = Listing.columns(source)  # no Python object per sample, however large the source (features.plan)
     say_listing_notes(source, o.say)
-    label_column_changed = _check_labels_kept(path, source, listing.labels)
+    relabel = check_labels_kept(path, source, listing.labels)
     with StoreWriter(path, config, o.dataset or source.name, lock_timeout=o.lock_timeout,
                      rows_per_part=o.rows_per_part, seconds_per_part=o.seconds_per_part, say=o.say) as writer:
-        writer.described = describe_source(source)
-        plan = plan_reuse(writer, source, listing.ids, o.content_hash, o.retry_failures, o.allow_damaged)
-        todo, listing.content = plan.todo, plan.content
-        result = ExtractResult(path=path, reused=plan.reused)
-        if source.incomplete:  # rows are removed only by a listing that read every file of the source
-            listing.ids, listing.labels, listing.splits, result.kept = keep_unlisted(
-                path, plan.match, listing.ids, listing.labels, listing.splits)
-        stale, held = plan.match.stale, (plan.rows, plan.failures, plan.notes)
-        runtimes = plan.match.held["runtimes"]
-        changed = bool(len(todo)) or stale or label_column_changed
-        # nothing to embed: the labels are checked through the match's mapping (listed position -> store row)
-        match = None if changed else plan.match
-        del plan  # the fingerprints to embed (and, when anything changed, the match) are not needed by the merge
-        if len(todo):
-            job = Job(source, backbone, writer, todo, listing, dev, o, result, runtimes)
+        run = plan_store(writer, source, listing, o, relabel)
+        result = run.result
+        if len(run.todo):
+            job = Job(source, backbone, writer, run.todo, run.listing, dev, o, result, run.runtimes)
             _embed(job)
             del job
-        listing.content = None
-        _commit(writer, listing, source, path, result, held, changed, match)
+        commit_store(run, source)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -184,29 +173,17 @@ def store_config(backbone, o: ExtractOptions) -> StoreConfig:
 class Listing:
     """The source's listing as the store records it: escaped ids, content fingerprints, labels, splits."""
 
-    ids: Sequence[str]  # a list, or data.columns.Strings
-    content: Sequence[str] | None  # a list, or the fingerprints of the samples to embed by position (features.plan)
+    ids: Sequence[str]  # data.columns.Strings (a list where a caller builds one)
+    content: Sequence[str] | None  # the fingerprints of the samples to embed, by position (features.plan.Positions)
     labels: Sequence[str | None]  # a list, or data.columns.Codes
     splits: Sequence[str]
     classes: list[str]
-
-    @classmethod
-    def of(cls, source: Source, content_hash: bool) -> Listing:
-        """As lists, content fingerprints included (features.sweep)."""
-        return cls([escape_id(s.id) for s in source.samples], sample_fingerprints(source, content_hash),
-                   [None if s.label is None else escape_id(s.label) for s in source.samples],
-                   [s.split or split_of(s.id) for s in source.samples], [escape_id(c) for c in source.classes])
 
     @classmethod
     def columns(cls, source: Source) -> Listing:
         """As columns (features.plan.listing_columns); ``content`` is set by the plan, for the samples to embed."""
         ids, labels, splits = listing_columns(source)
         return cls(ids, None, labels, splits, [escape_id(c) for c in source.classes])
-
-    def stale(self, index) -> bool:
-        """Whether the store (or its parts) holds ids this listing no longer lists."""
-        listed = set(self.ids)
-        return any(i not in listed for i in index.content) or any(i not in listed for i in index.failures)
 
 
 def say_listing_notes(source: Source, say: Callable[[str], None]) -> None:
@@ -219,18 +196,55 @@ def say_listing_notes(source: Source, say: Callable[[str], None]) -> None:
             "samples this listing cannot see are kept, not removed (a rerun that reads them decides)")
 
 
-def _commit(writer: StoreWriter, listing: Listing, source: Source, path: Path, result: ExtractResult, held: tuple,
-            changed: bool, match=None) -> None:
-    """Merge what this run wrote into the store (when anything changed) and count it in ``result``: the
-    writer counts what this run added (ids escaped, so printable whatever the file name); ``held``: (rows,
-    failures, rows by note) the store holds, from the plan, when nothing is merged. ``match``: the plan's
-    (features.store.Match), through which the store's labels and splits are compared with the listing's
-    without reading its ids again; None: compared by id (features.plan.labels_changed)."""
+@dataclass
+class StoreRun:
+    """One store's side of an extraction, from its plan to its commit: extract's, and each of a sweep's
+    stores (features.sweep) the same way, so that a sweep's store is the file extract would make and
+    keeps what extract keeps (the rows of samples an incomplete listing cannot see, the labels an option
+    left out, damaged rows not reused)."""
+
+    writer: StoreWriter
+    listing: Listing  # as the store will list it: with the ids it keeps that an incomplete listing cannot see
+    todo: np.ndarray  # listing positions to embed, increasing (their fingerprints: listing.content)
+    result: ExtractResult
+    changed: bool  # something to embed, ids gone, or another label column: the store is merged
+    held: tuple  # (rows, failures, rows by note) the store holds, from the plan: its counts when nothing merges
+    runtimes: frozenset  # what computed the store's rows ("openvino f32", ...): they passed the agreement check
+    match: Match | None  # the plan's, kept only when nothing changed: the labels are compared through it
+
+
+def plan_store(writer: StoreWriter, source: Source, listing: Listing, o: ExtractOptions, relabel: bool,
+               fingerprints=None) -> StoreRun:
+    """Plan one store's extraction (features.plan.plan_reuse) through its open ``writer``. ``relabel``:
+    :func:`check_labels_kept`'s answer, asked before the writer opened; ``fingerprints``: every listed
+    sample's content fingerprint, when the caller has them already (a sweep plans several stores over
+    one listing)."""
+    writer.described = describe_source(source)
+    plan = plan_reuse(writer, source, listing.ids, o.content_hash, o.retry_failures, o.allow_damaged, fingerprints)
+    result = ExtractResult(path=writer.path, reused=plan.reused)
+    listing = dataclasses.replace(listing, content=plan.content)
+    if source.incomplete:  # rows are removed only by a listing that read every file of the source
+        listing.ids, listing.labels, listing.splits, result.kept = keep_unlisted(
+            writer.path, plan.match, listing.ids, listing.labels, listing.splits)
+    changed = bool(len(plan.todo)) or plan.match.stale or relabel
+    # nothing to embed: the labels are checked through the match's mapping (listed position -> store row);
+    # otherwise the match is let go (the merge matches again)
+    return StoreRun(writer, listing, plan.todo, result, changed, (plan.rows, plan.failures, plan.notes),
+                    frozenset(plan.match.held["runtimes"]), None if changed else plan.match)
+
+
+def commit_store(run: StoreRun, source: Source) -> ExtractResult:
+    """Merge what this run wrote into the store (when anything changed) and count it in the run's result:
+    the writer counts what this run added (ids escaped, so printable whatever the file name). Without a
+    match the store's labels and splits are compared by id (features.plan.labels_changed)."""
+    writer, listing, result, path = run.writer, run.listing, run.result, run.writer.path
+    listing.content = None  # the fingerprints to embed are not needed by the merge
     result.embedded = writer.added_rows
     result.failures = list(writer.added_failures)
     result.failed = len(result.failures)
-    if (changed or writer.needs_merge() or not path.exists()
-            or (writer.labels_differ(match, listing.labels, listing.splits, listing.classes) if match is not None
+    if (run.changed or writer.needs_merge() or not path.exists()
+            or (writer.labels_differ(run.match, listing.labels, listing.splits, listing.classes)
+                if run.match is not None
                 else labels_changed(path, listing.ids, listing.labels, listing.splits, listing.classes))):
         counts = writer.finish(listing.ids, listing.labels, listing.splits, None,
                                class_names=listing.classes, attrs={"label_column": source.label_column})
@@ -239,7 +253,8 @@ def _commit(writer: StoreWriter, listing: Listing, source: Source, path: Path, r
         result.failed_total = counts["failures"]
         result.notes = counts.get("notes", {})
     else:
-        result.rows, result.failed_total, result.notes = held
+        result.rows, result.failed_total, result.notes = run.held
+    return result
 
 
 def describe_source(source: Source) -> dict[str, str]:
@@ -250,7 +265,7 @@ def describe_source(source: Source) -> dict[str, str]:
     return {"source": root, "source_format": str(source.format), "modality": source.modality}
 
 
-def _check_labels_kept(path: Path, source: Source, labels) -> bool:
+def check_labels_kept(path: Path, source: Source, labels) -> bool:
     """Refuse (SourceError, one line naming the option) a rerun that would drop or replace the labels a
     store holds only because ``--label-column`` was left out this time; True when the store records
     another label column than this listing's (the store is then rewritten to record it)."""

@@ -87,11 +87,12 @@ class Plan:
 
 
 def plan_reuse(writer: StoreWriter, source: Source, ids: Strings, content_hash: bool, retry_failures: bool,
-               allow_damaged: bool) -> Plan:
+               allow_damaged: bool, fingerprints=None) -> Plan:
     """What to embed: a listed sample is reused when its latest stored row has its content fingerprint (and,
     unless ``allow_damaged``, was not embedded from a damaged image); skipped when its latest entry is a
     failure of the same content (unless ``retry_failures``, or ``allow_damaged`` and the failure was damage).
-    Rows are checked for damage on the way (see StoreWriter.match)."""
+    Rows are checked for damage on the way (see StoreWriter.match). ``fingerprints``: every listed
+    sample's, when the caller has them (else read from the source a block at a time)."""
     match = writer.match(ids, check=True)
     names = ("content", "notes") if match.held["notes"] else ("content",)
     locs, n = source.samples.locs, len(ids)
@@ -99,7 +100,8 @@ def plan_reuse(writer: StoreWriter, source: Source, ids: Strings, content_hash: 
     try:
         for a in range(0, n, BLOCK):
             at = np.arange(a, min(n, a + BLOCK))
-            fps = np.array(source.reader.fingerprints(list(locs[a:a + BLOCK]), content_hash), dtype=object)
+            fps = np.array(source.reader.fingerprints(list(locs[a:a + BLOCK]), content_hash) if fingerprints is None
+                           else fingerprints[a:a + BLOCK], dtype=object)
             stored = writer.stored_rows(match, at, names)
             same = (match.src[at] >= 0) & (stored["content"] == fps)
             if "notes" in stored:

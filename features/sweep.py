@@ -47,13 +47,13 @@ from featurebank.features.backbones import FINAL_LAYERS, BackboneError, create_b
 from featurebank.features.decode import Decoder, decode_jpegs_on_device
 from featurebank.features.choices import CALIBRATION_SAMPLES
 from featurebank.features.engine import (
-    ExtractResult, Listing, ModalityError, extract, forward_precision, labels_changed, store_config,
-    WriterThread,
+    ExtractResult, Listing, ModalityError, StoreRun, WriterThread, check_labels_kept, commit_store, extract,
+    forward_precision, plan_store, sample_fingerprints, say_listing_notes, store_config,
 )
 from featurebank.features.image_prepare import (
     SampleFiles, calibration_images, calibration_set, sample_decoder,
 )
-from featurebank.features.images import ImageError, is_damage
+from featurebank.features.images import ImageError
 from featurebank.features.options import ExtractOptions
 from featurebank.features.registry import build_backbone, modality_of
 from featurebank.features.executors import FileDataset, collate, mp_context, row_notes, worker_started
@@ -299,19 +299,20 @@ def _record_rate(path: Path, per_second: float, images: int, runtime: str) -> No
 
 @dataclass
 class _Plan:
-    """One store to fill: its writer and which samples (positions in the source) it still needs."""
+    """One store to fill: its side of the extraction (features.engine.StoreRun: its writer, what to embed,
+    what its commit needs) and which samples (positions in the source) it still needs."""
 
     backbone: str
     layer: str
     store_backbone: object
     config: StoreConfig
     path: Path
-    writer: StoreWriter | None = None
+    run: StoreRun | None = None
     need: np.ndarray | None = None  # bool per sample of the source
-    reused: int = 0
-    stale: bool = False
-    agreed: frozenset = frozenset()  # what computed its rows ("openvino f32", ...): they passed the agreement check
-    held: tuple = (0, 0, {})  # (rows, failures, rows by note) the store held when opened: its counts if nothing merges
+
+    @property
+    def writer(self) -> StoreWriter:
+        return self.run.writer
 
 
 def parse_list(value: str | list[str] | None) -> list[str]:
@@ -392,7 +393,9 @@ def _sweep_images(source: Source, backbones: list[str], layers: list[str], store
     dev = pick_device(o.device)  # once for the whole sweep
     precision, amp = forward_precision(cands[0].taps, dev, o)
     o = o.but(precision=precision, amp=amp, calibration_samples=o.calibration_samples or CALIBRATION_SAMPLES)
-    listing = Listing.of(source, o.content_hash)
+    listing = Listing.columns(source)
+    say_listing_notes(source, o.say)
+    fingerprints = sample_fingerprints(source, o.content_hash)  # once for every store
     plans = [[_Plan(c.taps.name, layer, sb, config, store_path(store_dir, out.dataset, config))
               for layer, sb in zip(c.layers, c.per_layer) for config in [store_config(sb, o)]] for c in cands]
     try:
@@ -402,7 +405,7 @@ def _sweep_images(source: Source, backbones: list[str], layers: list[str], store
     with ExitStack() as stack:
         for row in plans:
             for p in row:
-                _open_plan(stack, p, listing, o, out.dataset)
+                _open_plan(stack, p, source, listing, fingerprints, o, out.dataset)
         # which backbones run at all, and on which samples (the union of their layers' needs)
         active = [(c, row, np.logical_or.reduce([p.need for p in row])) for c, row in zip(cands, plans)]
         active = [(c, row, need) for c, row, need in active if need.any()]
@@ -411,51 +414,33 @@ def _sweep_images(source: Source, backbones: list[str], layers: list[str], store
                 o.say(f"  {c.taps.name}: every store complete, reused without a forward pass")
         rates: dict[int, float] = {}
         if active:
-            rates = _embed_images(source, active, listing.ids, listing.content, dev, o.batch_size, o.workers,
+            rates = _embed_images(source, active, list(listing.ids), fingerprints, dev, o.batch_size, o.workers,
                                   o.progress, out, o.say, decoder=o.decoder, runtime=o.runtime, precision=o.precision,
                                   amp=o.amp, calibration_samples=o.calibration_samples, dataset=out.dataset,
                                   allow_damaged=o.allow_damaged,
                                   gpu_decode=dev.type == "cuda" or bool(o.layout is not None and o.layout.gpu_decode))
         for c, row in zip(cands, plans):
             for p in row:
-                out.stores.append(_finish_plan(p, listing, rates.get(id(c)), o.precision, t0))
+                out.stores.append(_finish_plan(p, source, rates.get(id(c)), o.precision, t0))
     out.seconds = time.perf_counter() - t0
     return out
 
 
-def _open_plan(stack: ExitStack, p: _Plan, listing: Listing, o: ExtractOptions, dataset: str) -> None:
-    """Open the store's writer and find which samples it still needs (as extract's reuse plan does)."""
-    p.writer = stack.enter_context(StoreWriter(p.path, p.config, dataset, lock_timeout=o.lock_timeout,
-                                               rows_per_part=o.rows_per_part, seconds_per_part=o.seconds_per_part,
-                                               say=o.say))
-    index = p.writer.index()
-    need = np.zeros(len(listing.ids), bool)
-    for k, (i, c) in enumerate(zip(listing.ids, listing.content)):  # the rule of extract(), store by store
-        if index.content.get(i) == c and (o.allow_damaged or i not in index.damaged_images):
-            p.reused += 1
-        elif (o.retry_failures or (failed := index.failures.get(i)) is None or failed[1] != c
-              or (o.allow_damaged and is_damage(failed[0]))):
-            need[k] = True
-    p.need = need
-    p.stale = listing.stale(index)
-    p.agreed = frozenset(index.runtimes)
-    p.held = (len(index.content), len(index.failures), index.notes)
+def _open_plan(stack: ExitStack, p: _Plan, source: Source, listing: Listing, fingerprints, o: ExtractOptions,
+               dataset: str) -> None:
+    """Open the store's writer and plan it as extract plans its store (features.engine.plan_store)."""
+    relabel = check_labels_kept(p.path, source, listing.labels)
+    writer = stack.enter_context(StoreWriter(p.path, p.config, dataset, lock_timeout=o.lock_timeout,
+                                             rows_per_part=o.rows_per_part, seconds_per_part=o.seconds_per_part,
+                                             say=o.say))
+    p.run = plan_store(writer, source, listing, o, relabel, fingerprints)
+    p.need = np.zeros(len(fingerprints), bool)
+    p.need[p.run.todo] = True
 
 
-def _finish_plan(p: _Plan, listing: Listing, rate: float | None, precision: str, t0: float) -> StoreResult:
-    """Merge what the sweep wrote into one store and say what happened to it."""
-    w = p.writer
-    r = ExtractResult(path=p.path, reused=p.reused)
-    r.embedded = w.added_rows
-    r.failures = list(w.added_failures)
-    r.failed = len(r.failures)
-    if (p.need.any() or p.stale or w.needs_merge() or not p.path.exists()
-            or labels_changed(p.path, listing.ids, listing.labels, listing.splits, listing.classes)):
-        counts = w.finish(listing.ids, listing.labels, listing.splits, listing.content, class_names=listing.classes)
-        r.removed, r.rows, r.failed_total = counts["removed"], counts["rows"], counts["failures"]
-        r.notes = counts.get("notes", {})
-    else:  # nothing written or merged: the store holds what its index said when it was opened
-        r.rows, r.failed_total, r.notes = p.held
+def _finish_plan(p: _Plan, source: Source, rate: float | None, precision: str, t0: float) -> StoreResult:
+    """Merge what the sweep wrote into one store as extract commits its store, and say what happened to it."""
+    r = commit_store(p.run, source)
     if rate is not None:
         _record_rate(p.path, rate, int(r.embedded), "sweep")
     else:
@@ -478,10 +463,11 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
 
     On a CPU (:func:`_run_lanes`) decoding runs in worker processes, started before the runtimes are
     built (for the input each runtime is expected to take; again if one takes another), and every
-    backbone has a thread of its own fed from the shared decoded batches (an OpenVINO backbone keeps its infer requests busy
-    there, as ``extract`` does with one), the backbones taking turns batch by batch while the
-    decoders work on; rows go to the stores through one writer thread. On CUDA (:func:`_run_on_device`)
-    the JPEGs are decoded once on the device and each backbone's resize and normalisation runs there."""
+    backbone has a thread of its own fed from the shared decoded batches (an OpenVINO backbone keeps
+    its infer requests busy there, as ``extract`` does with one), the backbones taking turns batch by
+    batch while the decoders work on; rows go to the stores through one writer thread. On CUDA
+    (:func:`_run_on_device`) the JPEGs are decoded once on the device and each backbone's resize and
+    normalisation runs there."""
     from tqdm import tqdm
 
     union = np.logical_or.reduce([need for _, _, need in active])
@@ -493,58 +479,28 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
         say("runtime: torch (inside a daemonic worker process; --runtime openvino to insist)")
         runtime = "torch"
     check_decs = [sample_decoder(source, c.taps, decoder, allow_damaged) for c, _, _ in active]
-    n_workers = workers if workers is not None else (0 if len(todo) <= INLINE_DECODE_UP_TO or _daemonic()
-                                                     else usable_cores())
-    if _daemonic():
-        n_workers = 0  # a daemonic process may not start processes
+    n_workers = 0 if _daemonic() else (workers if workers is not None  # a daemonic process may not start any
+                                       else 0 if len(todo) <= INLINE_DECODE_UP_TO else usable_cores())
 
-    def start(inputs: list[tuple[bool, bool]], on_device: bool):
-        """The decoding workers, started: each backbone's decoder as its runtime takes its input
-        (``inputs``: takes_pixels, pipelined per backbone), and the iterator over the decoded batches."""
-        shared = SharedDecoder([d.as_pixels() if px else d for d, (px, _) in zip(check_decs, inputs)])
-        # OpenVINO's batch size is per infer request (it cuts a batch into requests), so decoded batches are
-        # the sweep's own: large enough that few messages cross between processes, small enough that every
-        # decoding worker has several batches in flight (with camera-size photos and a few hundred images,
-        # batches of 64 left the models idle while the first ones decoded)
-        batch = decoded_batch(len(todo), n_workers) if any(p for _, p in inputs) else max(1, batch_size or SWEEP_BATCH)
-        loader = torch.utils.data.DataLoader(
-            FileDataset(files, shared, on_device), batch_size=batch, num_workers=n_workers, collate_fn=collate,
-            pin_memory=dev.type == "cuda", prefetch_factor=PREFETCH if n_workers else None, persistent_workers=False,
-            worker_init_fn=worker_started if n_workers else None,
-            multiprocessing_context=mp_context() if n_workers else None)
-        return shared, _started(loader), time.perf_counter()
-
+    decoding = _Decoding(files, check_decs, n_workers, batch_size, dev)
     # on a CPU the workers start decoding before the runtimes are built (building three models and
     # auto's agreement checks took a second or more with a core idle), each backbone's input as the
     # runtime it will most likely get takes it; a runtime that turns out otherwise starts them again
     early = not gpu_decode and n_workers > 0
     guess = [(cls.takes_pixels, cls.pipelined) for cls in
              (expected_runtime(runtime, c.taps, dev, precision) for c, _, _ in active)]
-    started = start(guess, False) if early else None
-    firsts = _FirstImages(source, check_decs)
-    runtimes = []
+    started = decoding.start(guess, False) if early else None
     if early and dev.type == "cpu":
         # meanwhile the workers hold the cores: the agreement checks' eager forwards on one thread (on
         # two, OpenMP's threads spun waiting for each other and the first run took a second longer)
         torch.set_num_threads(1)
     try:
-        for a, (c, row, need) in enumerate(active):
-            check_dec = check_decs[a]
-            rt = create_runtime(runtime, c.taps, dev, precision, batch_size, say=say,
-                                first_batch=lambda a=a, need=need: firsts(a, need),
-                                calibration=lambda d=check_dec: calibration_images(d, source, calibration_samples),
-                                int8_key=calibration_set(dataset, source.root),
-                                calibration_samples=calibration_samples,
-                                agreed=frozenset.intersection(*(p.agreed for p in row)))
-            runtimes.append(rt)
-            for p in row:
-                p.writer.runtime = f"{rt.name} {rt.precision}"
-            say(f"  {c.taps.name}: layers {', '.join(c.layers)} in one forward pass ({rt.describe()}), "
-                f"{int(need.sum())} samples to embed")
+        runtimes = _build_runtimes(source, active, check_decs, dev, runtime, precision, batch_size, say,
+                                   calibration_samples, dataset)
         on_device = gpu_decode and all(r.name == "torch" for r in runtimes)
         if started is None or [(r.takes_pixels, r.pipelined) for r in runtimes] != guess:
             started = None  # the workers started on a wrong guess stop as their iterator goes
-            started = start([(r.takes_pixels, r.pipelined) for r in runtimes], on_device)
+            started = decoding.start([(r.takes_pixels, r.pipelined) for r in runtimes], on_device)
     except BaseException:
         started = None
         raise
@@ -578,6 +534,51 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
             say(f"  {c.taps.name}: {run.images[a]} images in {run.forward_s[a]:.1f} s of forward passes "
                 f"({rates[id(c)]:.1f} images/s, all {len(c.layers)} layers)")
     return rates
+
+
+def _build_runtimes(source, active, check_decs, dev, runtime, precision, batch_size, say, calibration_samples,
+                    dataset) -> list:
+    """Each active backbone's runtime (``auto``'s agreement check on the first images it still needs, read
+    and decoded once for all), its stores told which runtime writes them."""
+    firsts = _FirstImages(source, check_decs)
+    runtimes = []
+    for a, (c, row, need) in enumerate(active):
+        check_dec = check_decs[a]
+        rt = create_runtime(runtime, c.taps, dev, precision, batch_size, say=say,
+                            first_batch=lambda a=a, need=need: firsts(a, need),
+                            calibration=lambda d=check_dec: calibration_images(d, source, calibration_samples),
+                            int8_key=calibration_set(dataset, source.root), calibration_samples=calibration_samples,
+                            agreed=frozenset.intersection(*(p.run.runtimes for p in row)))
+        runtimes.append(rt)
+        for p in row:
+            p.writer.runtime = f"{rt.name} {rt.precision}"
+        say(f"  {c.taps.name}: layers {', '.join(c.layers)} in one forward pass ({rt.describe()}), "
+            f"{int(need.sum())} samples to embed")
+    return runtimes
+
+
+class _Decoding:
+    """The sweep's decoding workers: every sample to embed read and decoded once, for every backbone."""
+
+    def __init__(self, files, decoders: list[Decoder], workers: int, batch_size, dev):
+        self.files, self.decoders, self.workers, self.batch_size, self.dev = files, decoders, workers, batch_size, dev
+
+    def start(self, inputs: list[tuple[bool, bool]], on_device: bool):
+        """The workers, started: each backbone's decoder as its runtime takes its input (``inputs``:
+        takes_pixels, pipelined per backbone). Returns the shared decoder, the iterator over the decoded
+        batches (the workers stop when it is dropped) and when they started."""
+        shared = SharedDecoder([d.as_pixels() if px else d for d, (px, _) in zip(self.decoders, inputs)])
+        # OpenVINO's batch size is per infer request (it cuts a batch into requests), so decoded batches are
+        # the sweep's own: large enough that few messages cross between processes, small enough that every
+        # decoding worker has several batches in flight
+        batch = (decoded_batch(len(self.files), self.workers) if any(p for _, p in inputs)
+                 else max(1, self.batch_size or SWEEP_BATCH))
+        n = self.workers
+        loader = torch.utils.data.DataLoader(
+            FileDataset(self.files, shared, on_device), batch_size=batch, num_workers=n, collate_fn=collate,
+            pin_memory=self.dev.type == "cuda", prefetch_factor=PREFETCH if n else None, persistent_workers=False,
+            worker_init_fn=worker_started if n else None, multiprocessing_context=mp_context() if n else None)
+        return shared, _started(loader), time.perf_counter()
 
 
 class _FirstImages:

@@ -105,6 +105,39 @@ def test_decoding_workers_start_before_the_runtimes_and_again_when_the_runtime_t
         assert cosines(fa.X, fb.X).min() >= 0.9999
 
 
+def test_a_sweep_keeps_the_rows_it_cannot_see_and_the_labels_an_option_left_out(tmp_path):
+    """Each sweep store is extract's in what it keeps: a shard that cannot be read keeps its rows (kept,
+    not removed, and recorded as a failure), and a rerun without --label-column is refused before labels
+    read from a column could be dropped; the store records its label column and its source."""
+    import h5py
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import make_images
+
+    from featurebank.data.demo import folder_items, write_webdataset
+    from featurebank.data.sources import SourceError, open_source
+
+    items, _ = folder_items(make_images(tmp_path / "pets"))
+    shards = write_webdataset(items, tmp_path / "shards", shards=3)
+    store, kw = tmp_path / "store", dict(workers=0, **QUIET)
+    first = sweep(shards, ["efficientnet_lite0"], ["final"], store, **kw).stores[0]
+    assert first.result.rows == len(items) == 6
+    (shards / "shard-00001.tar").write_bytes(b"not a tar at all" * 40)
+    partial = sweep(shards, ["efficientnet_lite0"], ["final"], store, **kw).stores[0].result
+    assert (partial.removed, partial.kept, partial.rows) == (0, 2, 6), partial.summary()
+    assert "cannot open as a tar" in dict(partial.failures)["shard-00001.tar"]
+
+    table = tmp_path / "pets.parquet"
+    pq.write_table(pa.table({"image": pa.array([b for _, b, _ in items], pa.binary()),
+                             "species": ["cat" if lab == 0 else "coffee" for *_, lab in items]}), table)
+    labelled = sweep(open_source(table, label_column="species"), ["efficientnet_lite0"], ["final"], store, **kw)
+    with h5py.File(labelled.stores[0].path, "r") as f:
+        assert f.attrs["label_column"] == "species" and f.attrs["source_format"] == "parquet", dict(f.attrs)
+    with pytest.raises(SourceError, match="give --label-column species again"):
+        sweep(open_source(table), ["efficientnet_lite0"], ["final"], store, **kw)
+    assert set(read_features(labelled.stores[0].path).class_names) == {"cat", "coffee"}
+
+
 SWEEP = (
     "import sys\n"
     "from featurebank.features.sweep import sweep\n"
