@@ -1203,7 +1203,7 @@ def sweep_benchmark(a, work: Path) -> dict:
               f"ceiling {ceiling:.1f}", flush=True)
         if loop:
             print(f"    of which embedding {loop:.1f} s ({run['loop']:.1f} img/s = {run['ratio_loop_ceiling']:.3f} of the "
-                  f"ceiling); the other {wall_sweep - loop:.1f} s build the models and runtimes and merge the stores",
+                  f"ceiling); the other {wall_sweep - loop:.1f} s build the models and merge the stores",
                   flush=True)
         print(f"  separate extractions {run['separate']:.1f} img/s ({sum(walls.values()):.1f} s: "
               f"{', '.join(f'{k} {v:.1f} s' for k, v in walls.items())}): the sweep is {run['ratio_separate']:.2f}x "
