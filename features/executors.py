@@ -324,22 +324,27 @@ def run_in_process(runtime, dec: Decoder, paths, batch_size, dev: torch.device, 
         rec.advance(len(order) + n_bad)
 
 
-def _timed(loader, rec):
-    """Iterate the loader, timing how long the model waited for decoded batches.
-
-    A decoding worker that exits with a non-zero status after the loader has delivered every batch
-    (seen rarely, at interpreter exit of a forked worker, with nothing lost) does not fail the
-    extraction: every row it decoded has arrived. Before the last batch it still does.
-
-    The workers fork as the iterator is made: gc.freeze keeps their garbage collector off the
-    parent's objects (the source's samples, the store's index), whose pages it would otherwise copy
-    into every worker, so that each worker's memory grew with the dataset."""
+def start_loader(loader):
+    """The loader's iterator: its workers fork as it is made and start decoding; they stop when it is
+    dropped. gc.freeze keeps their garbage collector off the parent's objects (the source's samples,
+    the store's index), whose pages it would otherwise copy into every worker, so that each worker's
+    memory grew with the dataset."""
     gc.freeze()
     try:
-        it = iter(loader)
+        return iter(loader)
     finally:
         gc.unfreeze()
-    expected, received = len(loader), 0
+
+
+def timed_batches(it, expected: int, time_stage):
+    """The batches of a started loader (:func:`start_loader`; ``expected``: how many it delivers), with
+    the wait for each and the workers' decoding time given to ``time_stage(stage, seconds)``.
+
+    A decoding worker that exits with a non-zero status after the loader has delivered every batch
+    does not fail the extraction: every row it decoded has arrived. Before the last batch it still
+    does. (The one cause seen, a Prefect exit hook a forked worker inherited from a parent that had run
+    a flow, is removed by worker_started: features.processes.forget_parent_exit_hooks.)"""
+    received = 0
     while True:
         t0 = time.perf_counter()
         try:
@@ -351,9 +356,14 @@ def _timed(loader, rec):
                 return
             raise
         received += 1
-        rec.time("wait for decode", time.perf_counter() - t0)
-        rec.time("read+decode (workers)", b["decode_s"])
+        time_stage("wait for decode", time.perf_counter() - t0)
+        time_stage("read+decode (workers)", b["decode_s"])
         yield b
+
+
+def _timed(loader, rec):
+    """Start the loader and iterate it, timing how long the model waited for decoded batches."""
+    return timed_batches(start_loader(loader), len(loader), rec.time)
 
 
 def run_pipelined(runtime, dec: Decoder, paths, layout: Layout, rec, transfer: int = CPU_BATCH) -> None:

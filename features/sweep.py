@@ -28,7 +28,6 @@ once on the device and each backbone's resize and normalisation runs there.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import queue
@@ -56,7 +55,9 @@ from featurebank.features.image_prepare import (
 from featurebank.features.images import ImageError
 from featurebank.features.options import ExtractOptions
 from featurebank.features.registry import build_backbone, modality_of
-from featurebank.features.executors import FileDataset, collate, mp_context, row_notes, worker_started
+from featurebank.features.executors import (
+    FileDataset, collate, mp_context, row_notes, start_loader, timed_batches, worker_started,
+)
 from featurebank.features.device import pick_device, usable_cores
 from featurebank.features.runtimes import check_precision, create_runtime, expected as expected_runtime
 from featurebank.features.store import DEFAULT_STORE_DIR, DTYPES, StoreConfig, StoreError, StoreWriter, atomic_write, store_path
@@ -566,7 +567,7 @@ class _Decoding:
     def start(self, inputs: list[tuple[bool, bool]], on_device: bool):
         """The workers, started: each backbone's decoder as its runtime takes its input (``inputs``:
         takes_pixels, pipelined per backbone). Returns the shared decoder, the iterator over the decoded
-        batches (the workers stop when it is dropped) and when they started."""
+        batches with how many it delivers (the workers stop when it is dropped) and when they started."""
         shared = SharedDecoder([d.as_pixels() if px else d for d, (px, _) in zip(self.decoders, inputs)])
         # OpenVINO's batch size is per infer request (it cuts a batch into requests), so decoded batches are
         # the sweep's own: large enough that few messages cross between processes, small enough that every
@@ -578,7 +579,7 @@ class _Decoding:
             FileDataset(self.files, shared, on_device), batch_size=batch, num_workers=n, collate_fn=collate,
             pin_memory=self.dev.type == "cuda", prefetch_factor=PREFETCH if n else None, persistent_workers=False,
             worker_init_fn=worker_started if n else None, multiprocessing_context=mp_context() if n else None)
-        return shared, _started(loader), time.perf_counter()
+        return shared, (start_loader(loader), len(loader)), time.perf_counter()
 
 
 class _FirstImages:
@@ -618,17 +619,13 @@ class _Run:
         self.stages = {"wait for decode": 0.0, "read+decode (workers)": 0.0}
         self.writes = WriterThread(depth=16, name="featurebank-sweep-writer")
 
-    def batches(self, it):
-        """The decoded batches of ``it`` (:func:`_started`), timing the wait for them."""
-        while True:
-            t0 = time.perf_counter()
-            try:
-                b = next(it)
-            except StopIteration:
-                return
-            self.stages["wait for decode"] += time.perf_counter() - t0
-            self.stages["read+decode (workers)"] += b["decode_s"]
-            yield b
+    def batches(self, started):
+        """The decoded batches of ``started`` (the iterator and how many batches it delivers: see
+        :class:`_Decoding`), timing the wait for them."""
+        return timed_batches(*started, self._time)
+
+    def _time(self, stage: str, seconds: float) -> None:
+        self.stages[stage] += seconds
 
     def failures(self, bad) -> None:
         """(position in todo, reason) -> a failure in every store that needed the sample."""
@@ -888,16 +885,6 @@ def _run_on_device(run: _Run, batches, shared: SharedDecoder, files, dev, batch:
             bar.update(len(order) + len(bad))
     finally:
         run.close()
-
-
-def _started(loader):
-    """The loader's iterator: its workers fork as it is made (gc.freeze: their collector stays off this
-    process's objects, see features.executors) and start decoding; they stop when it is dropped."""
-    gc.freeze()
-    try:
-        return iter(loader)
-    finally:
-        gc.unfreeze()
 
 
 def decoded_batch(n: int, workers: int) -> int:
