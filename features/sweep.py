@@ -499,27 +499,28 @@ def _embed_images(source, active, ids, content, dev, batch_size, workers, progre
         runtimes = _build_runtimes(source, active, check_decs, dev, runtime, precision, batch_size, say,
                                    calibration_samples, dataset)
         on_device = gpu_decode and all(r.name == "torch" for r in runtimes)
-        if started is None or [(r.takes_pixels, r.pipelined) for r in runtimes] != guess:
+        inputs = [(r.takes_pixels, r.pipelined) for r in runtimes]
+        if started is None or inputs != guess:
             started = None  # the workers started on a wrong guess stop as their iterator goes
-            started = decoding.start([(r.takes_pixels, r.pipelined) for r in runtimes], on_device)
+            started = decoding.start(inputs, on_device)
     except BaseException:
         started = None
         raise
     finally:
         if dev.type == "cpu":
             torch.set_num_threads(usable_cores())
-    shared, batches, t0 = started
+    shared, decoded, t0 = started
     run = _Run(active, runtimes, todo, ids, content)
     bar = tqdm(total=len(todo), unit="img", desc=f"sweep ({len(active)} backbones)", disable=not progress,
                dynamic_ncols=True)
     try:
         if on_device:
-            _run_on_device(run, batches, shared, files, dev, batch_size or SWEEP_BATCH, bar)
+            _run_on_device(run, decoded, shared, files, dev, batch_size or SWEEP_BATCH, bar)
         else:
-            _run_lanes(run, batches, bar)
+            _run_lanes(run, decoded, bar)
     finally:
         bar.close()
-        del batches
+        del decoded
     out.embedded_samples += len(todo)
     # wall time from starting the decoders to the last row handed to the stores (the benchmark sets it
     # beside the sweep's whole time: the rest is building the models (and, where the decoders start
@@ -619,10 +620,10 @@ class _Run:
         self.stages = {"wait for decode": 0.0, "read+decode (workers)": 0.0}
         self.writes = WriterThread(depth=16, name="featurebank-sweep-writer")
 
-    def batches(self, started):
-        """The decoded batches of ``started`` (the iterator and how many batches it delivers: see
+    def batches(self, decoded):
+        """The batches of ``decoded`` (the started loader's iterator and how many batches it delivers: see
         :class:`_Decoding`), timing the wait for them."""
-        return timed_batches(*started, self._time)
+        return timed_batches(*decoded, self._time)
 
     def _time(self, stage: str, seconds: float) -> None:
         self.stages[stage] += seconds
@@ -807,7 +808,7 @@ class _Lanes:
             t.join(timeout=30)
 
 
-def _run_lanes(run: _Run, batches, bar) -> None:
+def _run_lanes(run: _Run, decoded, bar) -> None:
     """A CPU: decoded batches from the loader's worker processes; one thread per backbone (:class:`_Lanes`)
     runs its runtime on them, in turns: an asynchronous runtime (OpenVINO) through ``map``, which keeps
     every infer request busy while the next batch is taken, a synchronous one (torch) through ``embed``.
@@ -815,7 +816,7 @@ def _run_lanes(run: _Run, batches, bar) -> None:
     another backbone has work."""
     lanes = _Lanes(run)
     try:
-        for b in run.batches(batches):
+        for b in run.batches(decoded):
             run.failures(b["bad"])
             idx = b["pixel_idx"]
             if idx:
@@ -837,7 +838,7 @@ def _run_lanes(run: _Run, batches, bar) -> None:
     run.forward_s = list(lanes.shares.charged)
 
 
-def _run_on_device(run: _Run, batches, shared: SharedDecoder, files, dev, batch: int, bar) -> None:
+def _run_on_device(run: _Run, decoded, shared: SharedDecoder, files, dev, batch: int, bar) -> None:
     """CUDA (or a CPU whose forced layout says ``gpu_decode``, as the tests run it): the loader's workers
     read each JPEG's bytes (other formats, rotated and damaged JPEGs are decoded on the CPU there); this
     process decodes the batch once on the device and runs each backbone's resize and normalisation there
@@ -847,7 +848,7 @@ def _run_on_device(run: _Run, batches, shared: SharedDecoder, files, dev, batch:
         rt.prepare(len(run.todo), batch)
     cuda = dev.type == "cuda"
     try:
-        for b in run.batches(batches):
+        for b in run.batches(decoded):
             bad, notes = list(b["bad"]), list(b["notes"])
             order = list(b["pixel_idx"])
             parts = ([[x.to(dev, non_blocking=True)] for x in b["pixels"]] if b["pixels"] is not None

@@ -57,25 +57,26 @@ def candidates(runtime: str, device: torch.device) -> list[type[Runtime]]:
     return [cls for cls in TABLE if cls.devices is None or device.type in cls.devices]
 
 
+def usable(runtime: str, backbone, device: torch.device, precision: str) -> list[type[Runtime]]:
+    """The runtimes :func:`create_runtime` may try for ``backbone``, in order: the named one, or for ``auto``
+    those of :data:`TABLE` that run on ``device`` and do not refuse it (``backbone`` None: any backbone)."""
+    return [cls for cls in candidates(runtime, device)
+            if runtime != "auto" or cls.refuses(backbone, device, precision) is None]
+
+
 def expected(runtime: str, backbone, device: torch.device, precision: str) -> type[Runtime]:
-    """The runtime :func:`create_runtime` tries first for ``backbone``: the named one, or for ``auto`` the
-    first of :data:`TABLE` that does not refuse it. Its class says what its input will be (``takes_pixels``,
-    ``pipelined``) before it is built, so decoding can start while it builds (features.sweep); building
-    may still refuse it, or auto's agreement check pass it over, and then the caller starts again."""
-    chain = candidates(runtime, device)
-    for cls in chain:
-        if runtime != "auto" or cls.refuses(backbone, device, precision) is None:
-            return cls
-    return REFERENCE
+    """The runtime :func:`create_runtime` tries first for ``backbone`` (the first of :func:`usable`). Its
+    class says what its input will be (``takes_pixels``, ``pipelined``) before it is built, so decoding can
+    start while it builds (features.sweep); building may still refuse it, or auto's agreement check pass
+    it over, and then the caller starts again."""
+    return next(iter(usable(runtime, backbone, device, precision)), REFERENCE)
 
 
 def computed_precision(runtime: str, device: torch.device, precision: str, amp: str) -> str:
     """The precision the rows will be computed in on ``device`` (on CUDA torch's autocast dtype), as the
     store's fingerprint records it, from the runtime that would serve."""
-    for cls in candidates(runtime, device):
-        if runtime != "auto" or cls.refuses(None, device, precision) is None:
-            return cls.computes(device, precision, amp)
-    return precision
+    first = usable(runtime, None, device, precision)
+    return first[0].computes(device, precision, amp) if first else precision
 
 
 def fingerprint(runtime: str, precision: str, calibration_samples: int = CALIBRATION_SAMPLES) -> dict | None:
@@ -123,12 +124,12 @@ def create_runtime(runtime: str, backbone, device: torch.device | str, precision
     if not (precision == "fp16" and device.type == "cuda"):  # fp16: CUDA autocast (features.device.cuda_precision)
         check_precision(precision)
     chain = candidates(runtime, device)
-    usable = [cls for cls in chain if runtime != "auto" or cls.refuses(backbone, device, precision) is None]
-    if not usable:  # nothing can: the reason of the last one asked (the reference runtime for auto)
+    tried = usable(runtime, backbone, device, precision)
+    if not tried:  # nothing can: the reason of the last one asked (the reference runtime for auto)
         raise RuntimeUnavailable(chain[-1].refuses(backbone, device, precision) if chain
                                  else f"no runtime runs on {device.type}")
-    for k, cls in enumerate(usable):
-        last = k == len(usable) - 1
+    for k, cls in enumerate(tried):
+        last = k == len(tried) - 1
         if runtime != "auto" and (why := cls.refuses(backbone, device, precision)):
             raise RuntimeUnavailable(f"{why}: use --runtime {REFERENCE.name}" if cls.devices else why)
         try:
@@ -136,7 +137,7 @@ def create_runtime(runtime: str, backbone, device: torch.device | str, precision
         except RuntimeUnavailable as exc:
             if last:
                 raise
-            say(f"runtime: {usable[k + 1].name} ({exc})")
+            say(f"runtime: {tried[k + 1].name} ({exc})")
             continue
         if (runtime != "auto" or cls is REFERENCE or last or f"{cls.name} {precision}" in agreed or first_batch is None
                 or precision not in AGREEMENT):
@@ -151,7 +152,7 @@ def create_runtime(runtime: str, backbone, device: torch.device | str, precision
             _AGREED[key] = float(cosines(rt.embed(x), eager).min())
         if _AGREED[key] >= AGREEMENT[precision]:
             return rt
-        say(f"runtime: {usable[k + 1].name} ({cls.name} {precision} disagrees with the eager model on the first "
+        say(f"runtime: {tried[k + 1].name} ({cls.name} {precision} disagrees with the eager model on the first "
             f"batch: cosine {_AGREED[key]:.6f} < {AGREEMENT[precision]})")
         rt.close()
     raise AssertionError("unreachable: the last usable runtime is returned")
