@@ -113,6 +113,22 @@ def make_images(root: Path, per_class: int = 3) -> Path:
     return root
 
 
+def species_table(items, path: Path, labels=None, split=None) -> Path:
+    """A Parquet table of ``folder_items`` (of :func:`make_images`): the image bytes, their species (cat,
+    coffee) in a column named ``species``, and the optional ``label`` and ``split`` columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {"image": pa.array([b for _, b, _ in items], pa.binary()),
+            "species": [("cat" if lab == 0 else "coffee") for *_, lab in items]}
+    if labels is not None:
+        cols["label"] = labels
+    if split is not None:
+        cols["split"] = split
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
 @pytest.fixture
 def digits_folder(tmp_path) -> Path:
     return write_digits_folder(tmp_path / "digits")

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_images
+from conftest import make_images, species_table
 
 from featurebank.data.demo import folder_items, write_parquet, write_webdataset
 from featurebank.data.sources import SourceError, check_source, open_source
@@ -260,17 +260,6 @@ def test_a_download_cut_short_is_never_cached_and_its_samples_are_accounted_for(
         assert os.path.getsize(cached_copy(one)[0]) == full
     finally:
         server.stop()
-
-
-def species_table(items, path: Path, labels=None, split=None):
-    cols = {"image": pa.array([b for _, b, _ in items], pa.binary()),
-            "species": [("cat" if lab == 0 else "coffee") for *_, lab in items]}
-    if labels is not None:
-        cols["label"] = labels
-    if split is not None:
-        cols["split"] = split
-    pq.write_table(pa.table(cols), path)
-    return path
 
 
 def test_labels_are_never_lost_because_an_option_was_left_out(pets, tmp_path, lite0, capsys):

@@ -110,9 +110,7 @@ def test_a_sweep_keeps_the_rows_it_cannot_see_and_the_labels_an_option_left_out(
     not removed, and recorded as a failure), and a rerun without --label-column is refused before labels
     read from a column could be dropped; the store records its label column and its source."""
     import h5py
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from conftest import make_images
+    from conftest import make_images, species_table
 
     from featurebank.data.demo import folder_items, write_webdataset
     from featurebank.data.sources import SourceError, open_source
@@ -127,9 +125,7 @@ def test_a_sweep_keeps_the_rows_it_cannot_see_and_the_labels_an_option_left_out(
     assert (partial.removed, partial.kept, partial.rows) == (0, 2, 6), partial.summary()
     assert "cannot open as a tar" in dict(partial.failures)["shard-00001.tar"]
 
-    table = tmp_path / "pets.parquet"
-    pq.write_table(pa.table({"image": pa.array([b for _, b, _ in items], pa.binary()),
-                             "species": ["cat" if lab == 0 else "coffee" for *_, lab in items]}), table)
+    table = species_table(items, tmp_path / "pets.parquet")
     labelled = sweep(open_source(table, label_column="species"), ["efficientnet_lite0"], ["final"], store, **kw)
     with h5py.File(labelled.stores[0].path, "r") as f:
         assert f.attrs["label_column"] == "species" and f.attrs["source_format"] == "parquet", dict(f.attrs)
